@@ -1,0 +1,78 @@
+"""addcow: add-cow disk images (a raw image file plus a backing file).
+
+    import addcow
+    addcow.create("disk.add-cow", image_file="disk.raw", backing_file="base.raw")
+    with addcow.open("disk.add-cow") as img:
+        img.write(b"hello", 0)
+        img.read(0, 5)
+
+Every error raised is a subclass of :class:`AddCowError`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .backing import MAX_CHAIN_DEPTH, Extent
+from .create import create
+from .errors import (
+    AddCowError,
+    AddCowIOError,
+    BackingError,
+    BackingFormatError,
+    BackingLoopError,
+    BitmapError,
+    ClosedImageError,
+    HeaderError,
+    ImageFileError,
+    LockError,
+    RangeError,
+    ReadOnlyError,
+    UnsupportedFeatureError,
+)
+from .format import Header
+from .image import AddCowImage
+
+__version__ = "0.1.0"
+
+
+def open(
+    path: str | os.PathLike[str],
+    *,
+    readonly: bool = False,
+    force_share: bool = False,
+    probe_backing: bool = False,
+) -> AddCowImage:
+    """Open an add-cow image.
+
+    ``readonly`` takes a shared lock instead of an exclusive one;
+    ``force_share`` takes no lock (inspecting an image in use);
+    ``probe_backing`` lets a version 1 image without a recorded backing format
+    use the format its backing file appears to have.
+    """
+    return AddCowImage.open(
+        path, readonly=readonly, force_share=force_share, probe_backing=probe_backing
+    )
+
+
+__all__ = [
+    "MAX_CHAIN_DEPTH",
+    "AddCowError",
+    "AddCowIOError",
+    "AddCowImage",
+    "BackingError",
+    "BackingFormatError",
+    "BackingLoopError",
+    "BitmapError",
+    "ClosedImageError",
+    "Extent",
+    "Header",
+    "HeaderError",
+    "ImageFileError",
+    "LockError",
+    "RangeError",
+    "ReadOnlyError",
+    "UnsupportedFeatureError",
+    "create",
+    "open",
+]

@@ -1,0 +1,210 @@
+"""Backing stores: what an unallocated cluster is read from.
+
+A backing store is anything with a size that can fill a buffer and describe
+its allocation (:class:`BlockSource`). Two kinds exist:
+
+* :class:`RawFile`, a plain file or block device. Bytes past its end read as
+  zero, so a raw image file larger than its backing reads zeros there.
+* another add-cow image (:class:`addcow.image.AddCowImage`), opened read-only,
+  which may itself have a backing: a chain.
+
+Names stored in a header are local file names taken literally: no URL, no
+``json:``, no protocol prefix. A relative name is relative to the directory
+holding the .add-cow file that names it, never to the current directory.
+
+:class:`ChainGuard` follows one open: it refuses a chain deeper than
+:data:`MAX_CHAIN_DEPTH` and any file (by device and inode) that appears twice,
+which catches an image file that is its own backing, a .add-cow naming itself,
+and loops through symlinks or hard links.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from . import sysio
+from .errors import BackingError, BackingLoopError, ImageFileError
+from .locking import lock_raw
+
+MAX_CHAIN_DEPTH = 16
+"""Most backing files below one image (specification, "Backing chains")."""
+
+
+class Extent(NamedTuple):
+    """One range of the virtual disk with uniform allocation.
+
+    ``depth`` is the layer holding the data: 0 is this image's image file, 1 its
+    backing, and so on. ``present`` is False where no layer holds the range (it
+    reads as zero); ``depth`` is then the layer that decided so. ``host_offset``
+    is where the bytes can be read directly in the raw file of that layer, or
+    None.
+    """
+
+    offset: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    host_offset: int | None
+
+    @property
+    def data(self) -> bool:
+        return self.present and not self.zero
+
+
+class BlockSource(Protocol):
+    """What an image needs from its backing store."""
+
+    @property
+    def size(self) -> int: ...
+
+    def readinto(self, buffer: memoryview, offset: int) -> int:
+        """Fill ``buffer`` with the bytes at ``offset`` (zeros past the end)."""
+
+    def block_status_at(self, offset: int, length: int, depth: int) -> Iterator[Extent]:
+        """Extents covering [offset, offset+length), tagged from ``depth``."""
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ChainGuard:
+    """Files already met while opening one chain, and how deep it goes."""
+
+    seen: dict[tuple[int, int], str] = field(default_factory=dict)
+    depth: int = 0
+
+    def add(self, fd: int, path: str) -> None:
+        """Record a file, refusing one that is already part of the chain."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen:
+            raise BackingLoopError(
+                f"{path}: the file is already used as {self.seen[key]} in this chain "
+                "(a backing chain must not loop)"
+            )
+        self.seen[key] = path
+
+    def descend(self, path: str) -> None:
+        self.depth += 1
+        if self.depth > MAX_CHAIN_DEPTH:
+            raise BackingLoopError(
+                f"{path}: backing chain deeper than {MAX_CHAIN_DEPTH} levels (or it loops)"
+            )
+
+
+class RawFile:
+    """A raw backing file, opened read-only; reads past its end return zeros."""
+
+    def __init__(self, path: str, *, force_share: bool = False, guard: ChainGuard) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BackingError(f"{path}: cannot open backing file: {exc.strerror}") from exc
+        try:
+            guard.add(self._fd, path)
+            if not force_share:
+                lock_raw(self._fd, path, writable=False)
+            self._size = sysio.file_size(self._fd, path)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def readinto(self, buffer: memoryview, offset: int) -> int:
+        sysio.pread_zero_fill(self._fd, buffer, offset, self.path)
+        return len(buffer)
+
+    def block_status_at(self, offset: int, length: int, depth: int) -> Iterator[Extent]:
+        end = min(offset + length, self._size)
+        for start, stop, has_data in sysio.data_runs(self._fd, offset, end):
+            yield Extent(start, stop - start, depth, True, not has_data, start)
+        if offset + length > end:
+            lo = max(offset, end)
+            yield Extent(lo, offset + length - lo, depth, False, True, None)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def resolve_name(name: bytes, relative_to: str) -> str:
+    """The path a stored name refers to: relative names start at ``relative_to``'s dir."""
+    path = os.fsdecode(name)
+    if os.path.isabs(path):
+        return path
+    return os.path.join(os.path.dirname(relative_to), path)
+
+
+def open_image_file(path: str, *, readonly: bool, what: str = "image file") -> int:
+    """Open an image file, with a clear error when it is missing."""
+    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError as exc:
+        raise ImageFileError(f"{path}: {what} not found") from exc
+    except OSError as exc:
+        raise ImageFileError(f"{path}: cannot open {what}: {exc.strerror}") from exc
+
+
+KNOWN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"ADD_COW\xff", "add-cow"),
+    (0, b"QFI\xfb", "qcow2"),
+    (0, b"QED\0", "qed"),
+    (0, b"KDMV", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"conectix", "vpc"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (64, b"\x7f\x10\xda\xbe", "vdi"),
+    (0, b"XenHyperV", "vhdx"),
+)
+
+
+def sniff_format(path: str) -> str | None:
+    """The image format whose magic ``path`` starts with, or None for none known.
+
+    Used only by ``create`` to refuse recording ``raw`` for a file that looks
+    like an image (the user must say -F); opening an image never probes.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(128)
+    except OSError as exc:
+        raise BackingError(f"{path}: cannot open backing file: {exc.strerror}") from exc
+    for offset, magic, name in KNOWN_MAGICS:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def open_backing(
+    name: bytes,
+    fmt: str,
+    relative_to: str,
+    *,
+    guard: ChainGuard,
+    force_share: bool,
+) -> BlockSource:
+    """Open the backing file ``name`` of the image at ``relative_to`` as ``fmt``."""
+    path = resolve_name(name, relative_to)
+    guard.descend(path)
+    if fmt == "raw":
+        return RawFile(path, force_share=force_share, guard=guard)
+    from .image import AddCowImage  # an add-cow backing is an image itself
+
+    return AddCowImage.open(path, readonly=True, force_share=force_share, guard=guard)

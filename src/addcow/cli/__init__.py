@@ -1,0 +1,1 @@
+"""The ``addcow`` command line: one module per command family, thin over the library."""

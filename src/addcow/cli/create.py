@@ -1,0 +1,76 @@
+"""``addcow create``: a new add-cow image (qemu-img create -f add-cow)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..create import create
+from .common import CommandError, parse_options, parse_size, size_arg
+
+_OPTIONS = {"image_file", "backing_file", "backing_fmt", "cluster_size", "compat"}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "create",
+        help="create an add-cow image",
+        description="Create an add-cow image whose data lives in a raw image file. "
+        "Options (-o): image_file, backing_file, backing_fmt, cluster_size, compat=1|2.",
+    )
+    p.add_argument("-f", dest="fmt", default="add-cow", help="image format (only add-cow)")
+    p.add_argument("-b", dest="backing", help="backing file")
+    p.add_argument("-F", dest="backing_fmt", help="backing file format: raw or add-cow")
+    p.add_argument("-o", dest="options", action="append", help="key=value[,key=value...]")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("filename")
+    p.add_argument("size", nargs="?", type=size_arg)
+    p.set_defaults(func=run)
+
+
+def default_image_file(filename: str) -> str:
+    """disk.add-cow -> disk.raw (in the same directory, stored relative)."""
+    base = os.path.basename(filename)
+    stem = base[: -len(".add-cow")] if base.endswith(".add-cow") else base
+    return stem + ".raw"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.fmt != "add-cow":
+        raise CommandError(f"unsupported format {args.fmt!r}: addcow creates add-cow images")
+    opts = parse_options(args.options, _OPTIONS)
+    backing = args.backing if args.backing is not None else opts.get("backing_file")
+    backing_fmt = args.backing_fmt or opts.get("backing_fmt")
+    compat = opts.get("compat", "2")
+    if compat not in ("1", "2"):
+        raise CommandError(f"invalid compat {compat!r}: expected 1 or 2")
+    cluster_size = parse_size(opts.get("cluster_size", "64k"))
+    image_file = opts.get("image_file")
+    if image_file is None:
+        image_file = default_image_file(args.filename)
+        target = os.path.join(os.path.dirname(args.filename), image_file)
+        if os.path.exists(target):
+            raise CommandError(
+                f"{target} exists; name the image file explicitly with -o image_file={image_file}"
+            )
+    if backing == "":
+        backing = None
+    create(
+        args.filename,
+        image_file=image_file,
+        backing_file=backing,
+        backing_format=backing_fmt,
+        size=args.size,
+        cluster_size=cluster_size,
+        version=int(compat),
+    )
+    if not args.quiet:
+        parts = [f"Formatting '{args.filename}', fmt=add-cow"]
+        if args.size is not None:
+            parts.append(f"size={args.size}")
+        if backing:
+            parts.append(f"backing_file={backing}")
+        parts.append(f"image_file={image_file}")
+        parts.append(f"cluster_size={cluster_size} compat={compat}")
+        print(" ".join(parts))
+    return 0

@@ -1,0 +1,62 @@
+"""Entry point: parse the command line, run one command, turn errors into one line.
+
+Each command module exposes ``register(subparsers)``, which adds its parser and
+sets ``func`` to a callable taking the parsed arguments and returning the exit
+status. Errors from the library (``AddCowError``) and from the operating system
+become one line on stderr starting with ``addcow:`` and exit status 1 (or the
+command's own error status, such as 2 for ``check`` and ``compare``); ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import AddCowError
+from . import create, info, mapping
+from .common import CommandError
+
+COMMANDS = (create, info, mapping)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="addcow",
+        description="Create, inspect and use add-cow disk images (qemu-img style).",
+    )
+    parser.add_argument("--version", action="version", version=f"addcow {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    error_status: int = getattr(args, "error_status", 1)
+    try:
+        status: int = args.func(args)
+        return status
+    except (AddCowError, CommandError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        message = str(exc) if not isinstance(exc, OSError) else _os_message(exc)
+        print(f"addcow: {message}", file=sys.stderr)
+        return error_status
+    except KeyboardInterrupt:
+        print("addcow: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return error_status
+
+
+def _os_message(exc: OSError) -> str:
+    if exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc.strerror or exc)

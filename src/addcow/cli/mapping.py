@@ -1,0 +1,82 @@
+"""``addcow map``: which layer holds each range (qemu-img map)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..image import AddCowImage
+from .common import add_output_arg, print_json, size_arg
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("map", help="show where each range of the disk is stored")
+    add_output_arg(p)
+    p.add_argument("-s", "--start-offset", type=size_arg, default=0)
+    p.add_argument("-l", "--max-length", type=size_arg, default=None)
+    p.add_argument("-U", "--force-share", action="store_true", help="open without locking")
+    p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
+    p.add_argument("filename")
+    p.set_defaults(func=run)
+
+
+def map_entries(image: AddCowImage, start: int, length: int) -> list[dict[str, Any]]:
+    """qemu-img map JSON entries for [start, start+length), adjacent equals merged."""
+    entries: list[dict[str, Any]] = []
+    for ext in image.block_status(start, length):
+        entry: dict[str, Any] = {
+            "start": ext.offset,
+            "length": ext.length,
+            "depth": ext.depth,
+            "present": ext.present,
+            "zero": ext.zero,
+            "data": ext.data,
+        }
+        if ext.host_offset is not None:
+            entry["offset"] = ext.host_offset
+        if entries and _continues(entries[-1], entry):
+            entries[-1]["length"] += ext.length
+        else:
+            entries.append(entry)
+    return entries
+
+
+def _continues(prev: dict[str, Any], new: dict[str, Any]) -> bool:
+    for key in ("depth", "present", "zero", "data"):
+        if prev[key] != new[key]:
+            return False
+    if ("offset" in prev) != ("offset" in new):
+        return False
+    return "offset" not in prev or prev["offset"] + prev["length"] == new["offset"]
+
+
+def run(args: argparse.Namespace) -> int:
+    with AddCowImage.open(args.filename, readonly=True, force_share=args.force_share) as image:
+        start = min(args.start_offset, image.size)
+        length = image.size - start
+        if args.max_length is not None:
+            length = min(length, args.max_length)
+        entries = map_entries(image, start, length)
+        files = _layer_files(image)
+    if args.output == "json":
+        print_json(entries)
+        return 0
+    print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+    for e in entries:
+        if e["data"] and "offset" in e:
+            name = files[e["depth"]] if e["depth"] < len(files) else "?"
+            print(f"{e['start']:<#16x}{e['length']:<#16x}{e['offset']:<#16x}{name}")
+    return 0
+
+
+def _layer_files(image: AddCowImage) -> list[str]:
+    """The raw file that holds each depth's data: image file, then backings."""
+    files: list[str] = []
+    layer: object = image
+    while isinstance(layer, AddCowImage):
+        files.append(layer.image_path)
+        layer = layer.backing
+    path = getattr(layer, "path", None)
+    if path is not None:
+        files.append(path)
+    return files

@@ -1,0 +1,244 @@
+"""Creating a new add-cow image over a new or existing raw image file.
+
+Order of work, so that a crash leaves either no image or a valid one:
+
+1. Validate everything and open the backing chain (read-only) before touching
+   any file; refuse loops (the image file, the .add-cow file and the backing
+   files must all be distinct files).
+2. Create the image file sparse, or extend an existing one sparse to the
+   virtual size; its existing content is left as it is (every bit starts at 0,
+   so none of it is read until written). Sync it.
+3. Write the .add-cow file (header, then a sparse all-zero bitmap), sync it
+   and its directory.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+
+from . import sysio
+from .backing import BlockSource, ChainGuard, open_backing, resolve_name, sniff_format
+from .errors import AddCowError, BackingFormatError, HeaderError, ImageFileError
+from .format import (
+    BACKING_FORMATS,
+    MAX_CLUSTER_BITS,
+    MAX_HEADER_SIZE,
+    MAX_IMAGE_SIZE,
+    MIN_CLUSTER_BITS,
+    PAGE,
+    V1_CLUSTER_BITS,
+    V1_HEADER_SIZE,
+    V1_NAMES_START,
+    V2_NAMES_START,
+    Header,
+    bitmap_length,
+    cluster_count,
+)
+from .locking import lock_raw, lock_whole
+
+
+def create(
+    path: str | os.PathLike[str],
+    *,
+    image_file: str | os.PathLike[str],
+    backing_file: str | os.PathLike[str] | None = None,
+    backing_format: str | None = None,
+    size: int | None = None,
+    cluster_size: int = 65536,
+    version: int = 2,
+) -> None:
+    """Create the add-cow image ``path`` whose data lives in ``image_file``.
+
+    Relative ``image_file`` and ``backing_file`` names are stored as given and
+    mean a path relative to the directory of ``path``. ``backing_format``
+    defaults to ``raw`` when the backing file does not start with a known image
+    magic; if it does, the format must be given. ``size`` defaults to the
+    backing file's virtual size (or, without a backing file, the size of an
+    existing image file).
+    """
+    path = os.fspath(path)
+    image_name = os.fsencode(os.fspath(image_file))
+    backing_name = None if backing_file is None else os.fsencode(os.fspath(backing_file))
+    cluster_bits = _cluster_bits(cluster_size, version)
+    image_path = resolve_name(image_name, path)
+
+    with ExitStack() as stack:
+        guard = ChainGuard()
+        backing: BlockSource | None = None
+        if backing_name is not None:
+            if not backing_name:
+                raise HeaderError("backing_filename", "a non-empty file name", "''")
+            backing_format = _backing_format(backing_name, backing_format, path, version)
+            backing = open_backing(
+                backing_name, backing_format, path, guard=guard, force_share=False
+            )
+            stack.callback(backing.close)
+        elif backing_format is not None:
+            raise BackingFormatError("a backing format was given without a backing file")
+
+        for other in (path, image_path):
+            _refuse_if_in_chain(other, guard)
+        if (
+            os.path.exists(path)
+            and os.path.exists(image_path)
+            and os.path.samefile(path, image_path)
+        ) or os.path.abspath(path) == os.path.abspath(image_path):
+            raise ImageFileError(f"{image_path}: the image file cannot be the .add-cow file itself")
+
+        existing = _existing_size(image_path)
+        if size is None:
+            if backing is not None:
+                size = backing.size
+            elif existing:
+                size = existing
+            else:
+                raise AddCowError("a size is needed when there is no backing file")
+        if version == 1 and existing > size:
+            size = existing  # a version 1 image's virtual size is its image file's size
+        if not 0 < size <= MAX_IMAGE_SIZE:
+            raise HeaderError("image_size", f"1..{MAX_IMAGE_SIZE}", size)
+
+        header = Header(
+            version=version,
+            image_name=image_name,
+            backing_name=backing_name,
+            backing_format=backing_format if backing_name is not None else None,
+            image_size=size if version == 2 else None,
+            cluster_bits=cluster_bits,
+            header_size=_header_size(version, image_name, backing_name),
+        )
+        raw_header = header.pack()
+        Header.unpack(raw_header)  # everything we write must read back
+
+        _prepare_image_file(image_path, size)
+        _write_metadata(path, raw_header, header.header_size, size, cluster_bits)
+
+
+def _cluster_bits(cluster_size: int, version: int) -> int:
+    bits = cluster_size.bit_length() - 1
+    if cluster_size <= 0 or cluster_size != 1 << bits:
+        raise HeaderError("cluster_size", "a power of two", cluster_size)
+    if version == 1 and bits != V1_CLUSTER_BITS:
+        raise HeaderError("cluster_size", "65536 for a version 1 image", cluster_size)
+    if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS:
+        raise HeaderError(
+            "cluster_size", f"{1 << MIN_CLUSTER_BITS}..{1 << MAX_CLUSTER_BITS}", cluster_size
+        )
+    if version not in (1, 2):
+        raise HeaderError("version", "1 or 2", version)
+    return bits
+
+
+def _backing_format(name: bytes, fmt: str | None, path: str, version: int) -> str:
+    if fmt is None:
+        backing_path = resolve_name(name, path)
+        found = sniff_format(backing_path)
+        if found is not None:
+            raise BackingFormatError(
+                f"{backing_path}: the backing file starts with a {found} header; refusing "
+                f"to guess its format (a guest can write such a header into a raw disk). "
+                f"Give the format explicitly with -F"
+            )
+        fmt = "raw"
+    if fmt not in BACKING_FORMATS:
+        raise BackingFormatError(
+            f"unsupported backing format {fmt!r}: expected one of {', '.join(BACKING_FORMATS)}"
+        )
+    if version == 1 and fmt != "raw":
+        raise BackingFormatError(
+            f"a version 1 image can only record a raw backing file, not {fmt!r} (use compat=2)"
+        )
+    return fmt
+
+
+def _header_size(version: int, image_name: bytes, backing_name: bytes | None) -> int:
+    names = len(image_name) + len(backing_name or b"")
+    if version == 1:
+        if V1_NAMES_START + names > V1_HEADER_SIZE:
+            raise HeaderError(
+                "image_filename_size",
+                f"file names of at most {V1_HEADER_SIZE - V1_NAMES_START} bytes in all (version 1)",
+                names,
+            )
+        return V1_HEADER_SIZE
+    needed = -(-(V2_NAMES_START + names) // PAGE) * PAGE
+    if needed > MAX_HEADER_SIZE:
+        raise HeaderError("header_size", f"at most {MAX_HEADER_SIZE}", needed)
+    return needed
+
+
+def _refuse_if_in_chain(path: str, guard: ChainGuard) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ImageFileError(f"{path}: {exc.strerror}") from exc
+    role = guard.seen.get((st.st_dev, st.st_ino))
+    if role is not None:
+        raise ImageFileError(f"{path}: this file is part of the backing chain ({role})")
+
+
+def _existing_size(image_path: str) -> int:
+    try:
+        return os.stat(image_path).st_size
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise ImageFileError(f"{image_path}: {exc.strerror}") from exc
+
+
+def _prepare_image_file(image_path: str, size: int) -> None:
+    """Create the image file sparse, or grow an existing one to ``size``."""
+    try:
+        fd = os.open(image_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ImageFileError(f"{image_path}: cannot create image file: {exc.strerror}") from exc
+    try:
+        lock_raw(fd, image_path, writable=True)
+        if sysio.file_size(fd, image_path) < size:
+            try:
+                os.ftruncate(fd, size)
+            except OSError as exc:
+                raise ImageFileError(
+                    f"{image_path}: cannot extend image file to {size} bytes: {exc.strerror}"
+                ) from exc
+        sysio.fdatasync(fd, image_path)
+    finally:
+        os.close(fd)
+
+
+def _write_metadata(
+    path: str, raw_header: bytes, header_size: int, size: int, cluster_bits: int
+) -> None:
+    length = header_size + bitmap_length(cluster_count(size, cluster_bits))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ImageFileError(f"{path}: cannot create: {exc.strerror}") from exc
+    try:
+        lock_whole(fd, path, exclusive=True)
+        try:
+            os.ftruncate(fd, 0)
+            sysio.pwrite_full(fd, [memoryview(raw_header)], 0, path)
+            os.ftruncate(fd, length)
+            os.fsync(fd)
+        except OSError as exc:
+            raise ImageFileError(f"{path}: cannot write: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    _sync_directory(os.path.dirname(path) or ".")
+
+
+def _sync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,353 @@
+"""The on-disk layout of a .add-cow file, and nothing else.
+
+An .add-cow file is a header of ``header_size`` bytes followed by the cluster
+bitmap (docs/specification.md, "File layout")::
+
+    +---------------------------+--------------------------------+
+    | header (header_size bytes)| bitmap: ceil(clusters / 8) bytes|
+    +---------------------------+--------------------------------+
+
+Version 1 is the original proposal: a fixed 4096-byte header with the fields
+below ending at byte 36, 64 KiB clusters, and a virtual size equal to the size
+of the image file. Version 2 keeps bytes 0-35 (byte 28-35 become the
+incompatible features) and appends the fields of ``_V2_FIELDS``.
+
+Every integer is little endian. This module owns every offset and constant of
+the format; no other module hard-codes one. :meth:`Header.unpack` validates in
+a fixed order (length, magic, version, sizes, names, features) and raises a
+:class:`~addcow.errors.HeaderError` naming the field, the expected value and the
+value found.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, replace
+
+from .errors import HeaderError, UnsupportedFeatureError
+
+MAGIC = b"ADD_COW\xff"
+VERSIONS = (1, 2)
+
+PAGE = 4096
+"""Header sizes are multiples of this (specification, "Header size")."""
+
+MAX_HEADER_SIZE = 1 << 20
+"""Largest header_size a reader accepts (specification, "Version 2 header")."""
+
+V1_CLUSTER_BITS = 16
+MIN_CLUSTER_BITS = 12
+MAX_CLUSTER_BITS = 30
+DEFAULT_CLUSTER_BITS = 16
+
+MAX_IMAGE_SIZE = 1 << 62
+"""Largest virtual size the format allows (specification, "Version 2 header")."""
+
+MAX_CLUSTERS = 1 << 32
+"""Implementation limit: the bitmap is kept in memory, so at most 512 MiB of it."""
+
+# Version 1 feature bits (specification, "Version 1 header", bytes 28-35).
+V1_F_BACKING_FILE = 0x01
+V1_F_BACKING_FORMAT_NO_PROBE = 0x02
+V1_KNOWN_FEATURES = V1_F_BACKING_FILE | V1_F_BACKING_FORMAT_NO_PROBE
+
+# Version 2 feature bits (specification, "Feature bits").
+V2_INCOMPATIBLE_FEATURES: dict[int, str] = {}
+V2_COMPAT_ALL_ALLOCATED = 0x01
+V2_COMPATIBLE_FEATURES = {V2_COMPAT_ALL_ALLOCATED: "all_allocated"}
+V2_AUTOCLEAR_FEATURES: dict[int, str] = {}
+
+BACKING_FORMATS = ("raw", "add-cow")
+FORMAT_FIELD_SIZE = 16
+
+# Bytes 0-35, common to both versions (specification, "Version 1 header"):
+# magic, version, backing_filename_offset, backing_filename_size,
+# image_filename_offset, image_filename_size, features.
+_COMMON = struct.Struct("<8sIIIIIQ")
+# Bytes 36-83 of version 2 (specification, "Version 2 header"):
+# compatible_features, autoclear_features, header_size, cluster_bits,
+# image_size, backing_format.
+_V2_FIELDS = struct.Struct("<QQIIQ16s")
+
+V1_HEADER_SIZE = PAGE
+V1_NAMES_START = _COMMON.size  # 36
+V2_NAMES_START = _COMMON.size + _V2_FIELDS.size  # 84
+
+
+def cluster_count(image_size: int, cluster_bits: int) -> int:
+    """Number of clusters (bits) that cover ``image_size`` bytes."""
+    return (image_size + (1 << cluster_bits) - 1) >> cluster_bits
+
+
+def bitmap_length(clusters: int) -> int:
+    """Bytes of bitmap that hold one bit per cluster."""
+    return (clusters + 7) // 8
+
+
+@dataclass(frozen=True)
+class Header:
+    """A decoded, validated .add-cow header.
+
+    ``image_size`` is None for version 1, whose virtual size is the size of
+    the image file. ``backing_format`` is None when a version 1 image has a
+    backing file but does not record its format (no NO_PROBE bit).
+    """
+
+    version: int
+    image_name: bytes
+    backing_name: bytes | None = None
+    backing_format: str | None = None
+    image_size: int | None = None
+    cluster_bits: int = DEFAULT_CLUSTER_BITS
+    header_size: int = PAGE
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def all_allocated(self) -> bool:
+        return bool(self.compatible_features & V2_COMPAT_ALL_ALLOCATED)
+
+    def with_changes(self, **changes: object) -> Header:
+        """A copy with some fields changed, validated again."""
+        new = replace(self, **changes)  # type: ignore[arg-type]
+        return Header.unpack(new.pack())
+
+    # -- decoding ---------------------------------------------------------------
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> Header:
+        """Decode and validate a header from the first bytes of a .add-cow file.
+
+        ``buf`` must hold the whole header (for version 2, ``header_size``
+        bytes); a shorter buffer raises HeaderError naming the length.
+        """
+        if len(buf) < _COMMON.size:
+            raise HeaderError("length", f"at least {_COMMON.size} bytes", len(buf))
+        magic, version, b_off, b_len, i_off, i_len, features = _COMMON.unpack_from(buf)
+        if magic != MAGIC:
+            raise HeaderError("magic", repr(MAGIC), repr(magic))
+        if version not in VERSIONS:
+            raise UnsupportedFeatureError("version", "1 or 2", version)
+        if version == 1:
+            return cls._unpack_v1(buf, b_off, b_len, i_off, i_len, features)
+        return cls._unpack_v2(buf, b_off, b_len, i_off, i_len, features)
+
+    @classmethod
+    def _unpack_v1(
+        cls, buf: bytes, b_off: int, b_len: int, i_off: int, i_len: int, features: int
+    ) -> Header:
+        if len(buf) < V1_HEADER_SIZE:
+            raise HeaderError("length", f"{V1_HEADER_SIZE} bytes", len(buf))
+        names_end = V1_HEADER_SIZE
+        image_name = _name(buf, "image_filename", i_off, i_len, V1_NAMES_START, names_end)
+        backing_name = None
+        if b_off or b_len:
+            backing_name = _name(buf, "backing_filename", b_off, b_len, V1_NAMES_START, names_end)
+            _no_overlap(b_off, b_len, i_off, i_len)
+        unknown = features & ~V1_KNOWN_FEATURES
+        if unknown:
+            raise UnsupportedFeatureError("features", "only bits 0x1 and 0x2", hex(features))
+        has_backing = bool(features & V1_F_BACKING_FILE)
+        if has_backing != (backing_name is not None):
+            raise HeaderError(
+                "features",
+                f"BACKING_FILE bit {'set' if backing_name else 'clear'} "
+                f"(backing_filename_offset is {b_off})",
+                hex(features),
+            )
+        backing_format = None
+        if backing_name is not None and features & V1_F_BACKING_FORMAT_NO_PROBE:
+            backing_format = "raw"
+        return cls(
+            version=1,
+            image_name=image_name,
+            backing_name=backing_name,
+            backing_format=backing_format,
+            cluster_bits=V1_CLUSTER_BITS,
+            header_size=V1_HEADER_SIZE,
+            incompatible_features=features,
+        )
+
+    @classmethod
+    def _unpack_v2(
+        cls, buf: bytes, b_off: int, b_len: int, i_off: int, i_len: int, features: int
+    ) -> Header:
+        if len(buf) < V2_NAMES_START:
+            raise HeaderError("length", f"at least {V2_NAMES_START} bytes", len(buf))
+        compat, autoclear, header_size, cluster_bits, image_size, fmt_raw = _V2_FIELDS.unpack_from(
+            buf, _COMMON.size
+        )
+        if header_size < PAGE or header_size % PAGE or header_size > MAX_HEADER_SIZE:
+            raise HeaderError(
+                "header_size",
+                f"a multiple of {PAGE} between {PAGE} and {MAX_HEADER_SIZE}",
+                header_size,
+            )
+        if len(buf) < header_size:
+            raise HeaderError("length", f"{header_size} bytes (header_size)", len(buf))
+        if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+            raise HeaderError(
+                "cluster_bits", f"{MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}", cluster_bits
+            )
+        if not 0 < image_size <= MAX_IMAGE_SIZE:
+            raise HeaderError("image_size", f"1..{MAX_IMAGE_SIZE}", image_size)
+        if cluster_count(image_size, cluster_bits) > MAX_CLUSTERS:
+            raise HeaderError(
+                "image_size",
+                f"at most {MAX_CLUSTERS} clusters of {1 << cluster_bits} bytes "
+                "(implementation limit)",
+                image_size,
+            )
+        image_name = _name(buf, "image_filename", i_off, i_len, V2_NAMES_START, header_size)
+        backing_name = None
+        if b_off or b_len:
+            backing_name = _name(buf, "backing_filename", b_off, b_len, V2_NAMES_START, header_size)
+            _no_overlap(b_off, b_len, i_off, i_len)
+        backing_format = _decode_format(fmt_raw)
+        if (backing_format is None) != (backing_name is None):
+            raise HeaderError(
+                "backing_format",
+                "a format name exactly when backing_filename_offset is non-zero"
+                if backing_name
+                else "all zero bytes when there is no backing file",
+                repr(fmt_raw.rstrip(b"\0")),
+            )
+        if features:
+            raise UnsupportedFeatureError(
+                "incompatible_features", "no bits set (none are defined)", hex(features)
+            )
+        used = [(b_off, b_len), (i_off, i_len)] if backing_name else [(i_off, i_len)]
+        _check_padding_zero(buf, header_size, used)
+        return cls(
+            version=2,
+            image_name=image_name,
+            backing_name=backing_name,
+            backing_format=backing_format,
+            image_size=image_size,
+            cluster_bits=cluster_bits,
+            header_size=header_size,
+            incompatible_features=features,
+            compatible_features=compat,
+            autoclear_features=autoclear,
+        )
+
+    # -- encoding ---------------------------------------------------------------
+
+    def pack(self) -> bytes:
+        """Encode the header: names laid out right after the fixed fields."""
+        names_start = V1_NAMES_START if self.version == 1 else V2_NAMES_START
+        buf = bytearray(self.header_size)
+        pos = names_start
+        b_off = b_len = 0
+        if self.backing_name is not None:
+            b_off, b_len = pos, len(self.backing_name)
+            pos += b_len
+        i_off, i_len = pos, len(self.image_name)
+        pos += i_len
+        if pos > self.header_size:
+            raise HeaderError(
+                "header_size",
+                f"room for both file names ({pos} bytes)",
+                self.header_size,
+            )
+        if self.backing_name is not None:
+            buf[b_off : b_off + b_len] = self.backing_name
+        buf[i_off : i_off + i_len] = self.image_name
+        features = self.incompatible_features
+        if self.version == 1:
+            features = 0
+            if self.backing_name is not None:
+                features |= V1_F_BACKING_FILE
+                if self.backing_format == "raw":
+                    features |= V1_F_BACKING_FORMAT_NO_PROBE
+        _COMMON.pack_into(buf, 0, MAGIC, self.version, b_off, b_len, i_off, i_len, features)
+        if self.version == 2:
+            fmt = (self.backing_format or "").encode("ascii")
+            _V2_FIELDS.pack_into(
+                buf,
+                _COMMON.size,
+                self.compatible_features,
+                self.autoclear_features,
+                self.header_size,
+                self.cluster_bits,
+                self.image_size or 0,
+                fmt,
+            )
+        return bytes(buf)
+
+    def fields(self) -> list[tuple[str, object]]:
+        """(name, value) pairs in on-disk order, for ``info`` and debugging."""
+        rows: list[tuple[str, object]] = [
+            ("magic", MAGIC),
+            ("version", self.version),
+            ("backing_filename", self.backing_name),
+            ("image_filename", self.image_name),
+            (
+                "features" if self.version == 1 else "incompatible_features",
+                hex(self.incompatible_features),
+            ),
+        ]
+        if self.version == 2:
+            rows += [
+                ("compatible_features", hex(self.compatible_features)),
+                ("autoclear_features", hex(self.autoclear_features)),
+                ("header_size", self.header_size),
+                ("cluster_bits", self.cluster_bits),
+                ("image_size", self.image_size),
+                ("backing_format", self.backing_format),
+            ]
+        return rows
+
+
+def _name(buf: bytes, field: str, offset: int, size: int, lo: int, hi: int) -> bytes:
+    """Return the file name stored at [offset, offset+size) after checking bounds."""
+    if not lo <= offset < hi:
+        raise HeaderError(f"{field}_offset", f"{lo}..{hi - 1}", offset)
+    if not 1 <= size <= hi - offset:
+        raise HeaderError(f"{field}_size", f"1..{hi - offset}", size)
+    name = bytes(buf[offset : offset + size])
+    if b"\0" in name:
+        raise HeaderError(field, "a name without NUL bytes", repr(name))
+    return name
+
+
+def _no_overlap(b_off: int, b_len: int, i_off: int, i_len: int) -> None:
+    if b_off < i_off + i_len and i_off < b_off + b_len:
+        raise HeaderError(
+            "image_filename_offset",
+            f"a range not overlapping the backing file name [{b_off}, {b_off + b_len})",
+            f"[{i_off}, {i_off + i_len})",
+        )
+
+
+def _decode_format(raw: bytes) -> str | None:
+    if raw == bytes(FORMAT_FIELD_SIZE):
+        return None
+    name, _, padding = raw.partition(b"\0")
+    if padding.strip(b"\0"):
+        raise HeaderError("backing_format", "ASCII text padded with NUL bytes", repr(raw))
+    text = name.decode("ascii", errors="replace")
+    if text not in BACKING_FORMATS:
+        raise HeaderError("backing_format", " or ".join(BACKING_FORMATS), repr(text))
+    return text
+
+
+def _check_padding_zero(buf: bytes, header_size: int, used: list[tuple[int, int]]) -> None:
+    """Every header byte outside the fixed fields and the names must be zero."""
+    pos = V2_NAMES_START
+    for off, size in [*sorted(used), (header_size, 0)]:
+        gap = buf[pos:off]
+        if gap.strip(b"\0"):
+            first = pos + len(gap) - len(gap.lstrip(b"\0"))
+            raise HeaderError(f"byte {first}", "zero (unused header space)", buf[first])
+        pos = max(pos, off + size)
+
+
+def encode_format(fmt: str | None) -> bytes:
+    """The 16-byte backing_format field for ``fmt`` (None: all zero)."""
+    return (fmt or "").encode("ascii").ljust(FORMAT_FIELD_SIZE, b"\0")

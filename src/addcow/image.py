@@ -1,0 +1,641 @@
+"""An open add-cow image: reads, writes, copy on write, zeroes, discard, flush.
+
+Three files make one image: the .add-cow file (header and bitmap), the image
+file (raw, holds every allocated cluster at its guest offset) and the backing
+store (read-only; :mod:`addcow.backing`). A cluster is in one of two states::
+
+    bit 0  UNALLOCATED  reads come from the backing chain (zeros past its end)
+    bit 1  ALLOCATED    reads come from the image file
+
+and it moves only from UNALLOCATED to ALLOCATED, never back.
+
+Requests are split into runs of clusters in the same state, one system call
+per run. A request inside a single allocated cluster takes a fast path with
+no lock and no allocation.
+
+Copy on write
+    A write that touches an unallocated cluster writes the whole cluster: the
+    bytes it does not cover (the unaligned head and tail) are read from the
+    backing chain first and sent in the same ``pwritev``. While that happens
+    the cluster is *claimed*: other writers touching it wait, so two partial
+    writes into one unallocated cluster both survive. Readers never wait: until
+    the bit is set they read the backing, which is still the cluster's content.
+
+Zeroes and discard
+    ``write_zeroes`` over whole clusters punches a hole in the image file (or
+    with ``may_unmap=False`` zeroes it in place) and sets the bits; partial
+    clusters are written with zero bytes through the copy-on-write path.
+    ``discard`` over whole clusters punches holes and sets the bits of
+    unallocated ones, so they read as zero and streaming skips them (like
+    dm-clone's discard); over partial clusters it does nothing, which the
+    NBD and block layer contract of discard allows.
+
+Crash ordering (why a crash never exposes zeros or garbage)
+    1. Data reaches the image file (``pwritev`` returns) before its bit is set
+       in memory.
+    2. ``flush`` copies the dirty bitmap pages *first*, then ``fdatasync``\\ s the
+       image file, then writes the copied pages and ``fdatasync``\\ s the .add-cow
+       file. Every bit in the copy had its data written before the copy was
+       taken, so the data is durable before any bit that points at it.
+    3. Between flushes the on-disk bitmap lags the one in memory. After a crash
+       a lagging bit reads from the backing: the cluster shows its content from
+       before the unflushed write, which is what a disk may show for a write
+       that was never flushed. A later write to it copies from the backing
+       again, so stale bytes in the image file are never exposed.
+    4. ``fua=True`` flushes before the write returns.
+    5. When every bit is set and durable, a version 2 header gets the
+       ALL_ALLOCATED flag (written last, then synced); readers may then ignore
+       the bitmap and backing.
+    If writing bitmap pages fails, they stay dirty in memory and the error is
+    raised; the on-disk bitmap is only ever behind, never ahead.
+
+Locking
+    One ``threading.Lock`` guards the bitmap, the claim set and the dirty pages;
+    I/O runs outside it. ``flush`` calls are serialised by a second lock. Files
+    are locked against other processes as :mod:`addcow.locking` describes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from . import sysio
+from .backing import (
+    BlockSource,
+    ChainGuard,
+    Extent,
+    open_backing,
+    open_image_file,
+    resolve_name,
+    sniff_format,
+)
+from .bitmap import Bitmap
+from .errors import (
+    AddCowError,
+    AddCowIOError,
+    BackingFormatError,
+    BitmapError,
+    ClosedImageError,
+    HeaderError,
+    ImageFileError,
+    RangeError,
+    ReadOnlyError,
+)
+from .format import (
+    MAX_HEADER_SIZE,
+    PAGE,
+    V2_COMPAT_ALL_ALLOCATED,
+    Header,
+    bitmap_length,
+    cluster_count,
+)
+from .locking import lock_raw, lock_whole
+
+Buffer = bytes | bytearray | memoryview
+
+
+class AddCowImage:
+    """An open add-cow image. Use :meth:`open` (or :func:`addcow.open`).
+
+    The image owns and closes the three kinds of file it opened itself: the
+    .add-cow file, the image file and the backing chain.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        meta_fd: int,
+        header: Header,
+        image_path: str,
+        image_fd: int,
+        size: int,
+        bitmap: Bitmap,
+        backing: BlockSource | None,
+        readonly: bool,
+    ) -> None:
+        self.path = path
+        self.header = header
+        self.image_path = image_path
+        self.size = size
+        self.readonly = readonly
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.bitmap = bitmap
+        self.backing = backing
+        self._meta_fd = meta_fd
+        self._image_fd = image_fd
+        self._all_allocated = header.all_allocated
+        self._closed = False
+        self._lock = threading.Lock()
+        self._claims_done = threading.Condition(self._lock)
+        self._claimed: set[int] = set()
+        self._flush_lock = threading.Lock()
+
+    # -- opening ------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        force_share: bool = False,
+        probe_backing: bool = False,
+        guard: ChainGuard | None = None,
+    ) -> AddCowImage:
+        """Open the image at ``path``; see :func:`addcow.open`."""
+        path = os.fspath(path)
+        guard = guard if guard is not None else ChainGuard()
+        try:
+            meta_fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
+        opened: list[int] = [meta_fd]
+        try:
+            guard.add(meta_fd, path)
+            if not force_share:
+                lock_whole(meta_fd, path, exclusive=not readonly)
+            header = read_header(meta_fd, path)
+            image_path = resolve_name(header.image_name, path)
+            image_fd = open_image_file(image_path, readonly=readonly)
+            opened.append(image_fd)
+            guard.add(image_fd, image_path)
+            if not force_share:
+                lock_raw(image_fd, image_path, writable=not readonly)
+            size = _virtual_size(header, image_fd, image_path)
+            bitmap = read_bitmap(meta_fd, path, header, size)
+            backing = None
+            if header.backing_name is not None and not header.all_allocated:
+                fmt = header.backing_format or _probe_v1_backing(
+                    header.backing_name, path, probe_backing
+                )
+                backing = open_backing(
+                    header.backing_name, fmt, path, guard=guard, force_share=force_share
+                )
+            image = cls(
+                path, meta_fd, header, image_path, image_fd, size, bitmap, backing, readonly
+            )
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        if not readonly and header.autoclear_features:
+            image._rewrite_header(header.with_changes(autoclear_features=0))
+        return image
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def allocated_clusters(self) -> int:
+        return self.bitmap.allocated
+
+    @property
+    def total_clusters(self) -> int:
+        return self.bitmap.clusters
+
+    @property
+    def complete(self) -> bool:
+        """True when every cluster lives in the image file."""
+        return self._all_allocated or self.bitmap.full
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> AddCowImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<AddCowImage {self.path!r} size={self.size} closed={self._closed}>"
+
+    # -- reads --------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes of the virtual disk from ``offset``."""
+        buf = bytearray(length)
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def readinto(self, buffer: Buffer, offset: int) -> int:
+        """Fill ``buffer`` with the virtual disk's bytes at ``offset``; return its length."""
+        view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+        length = view.nbytes
+        if self._closed:
+            raise ClosedImageError(f"{self.path}: image is closed")
+        if offset < 0 or offset + length > self.size:
+            raise RangeError(
+                f"{self.path}: read of {length} bytes at offset {offset} "
+                f"is outside the disk (size {self.size})"
+            )
+        if length == 0:
+            return 0
+        bits = self.cluster_bits
+        first = offset >> bits
+        last = (offset + length - 1) >> bits
+        if self._all_allocated or (
+            first == last and self.bitmap.data[first >> 3] >> (first & 7) & 1
+        ):
+            sysio.pread_full(self._image_fd, view, offset, self.image_path)
+            return length
+        for run_first, run_end, allocated in self.bitmap.runs(first, last + 1):
+            lo = max(offset, run_first << bits)
+            hi = min(offset + length, run_end << bits)
+            part = view[lo - offset : hi - offset]
+            if allocated:
+                sysio.pread_full(self._image_fd, part, lo, self.image_path)
+            else:
+                self._read_backing(part, lo)
+        return length
+
+    def _read_backing(self, view: memoryview, offset: int) -> None:
+        if self.backing is None:
+            sysio.fill_zero(view)
+            return
+        backing_size = self.backing.size
+        inside = max(0, min(len(view), backing_size - offset))
+        if inside:
+            self.backing.readinto(view[:inside], offset)
+        if inside < len(view):
+            sysio.fill_zero(view[inside:])
+
+    # -- writes -------------------------------------------------------------------
+
+    def write(self, data: Buffer, offset: int, *, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; with ``fua`` it is durable on return."""
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        length = view.nbytes
+        self._check_write(offset, length)
+        if length:
+            bits = self.cluster_bits
+            first = offset >> bits
+            last = (offset + length - 1) >> bits
+            if self._all_allocated or (
+                first == last and self.bitmap.data[first >> 3] >> (first & 7) & 1
+            ):
+                sysio.pwrite_full(self._image_fd, [view], offset, self.image_path)
+            else:
+                self._write_runs(view, offset, first, last + 1)
+        if fua:
+            self.flush()
+
+    def _write_runs(self, view: memoryview, offset: int, first: int, end: int) -> None:
+        bits = self.cluster_bits
+        claims = self._claim(first, end)
+        try:
+            for run_first, run_end, allocated in self.bitmap.runs(first, end):
+                lo = max(offset, run_first << bits)
+                hi = min(offset + len(view), run_end << bits)
+                part = view[lo - offset : hi - offset]
+                if allocated:
+                    sysio.pwrite_full(self._image_fd, [part], lo, self.image_path)
+                else:
+                    self._copy_on_write(part, lo, run_first, run_end)
+        except BaseException:
+            self._release(claims, commit=False)
+            raise
+        self._release(claims, commit=True)
+
+    def _copy_on_write(self, part: memoryview, lo: int, run_first: int, run_end: int) -> None:
+        """Write ``part`` at ``lo`` plus the backing's bytes for the rest of its clusters."""
+        start = run_first << self.cluster_bits
+        stop = min(run_end << self.cluster_bits, self.size)
+        hi = lo + len(part)
+        buffers = [part]
+        if lo > start:
+            head = memoryview(bytearray(lo - start))
+            self._read_backing(head, start)
+            buffers.insert(0, head)
+        if hi < stop:
+            tail = memoryview(bytearray(stop - hi))
+            self._read_backing(tail, hi)
+            buffers.append(tail)
+        sysio.pwrite_full(self._image_fd, buffers, start, self.image_path)
+
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = True) -> None:
+        """Make [offset, offset+length) read as zero.
+
+        Whole clusters are punched out of the image file (``may_unmap``) or zeroed
+        in place, and marked allocated; partial clusters get zero bytes written.
+        """
+        self._check_write(offset, length)
+        lo, hi = self._whole_clusters(offset, length)
+        if lo >= hi:
+            self._write_zero_bytes(offset, length)
+            return
+        self._write_zero_bytes(offset, lo - offset)
+        self._zero_whole(lo, hi, unmap=may_unmap, allocate=True)
+        self._write_zero_bytes(hi, offset + length - hi)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard whole clusters in the range: they read as zero afterwards.
+
+        Partial clusters at either end are left as they are.
+        """
+        self._check_write(offset, length)
+        lo, hi = self._whole_clusters(offset, length)
+        if lo < hi:
+            self._zero_whole(lo, hi, unmap=True, allocate=False)
+
+    def _write_zero_bytes(self, offset: int, length: int) -> None:
+        if length > 0:
+            self.write(bytes(length), offset)
+
+    def _whole_clusters(self, offset: int, length: int) -> tuple[int, int]:
+        """The cluster-aligned part of a range (the image's end counts as aligned)."""
+        mask = self.cluster_size - 1
+        lo = (offset + mask) & ~mask
+        end = offset + length
+        hi = end if end == self.size else end & ~mask
+        return lo, max(lo, hi)
+
+    def _zero_whole(self, lo: int, hi: int, *, unmap: bool, allocate: bool) -> None:
+        """Zero the whole clusters of [lo, hi) and set their bits.
+
+        With ``allocate`` False (discard) an unsupported hole punch is not an
+        error: the clusters are then left as they were.
+        """
+        bits = self.cluster_bits
+        first, end = lo >> bits, (hi + self.cluster_size - 1) >> bits
+        claims = self._claim(first, end)
+        try:
+            if unmap:
+                punched = sysio.punch_hole(self._image_fd, lo, hi - lo, self.image_path)
+                if not punched and allocate:
+                    sysio.zero_range(self._image_fd, lo, hi - lo, self.image_path)
+                commit = punched or allocate
+            else:
+                sysio.zero_range(self._image_fd, lo, hi - lo, self.image_path)
+                commit = True
+        except BaseException:
+            self._release(claims, commit=False)
+            raise
+        self._release(claims, commit=commit)
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise ClosedImageError(f"{self.path}: image is closed")
+        if self.readonly:
+            raise ReadOnlyError(f"{self.path}: image is opened read-only")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RangeError(
+                f"{self.path}: request of {length} bytes at offset {offset} "
+                f"is outside the disk (size {self.size})"
+            )
+
+    # -- claims: serialising allocation of one cluster ------------------------------
+
+    def _claim(self, first: int, end: int) -> list[tuple[int, int]]:
+        """Claim the unallocated clusters of [first, end); wait for other claims.
+
+        Returns the claimed runs. Allocated clusters are not claimed: writes to
+        them need no copy on write.
+        """
+        with self._lock:
+            while self._claimed and not self._claimed.isdisjoint(range(first, end)):
+                self._claims_done.wait()
+            runs = [(a, b) for a, b, allocated in self.bitmap.runs(first, end) if not allocated]
+            for a, b in runs:
+                self._claimed.update(range(a, b))
+            return runs
+
+    def _release(self, claims: list[tuple[int, int]], *, commit: bool) -> None:
+        """Drop claims; with ``commit``, set their bits first (data is written)."""
+        if not claims:
+            return
+        with self._lock:
+            for a, b in claims:
+                if commit:
+                    self.bitmap.set_range(a, b)
+                self._claimed.difference_update(range(a, b))
+            self._claims_done.notify_all()
+
+    # -- durability ---------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make every completed write durable (see "Crash ordering" above)."""
+        if self._closed:
+            raise ClosedImageError(f"{self.path}: image is closed")
+        if self.readonly:
+            return
+        with self._flush_lock:
+            with self._lock:
+                chunks = self.bitmap.take_dirty()
+                now_full = self.bitmap.full and not self._all_allocated
+            sysio.fdatasync(self._image_fd, self.image_path)
+            if chunks:
+                try:
+                    for offset, chunk in chunks:
+                        sysio.pwrite_full(
+                            self._meta_fd,
+                            [memoryview(chunk)],
+                            self.header.header_size + offset,
+                            self.path,
+                        )
+                    sysio.fdatasync(self._meta_fd, self.path)
+                except AddCowError:
+                    with self._lock:
+                        self.bitmap.mark_dirty(chunks)
+                    raise
+            if now_full and self.header.version >= 2:
+                flags = self.header.compatible_features | V2_COMPAT_ALL_ALLOCATED
+                self._rewrite_header(self.header.with_changes(compatible_features=flags))
+                self._all_allocated = True
+
+    def _rewrite_header(self, header: Header) -> None:
+        """Write a new header in place and make it durable."""
+        raw = header.pack()
+        if len(raw) != self.header.header_size:
+            raise HeaderError("header_size", str(self.header.header_size), len(raw))
+        sysio.pwrite_full(self._meta_fd, [memoryview(raw)], 0, self.path)
+        sysio.fdatasync(self._meta_fd, self.path)
+        self.header = header
+
+    def close(self) -> None:
+        """Flush (read-write images), then close every file this image opened."""
+        if self._closed:
+            return
+        try:
+            if not self.readonly:
+                self.flush()
+        finally:
+            self._closed = True
+            if self.backing is not None:
+                self.backing.close()
+            os.close(self._image_fd)
+            os.close(self._meta_fd)
+
+    # -- allocation ----------------------------------------------------------------
+
+    def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Extents describing where each byte of [offset, offset+length) comes from."""
+        return self._block_status(offset, length, 0)
+
+    def _block_status(self, offset: int, length: int | None, depth: int) -> Iterator[Extent]:
+        if length is None:
+            length = self.size - offset
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RangeError(
+                f"{self.path}: block status of {length} bytes at offset {offset} "
+                f"is outside the disk (size {self.size})"
+            )
+        end = offset + length
+        bits = self.cluster_bits
+        if self._all_allocated:
+            whole = (offset >> bits, (end >> bits) + 1, True)
+            runs: Iterator[tuple[int, int, bool]] = iter([whole])
+        else:
+            runs = self.bitmap.runs(offset >> bits, (end + self.cluster_size - 1) >> bits)
+        for run_first, run_end, allocated in runs:
+            lo = max(offset, run_first << bits)
+            hi = min(end, run_end << bits)
+            if lo >= hi:
+                continue
+            if allocated:
+                for start, stop, has_data in sysio.data_runs(self._image_fd, lo, hi):
+                    yield Extent(start, stop - start, depth, True, not has_data, start)
+            else:
+                yield from self._backing_status(lo, hi, depth)
+
+    def _backing_status(self, lo: int, hi: int, depth: int) -> Iterator[Extent]:
+        covered = lo
+        if self.backing is not None:
+            covered = min(hi, max(lo, self.backing.size))
+            if covered > lo:
+                yield from self.backing.block_status_at(lo, covered - lo, depth + 1)
+        if covered < hi:
+            yield Extent(covered, hi - covered, depth, False, True, None)
+
+    def block_status_at(self, offset: int, length: int, depth: int) -> Iterator[Extent]:
+        """Block status with depths counted from ``depth`` (for use as a backing)."""
+        return self._block_status(offset, length, depth)
+
+    # -- file view -------------------------------------------------------------------
+
+    def as_file(self) -> ImageFile:
+        """A seekable ``io.RawIOBase`` over the virtual disk (shares this image)."""
+        return ImageFile(self)
+
+
+class ImageFile(io.RawIOBase):
+    """The virtual disk as a binary file; closing it does not close the image."""
+
+    def __init__(self, image: AddCowImage) -> None:
+        super().__init__()
+        self._image = image
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return not self._image.readonly
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._image.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._image.size - self._pos))
+        if n:
+            self._image.readinto(view[:n], self._pos)
+            self._pos += n
+        return n
+
+    def write(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        self._image.write(view, self._pos)
+        self._pos += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        if not self.closed and not self._image.readonly and not self._image.closed:
+            self._image.flush()
+
+
+# -- reading the two parts of an .add-cow file --------------------------------------
+
+
+def read_header(fd: int, path: str) -> Header:
+    """Read and validate the header of an open .add-cow file."""
+    try:
+        head = os.pread(fd, PAGE, 0)
+    except OSError as exc:
+        raise AddCowIOError.wrap(f"{path}: read header", exc) from exc
+    if len(head) >= 56 and head[8:12] == b"\x02\x00\x00\x00":
+        header_size = int.from_bytes(head[52:56], "little")
+        if PAGE < header_size <= MAX_HEADER_SIZE and header_size % PAGE == 0:
+            try:
+                head = os.pread(fd, header_size, 0)
+            except OSError as exc:
+                raise AddCowIOError.wrap(f"{path}: read header", exc) from exc
+    try:
+        return Header.unpack(head)
+    except HeaderError as exc:
+        exc.path = path
+        raise
+
+
+def read_bitmap(fd: int, path: str, header: Header, size: int) -> Bitmap:
+    """Read the bitmap for an image of ``size`` bytes, checking the file holds it."""
+    clusters = cluster_count(size, header.cluster_bits)
+    length = bitmap_length(clusters)
+    file_size = sysio.file_size(fd, path)
+    if file_size < header.header_size + length:
+        raise BitmapError(
+            f"{path}: bitmap truncated: expected {header.header_size + length} bytes "
+            f"({clusters} clusters), found a file of {file_size} bytes"
+        )
+    data = bytearray(length)
+    if length:
+        sysio.pread_full(fd, memoryview(data), header.header_size, path)
+    return Bitmap(data, clusters)
+
+
+def _virtual_size(header: Header, image_fd: int, image_path: str) -> int:
+    actual = sysio.file_size(image_fd, image_path)
+    if header.image_size is None:
+        if actual == 0:
+            raise ImageFileError(
+                f"{image_path}: image file is empty (a version 1 image's size is "
+                "its image file's size)"
+            )
+        return actual
+    if actual < header.image_size:
+        raise ImageFileError(
+            f"{image_path}: image file too small: expected at least {header.image_size} "
+            f"bytes (image_size), found {actual}"
+        )
+    return header.image_size
+
+
+def _probe_v1_backing(name: bytes, path: str, probe: bool) -> str:
+    """The format of a version 1 backing file that did not record it."""
+    backing = resolve_name(name, path)
+    if not probe:
+        raise BackingFormatError(
+            f"{path}: backing file format not recorded (version 1 image without the "
+            f"BACKING_FORMAT_NO_PROBE bit); addcow does not probe formats. Record it "
+            f"with: addcow rebase -u -b {os.fsdecode(name)} -F raw {path} "
+            "(or pass probe_backing=True / --probe-backing to trust the file's first bytes)"
+        )
+    found = sniff_format(backing)
+    if found in (None, "add-cow"):
+        return found or "raw"
+    raise BackingFormatError(f"{backing}: backing file is {found}, which addcow cannot read")

@@ -1,0 +1,140 @@
+"""What ``addcow info`` reports, read from the header and bitmap alone.
+
+Inspection opens the .add-cow file and only *stats* the image file and the
+backing file: their content is never read, and no backing file is opened as
+an image, so inspecting an untrusted image cannot make addcow read a file the
+image names (the lesson of CVE-2024-4467).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .backing import resolve_name
+from .errors import AddCowError, ImageFileError
+from .format import (
+    V1_F_BACKING_FILE,
+    V1_F_BACKING_FORMAT_NO_PROBE,
+    V2_AUTOCLEAR_FEATURES,
+    V2_COMPATIBLE_FEATURES,
+    V2_INCOMPATIBLE_FEATURES,
+    Header,
+)
+from .image import read_bitmap, read_header
+from .locking import lock_whole
+
+_V1_FEATURES = {V1_F_BACKING_FILE: "backing-file", V1_F_BACKING_FORMAT_NO_PROBE: "no-probe"}
+
+
+def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
+    """qemu-img style information about one add-cow image, as a JSON-ready dict."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        if not force_share:
+            lock_whole(fd, path, exclusive=False)
+        header = read_header(fd, path)
+        image_path = resolve_name(header.image_name, path)
+        image_stat = _stat(image_path)
+        size = _size(header, image_stat, image_path)
+        bitmap = read_bitmap(fd, path, header, size)
+        meta_blocks = os.fstat(fd).st_blocks
+    finally:
+        os.close(fd)
+    actual = (meta_blocks + (image_stat.st_blocks if image_stat else 0)) * 512
+    complete = header.all_allocated or bitmap.full
+    data: dict[str, Any] = {
+        "version": header.version,
+        "image-file": os.fsdecode(header.image_name),
+        "full-image-file": image_path,
+        "header-size": header.header_size,
+        "allocated-clusters": bitmap.allocated,
+        "total-clusters": bitmap.clusters,
+        "complete": complete,
+    }
+    if header.version == 1:
+        data["features"] = _names(header.incompatible_features, _V1_FEATURES)
+    else:
+        data["incompatible-features"] = _names(
+            header.incompatible_features, V2_INCOMPATIBLE_FEATURES
+        )
+        data["compatible-features"] = _names(header.compatible_features, V2_COMPATIBLE_FEATURES)
+        data["autoclear-features"] = _names(header.autoclear_features, V2_AUTOCLEAR_FEATURES)
+    info: dict[str, Any] = {
+        "filename": path,
+        "format": "add-cow",
+        "virtual-size": size,
+        "actual-size": actual,
+        "cluster-size": header.cluster_size,
+        "dirty-flag": False,
+    }
+    if header.backing_name is not None:
+        info["backing-filename"] = os.fsdecode(header.backing_name)
+        info["full-backing-filename"] = resolve_name(header.backing_name, path)
+        if header.backing_format is not None:
+            info["backing-filename-format"] = header.backing_format
+    info["format-specific"] = {"type": "add-cow", "data": data}
+    return info
+
+
+def backing_chain_info(path: str, *, force_share: bool = False) -> list[dict[str, Any]]:
+    """``image_info`` for the image and each add-cow below it, then the raw base."""
+    chain: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    current: str | None = path
+    fmt = "add-cow"
+    while current is not None:
+        real = os.path.realpath(current)
+        if real in seen:
+            raise AddCowError(f"{current}: backing chain loops")
+        seen.add(real)
+        if fmt == "raw":
+            st = _stat(current)
+            if st is None:
+                raise ImageFileError(f"{current}: backing file not found")
+            chain.append(
+                {
+                    "filename": current,
+                    "format": "raw",
+                    "virtual-size": st.st_size,
+                    "actual-size": st.st_blocks * 512,
+                    "dirty-flag": False,
+                }
+            )
+            break
+        entry = image_info(current, force_share=force_share)
+        chain.append(entry)
+        current = entry.get("full-backing-filename")
+        fmt = entry.get("backing-filename-format", "raw")
+    return chain
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ImageFileError(f"{path}: {exc.strerror}") from exc
+
+
+def _size(header: Header, image_stat: os.stat_result | None, image_path: str) -> int:
+    if header.image_size is not None:
+        return header.image_size
+    if image_stat is None:
+        raise ImageFileError(
+            f"{image_path}: image file not found (a version 1 image's size is its image "
+            "file's size)"
+        )
+    return image_stat.st_size
+
+
+def _names(bits: int, known: dict[int, str]) -> list[str]:
+    names = [name for bit, name in sorted(known.items()) if bits & bit]
+    unknown = bits & ~sum(known)
+    if unknown:
+        names.append(hex(unknown))
+    return names

@@ -1,0 +1,101 @@
+"""File locks that keep two writers (or a writer and a reader) apart.
+
+Two kinds of lock, both open-file-description (OFD) locks, so they belong to
+the open file and vanish when it is closed, even after kill -9:
+
+* The .add-cow file gets a whole-file lock: exclusive for a read-write open,
+  shared for a read-only one. Taking it is one atomic call, so of two
+  processes racing to open an image read-write exactly one wins.
+* Raw files (the image file and raw backing files) get the byte-range
+  protocol QEMU uses on the files it opens (``block/file-posix.c``): for each
+  permission held, a shared lock on byte 100 + bit; for each permission not
+  shared with others, a shared lock on byte 200 + bit. A conflict is another
+  open file holding the opposite byte. Speaking QEMU's protocol means qemu-img,
+  qemu-io and qemu-nbd refuse to write a backing file that addcow is using,
+  and addcow refuses a raw file QEMU is writing.
+
+``force_share`` (the CLI's ``-U``) takes no lock at all, for inspecting an image
+that is in use; what it reads may be inconsistent.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from .errors import LockError
+
+# struct flock: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad).
+# l_pid must be 0 for OFD locks.
+_FLOCK = struct.Struct("hhqqi4x" if struct.calcsize("l") == 8 else "hhqqi")
+
+# QEMU's permission bits and lock byte bases (block/file-posix.c).
+PERM_CONSISTENT_READ = 0x01
+PERM_WRITE = 0x02
+PERM_WRITE_UNCHANGED = 0x04
+PERM_RESIZE = 0x08
+_PERM_BITS = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE)
+_PERM_NAMES = {
+    PERM_CONSISTENT_READ: "consistent read",
+    PERM_WRITE: "write",
+    PERM_WRITE_UNCHANGED: "write unchanged",
+    PERM_RESIZE: "resize",
+}
+_PERM_BASE = 100
+_SHARED_BASE = 200
+
+
+def _flock(fd: int, cmd: int, kind: int, start: int, length: int) -> int:
+    packed = _FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
+    result = fcntl.fcntl(fd, cmd, packed)
+    return int(_FLOCK.unpack(result)[0])
+
+
+def lock_whole(fd: int, path: str, *, exclusive: bool) -> None:
+    """Lock all of ``fd``'s file, or raise LockError naming ``path``."""
+    kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+    try:
+        _flock(fd, fcntl.F_OFD_SETLK, kind, 0, 0)
+    except OSError as exc:
+        mode = "write" if exclusive else "read"
+        raise LockError(
+            f"{path}: failed to get {mode} lock: the image is in use by another process "
+            "(use -U / force_share to inspect it anyway)"
+        ) from exc
+
+
+def lock_raw(fd: int, path: str, *, writable: bool) -> None:
+    """Take QEMU-compatible permission locks on a raw file, or raise LockError."""
+    perms = PERM_CONSISTENT_READ
+    if writable:
+        perms |= PERM_WRITE | PERM_RESIZE
+    unshared = PERM_WRITE | PERM_RESIZE
+    try:
+        for bit_index, bit in enumerate(_PERM_BITS):
+            if perms & bit:
+                _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _PERM_BASE + bit_index, 1)
+            if unshared & bit:
+                _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _SHARED_BASE + bit_index, 1)
+    except OSError as exc:
+        raise LockError(f"{path}: failed to lock: the file is in use ({exc.strerror})") from exc
+    for bit_index, bit in enumerate(_PERM_BITS):
+        if perms & bit and _held_by_other(fd, _SHARED_BASE + bit_index):
+            raise LockError(
+                f'{path}: failed to get "{_PERM_NAMES[bit]}" lock: another process '
+                "is using the file and does not share it"
+            )
+        if unshared & bit and _held_by_other(fd, _PERM_BASE + bit_index):
+            raise LockError(
+                f'{path}: failed to get shared "{_PERM_NAMES[bit]}" lock: another process '
+                "is using the file (use -U / force_share to inspect it anyway)"
+            )
+
+
+def _held_by_other(fd: int, byte: int) -> bool:
+    """True if another open file holds any lock on ``byte``."""
+    try:
+        kind = _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte, 1)
+    except OSError:
+        return False
+    return kind != fcntl.F_UNLCK
