@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import AddCowError
-from . import create, info, mapping
+from . import convert, create, info, mapping
 from .common import CommandError
 
-COMMANDS = (create, info, mapping)
+COMMANDS = (convert, create, info, mapping)
 
 
 def build_parser() -> argparse.ArgumentParser:

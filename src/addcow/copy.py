@@ -1,0 +1,165 @@
+"""Whole-disk copies and comparisons between add-cow images and raw files.
+
+Both work on any :class:`~addcow.backing.BlockSource`: an open
+:class:`AddCowImage` or a :class:`~addcow.backing.RawFile`. Ranges a source
+reports as zero are not read at all; data ranges are read in large chunks
+into one reused buffer, and zero-filled 4 KiB blocks inside them are skipped,
+so the copy stays sparse.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import sysio
+from .backing import BlockSource, ChainGuard, RawFile, sniff_format
+from .errors import AddCowError, ImageFileError
+from .image import AddCowImage
+
+CHUNK = 4 << 20
+"""Bytes read per request while copying or comparing."""
+
+ZERO_GRANULE = 4096
+"""Zero blocks of this size inside data ranges are left as holes."""
+
+_ZERO_CHUNK = bytes(CHUNK)
+_ZERO_GRANULE = bytes(ZERO_GRANULE)
+
+
+def open_source(path: str, fmt: str | None = None, *, force_share: bool = False) -> BlockSource:
+    """Open a file named on the command line as ``fmt`` (add-cow or raw).
+
+    Without ``fmt``, a file that starts with the add-cow magic is opened as
+    add-cow and anything else as raw: the user named this file, unlike a name
+    stored inside an image, which is never probed.
+    """
+    if fmt is None:
+        found = sniff_format(path)
+        if found not in (None, "add-cow"):
+            raise AddCowError(
+                f"{path}: this is a {found} image; addcow reads add-cow and raw images "
+                "(use qemu-img convert to make a raw copy first)"
+            )
+        fmt = found or "raw"
+    if fmt == "add-cow":
+        return AddCowImage.open(path, readonly=True, force_share=force_share)
+    if fmt == "raw":
+        return RawFile(path, force_share=force_share, guard=ChainGuard())
+    raise AddCowError(f"unsupported format {fmt!r}: expected add-cow or raw")
+
+
+@dataclass
+class CopyStats:
+    size: int = 0
+    copied: int = 0
+    skipped_zero: int = 0
+
+
+def copy_to_raw(
+    src: BlockSource, dst_path: str, *, progress: Callable[[int], None] | None = None
+) -> CopyStats:
+    """Write the whole virtual content of ``src`` to a new sparse raw file."""
+    stats = CopyStats(size=src.size)
+    try:
+        fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ImageFileError(f"{dst_path}: cannot create: {exc.strerror}") from exc
+    try:
+        os.ftruncate(fd, src.size)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        pos = 0
+        while pos < src.size:
+            step = min(CHUNK, src.size - pos)
+            for ext in src.block_status_at(pos, step, 0):
+                if ext.zero:
+                    stats.skipped_zero += ext.length
+                    continue
+                _copy_data(src, fd, dst_path, ext.offset, ext.length, buf, view, stats)
+            pos += step
+            if progress is not None:
+                progress(step)
+        sysio.fdatasync(fd, dst_path)
+    except OSError as exc:
+        raise ImageFileError(f"{dst_path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    return stats
+
+
+def _copy_data(
+    src: BlockSource,
+    fd: int,
+    name: str,
+    offset: int,
+    length: int,
+    buf: bytearray,
+    view: memoryview,
+    stats: CopyStats,
+) -> None:
+    """Copy one data range, leaving 4 KiB blocks of zeros as holes."""
+    part = view[:length]
+    src.readinto(part, offset)
+    if length == CHUNK and buf == _ZERO_CHUNK:
+        stats.skipped_zero += length
+        return
+    run_start = -1
+    for pos in range(0, length, ZERO_GRANULE):
+        end = min(pos + ZERO_GRANULE, length)
+        is_zero = buf[pos:end] == _ZERO_GRANULE[: end - pos]
+        if not is_zero and run_start < 0:
+            run_start = pos
+        elif is_zero and run_start >= 0:
+            sysio.pwrite_full(fd, [part[run_start:pos]], offset + run_start, name)
+            stats.copied += pos - run_start
+            run_start = -1
+        if is_zero:
+            stats.skipped_zero += end - pos
+    if run_start >= 0:
+        sysio.pwrite_full(fd, [part[run_start:length]], offset + run_start, name)
+        stats.copied += length - run_start
+
+
+def first_difference(
+    a: BlockSource, b: BlockSource, *, progress: Callable[[int], None] | None = None
+) -> int | None:
+    """Offset of the first 512-byte sector where ``a`` and ``b`` differ, or None.
+
+    Past the end of the shorter source, the longer one must read as zero.
+    """
+    common = min(a.size, b.size)
+    buf_a, buf_b = bytearray(CHUNK), bytearray(CHUNK)
+    view_a, view_b = memoryview(buf_a), memoryview(buf_b)
+    pos = 0
+    while pos < common:
+        step = min(CHUNK, common - pos)
+        a.readinto(view_a[:step], pos)
+        b.readinto(view_b[:step], pos)
+        if buf_a[:step] != buf_b[:step]:
+            return pos + _first_mismatch(buf_a, buf_b, step)
+        pos += step
+        if progress is not None:
+            progress(step)
+    longer, buf, view = (a, buf_a, view_a) if a.size > b.size else (b, buf_b, view_b)
+    while pos < longer.size:
+        step = min(CHUNK, longer.size - pos)
+        longer.readinto(view[:step], pos)
+        if buf[:step] != _ZERO_CHUNK[:step]:
+            return pos + _first_mismatch(buf, bytearray(step), step)
+        pos += step
+    return None
+
+
+def _first_mismatch(a: bytearray, b: bytearray, length: int) -> int:
+    """Start of the first differing 512-byte sector (bisect with memcmp)."""
+    lo, hi = 0, length
+    while hi - lo > 512:
+        mid = lo + ((hi - lo) // 2 + 511) // 512 * 512
+        mid = min(mid, hi)
+        if a[lo:mid] != b[lo:mid]:
+            hi = mid
+        else:
+            lo = mid
+    return lo

@@ -1,0 +1,64 @@
+"""Shared fixtures: real peer tools, the addcow CLI, and sample images.
+
+A test that needs an external program (qemu-img, qemu-io, nbdinfo, ...) calls
+``require_tool``: a missing tool is a failure, never a skip, because ``make
+test`` installs every tool the suite uses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLUSTER = 65536
+
+
+def require_tool(name: str) -> str:
+    """Path of an external program; fail the test if it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed (make test installs it)")
+    return path
+
+
+def run(cmd: list[str], *, check: bool = True, cwd: Path | None = None,
+        input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture text output; with ``check`` a failure shows stderr."""
+    proc = subprocess.run(
+        cmd, cwd=cwd, input=input.decode() if input is not None else None,
+        capture_output=True, text=True, timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+def addcow(*args: str | os.PathLike[str], check: bool = True,
+           cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the addcow command line as a user would (python -m addcow)."""
+    return run([sys.executable, "-m", "addcow", *map(str, args)], check=check, cwd=cwd)
+
+
+def pattern(byte: int, length: int) -> bytes:
+    return bytes([byte]) * length
+
+
+@pytest.fixture
+def base_raw(tmp_path: Path) -> Path:
+    """A 1 MiB raw backing file: cluster i filled with byte 0x10 + i, clusters 8-11 holes."""
+    path = tmp_path / "base.raw"
+    with open(path, "wb") as f:
+        f.truncate(16 * CLUSTER)
+        for i in range(16):
+            if 8 <= i < 12:
+                continue
+            f.seek(i * CLUSTER)
+            f.write(pattern(0x10 + i, CLUSTER))
+    return path
