@@ -21,11 +21,7 @@ from .image import AddCowImage
 CHUNK = 4 << 20
 """Bytes read per request while copying or comparing."""
 
-ZERO_GRANULE = 4096
-"""Zero blocks of this size inside data ranges are left as holes."""
-
 _ZERO_CHUNK = bytes(CHUNK)
-_ZERO_GRANULE = bytes(ZERO_GRANULE)
 
 
 def open_source(path: str, fmt: str | None = None, *, force_share: bool = False) -> BlockSource:
@@ -69,7 +65,6 @@ def copy_to_raw(
     try:
         os.ftruncate(fd, src.size)
         buf = bytearray(CHUNK)
-        view = memoryview(buf)
         pos = 0
         while pos < src.size:
             step = min(CHUNK, src.size - pos)
@@ -77,7 +72,7 @@ def copy_to_raw(
                 if ext.zero:
                     stats.skipped_zero += ext.length
                     continue
-                _copy_data(src, fd, dst_path, ext.offset, ext.length, buf, view, stats)
+                _copy_data(src, fd, dst_path, ext.offset, ext.length, buf, stats)
             pos += step
             if progress is not None:
                 progress(step)
@@ -90,36 +85,13 @@ def copy_to_raw(
 
 
 def _copy_data(
-    src: BlockSource,
-    fd: int,
-    name: str,
-    offset: int,
-    length: int,
-    buf: bytearray,
-    view: memoryview,
-    stats: CopyStats,
+    src: BlockSource, fd: int, name: str, offset: int, length: int, buf: bytearray, stats: CopyStats
 ) -> None:
-    """Copy one data range, leaving 4 KiB blocks of zeros as holes."""
-    part = view[:length]
-    src.readinto(part, offset)
-    if length == CHUNK and buf == _ZERO_CHUNK:
-        stats.skipped_zero += length
-        return
-    run_start = -1
-    for pos in range(0, length, ZERO_GRANULE):
-        end = min(pos + ZERO_GRANULE, length)
-        is_zero = buf[pos:end] == _ZERO_GRANULE[: end - pos]
-        if not is_zero and run_start < 0:
-            run_start = pos
-        elif is_zero and run_start >= 0:
-            sysio.pwrite_full(fd, [part[run_start:pos]], offset + run_start, name)
-            stats.copied += pos - run_start
-            run_start = -1
-        if is_zero:
-            stats.skipped_zero += end - pos
-    if run_start >= 0:
-        sysio.pwrite_full(fd, [part[run_start:length]], offset + run_start, name)
-        stats.copied += length - run_start
+    """Copy one data range; 4 KiB blocks of zeros stay holes in the new file."""
+    src.readinto(memoryview(buf)[:length], offset)
+    written, zero = sysio.write_sparse(fd, buf, length, offset, name, punch=False)
+    stats.copied += written
+    stats.skipped_zero += zero
 
 
 def first_difference(

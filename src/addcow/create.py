@@ -228,17 +228,4 @@ def _write_metadata(
             raise ImageFileError(f"{path}: cannot write: {exc.strerror}") from exc
     finally:
         os.close(fd)
-    _sync_directory(os.path.dirname(path) or ".")
-
-
-def _sync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    sysio.sync_directory(os.path.dirname(path) or ".")

@@ -97,6 +97,9 @@ from .locking import lock_raw, lock_whole
 
 Buffer = bytes | bytearray | memoryview
 
+_POPULATE_CHUNK = 4 << 20
+"""Bytes read from the backing per step of populate (copy on read, streaming)."""
+
 
 class AddCowImage:
     """An open add-cow image. Use :meth:`open` (or :func:`addcow.open`).
@@ -377,6 +380,67 @@ class AddCowImage:
             self._release(claims, commit=False)
             raise
         self._release(claims, commit=commit)
+
+    def populate(
+        self, offset: int, length: int, buffer: bytearray | None = None
+    ) -> tuple[int, int]:
+        """Copy the unallocated clusters touching the range in from the backing chain.
+
+        This is copy on read and the step of streaming: the virtual content does
+        not change, clusters already allocated are never touched, and ranges that
+        read as zero (holes or zero bytes in the backing, or past its end) are
+        punched in the image file instead of written. ``buffer`` is scratch space
+        (reused across calls by a streaming loop). Returns (bytes written, bytes
+        left as zero).
+        """
+        self._check_write(offset, length)
+        if length == 0 or self._all_allocated:
+            return 0, 0
+        bits = self.cluster_bits
+        claims = self._claim(offset >> bits, (offset + length + self.cluster_size - 1) >> bits)
+        written = zero = 0
+        try:
+            for first, end in claims:
+                lo, hi = first << bits, min(end << bits, self.size)
+                w, z = self._fill_from_backing(lo, hi, buffer)
+                written += w
+                zero += z
+        except BaseException:
+            self._release(claims, commit=False)
+            raise
+        self._release(claims, commit=True)
+        return written, zero
+
+    def _fill_from_backing(self, lo: int, hi: int, buffer: bytearray | None) -> tuple[int, int]:
+        """Make the image file's [lo, hi) equal to the backing chain's content."""
+        backing_end = lo if self.backing is None else min(hi, max(lo, self.backing.size))
+        extents = (
+            []
+            if self.backing is None or backing_end <= lo
+            else list(self.backing.block_status_at(lo, backing_end - lo, 1))
+        )
+        if backing_end < hi:
+            extents.append(Extent(backing_end, hi - backing_end, 1, False, True, None))
+        written = zero = 0
+        for ext in extents:
+            if ext.zero:
+                if not sysio.punch_hole(self._image_fd, ext.offset, ext.length, self.image_path):
+                    sysio.write_zeros(self._image_fd, ext.offset, ext.length, self.image_path)
+                zero += ext.length
+                continue
+            pos, stop = ext.offset, ext.offset + ext.length
+            while pos < stop:
+                step = min(stop - pos, _POPULATE_CHUNK)
+                if buffer is None or len(buffer) < step:
+                    buffer = bytearray(max(step, _POPULATE_CHUNK))
+                self._read_backing(memoryview(buffer)[:step], pos)
+                w, z = sysio.write_sparse(
+                    self._image_fd, buffer, step, pos, self.image_path, punch=True
+                )
+                written += w
+                zero += z
+                pos += step
+        return written, zero
 
     def _check_write(self, offset: int, length: int) -> None:
         if self._closed:

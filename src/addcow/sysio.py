@@ -139,6 +139,20 @@ def fdatasync(fd: int, name: str) -> None:
         raise AddCowIOError.wrap(f"{name}: fdatasync", exc) from exc
 
 
+def sync_directory(directory: str) -> None:
+    """Make a created or removed directory entry durable."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise AddCowIOError.wrap(f"{directory}: open directory", exc) from exc
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise AddCowIOError.wrap(f"{directory}: fsync directory", exc) from exc
+    finally:
+        os.close(fd)
+
+
 def file_size(fd: int, name: str) -> int:
     """Size of a regular file or block device."""
     try:
@@ -174,3 +188,58 @@ def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
         stop = min(max(hole, pos + 1), end)
         yield pos, stop, True
         pos = stop
+
+
+ZERO_GRANULE = 4096
+"""Runs of zero bytes this large and aligned are left as holes by write_sparse."""
+
+_ZERO_GRANULE = bytes(ZERO_GRANULE)
+
+
+def write_sparse(
+    fd: int, buf: bytearray, length: int, offset: int, name: str, *, punch: bool
+) -> tuple[int, int]:
+    """Write ``buf[:length]`` at ``offset``, leaving 4 KiB blocks of zeros as holes.
+
+    With ``punch`` the zero blocks are punched (the file may hold old bytes
+    there; where punching is unsupported zeros are written); without it they are
+    skipped, for a file known to be a hole there. Returns (bytes written, bytes
+    left as zero). ``buf`` is a bytearray so that zero checks are memcmp calls.
+    """
+    view = memoryview(buf)
+    if not any_nonzero(buf, length):
+        _zero_run(fd, offset, length, name, punch)
+        return 0, length
+    written = 0
+    pos = 0
+    while pos < length:
+        zero = _zero_block(buf, pos, length)
+        stop = min(pos + ZERO_GRANULE, length)
+        while stop < length and _zero_block(buf, stop, length) == zero:
+            stop = min(stop + ZERO_GRANULE, length)
+        if zero:
+            _zero_run(fd, offset + pos, stop - pos, name, punch)
+        else:
+            pwrite_full(fd, [view[pos:stop]], offset + pos, name)
+            written += stop - pos
+        pos = stop
+    return written, length - written
+
+
+def _zero_block(buf: bytearray, pos: int, length: int) -> bool:
+    end = min(pos + ZERO_GRANULE, length)
+    return buf[pos:end] == _ZERO_GRANULE[: end - pos]
+
+
+def any_nonzero(buf: bytearray, length: int) -> bool:
+    """True if ``buf[:length]`` holds a non-zero byte (memcmp in 1 MiB steps)."""
+    for lo in range(0, length, len(_ZEROS)):
+        hi = min(lo + len(_ZEROS), length)
+        if buf[lo:hi] != _ZEROS[: hi - lo]:
+            return True
+    return False
+
+
+def _zero_run(fd: int, offset: int, length: int, name: str, punch: bool) -> None:
+    if punch and not punch_hole(fd, offset, length, name):
+        write_zeros(fd, offset, length, name)

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import AddCowError
-from . import convert, create, info, mapping
+from . import convert, create, info, lifecycle, mapping
 from .common import CommandError
 
-COMMANDS = (convert, create, info, mapping)
+COMMANDS = (convert, create, info, lifecycle, mapping)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,62 @@
+"""``addcow stream`` and ``addcow detach``: finishing with a standalone raw disk."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..image import AddCowImage
+from ..lifecycle import detach, stream, unallocated_bytes
+from .common import size_arg
+from .info import human_size
+from .progress import progress_bar
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "stream",
+        help="copy every cluster still in the backing file into the image file",
+        description="Copy every unallocated cluster from the backing chain into the image "
+        "file, then mark the image complete. Safe to interrupt and run again.",
+    )
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("--rate", type=size_arg, help="limit to about this many bytes per second")
+    p.add_argument("-q", dest="quiet", action="store_true", help="no summary line")
+    p.add_argument("filename")
+    p.set_defaults(func=run_stream)
+
+    p = sub.add_parser(
+        "detach",
+        help="remove the .add-cow file of a complete image, leaving a standalone raw disk",
+    )
+    p.add_argument("--dry-run", action="store_true", help="check only; remove nothing")
+    p.add_argument("filename")
+    p.set_defaults(func=run_detach)
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    with (
+        AddCowImage.open(args.filename) as image,
+        progress_bar(unallocated_bytes(image), args.progress, "stream") as update,
+    ):
+        stats = stream(image, rate=args.rate, progress=update)
+    if not args.quiet:
+        print(
+            f"streamed {args.filename}: {human_size(stats.copied)} copied, "
+            f"{human_size(stats.zero)} left as zero, {stats.seconds:.2f} s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def run_detach(args: argparse.Namespace) -> int:
+    image = AddCowImage.open(args.filename)
+    try:
+        raw = detach(image, dry_run=args.dry_run)
+    finally:
+        image.close()
+    if args.dry_run:
+        print(f"{args.filename} is complete; detach would leave the raw disk {raw}")
+    else:
+        print(raw)
+    return 0
