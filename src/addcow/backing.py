@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from . import sysio
-from .errors import BackingError, BackingLoopError, ImageFileError
+from .errors import BackingError, BackingFormatError, BackingLoopError, ImageFileError
+from .format import BACKING_FORMATS
 from .locking import lock_raw
 
 MAX_CHAIN_DEPTH = 16
@@ -208,3 +209,31 @@ def open_backing(
     from .image import AddCowImage  # an add-cow backing is an image itself
 
     return AddCowImage.open(path, readonly=True, force_share=force_share, guard=guard)
+
+
+def choose_backing_format(name: bytes, fmt: str | None, path: str, version: int) -> str:
+    """The backing format to record for ``name`` (stored in the image at ``path``).
+
+    Without ``fmt``, ``raw`` is chosen only if the file does not start with a
+    known image magic; otherwise the caller must say (a guest can write such a
+    header into a raw disk). Version 1 can record only ``raw``.
+    """
+    if fmt is None:
+        backing_path = resolve_name(name, path)
+        found = sniff_format(backing_path)
+        if found is not None:
+            raise BackingFormatError(
+                f"{backing_path}: the backing file starts with a {found} header; refusing "
+                f"to guess its format (a guest can write such a header into a raw disk). "
+                f"Give the format explicitly with -F"
+            )
+        fmt = "raw"
+    if fmt not in BACKING_FORMATS:
+        raise BackingFormatError(
+            f"unsupported backing format {fmt!r}: expected one of {', '.join(BACKING_FORMATS)}"
+        )
+    if version == 1 and fmt != "raw":
+        raise BackingFormatError(
+            f"a version 1 image can only record a raw backing file, not {fmt!r} (use compat=2)"
+        )
+    return fmt

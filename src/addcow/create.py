@@ -18,10 +18,9 @@ import os
 from contextlib import ExitStack
 
 from . import sysio
-from .backing import BlockSource, ChainGuard, open_backing, resolve_name, sniff_format
+from .backing import BlockSource, ChainGuard, choose_backing_format, open_backing, resolve_name
 from .errors import AddCowError, BackingFormatError, HeaderError, ImageFileError
 from .format import (
-    BACKING_FORMATS,
     MAX_CLUSTER_BITS,
     MAX_HEADER_SIZE,
     MAX_IMAGE_SIZE,
@@ -69,7 +68,7 @@ def create(
         if backing_name is not None:
             if not backing_name:
                 raise HeaderError("backing_filename", "a non-empty file name", "''")
-            backing_format = _backing_format(backing_name, backing_format, path, version)
+            backing_format = choose_backing_format(backing_name, backing_format, path, version)
             backing = open_backing(
                 backing_name, backing_format, path, guard=guard, force_share=False
             )
@@ -128,28 +127,6 @@ def _cluster_bits(cluster_size: int, version: int) -> int:
     if version not in (1, 2):
         raise HeaderError("version", "1 or 2", version)
     return bits
-
-
-def _backing_format(name: bytes, fmt: str | None, path: str, version: int) -> str:
-    if fmt is None:
-        backing_path = resolve_name(name, path)
-        found = sniff_format(backing_path)
-        if found is not None:
-            raise BackingFormatError(
-                f"{backing_path}: the backing file starts with a {found} header; refusing "
-                f"to guess its format (a guest can write such a header into a raw disk). "
-                f"Give the format explicitly with -F"
-            )
-        fmt = "raw"
-    if fmt not in BACKING_FORMATS:
-        raise BackingFormatError(
-            f"unsupported backing format {fmt!r}: expected one of {', '.join(BACKING_FORMATS)}"
-        )
-    if version == 1 and fmt != "raw":
-        raise BackingFormatError(
-            f"a version 1 image can only record a raw backing file, not {fmt!r} (use compat=2)"
-        )
-    return fmt
 
 
 def _header_size(version: int, image_name: bytes, backing_name: bytes | None) -> int:

@@ -68,6 +68,7 @@ from .backing import (
     BlockSource,
     ChainGuard,
     Extent,
+    choose_backing_format,
     open_backing,
     open_image_file,
     resolve_name,
@@ -77,6 +78,7 @@ from .bitmap import Bitmap
 from .errors import (
     AddCowError,
     AddCowIOError,
+    BackingError,
     BackingFormatError,
     BitmapError,
     ClosedImageError,
@@ -86,7 +88,9 @@ from .errors import (
     ReadOnlyError,
 )
 from .format import (
+    MAX_CLUSTERS,
     MAX_HEADER_SIZE,
+    MAX_IMAGE_SIZE,
     PAGE,
     V2_COMPAT_ALL_ALLOCATED,
     Header,
@@ -148,9 +152,15 @@ class AddCowImage:
         readonly: bool = False,
         force_share: bool = False,
         probe_backing: bool = False,
+        with_backing: bool = True,
         guard: ChainGuard | None = None,
     ) -> AddCowImage:
-        """Open the image at ``path``; see :func:`addcow.open`."""
+        """Open the image at ``path``; see :func:`addcow.open`.
+
+        ``with_backing=False`` opens only the .add-cow file and the image file,
+        for work that never reads an unallocated cluster (changing the header,
+        committing into the backing); such a read then raises BackingError.
+        """
         path = os.fspath(path)
         guard = guard if guard is not None else ChainGuard()
         try:
@@ -172,7 +182,7 @@ class AddCowImage:
             size = _virtual_size(header, image_fd, image_path)
             bitmap = read_bitmap(meta_fd, path, header, size)
             backing = None
-            if header.backing_name is not None and not header.all_allocated:
+            if with_backing and header.backing_name is not None and not header.all_allocated:
                 fmt = header.backing_format or _probe_v1_backing(
                     header.backing_name, path, probe_backing
                 )
@@ -259,6 +269,11 @@ class AddCowImage:
 
     def _read_backing(self, view: memoryview, offset: int) -> None:
         if self.backing is None:
+            if self.header.backing_name is not None and not self._all_allocated:
+                raise BackingError(
+                    f"{self.path}: the image was opened without its backing file and an "
+                    f"unallocated range at offset {offset} was read"
+                )
             sysio.fill_zero(view)
             return
         backing_size = self.backing.size
@@ -513,13 +528,159 @@ class AddCowImage:
                 self._all_allocated = True
 
     def _rewrite_header(self, header: Header) -> None:
-        """Write a new header in place and make it durable."""
-        raw = header.pack()
-        if len(raw) != self.header.header_size:
-            raise HeaderError("header_size", str(self.header.header_size), len(raw))
-        sysio.pwrite_full(self._meta_fd, [memoryview(raw)], 0, self.path)
-        sysio.fdatasync(self._meta_fd, self.path)
+        write_header(self._meta_fd, self.path, header, self.header.header_size)
         self.header = header
+
+    def rewrite_header(self, header: Header) -> None:
+        """Flush, then replace the header by ``header`` (same header_size), durably.
+
+        For header-only changes (amend). The caller keeps the header consistent
+        with the files: virtual size, cluster size and backing stay as they are.
+        """
+        self._check_write(0, 0)
+        self.flush()
+        self._rewrite_header(header)
+
+    # -- changing the image's backing or size -----------------------------------------
+    # These need the image to themselves: no request may be in flight meanwhile.
+
+    def chain_guard(self) -> ChainGuard:
+        """A loop guard that already holds this image's own two files."""
+        guard = ChainGuard()
+        guard.add(self._meta_fd, self.path)
+        guard.add(self._image_fd, self.image_path)
+        return guard
+
+    def set_backing(self, name: str | None, fmt: str | None = None) -> None:
+        """Record ``name`` (or no backing) without touching data (rebase -u).
+
+        The new backing file is validated as ``create`` does: it must open as
+        ``fmt`` (chosen as ``create`` does when None) and must not loop back to
+        this image's files. The header is rewritten last.
+        """
+        self._check_write(0, 0)
+        new_backing: BlockSource | None = None
+        if name is None:
+            header = self.header.with_changes(backing_name=None, backing_format=None)
+        else:
+            raw = os.fsencode(name)
+            fmt = choose_backing_format(raw, fmt, self.path, self.header.version)
+            new_backing = open_backing(
+                raw, fmt, self.path, guard=self.chain_guard(), force_share=False
+            )
+        try:
+            if name is not None:
+                header = self.header.with_changes(backing_name=raw, backing_format=fmt)
+            self.flush()
+            self._rewrite_header(header)
+        except BaseException:
+            if new_backing is not None:
+                new_backing.close()
+            raise
+        old, self.backing = self.backing, new_backing
+        if old is not None:
+            old.close()
+
+    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+        """Change the virtual size; shrinking needs ``shrink`` and drops the tail.
+
+        A grown area reads as zero (as it does on a qcow2 overlay), even where
+        the backing file is longer than the old size. Order, so that a crash
+        leaves the old or the new size, both consistent: the bitmap's new bytes
+        (trailing bytes are ignored by readers), then the image file, then the
+        header (version 2) or the image file's size (version 1) as the commit.
+        """
+        self._check_write(0, 0)
+        if not 0 < new_size <= MAX_IMAGE_SIZE:
+            raise RangeError(f"{self.path}: new size {new_size} outside 1..{MAX_IMAGE_SIZE}")
+        if cluster_count(new_size, self.cluster_bits) > MAX_CLUSTERS:
+            raise RangeError(f"{self.path}: new size {new_size} needs too many clusters")
+        if new_size == self.size:
+            return
+        if new_size < self.size and not shrink:
+            raise RangeError(
+                f"{self.path}: shrinking from {self.size} to {new_size} bytes discards "
+                "the end of the disk; use --shrink (shrink=True) to do it"
+            )
+        if new_size > self.size:
+            self._zero_tail_of_last_cluster()
+        self.flush()
+        with self._flush_lock, self._lock:
+            if new_size > self.size:
+                self._grow(new_size)
+            else:
+                self._shrink(new_size)
+
+    def _zero_tail_of_last_cluster(self) -> None:
+        """Before growing: the old last cluster's bytes past the old end must read zero."""
+        bits = self.cluster_bits
+        last = self.total_clusters - 1
+        tail, end = (
+            self.size,
+            min((last + 1) << bits, sysio.file_size(self._image_fd, self.image_path)),
+        )
+        if tail % self.cluster_size == 0:
+            return
+        if not self._all_allocated and not self.bitmap.is_set(last):
+            self.populate(last << bits, tail - (last << bits))
+        if end > tail and not sysio.punch_hole(self._image_fd, tail, end - tail, self.image_path):
+            sysio.write_zeros(self._image_fd, tail, end - tail, self.image_path)
+
+    def _grow(self, new_size: int) -> None:
+        old_size, bits = self.size, self.cluster_bits
+        old_clusters = self.bitmap.clusters
+        new_clusters = cluster_count(new_size, bits)
+        data = bytearray(bitmap_length(new_clusters))
+        data[: len(self.bitmap.data)] = self.bitmap.data
+        bitmap = Bitmap(data, new_clusters)
+        # The grown area must read zero: mark it allocated (a hole in the image file)
+        # when the backing would otherwise show through, or to keep ALL_ALLOCATED true.
+        backing_size = self.backing.size if self.backing is not None else 0
+        if self._all_allocated or backing_size > old_size:
+            bitmap.set_range(old_clusters, new_clusters)
+        chunks = bitmap.take_dirty()
+        meta_end = self.header.header_size + len(data)
+        _truncate(self._meta_fd, self.path, meta_end)
+        for offset, chunk in chunks:
+            sysio.pwrite_full(
+                self._meta_fd, [memoryview(chunk)], self.header.header_size + offset, self.path
+            )
+        sysio.fdatasync(self._meta_fd, self.path)
+        # Image file: anything past the old cluster end up to the new size reads zero.
+        aligned_old = min(-(-old_size >> bits) << bits, new_size)
+        file_size = sysio.file_size(self._image_fd, self.image_path)
+        stale_end = min(file_size, new_size)
+        if stale_end > aligned_old and not sysio.punch_hole(
+            self._image_fd, aligned_old, stale_end - aligned_old, self.image_path
+        ):
+            sysio.write_zeros(self._image_fd, aligned_old, stale_end - aligned_old, self.image_path)
+        if file_size < new_size:
+            _truncate(self._image_fd, self.image_path, new_size)
+        sysio.fdatasync(self._image_fd, self.image_path)
+        if self.header.version >= 2:
+            self._rewrite_header(self.header.with_changes(image_size=new_size))
+        self.bitmap, self.size = bitmap, new_size
+
+    def _shrink(self, new_size: int) -> None:
+        bits = self.cluster_bits
+        new_clusters = cluster_count(new_size, bits)
+        if self.header.version >= 2:
+            self._rewrite_header(self.header.with_changes(image_size=new_size))
+        else:
+            _truncate(self._image_fd, self.image_path, new_size)
+            sysio.fdatasync(self._image_fd, self.image_path)
+        bitmap = Bitmap(bytearray(self.bitmap.data[: bitmap_length(new_clusters)]), new_clusters)
+        bitmap.clear_padding()
+        for offset, chunk in bitmap.take_dirty():
+            sysio.pwrite_full(
+                self._meta_fd, [memoryview(chunk)], self.header.header_size + offset, self.path
+            )
+        _truncate(self._meta_fd, self.path, self.header.header_size + len(bitmap.data))
+        sysio.fdatasync(self._meta_fd, self.path)
+        if self.header.version >= 2:
+            _truncate(self._image_fd, self.image_path, new_size)
+            sysio.fdatasync(self._image_fd, self.image_path)
+        self.bitmap, self.size = bitmap, new_size
 
     def close(self) -> None:
         """Flush (read-write images), then close every file this image opened."""
@@ -654,6 +815,22 @@ def read_header(fd: int, path: str) -> Header:
     except HeaderError as exc:
         exc.path = path
         raise
+
+
+def write_header(fd: int, path: str, header: Header, header_size: int) -> None:
+    """Rewrite a header in place (its size cannot change: the bitmap follows it)."""
+    raw = header.pack()
+    if len(raw) != header_size:
+        raise HeaderError("header_size", f"{header_size} (the bitmap cannot move)", len(raw))
+    sysio.pwrite_full(fd, [memoryview(raw)], 0, path)
+    sysio.fdatasync(fd, path)
+
+
+def _truncate(fd: int, path: str, size: int) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        raise AddCowIOError.wrap(f"{path}: truncate to {size} bytes", exc) from exc
 
 
 def read_bitmap(fd: int, path: str, header: Header, size: int) -> Bitmap:

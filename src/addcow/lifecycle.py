@@ -22,7 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import sysio
+from .backing import BlockSource, choose_backing_format, open_backing
 from .errors import AddCowError
+from .format import V1_CLUSTER_BITS, V1_HEADER_SIZE, Header
 from .image import AddCowImage
 
 STREAM_SPAN = 32 << 20
@@ -37,6 +39,10 @@ COMMIT_SECONDS = 5.0
 
 class IncompleteImageError(AddCowError):
     """The operation needs every cluster in the image file, and some are not."""
+
+
+class AmendError(AddCowError):
+    """The header cannot be converted as asked."""
 
 
 @dataclass
@@ -129,3 +135,117 @@ def detach(image: AddCowImage, *, dry_run: bool = False) -> str:
     sysio.sync_directory(os.path.dirname(image.path) or ".")
     image.close()
     return image.image_path
+
+
+def rebase(
+    image: AddCowImage,
+    backing: str | None,
+    fmt: str | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Switch to a new backing file (None: no backing) keeping the content identical.
+
+    Every unallocated cluster whose content differs between the old and the new
+    backing is first copied into the image file from the old one; the header
+    changes last, after that data is durable. Returns the bytes copied.
+    """
+    guard = image.chain_guard()
+    new: BlockSource | None = None
+    if backing is not None:
+        name = os.fsencode(backing)
+        fmt = choose_backing_format(name, fmt, image.path, image.header.version)
+        new = open_backing(name, fmt, image.path, guard=guard, force_share=False)
+    copied = 0
+    try:
+        copied = _copy_differences(image, new, progress)
+    finally:
+        if new is not None:
+            new.close()
+    image.set_backing(backing, fmt)
+    return copied
+
+
+def _copy_differences(
+    image: AddCowImage, new: BlockSource | None, progress: Callable[[int], None] | None
+) -> int:
+    bits, cluster = image.cluster_bits, image.cluster_size
+    span = max(1, STREAM_SPAN >> bits)
+    old_buf, new_buf = bytearray(span << bits), bytearray(span << bits)
+    copied = 0
+    pos = 0
+    clusters = image.total_clusters
+    while not image.complete and pos < clusters:
+        first = image.bitmap.find(pos, clusters, False)
+        if first >= clusters:
+            break
+        end = image.bitmap.find(first, min(clusters, first + span), True)
+        lo, hi = first << bits, min(end << bits, image.size)
+        length = hi - lo
+        image.readinto(memoryview(old_buf)[:length], lo)
+        _read_source(new, memoryview(new_buf)[:length], lo)
+        if old_buf[:length] != new_buf[:length]:
+            for c in range(0, length, cluster):
+                stop = min(c + cluster, length)
+                if old_buf[c:stop] != new_buf[c:stop]:
+                    copied += image.populate(lo + c, stop - c)[0]
+        if progress is not None:
+            progress(length)
+        pos = end
+    image.flush()
+    return copied
+
+
+def _read_source(source: BlockSource | None, view: memoryview, offset: int) -> None:
+    """Read like a backing: zeros past the end, or everywhere without a source."""
+    inside = 0 if source is None else max(0, min(len(view), source.size - offset))
+    if source is not None and inside:
+        source.readinto(view[:inside], offset)
+    sysio.fill_zero(view[inside:])
+
+
+def amend(image: AddCowImage, version: int) -> None:
+    """Rewrite the header as version 1 or 2, where the content allows it."""
+    header = image.header
+    if version == header.version:
+        return
+    if version == 2:
+        new = Header(
+            version=2,
+            image_name=header.image_name,
+            backing_name=header.backing_name,
+            backing_format=header.backing_format,
+            image_size=image.size,
+            cluster_bits=header.cluster_bits,
+            header_size=header.header_size,
+        )
+        if header.backing_name is not None and header.backing_format is None:
+            raise AmendError(
+                f"{image.path}: the backing format is not recorded; record it first with "
+                f"'addcow rebase -u -b {os.fsdecode(header.backing_name)} -F raw {image.path}'"
+            )
+    elif version == 1:
+        problems = []
+        if header.cluster_bits != V1_CLUSTER_BITS:
+            problems.append(f"cluster size {header.cluster_size} (version 1 has 65536)")
+        if header.header_size != V1_HEADER_SIZE:
+            problems.append(f"header size {header.header_size} (version 1 has 4096)")
+        if header.backing_format not in (None, "raw"):
+            problems.append(f"a {header.backing_format} backing file (version 1 records raw only)")
+        file_size = os.stat(image.image_path).st_size
+        if file_size != image.size:
+            problems.append(
+                f"an image file of {file_size} bytes for a {image.size}-byte disk (version 1 "
+                "takes its size from the image file)"
+            )
+        if problems:
+            raise AmendError(f"{image.path}: cannot convert to version 1: " + "; ".join(problems))
+        new = Header(
+            version=1,
+            image_name=header.image_name,
+            backing_name=header.backing_name,
+            backing_format=header.backing_format,
+        )
+    else:
+        raise AmendError(f"unsupported compat level {version}: expected 1 or 2")
+    image.rewrite_header(Header.unpack(new.pack()))

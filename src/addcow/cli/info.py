@@ -40,8 +40,10 @@ def human_size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if value < 1024 or unit == "PiB":
-            text = f"{value:.3g}" if unit != "B" else str(n)
-            return f"{text} {unit}" if unit != "B" else f"{n} B"
+            if unit == "B":
+                return f"{n} B"
+            text = f"{value:.0f}" if value >= 999.5 else f"{value:.3g}"
+            return f"{text} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 
