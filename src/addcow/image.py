@@ -164,7 +164,7 @@ class AddCowImage:
         path = os.fspath(path)
         guard = guard if guard is not None else ChainGuard()
         try:
-            meta_fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+            meta_fd = sysio.open_file(path, os.O_RDONLY if readonly else os.O_RDWR)
         except OSError as exc:
             raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
         opened: list[int] = [meta_fd]
@@ -218,6 +218,14 @@ class AddCowImage:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def image_fd(self) -> int:
+        """The image file's descriptor, for zero-copy reads (copy_file_range).
+
+        Only for reading allocated ranges; writing through it bypasses the bitmap.
+        """
+        return self._image_fd
 
     def __enter__(self) -> AddCowImage:
         return self

@@ -20,12 +20,21 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import sysio
-from .backing import BlockSource, choose_backing_format, open_backing
-from .errors import AddCowError
+from .backing import (
+    BlockSource,
+    ChainGuard,
+    choose_backing_format,
+    open_backing,
+    open_image_file,
+    resolve_name,
+)
+from .errors import AddCowError, AddCowIOError
 from .format import V1_CLUSTER_BITS, V1_HEADER_SIZE, Header
 from .image import AddCowImage
+from .locking import lock_raw
 
 STREAM_SPAN = 32 << 20
 """Most bytes copied per populate call while streaming."""
@@ -249,3 +258,126 @@ def amend(image: AddCowImage, version: int) -> None:
     else:
         raise AmendError(f"unsupported compat level {version}: expected 1 or 2")
     image.rewrite_header(Header.unpack(new.pack()))
+
+
+def commit(image: AddCowImage, *, progress: Callable[[int], None] | None = None) -> int:
+    """Write every allocated cluster of ``image`` into its backing file.
+
+    ``image`` must be opened with ``with_backing=False`` (its backing is opened
+    here, writable). A raw backing receives the data by ``copy_file_range``
+    (holes are punched); an add-cow backing through its own write path. A
+    shorter backing is grown first. The image itself is not changed and stays
+    valid: its allocated clusters now equal the backing's, the others still read
+    from the backing. Returns the bytes committed.
+    """
+    header = image.header
+    if header.backing_name is None or header.backing_format is None:
+        raise AddCowError(f"{image.path}: the image has no backing file to commit into")
+    path = resolve_name(header.backing_name, image.path)
+    guard = image.chain_guard()
+    if header.backing_format == "add-cow":
+        with AddCowImage.open(path, guard=guard) as target:
+            if target.size < image.size:
+                target.resize(image.size)
+            return _commit_runs(image, _AddCowTarget(target), progress)
+    raw = RawTarget(path, guard)
+    try:
+        raw.grow(image.size)
+        return _commit_runs(image, raw, progress)
+    finally:
+        raw.close()
+
+
+class _Target(Protocol):
+    def copy(self, image: AddCowImage, offset: int, length: int) -> None: ...
+
+    def zero(self, offset: int, length: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+def _commit_runs(
+    image: AddCowImage, target: _Target, progress: Callable[[int], None] | None
+) -> int:
+    bits, clusters = image.cluster_bits, image.total_clusters
+    committed = 0
+    for first, end, allocated in image.bitmap.runs(0, clusters):
+        if not allocated and not image.complete:
+            continue
+        lo, hi = first << bits, min(end << bits, image.size)
+        for start, stop, has_data in sysio.data_runs(image.image_fd, lo, hi):
+            if has_data:
+                target.copy(image, start, stop - start)
+            else:
+                target.zero(start, stop - start)
+            committed += stop - start
+            if progress is not None:
+                progress(stop - start)
+    target.flush()
+    return committed
+
+
+class RawTarget:
+    """A raw backing file opened for writing by commit."""
+
+    def __init__(self, path: str, guard: ChainGuard) -> None:
+        self.path = path
+        self.fd = open_image_file(path, readonly=False, what="backing file")
+        try:
+            guard.add(self.fd, path)
+            lock_raw(self.fd, path, writable=True)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def grow(self, size: int) -> None:
+        if sysio.file_size(self.fd, self.path) < size:
+            os.ftruncate(self.fd, size)
+
+    def copy(self, image: AddCowImage, offset: int, length: int) -> None:
+        done = 0
+        while done < length:
+            try:
+                n = os.copy_file_range(
+                    image.image_fd, self.fd, length - done, offset + done, offset + done
+                )
+            except OSError as exc:
+                raise AddCowIOError.wrap(
+                    f"{self.path}: copy at offset {offset + done}", exc
+                ) from exc
+            if n == 0:
+                raise AddCowIOError(f"{image.image_path}: unexpected end of file at {offset}")
+            done += n
+
+    def zero(self, offset: int, length: int) -> None:
+        if not sysio.punch_hole(self.fd, offset, length, self.path):
+            sysio.write_zeros(self.fd, offset, length, self.path)
+
+    def flush(self) -> None:
+        sysio.fdatasync(self.fd, self.path)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _AddCowTarget:
+    """An add-cow backing receiving commit through its own write path."""
+
+    def __init__(self, target: AddCowImage) -> None:
+        self.target = target
+        self.buffer = bytearray(STREAM_SPAN)
+
+    def copy(self, image: AddCowImage, offset: int, length: int) -> None:
+        pos = offset
+        while pos < offset + length:
+            step = min(len(self.buffer), offset + length - pos)
+            view = memoryview(self.buffer)[:step]
+            image.readinto(view, pos)
+            self.target.write(view, pos)
+            pos += step
+
+    def zero(self, offset: int, length: int) -> None:
+        self.target.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        self.target.flush()

@@ -1,4 +1,4 @@
-"""``addcow stream`` and ``addcow detach``: finishing with a standalone raw disk."""
+"""``addcow stream``, ``detach`` and ``commit``: finishing with a standalone disk."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..image import AddCowImage
-from ..lifecycle import detach, stream, unallocated_bytes
+from ..lifecycle import commit, detach, stream, unallocated_bytes
 from .common import size_arg
 from .info import human_size
 from .progress import progress_bar
@@ -32,6 +32,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dry-run", action="store_true", help="check only; remove nothing")
     p.add_argument("filename")
     p.set_defaults(func=run_detach)
+
+    p = sub.add_parser(
+        "commit",
+        help="write the image's allocated clusters into its backing file",
+        description="Write every allocated cluster into the backing file (raw or add-cow), "
+        "which then holds the combined content. The image stays valid and unchanged.",
+    )
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
+    p.add_argument("filename")
+    p.set_defaults(func=run_commit)
 
 
 def run_stream(args: argparse.Namespace) -> int:
@@ -59,4 +71,14 @@ def run_detach(args: argparse.Namespace) -> int:
         print(f"{args.filename} is complete; detach would leave the raw disk {raw}")
     else:
         print(raw)
+    return 0
+
+
+def run_commit(args: argparse.Namespace) -> int:
+    with AddCowImage.open(args.filename, readonly=True, with_backing=False) as image:
+        total = image.allocated_clusters << image.cluster_bits
+        with progress_bar(total, args.progress, "commit") as update:
+            commit(image, progress=update)
+    if not args.quiet:
+        print("Image committed.")
     return 0
