@@ -135,3 +135,37 @@ def _first_mismatch(a: bytearray, b: bytearray, length: int) -> int:
         else:
             lo = mid
     return lo
+
+
+def copy_to_addcow(
+    src: BlockSource, dst: AddCowImage, *, progress: Callable[[int], None] | None = None
+) -> CopyStats:
+    """Write the content of ``src`` into a new, empty add-cow image without backing.
+
+    Zero ranges and all-zero clusters are left unallocated (they read as zero),
+    as ``qemu-img convert -O qcow2`` leaves them unallocated.
+    """
+    stats = CopyStats(size=src.size)
+    buf = bytearray(CHUNK)
+    cluster = dst.cluster_size
+    pos = 0
+    while pos < src.size:
+        step = min(CHUNK, src.size - pos)
+        for ext in src.block_status_at(pos, step, 0):
+            if ext.zero:
+                stats.skipped_zero += ext.length
+                continue
+            view = memoryview(buf)[: ext.length]
+            src.readinto(view, ext.offset)
+            for lo in range(0, ext.length, cluster):
+                hi = min(lo + cluster, ext.length)
+                if buf[lo:hi] == _ZERO_CHUNK[: hi - lo]:
+                    stats.skipped_zero += hi - lo
+                else:
+                    dst.write(view[lo:hi], ext.offset + lo)
+                    stats.copied += hi - lo
+        pos += step
+        if progress is not None:
+            progress(step)
+    dst.flush()
+    return stats

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 
-from ..copy import copy_to_raw, first_difference, open_source
-from .common import CommandError
+from ..backing import BlockSource
+from ..copy import copy_to_addcow, copy_to_raw, first_difference, open_source
+from ..create import create
+from ..image import AddCowImage
+from .common import CommandError, parse_options, parse_size
 from .progress import progress_bar
 
 _FORMATS = ("add-cow", "raw")
@@ -16,7 +21,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("convert", help="write an image's whole content to a raw file")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-f", dest="src_fmt", choices=_FORMATS, help="source format")
-    p.add_argument("-O", dest="dst_fmt", default="raw", help="output format (raw)")
+    p.add_argument("-O", dest="dst_fmt", default="raw", choices=_FORMATS, help="output format")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        help="add-cow output options: image_file=PATH,cluster_size=SIZE,compat=1|2",
+    )
     p.add_argument("-U", "--force-share", action="store_true", help="open without locking")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("source")
@@ -36,15 +47,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    if args.dst_fmt != "raw":
-        raise CommandError(f"unsupported output format {args.dst_fmt!r}: expected raw")
+    options = parse_options(args.options, {"image_file", "cluster_size", "compat"})
+    if args.dst_fmt == "raw" and options:
+        raise CommandError("-o options apply to -O add-cow only")
+    if args.dst_fmt == "add-cow" and "image_file" not in options:
+        raise CommandError("-O add-cow needs -o image_file=PATH for the new raw image file")
     src = open_source(args.source, args.src_fmt, force_share=args.force_share)
     try:
         with progress_bar(src.size, args.progress, "convert") as update:
-            copy_to_raw(src, args.target, progress=update)
+            if args.dst_fmt == "raw":
+                copy_to_raw(src, args.target, progress=update)
+            else:
+                _convert_to_addcow(src, args.target, options, update)
     finally:
         src.close()
     return 0
+
+
+def _convert_to_addcow(
+    src: BlockSource, target: str, options: dict[str, str], update: Callable[[int], None] | None
+) -> None:
+    image_file = options["image_file"]
+    image_path = os.path.join(os.path.dirname(target), image_file)
+    if os.path.exists(image_path) and os.path.getsize(image_path) > 0:
+        raise CommandError(f"{image_path} exists; convert writes a new image file")
+    create(
+        target,
+        image_file=image_file,
+        size=src.size,
+        cluster_size=parse_size(options.get("cluster_size", "64k")),
+        version=int(options.get("compat", "2")),
+    )
+    with AddCowImage.open(target) as dst:
+        copy_to_addcow(src, dst, progress=update)
 
 
 def run_compare(args: argparse.Namespace) -> int:
