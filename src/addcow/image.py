@@ -275,13 +275,18 @@ class AddCowImage:
                 self._read_backing(part, lo)
         return length
 
+    def _check_backing_open(self, offset: int) -> None:
+        """Refuse to treat a backing that was not opened as if there were none."""
+        opened = self.backing is not None or self.header.backing_name is None
+        if not opened and not self._all_allocated:
+            raise BackingError(
+                f"{self.path}: the image was opened without its backing file, and the "
+                f"unallocated range at offset {offset} needs it"
+            )
+
     def _read_backing(self, view: memoryview, offset: int) -> None:
         if self.backing is None:
-            if self.header.backing_name is not None and not self._all_allocated:
-                raise BackingError(
-                    f"{self.path}: the image was opened without its backing file and an "
-                    f"unallocated range at offset {offset} was read"
-                )
+            self._check_backing_open(offset)
             sysio.fill_zero(view)
             return
         backing_size = self.backing.size
@@ -419,6 +424,7 @@ class AddCowImage:
         self._check_write(offset, length)
         if length == 0 or self._all_allocated:
             return 0, 0
+        self._check_backing_open(offset)
         bits = self.cluster_bits
         claims = self._claim(offset >> bits, (offset + length + self.cluster_size - 1) >> bits)
         written = zero = 0
@@ -737,6 +743,7 @@ class AddCowImage:
                 yield from self._backing_status(lo, hi, depth)
 
     def _backing_status(self, lo: int, hi: int, depth: int) -> Iterator[Extent]:
+        self._check_backing_open(lo)
         covered = lo
         if self.backing is not None:
             covered = min(hi, max(lo, self.backing.size))
