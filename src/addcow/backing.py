@@ -103,7 +103,7 @@ class RawFile:
     def __init__(self, path: str, *, force_share: bool = False, guard: ChainGuard) -> None:
         self.path = path
         try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = sysio.open_file(path, os.O_RDONLY)
         except OSError as exc:
             raise BackingError(f"{path}: cannot open backing file: {exc.strerror}") from exc
         try:
@@ -153,7 +153,7 @@ def open_image_file(path: str, *, readonly: bool, what: str = "image file") -> i
     """Open an image file, with a clear error when it is missing."""
     flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
     try:
-        return os.open(path, flags)
+        return sysio.open_file(path, flags)
     except FileNotFoundError as exc:
         raise ImageFileError(f"{path}: {what} not found") from exc
     except OSError as exc:
@@ -183,8 +183,11 @@ def sniff_format(path: str) -> str | None:
     like an image (the user must say -F); opening an image never probes.
     """
     try:
-        with open(path, "rb") as f:
-            head = f.read(128)
+        fd = sysio.open_file(path, os.O_RDONLY)
+        try:
+            head = os.pread(fd, 128, 0)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise BackingError(f"{path}: cannot open backing file: {exc.strerror}") from exc
     for offset, magic, name in KNOWN_MAGICS:

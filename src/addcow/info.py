@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .backing import resolve_name
-from .errors import AddCowError, ImageFileError
+from . import sysio
+from .backing import MAX_CHAIN_DEPTH, resolve_name
+from .errors import BackingLoopError, ImageFileError
 from .format import (
     V1_F_BACKING_FILE,
     V1_F_BACKING_FORMAT_NO_PROBE,
@@ -30,7 +31,7 @@ _V1_FEATURES = {V1_F_BACKING_FILE: "backing-file", V1_F_BACKING_FORMAT_NO_PROBE:
 def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
     """qemu-img style information about one add-cow image, as a JSON-ready dict."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = sysio.open_file(path, os.O_RDONLY)
     except OSError as exc:
         raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
     try:
@@ -89,7 +90,9 @@ def backing_chain_info(path: str, *, force_share: bool = False) -> list[dict[str
     while current is not None:
         real = os.path.realpath(current)
         if real in seen:
-            raise AddCowError(f"{current}: backing chain loops")
+            raise BackingLoopError(f"{current}: backing chain loops")
+        if len(seen) > MAX_CHAIN_DEPTH:
+            raise BackingLoopError(f"{current}: backing chain deeper than {MAX_CHAIN_DEPTH}")
         seen.add(real)
         if fmt == "raw":
             st = _stat(current)

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 from collections.abc import Iterator
 
 from .errors import AddCowIOError
@@ -130,6 +131,26 @@ def _fallocate_flags(fd: int, mode: int, offset: int, length: int, name: str) ->
     if err in _UNSUPPORTED:
         return False
     raise AddCowIOError(f"{name}: fallocate at offset {offset}: {os.strerror(err)}", err)
+
+
+def open_file(path: str, flags: int) -> int:
+    """``os.open`` that refuses anything but a regular file or a block device.
+
+    A name read from a header may point at a FIFO, whose open would block
+    forever, or a directory or character device. The open is non-blocking, the
+    type is checked, then the descriptor is made blocking again. Raises OSError
+    (EINVAL, "not a regular file or block device") for other file types.
+    """
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise OSError(errno.EINVAL, "not a regular file or block device", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fdatasync(fd: int, name: str) -> None:

@@ -11,20 +11,33 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import AddCowError
-from . import convert, create, info, lifecycle, mapping
+from . import check, convert, create, info, lifecycle, mapping, reshape
 from .common import CommandError
 
-COMMANDS = (convert, create, info, lifecycle, mapping)
+COMMANDS = (check, convert, create, info, lifecycle, mapping, reshape)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``addcow:`` line and exit status 1, like qemu-img.
+
+    (argparse's own status 2 would read as "corruptions found" from ``check``.)
+    """
+
+    def error(self, message: str) -> NoReturn:
+        print(f"addcow: {message} (try '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="addcow",
         description="Create, inspect and use add-cow disk images (qemu-img style).",
     )
@@ -42,7 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     error_status: int = getattr(args, "error_status", 1)
     try:
         status: int = args.func(args)
+        sys.stdout.flush()
         return status
+    except BrokenPipeError:
+        # The reader went away (addcow map | head): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (AddCowError, CommandError, OSError) as exc:
         if args.debug:
             traceback.print_exc()
@@ -52,8 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("addcow: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return error_status
 
 
 def _os_message(exc: OSError) -> str:
