@@ -191,10 +191,10 @@ def test_repair_of_a_clean_image_changes_nothing(tmp_path: Path, base_raw: Path)
     assert path.read_bytes() == before
 
 
-# -- padding bits (corruption, -r all) ----------------------------------------------
+# -- padding bits (leak: readers ignore them, -r leaks) ---------------------------------
 
 
-def test_padding_bits_are_a_corruption(tmp_path: Path, base_raw: Path) -> None:
+def test_padding_bits_are_a_leak(tmp_path: Path, base_raw: Path) -> None:
     path = make_image(tmp_path, base_raw)
     write_clusters(path, range(9, 10))  # bit 1 of byte 1 is cluster 9, a real bit
     assert peek(path, BITMAP + 1) == b"\x02"
@@ -203,23 +203,23 @@ def test_padding_bits_are_a_corruption(tmp_path: Path, base_raw: Path) -> None:
     stat_before = os.stat(path)
 
     proc = check(path)
-    assert proc.returncode == 2
+    assert proc.returncode == 3
     assert proc.stderr == (
-        "ERROR bitmap: padding bits past the last cluster (9) must be zero, "
+        "Leak bitmap: padding bits past the last cluster (9) must be zero, "
         "found bitmap byte 1 = 0xc2\n"
     )
-    assert proc.stdout == "\n2 " + CORRUPT + summary(1)
+    assert proc.stdout == "\n2 " + LEAKED + summary(1)
     assert path.read_bytes() == before  # a check without -r writes nothing
     assert os.stat(path).st_mtime_ns == stat_before.st_mtime_ns
 
 
-def test_padding_bits_are_not_repaired_by_repair_leaks(tmp_path: Path, base_raw: Path) -> None:
+def test_padding_bits_are_repaired_by_repair_leaks(tmp_path: Path, base_raw: Path) -> None:
     path = make_image(tmp_path, base_raw)
     poke(path, BITMAP + 1, b"\x80")
     proc = check("-r", "leaks", path)
-    assert proc.returncode == 2
-    assert "Repairing" not in proc.stderr
-    assert peek(path, BITMAP + 1) == b"\x80"
+    assert proc.returncode == 0
+    assert proc.stderr == "Repairing bitmap: clearing the padding bits of bitmap byte 1\n"
+    assert peek(path, BITMAP + 1) == b"\x00"
 
 
 def test_padding_bits_repaired(tmp_path: Path, base_raw: Path) -> None:
@@ -232,8 +232,8 @@ def test_padding_bits_repaired(tmp_path: Path, base_raw: Path) -> None:
     assert proc.stderr == "Repairing bitmap: clearing the padding bits of bitmap byte 1\n"
     assert proc.stdout == (
         "The following inconsistencies were found and repaired:\n\n"
-        "    0 leaked clusters\n"
-        "    2 corruptions\n\n"
+        "    2 leaked clusters\n"
+        "    0 corruptions\n\n"
         "Double checking the fixed image now...\n" + NO_ERRORS + summary(1)
     )
     assert peek(path, BITMAP, 2) == b"\x00\x02"  # cluster 9's bit survives
@@ -363,41 +363,41 @@ def test_unknown_autoclear_bits_are_a_leak(tmp_path: Path, base_raw: Path) -> No
 
 def test_repair_leaks_leaves_corruptions(tmp_path: Path, base_raw: Path) -> None:
     path = make_image(tmp_path, base_raw)
-    poke(path, BITMAP + 1, b"\x80")
+    poke_u64(path, COMPAT, 0x1)  # ALL_ALLOCATED with no bit set: corruption
     poke_u64(path, AUTOCLEAR, 0x4)
 
     proc = check("-r", "leaks", "--output=json", path)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         "Repairing autoclear_features: clearing unknown bits 0x4",
-        "ERROR bitmap: padding bits past the last cluster (9) must be zero, "
-        "found bitmap byte 1 = 0x80",
+        f"ERROR compatible_features: ALL_ALLOCATED is set but {CLUSTERS} of {CLUSTERS} "
+        "clusters have a clear bit (first: cluster 0)",
     ]
     assert json.loads(proc.stdout) == {
         "filename": str(path),
         "format": "add-cow",
         "check-errors": 0,
         "image-end-offset": BITMAP + 2,
-        "corruptions": 1,
+        "corruptions": CLUSTERS,
         "leaks-fixed": 1,
         "total-clusters": CLUSTERS,
     }
     assert read_u64(path, AUTOCLEAR) == 0
-    assert peek(path, BITMAP + 1) == b"\x80"
+    assert peek(path, BITMAP, 2) == b"\x00\x00"
 
 
 def test_corruption_and_leak_together(tmp_path: Path, base_raw: Path) -> None:
     path = make_image(tmp_path, base_raw)
-    poke(path, BITMAP + 1, b"\x80")
+    poke_u64(path, COMPAT, 0x1)
     poke_u64(path, AUTOCLEAR, 0x4)
     proc = check(path)
     assert proc.returncode == 2
-    assert proc.stdout == "\n1 " + CORRUPT + "\n1 " + LEAKED + summary(0)
+    assert proc.stdout == f"\n{CLUSTERS} " + CORRUPT + "\n1 " + LEAKED + summary(0)
 
     proc = check("-r", "all", path)
     assert proc.returncode == 0
-    assert "    1 leaked clusters\n    1 corruptions\n" in proc.stdout
-    assert (peek(path, BITMAP + 1), read_u64(path, AUTOCLEAR)) == (b"\x00", 0)
+    assert f"    1 leaked clusters\n    {CLUSTERS} corruptions\n" in proc.stdout
+    assert (peek(path, BITMAP, 2), read_u64(path, AUTOCLEAR)) == (b"\xff\x03", 0)
 
 
 def test_repair_writes_bitmap_then_header_with_syncs(
@@ -405,7 +405,7 @@ def test_repair_writes_bitmap_then_header_with_syncs(
 ) -> None:
     """Crash ordering: image file synced, bitmap written and synced, header last."""
     path = make_image(tmp_path, base_raw)
-    poke(path, BITMAP + 1, b"\x80")
+    poke_u64(path, COMPAT, 0x1)
     poke_u64(path, AUTOCLEAR, 0x4)
     calls: list[tuple[str, str, int]] = []
     real_write, real_sync = sysio.pwrite_full, sysio.fdatasync
@@ -428,7 +428,7 @@ def test_repair_writes_bitmap_then_header_with_syncs(
         ("write", "d.add-cow", 0),
         ("sync", "d.add-cow", 0),
     ]
-    assert (result.corruptions_fixed, result.leaks_fixed, result.exit_status) == (1, 1, 0)
+    assert (result.corruptions_fixed, result.leaks_fixed, result.exit_status) == (CLUSTERS, 1, 0)
 
 
 def test_repair_with_a_larger_header(tmp_path: Path) -> None:
@@ -440,10 +440,10 @@ def test_repair_with_a_larger_header(tmp_path: Path) -> None:
     path.write_bytes(header.pack() + b"\x00\xfc")  # the 6 padding bits set
     poke_u64(path, AUTOCLEAR, 0x2)
     result = check_image(path)
-    assert (result.corruptions, result.leaks, result.image_end_offset) == (6, 1, 8194)
+    assert (result.corruptions, result.leaks, result.image_end_offset) == (0, 7, 8194)
 
     result = check_image(path, repair="all")
-    assert (result.corruptions_fixed, result.leaks_fixed, result.exit_status) == (6, 1, 0)
+    assert (result.corruptions_fixed, result.leaks_fixed, result.exit_status) == (0, 7, 0)
     assert peek(path, 8192, 2) == b"\x00\x00"
     assert Header.unpack(peek(path, 0, 8192)) == header
 

@@ -172,7 +172,6 @@ KNOWN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
     (0, b"WithoutFreeSpace", "parallels"),
     (0, b"WithouFreSpacExt", "parallels"),
     (64, b"\x7f\x10\xda\xbe", "vdi"),
-    (0, b"XenHyperV", "vhdx"),
 )
 
 

@@ -16,7 +16,7 @@ exit statuses of ``qemu-img check``)::
     image file is the .add-cow file           corruption   none
     image file smaller than image_size (v2)   corruption   none
       or empty (v1)
-    padding bits past the last cluster set    corruption   all: clear them
+    padding bits past the last cluster set    leak         leaks, all: clear them
     ALL_ALLOCATED set, some bits clear        corruption   all: set the bits
     every bit set, ALL_ALLOCATED clear (v2)   leak         leaks, all: set the flag
     unknown autoclear bits set (v2)           leak         leaks, all: clear them
@@ -240,7 +240,7 @@ def _check_metadata(header: Header, bitmap: Bitmap) -> list[_Finding]:
         last = len(bitmap.data) - 1
         findings.append(
             _Finding(
-                CORRUPTION,
+                LEAK,  # readers ignore them; a crash while growing can leave them
                 padding.bit_count(),
                 f"bitmap: padding bits past the last cluster ({clusters - 1}) must be zero, "
                 f"found bitmap byte {last} = {bitmap.data[last]:#04x}",

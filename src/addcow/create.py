@@ -8,8 +8,8 @@ Order of work, so that a crash leaves either no image or a valid one:
 2. Create the image file sparse, or extend an existing one sparse to the
    virtual size; its existing content is left as it is (every bit starts at 0,
    so none of it is read until written). Sync it.
-3. Write the .add-cow file (header, then a sparse all-zero bitmap), sync it
-   and its directory.
+3. Write the .add-cow file (header, then a sparse all-zero bitmap) under a
+   temporary name, sync it, rename it into place and sync the directory.
 """
 
 from __future__ import annotations
@@ -189,20 +189,42 @@ def _prepare_image_file(image_path: str, size: int) -> None:
 def _write_metadata(
     path: str, raw_header: bytes, header_size: int, size: int, cluster_bits: int
 ) -> None:
+    """Write the .add-cow file under a temporary name, sync it, then rename it in place.
+
+    A crash leaves either the old file (or none) or the complete new one. An
+    existing image at ``path`` is replaced only if nobody has it open (its lock
+    is held until the rename).
+    """
     length = header_size + bitmap_length(cluster_count(size, cluster_bits))
+    directory = os.path.dirname(path) or "."
+    old_fd = None
+    if os.path.lexists(path):
+        old_fd = _open_or_fail(path, os.O_RDONLY)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if old_fd is not None:
+            lock_whole(old_fd, path, exclusive=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        fd = _open_or_fail(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        try:
+            try:
+                sysio.pwrite_full(fd, [memoryview(raw_header)], 0, tmp)
+                os.ftruncate(fd, length)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except BaseException:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise
+    finally:
+        if old_fd is not None:
+            os.close(old_fd)
+    sysio.sync_directory(directory)
+
+
+def _open_or_fail(path: str, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise ImageFileError(f"{path}: cannot create: {exc.strerror}") from exc
-    try:
-        lock_whole(fd, path, exclusive=True)
-        try:
-            os.ftruncate(fd, 0)
-            sysio.pwrite_full(fd, [memoryview(raw_header)], 0, path)
-            os.ftruncate(fd, length)
-            os.fsync(fd)
-        except OSError as exc:
-            raise ImageFileError(f"{path}: cannot write: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
-    sysio.sync_directory(os.path.dirname(path) or ".")

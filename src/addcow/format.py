@@ -141,6 +141,8 @@ class Header:
     def _unpack_v1(
         cls, buf: bytes, b_off: int, b_len: int, i_off: int, i_len: int, features: int
     ) -> Header:
+        if features & ~V1_KNOWN_FEATURES:
+            raise UnsupportedFeatureError("features", "only bits 0x1 and 0x2", hex(features))
         if len(buf) < V1_HEADER_SIZE:
             raise HeaderError("length", f"{V1_HEADER_SIZE} bytes", len(buf))
         names_end = V1_HEADER_SIZE
@@ -149,9 +151,6 @@ class Header:
         if b_off or b_len:
             backing_name = _name(buf, "backing_filename", b_off, b_len, V1_NAMES_START, names_end)
             _no_overlap(b_off, b_len, i_off, i_len)
-        unknown = features & ~V1_KNOWN_FEATURES
-        if unknown:
-            raise UnsupportedFeatureError("features", "only bits 0x1 and 0x2", hex(features))
         has_backing = bool(features & V1_F_BACKING_FILE)
         if has_backing != (backing_name is not None):
             raise HeaderError(
@@ -177,6 +176,12 @@ class Header:
     def _unpack_v2(
         cls, buf: bytes, b_off: int, b_len: int, i_off: int, i_len: int, features: int
     ) -> Header:
+        if features:
+            # Checked first: an unknown incompatible feature may change what the
+            # other fields mean, so they are not judged.
+            raise UnsupportedFeatureError(
+                "incompatible_features", "no bits set (none are defined)", hex(features)
+            )
         if len(buf) < V2_NAMES_START:
             raise HeaderError("length", f"at least {V2_NAMES_START} bytes", len(buf))
         compat, autoclear, header_size, cluster_bits, image_size, fmt_raw = _V2_FIELDS.unpack_from(
@@ -217,10 +222,6 @@ class Header:
                 else "all zero bytes when there is no backing file",
                 repr(fmt_raw.rstrip(b"\0")),
             )
-        if features:
-            raise UnsupportedFeatureError(
-                "incompatible_features", "no bits set (none are defined)", hex(features)
-            )
         used = [(b_off, b_len), (i_off, i_len)] if backing_name else [(i_off, i_len)]
         _check_padding_zero(buf, header_size, used)
         return cls(
@@ -259,6 +260,10 @@ class Header:
             buf[b_off : b_off + b_len] = self.backing_name
         buf[i_off : i_off + i_len] = self.image_name
         features = self.incompatible_features
+        if self.version == 1 and self.backing_format not in (None, "raw"):
+            raise HeaderError(
+                "backing_format", "raw (version 1 records no other format)", self.backing_format
+            )
         if self.version == 1:
             features = 0
             if self.backing_name is not None:

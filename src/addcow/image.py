@@ -84,6 +84,7 @@ from .errors import (
     ClosedImageError,
     HeaderError,
     ImageFileError,
+    LockError,
     RangeError,
     ReadOnlyError,
 )
@@ -139,7 +140,7 @@ class AddCowImage:
         self._closed = False
         self._lock = threading.Lock()
         self._claims_done = threading.Condition(self._lock)
-        self._claimed: set[int] = set()
+        self._claimed: set[tuple[int, int]] = set()  # runs of clusters being allocated
         self._flush_lock = threading.Lock()
 
     # -- opening ------------------------------------------------------------------
@@ -162,6 +163,8 @@ class AddCowImage:
         committing into the backing); such a read then raises BackingError.
         """
         path = os.fspath(path)
+        if force_share and not readonly:
+            raise LockError(f"{path}: force_share (-U) is only allowed for read-only opens")
         guard = guard if guard is not None else ChainGuard()
         try:
             meta_fd = sysio.open_file(path, os.O_RDONLY if readonly else os.O_RDWR)
@@ -197,7 +200,11 @@ class AddCowImage:
                 os.close(fd)
             raise
         if not readonly and header.autoclear_features:
-            image._rewrite_header(header.with_changes(autoclear_features=0))
+            try:
+                image._rewrite_header(header.with_changes(autoclear_features=0))
+            except BaseException:
+                image.close()
+                raise
         return image
 
     # -- properties ---------------------------------------------------------------
@@ -240,6 +247,11 @@ class AddCowImage:
 
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` bytes of the virtual disk from ``offset``."""
+        if not 0 <= length <= self.size:  # checked before allocating the buffer
+            raise RangeError(
+                f"{self.path}: read of {length} bytes at offset {offset} "
+                f"is outside the disk (size {self.size})"
+            )
         buf = bytearray(length)
         self.readinto(buf, offset)
         return bytes(buf)
@@ -247,6 +259,8 @@ class AddCowImage:
     def readinto(self, buffer: Buffer, offset: int) -> int:
         """Fill ``buffer`` with the virtual disk's bytes at ``offset``; return its length."""
         view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")  # offsets below count bytes, not items
         length = view.nbytes
         if self._closed:
             raise ClosedImageError(f"{self.path}: image is closed")
@@ -301,6 +315,8 @@ class AddCowImage:
     def write(self, data: Buffer, offset: int, *, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; with ``fua`` it is durable on return."""
         view = data if isinstance(data, memoryview) else memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")  # offsets below count bytes, not items
         length = view.nbytes
         self._check_write(offset, length)
         if length:
@@ -491,11 +507,11 @@ class AddCowImage:
         them need no copy on write.
         """
         with self._lock:
-            while self._claimed and not self._claimed.isdisjoint(range(first, end)):
+            # Runs, not cluster numbers: claiming a whole disk costs one entry.
+            while any(a < end and first < b for a, b in self._claimed):
                 self._claims_done.wait()
             runs = [(a, b) for a, b, allocated in self.bitmap.runs(first, end) if not allocated]
-            for a, b in runs:
-                self._claimed.update(range(a, b))
+            self._claimed.update(runs)
             return runs
 
     def _release(self, claims: list[tuple[int, int]], *, commit: bool) -> None:
@@ -506,7 +522,7 @@ class AddCowImage:
             for a, b in claims:
                 if commit:
                     self.bitmap.set_range(a, b)
-                self._claimed.difference_update(range(a, b))
+            self._claimed.difference_update(claims)
             self._claims_done.notify_all()
 
     # -- durability ---------------------------------------------------------------
@@ -594,6 +610,17 @@ class AddCowImage:
         old, self.backing = self.backing, new_backing
         if old is not None:
             old.close()
+
+    def trim_image_file(self) -> None:
+        """Cut an image file longer than the virtual size down to it (before detaching).
+
+        The bytes past the virtual size are not part of the disk; a standalone raw
+        disk must be exactly the virtual size.
+        """
+        self._check_write(0, 0)
+        if sysio.file_size(self._image_fd, self.image_path) > self.size:
+            _truncate(self._image_fd, self.image_path, self.size)
+            sysio.fdatasync(self._image_fd, self.image_path)
 
     def resize(self, new_size: int, *, shrink: bool = False) -> None:
         """Change the virtual size; shrinking needs ``shrink`` and drops the tail.
@@ -784,6 +811,8 @@ class ImageFile(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence not in (io.SEEK_SET, io.SEEK_CUR, io.SEEK_END):
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._image.size}[whence]
         if base + offset < 0:
             raise ValueError(f"negative seek position {base + offset}")
@@ -865,12 +894,21 @@ def read_bitmap(fd: int, path: str, header: Header, size: int) -> Bitmap:
 
 
 def _virtual_size(header: Header, image_fd: int, image_path: str) -> int:
-    actual = sysio.file_size(image_fd, image_path)
+    return virtual_size(header, sysio.file_size(image_fd, image_path), image_path)
+
+
+def virtual_size(header: Header, actual: int, image_path: str) -> int:
+    """The virtual size, given the image file's size, checked against the limits."""
     if header.image_size is None:
         if actual == 0:
             raise ImageFileError(
                 f"{image_path}: image file is empty (a version 1 image's size is "
                 "its image file's size)"
+            )
+        if actual > MAX_IMAGE_SIZE or cluster_count(actual, header.cluster_bits) > MAX_CLUSTERS:
+            raise ImageFileError(
+                f"{image_path}: image file of {actual} bytes is larger than a version 1 "
+                f"image may be (at most {MAX_CLUSTERS} clusters of {header.cluster_size} bytes)"
             )
         return actual
     if actual < header.image_size:
@@ -888,8 +926,8 @@ def _probe_v1_backing(name: bytes, path: str, probe: bool) -> str:
         raise BackingFormatError(
             f"{path}: backing file format not recorded (version 1 image without the "
             f"BACKING_FORMAT_NO_PROBE bit); addcow does not probe formats. Record it "
-            f"with: addcow rebase -u -b {os.fsdecode(name)} -F raw {path} "
-            "(or pass probe_backing=True / --probe-backing to trust the file's first bytes)"
+            f"with: addcow rebase -u -b {os.fsdecode(name)} -F raw {path} (library "
+            "callers may pass probe_backing=True to trust the backing file's first bytes)"
         )
     found = sniff_format(backing)
     if found in (None, "add-cow"):

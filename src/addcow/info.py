@@ -22,7 +22,7 @@ from .format import (
     V2_INCOMPATIBLE_FEATURES,
     Header,
 )
-from .image import read_bitmap, read_header
+from .image import read_bitmap, read_header, virtual_size
 from .locking import lock_whole
 
 _V1_FEATURES = {V1_F_BACKING_FILE: "backing-file", V1_F_BACKING_FORMAT_NO_PROBE: "no-probe"}
@@ -82,22 +82,25 @@ def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
 
 
 def backing_chain_info(path: str, *, force_share: bool = False) -> list[dict[str, Any]]:
-    """``image_info`` for the image and each add-cow below it, then the raw base."""
+    """``image_info`` for the image and each add-cow below it, then the raw base.
+
+    The chain stops at a backing file whose format is not recorded (a version 1
+    image without NO_PROBE): its format is never guessed.
+    """
     chain: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    seen: set[tuple[int, int]] = set()
     current: str | None = path
-    fmt = "add-cow"
-    while current is not None:
-        real = os.path.realpath(current)
-        if real in seen:
+    fmt: str | None = "add-cow"
+    while current is not None and fmt is not None:
+        st = _stat(current)
+        if st is None:
+            raise ImageFileError(f"{current}: backing file not found")
+        if (st.st_dev, st.st_ino) in seen:
             raise BackingLoopError(f"{current}: backing chain loops")
         if len(seen) > MAX_CHAIN_DEPTH:
             raise BackingLoopError(f"{current}: backing chain deeper than {MAX_CHAIN_DEPTH}")
-        seen.add(real)
+        seen.add((st.st_dev, st.st_ino))
         if fmt == "raw":
-            st = _stat(current)
-            if st is None:
-                raise ImageFileError(f"{current}: backing file not found")
             chain.append(
                 {
                     "filename": current,
@@ -111,7 +114,7 @@ def backing_chain_info(path: str, *, force_share: bool = False) -> list[dict[str
         entry = image_info(current, force_share=force_share)
         chain.append(entry)
         current = entry.get("full-backing-filename")
-        fmt = entry.get("backing-filename-format", "raw")
+        fmt = entry.get("backing-filename-format")
     return chain
 
 
@@ -132,7 +135,7 @@ def _size(header: Header, image_stat: os.stat_result | None, image_path: str) ->
             f"{image_path}: image file not found (a version 1 image's size is its image "
             "file's size)"
         )
-    return image_stat.st_size
+    return virtual_size(header, image_stat.st_size, image_path)
 
 
 def _names(bits: int, known: dict[int, str]) -> list[str]:

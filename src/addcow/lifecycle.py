@@ -140,6 +140,7 @@ def detach(image: AddCowImage, *, dry_run: bool = False) -> str:
     image.flush()
     if dry_run:
         return image.image_path
+    image.trim_image_file()
     os.unlink(image.path)
     sysio.sync_directory(os.path.dirname(image.path) or ".")
     image.close()
