@@ -69,6 +69,11 @@ _COMMON = struct.Struct("<8sIIIIIQ")
 # image_size, backing_format.
 _V2_FIELDS = struct.Struct("<QQIIQ16s")
 
+# Bytes 36-51 of version 2: compatible_features, autoclear_features. A change of
+# these flags alone rewrites only these bytes (specification, "Crash ordering").
+_FEATURE_WORDS = struct.Struct("<QQ")
+FEATURE_WORDS_OFFSET = _COMMON.size  # 36
+
 V1_HEADER_SIZE = PAGE
 V1_NAMES_START = _COMMON.size  # 36
 V2_NAMES_START = _COMMON.size + _V2_FIELDS.size  # 84
@@ -284,6 +289,17 @@ class Header:
                 fmt,
             )
         return bytes(buf)
+
+    def feature_words(self) -> tuple[int, bytes]:
+        """(offset, bytes) of the version 2 compatible and autoclear feature fields.
+
+        Writing just these 16 bytes, which lie in the first sector, changes the
+        flags without moving the names (which may be anywhere in the name area).
+        """
+        if self.version != 2:
+            raise HeaderError("version", "2 (version 1 has no such fields)", self.version)
+        words = _FEATURE_WORDS.pack(self.compatible_features, self.autoclear_features)
+        return FEATURE_WORDS_OFFSET, words
 
     def fields(self) -> list[tuple[str, object]]:
         """(name, value) pairs in on-disk order, for ``info`` and debugging."""

@@ -201,7 +201,7 @@ class AddCowImage:
             raise
         if not readonly and header.autoclear_features:
             try:
-                image._rewrite_header(header.with_changes(autoclear_features=0))
+                image._rewrite_features(header.with_changes(autoclear_features=0))
             except BaseException:
                 image.close()
                 raise
@@ -554,8 +554,19 @@ class AddCowImage:
                     raise
             if now_full and self.header.version >= 2:
                 flags = self.header.compatible_features | V2_COMPAT_ALL_ALLOCATED
-                self._rewrite_header(self.header.with_changes(compatible_features=flags))
+                self._rewrite_features(self.header.with_changes(compatible_features=flags))
                 self._all_allocated = True
+
+    def _rewrite_features(self, header: Header) -> None:
+        """Write ``header``'s compatible and autoclear feature fields in place, durably.
+
+        Only those 16 bytes of the first sector are written: the names stay where
+        they are, so a torn write cannot damage them.
+        """
+        offset, raw = header.feature_words()
+        sysio.pwrite_full(self._meta_fd, [memoryview(raw)], offset, self.path)
+        sysio.fdatasync(self._meta_fd, self.path)
+        self.header = header
 
     def _rewrite_header(self, header: Header) -> None:
         write_header(self._meta_fd, self.path, header, self.header.header_size)
