@@ -425,7 +425,7 @@ def test_repair_writes_bitmap_then_header_with_syncs(
         ("sync", "d.raw", 0),
         ("write", "d.add-cow", BITMAP),
         ("sync", "d.add-cow", 0),
-        ("write", "d.add-cow", 0),
+        ("write", "d.add-cow", 36),  # only the feature fields, bytes 36-51
         ("sync", "d.add-cow", 0),
     ]
     assert (result.corruptions_fixed, result.leaks_fixed, result.exit_status) == (CLUSTERS, 1, 0)

@@ -58,7 +58,7 @@ from .format import (
     Header,
     bitmap_length,
 )
-from .image import _probe_v1_backing, _virtual_size, read_bitmap, read_header, write_header
+from .image import _probe_v1_backing, _virtual_size, read_bitmap, read_header, write_features
 from .locking import lock_raw, lock_whole
 
 REPAIR_MODES = ("leaks", "all")
@@ -336,4 +336,4 @@ def _repair(
         autoclear &= sum(V2_AUTOCLEAR_FEATURES)
     if (compat, autoclear) != (header.compatible_features, header.autoclear_features):
         new = header.with_changes(compatible_features=compat, autoclear_features=autoclear)
-        write_header(meta_fd, path, new, header.header_size)
+        write_features(meta_fd, path, new)

@@ -563,9 +563,7 @@ class AddCowImage:
         Only those 16 bytes of the first sector are written: the names stay where
         they are, so a torn write cannot damage them.
         """
-        offset, raw = header.feature_words()
-        sysio.pwrite_full(self._meta_fd, [memoryview(raw)], offset, self.path)
-        sysio.fdatasync(self._meta_fd, self.path)
+        write_features(self._meta_fd, self.path, header)
         self.header = header
 
     def _rewrite_header(self, header: Header) -> None:
@@ -878,6 +876,13 @@ def write_header(fd: int, path: str, header: Header, header_size: int) -> None:
     if len(raw) != header_size:
         raise HeaderError("header_size", f"{header_size} (the bitmap cannot move)", len(raw))
     sysio.pwrite_full(fd, [memoryview(raw)], 0, path)
+    sysio.fdatasync(fd, path)
+
+
+def write_features(fd: int, path: str, header: Header) -> None:
+    """Rewrite only a version 2 header's feature fields (bytes 36-51), durably."""
+    offset, raw = header.feature_words()
+    sysio.pwrite_full(fd, [memoryview(raw)], offset, path)
     sysio.fdatasync(fd, path)
 
 
