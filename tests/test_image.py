@@ -973,3 +973,38 @@ def test_counters_follow_allocation(img_path: Path) -> None:
     with addcow.open(img_path, readonly=True) as img:
         assert img.allocated_clusters == 2
         assert not img.complete
+
+
+def test_failed_sync_of_the_image_file_stops_writes(
+    tmp_path: Path, base_raw: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail-stop: after fdatasync of the image file fails, no bit of the lost writes
+    reaches the disk, later writes and flushes are refused, reads go on, and a reopen
+    shows only what was durable."""
+    from addcow import sysio
+
+    path = tmp_path / "f.add-cow"
+    addcow.create(path, image_file="f.raw", backing_file=base_raw)
+    with addcow.open(path) as img:
+        img.write(b"\xaa" * CLUSTER, 0)
+        img.flush()
+        img.write(b"\xbb" * CLUSTER, 2 * CLUSTER)
+        real_sync = sysio.fdatasync
+
+        def failing_sync(fd: int, name: str) -> None:
+            if name.endswith("f.raw"):
+                raise addcow.AddCowIOError(f"{name}: fdatasync: Input/output error", 5)
+            real_sync(fd, name)
+
+        monkeypatch.setattr(sysio, "fdatasync", failing_sync)
+        with pytest.raises(addcow.AddCowIOError, match="Input/output error"):
+            img.flush()
+        monkeypatch.setattr(sysio, "fdatasync", real_sync)
+        with pytest.raises(addcow.AddCowIOError, match="reopen the image to recover"):
+            img.write(b"\xcc", 0)
+        with pytest.raises(addcow.AddCowIOError, match="reopen the image to recover"):
+            img.flush()
+        assert img.read(0, 4) == b"\xaa" * 4
+    with addcow.open(path, readonly=True) as img:
+        assert img.allocated_clusters == 1  # cluster 2's bit was never persisted
+        assert img.read(2 * CLUSTER, 4) == bytes([0x12]) * 4  # from the backing again

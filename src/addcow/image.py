@@ -48,6 +48,12 @@ Crash ordering (why a crash never exposes zeros or garbage)
        the bitmap and backing.
     If writing bitmap pages fails, they stay dirty in memory and the error is
     raised; the on-disk bitmap is only ever behind, never ahead.
+    If syncing the *image file* fails, the kernel may already have dropped the
+    unwritten data, and a later sync could report success without it; so the
+    image stops accepting writes and flushes (fail-stop, like dm-clone's fail
+    mode): every later write or flush raises, reads still work, and the bits of
+    the lost writes are never persisted. Reopening the image recovers it: the
+    on-disk bitmap then shows only data that was durable.
 
 Locking
     One ``threading.Lock`` guards the bitmap, the claim set and the dirty pages;
@@ -142,6 +148,7 @@ class AddCowImage:
         self._claims_done = threading.Condition(self._lock)
         self._claimed: set[tuple[int, int]] = set()  # runs of clusters being allocated
         self._flush_lock = threading.Lock()
+        self._failed: str | None = None
 
     # -- opening ------------------------------------------------------------------
 
@@ -492,10 +499,18 @@ class AddCowImage:
             raise ClosedImageError(f"{self.path}: image is closed")
         if self.readonly:
             raise ReadOnlyError(f"{self.path}: image is opened read-only")
+        self._check_not_failed()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise RangeError(
                 f"{self.path}: request of {length} bytes at offset {offset} "
                 f"is outside the disk (size {self.size})"
+            )
+
+    def _check_not_failed(self) -> None:
+        if self._failed is not None:
+            raise AddCowIOError(
+                f"{self.path}: writes are refused after a failed sync of the image file "
+                f"({self._failed}); reopen the image to recover"
             )
 
     # -- claims: serialising allocation of one cluster ------------------------------
@@ -533,11 +548,16 @@ class AddCowImage:
             raise ClosedImageError(f"{self.path}: image is closed")
         if self.readonly:
             return
+        self._check_not_failed()
         with self._flush_lock:
             with self._lock:
                 chunks = self.bitmap.take_dirty()
                 now_full = self.bitmap.full and not self._all_allocated
-            sysio.fdatasync(self._image_fd, self.image_path)
+            try:
+                sysio.fdatasync(self._image_fd, self.image_path)
+            except AddCowIOError as exc:
+                self._failed = str(exc)
+                raise
             if chunks:
                 try:
                     for offset, chunk in chunks:
@@ -737,7 +757,7 @@ class AddCowImage:
         if self._closed:
             return
         try:
-            if not self.readonly:
+            if not self.readonly and self._failed is None:
                 self.flush()
         finally:
             self._closed = True
