@@ -1,0 +1,579 @@
+"""The asyncio NBD server: sockets, the export table, and a thread pool for I/O.
+
+Design
+    One :class:`Export` per image file, opened once at start-up and shared by
+    every connection to it: the library's :class:`~addcow.image.AddCowImage`
+    is thread-safe, so there is one bitmap, one set of claims and one flush
+    for all connections. That is what makes ``NBD_FLAG_CAN_MULTI_CONN``
+    honest: a FLUSH on any connection runs ``image.flush()``, which makes
+    every write that any connection has completed durable.
+
+    Each connection runs one task that reads bytes, feeds them to the sans-IO
+    :class:`~addcow.nbd.protocol.ServerConnection` and starts one task per
+    request. Request tasks run the library call in the thread pool and write
+    their reply when it is done, so replies leave in completion order
+    ("Replies need not be sent in the same order as requests", proto.md). A
+    single asyncio thread writes every reply whole, so replies never
+    interleave on the wire.
+
+Bounds (per connection)
+    At most :data:`MAX_REQUESTS` requests in flight and :data:`MAX_PAYLOAD`
+    bytes of read/write payload held by them; the reading task waits for room
+    before it reads more, so a client that pipelines without limit, or never
+    reads its replies (the writer's ``drain`` then blocks every request task),
+    only stalls itself. Memory per connection is at most the budget plus one
+    request (the export's maximum block size, 32 MiB) plus one read buffer.
+
+Errors
+    Library errors (:class:`~addcow.errors.AddCowError`) and ``OSError`` become
+    NBD error replies (:func:`nbd_errno`); a request never takes the server
+    down. A peer that breaks the protocol so that the spec lets us hang up
+    (:class:`~addcow.nbd.protocol.RemoteProtocolError`) loses its connection
+    only, with one log line.
+
+Shutdown
+    :meth:`NBDServer.stop` (SIGINT/SIGTERM): stop listening, stop reading
+    from every connection, let requests in flight finish and send their
+    replies (for at most :data:`SHUTDOWN_GRACE` seconds, then the connection
+    is aborted), close the connections, flush and close the images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import AddCowError, AddCowIOError, ClosedImageError, RangeError, ReadOnlyError
+from ..image import AddCowImage
+from . import protocol as nbd
+from .protocol import (
+    NEED_DATA,
+    AbortRequested,
+    ConnectionClosed,
+    Disconnect,
+    ExportInfo,
+    OptionRefused,
+    RemoteProtocolError,
+    Request,
+    RequestError,
+    ServerConnection,
+    TransmissionStarted,
+)
+
+log = logging.getLogger("addcow.serve")
+
+MAX_REQUESTS = 64
+"""Requests one connection may have in flight."""
+MAX_PAYLOAD = 64 << 20
+"""Bytes of read/write payload one connection's requests may hold at once."""
+READ_SIZE = 256 << 10
+"""Bytes asked of the socket per read."""
+MAX_EXTENTS = 1 << 16
+"""Most extents examined for one BLOCK_STATUS (the spec lets a reply fall short)."""
+SHUTDOWN_GRACE = 10.0
+"""Seconds a connection's requests get to finish at shutdown."""
+INLINE_READ_MAX = 64 << 10
+"""Reads up to this size run in the event loop instead of the pool (0: never).
+
+They block the loop for one ``pread`` (from the page cache, usually), which costs
+far less than handing the request to a thread and back."""
+
+
+@dataclass
+class Export:
+    """One served image: its protocol description and the open image."""
+
+    info: ExportInfo
+    image: AddCowImage
+
+    @classmethod
+    def from_image(cls, image: AddCowImage, name: str, *, read_only: bool) -> Export:
+        backing = getattr(image.backing, "path", None)
+        description = f"add-cow image {image.path} (data in {image.image_path}"
+        description += f", backing file {backing})" if backing else ")"
+        info = ExportInfo(name=name, size=image.size, read_only=read_only, description=description)
+        return cls(info, image)
+
+
+def nbd_errno(exc: BaseException) -> int:
+    """The NBD error value for a failed request (proto.md "Error values")."""
+    if isinstance(exc, ReadOnlyError):
+        return nbd.EPERM
+    if isinstance(exc, RangeError):
+        return nbd.EINVAL
+    if isinstance(exc, ClosedImageError):
+        return nbd.ESHUTDOWN
+    code = exc.errno if isinstance(exc, (AddCowIOError, OSError)) else None
+    # "It also SHOULD map the EDQUOT and EFBIG errors to NBD_ENOSPC."
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return nbd.ENOSPC
+    if code in (errno.EPERM, errno.EACCES, errno.EROFS):
+        return nbd.EPERM
+    # "The server SHOULD NOT return NBD_ENOMEM if at all possible."
+    return nbd.EIO
+
+
+class _Budget:
+    """Counts requests and payload bytes in flight; waits when either is used up."""
+
+    def __init__(self, requests: int, payload: int) -> None:
+        self._requests = requests
+        self._payload = payload
+        self._used_requests = 0
+        self._used_payload = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, cost: int) -> None:
+        async with self._changed:
+            # One request larger than the whole budget may still run, alone.
+            await self._changed.wait_for(
+                lambda: (
+                    self._used_requests < self._requests
+                    and (self._used_payload + cost <= self._payload or self._used_payload == 0)
+                )
+            )
+            self._used_requests += 1
+            self._used_payload += cost
+
+    async def release(self, cost: int) -> None:
+        async with self._changed:
+            self._used_requests -= 1
+            self._used_payload -= cost
+            self._changed.notify_all()
+
+
+class _Client:
+    """State of one connection as the server sees it."""
+
+    def __init__(self, label: str, writer: asyncio.StreamWriter) -> None:
+        self.label = label
+        self.writer = writer
+        self.conn: ServerConnection | None = None
+        self.export: Export | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.budget = _Budget(MAX_REQUESTS, MAX_PAYLOAD)
+        self.task: asyncio.Task[Any] | None = None
+        self.finishing = False
+
+    def send(self, data: bytes | Sequence[bytes | memoryview]) -> None:
+        if self.writer.is_closing():
+            return
+        if isinstance(data, bytes):
+            if data:
+                self.writer.write(data)
+        else:
+            self.writer.writelines(data)
+
+
+class NBDServer:
+    """Serves a list of exports (the first is the default) until stopped."""
+
+    def __init__(
+        self, exports: Sequence[Export], *, max_connections: int = 0, workers: int = 8
+    ) -> None:
+        if not exports:
+            raise ValueError("at least one export is needed")
+        names = [e.info.name for e in exports]
+        if len(set(names)) != len(names):
+            raise ValueError(f"export names must be unique: {names}")
+        self.exports = list(exports)
+        self._infos = [e.info for e in exports]
+        self._by_info = {id(e.info): e for e in exports}
+        self.max_connections = max_connections
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="addcow-io")
+        self._servers: list[asyncio.Server] = []
+        self._clients: set[_Client] = set()
+        self._requests: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._count = 0
+
+    # -- listening ------------------------------------------------------------------
+
+    async def listen_unix(self, path: str) -> str:
+        """Listen on a Unix socket; returns the NBD URI."""
+        _remove_stale_socket(path)
+        server = await asyncio.start_unix_server(self._accept, path=path, limit=READ_SIZE)
+        self._servers.append(server)
+        return f"nbd+unix:///?socket={path}"
+
+    async def listen_tcp(self, host: str, port: int) -> str:
+        """Listen on TCP (``port`` 0 picks a free one); returns the NBD URI."""
+        server = await asyncio.start_server(
+            self._accept, host=host, port=port, limit=READ_SIZE, reuse_address=True
+        )
+        self._servers.append(server)
+        sockname = server.sockets[0].getsockname()
+        host_part = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
+        return f"nbd://{host_part}:{sockname[1]}/"
+
+    async def serve_stdio(self) -> None:
+        """Serve one connection on stdin/stdout (inetd style, libnbd connect_command)."""
+        loop = asyncio.get_running_loop()
+        try:
+            sock = socket.socket(fileno=os.dup(0))
+        except OSError:
+            sock = None
+        if sock is not None:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+        else:
+            reader = asyncio.StreamReader(limit=READ_SIZE)
+            await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(0), "rb", 0)
+            )
+            transport, proto = await loop.connect_write_pipe(
+                lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
+                os.fdopen(os.dup(1), "wb", 0),
+            )
+            writer = asyncio.StreamWriter(transport, proto, reader, loop)
+        # A task of its own, so that stop() can cancel it without cancelling us.
+        await asyncio.create_task(self._accept(reader, writer))
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+
+    def stop(self) -> None:
+        """Begin a clean shutdown (idempotent)."""
+        if self._stopping:
+            return
+        log.info("shutting down")
+        self._stopping = True
+        for server in self._servers:
+            server.close()
+        for client in list(self._clients):
+            if client.task is not None and not client.finishing:
+                client.task.cancel()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def close(self) -> None:
+        """After :meth:`stop`: wait for connections, then flush and close images."""
+        tasks = [c.task for c in self._clients if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=3 * SHUTDOWN_GRACE)
+        if self._requests:
+            await asyncio.wait(self._requests, timeout=SHUTDOWN_GRACE)
+        # No request may still be inside the library when its image closes: wait
+        # for every thread, then close (which flushes) in this thread.
+        self._pool.shutdown(wait=True)
+        for export in self.exports:
+            try:
+                export.image.close()
+            except AddCowError as exc:
+                log.error("%s: closing failed: %s", export.image.path, exc)
+
+    # -- one connection ---------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._count += 1
+        peer = writer.get_extra_info("peername")
+        label = f"connection {self._count}" + (f" from {peer}" if peer else "")
+        client = _Client(label, writer)
+        if self._stopping:
+            writer.close()
+            return
+        if self.max_connections and len(self._clients) >= self.max_connections:
+            log.warning("%s refused: already %d connections (--shared)", label, len(self._clients))
+            writer.close()
+            return
+        client.task = asyncio.current_task()
+        self._clients.add(client)
+        log.debug("%s opened", label)
+        try:
+            await self._session(client, reader)
+        except RemoteProtocolError as exc:
+            log.warning("%s: protocol violation, closing: %s", label, exc)
+        except (ConnectionError, BrokenPipeError) as exc:
+            log.info("%s: connection lost: %s", label, exc)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+        except Exception:  # never let one connection take the server down
+            log.exception("%s: internal error, closing the connection", label)
+        finally:
+            await self._finish(client)
+            self._clients.discard(client)
+
+    async def _finish(self, client: _Client) -> None:
+        """Let requests in flight reply, then close the connection."""
+        client.finishing = True
+        if client.tasks:
+            _done, pending = await asyncio.wait(client.tasks, timeout=SHUTDOWN_GRACE)
+            if pending:
+                log.warning(
+                    "%s: %d requests still blocked (client not reading?); aborting",
+                    client.label,
+                    len(pending),
+                )
+                client.writer.transport.abort()
+                await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+        try:
+            if not client.writer.is_closing():
+                await asyncio.wait_for(client.writer.drain(), SHUTDOWN_GRACE)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            client.writer.transport.abort()
+        client.writer.close()
+        with contextlib.suppress(ConnectionError, asyncio.TimeoutError, RuntimeError, OSError):
+            await asyncio.wait_for(client.writer.wait_closed(), 1.0)
+        log.debug("%s closed", client.label)
+
+    async def _session(self, client: _Client, reader: asyncio.StreamReader) -> None:
+        conn = ServerConnection(self._infos)
+        client.conn = conn
+        client.send(conn.initiate())
+        while True:
+            event = conn.next_event()
+            client.send(conn.data_to_send())
+            if event is NEED_DATA:
+                if self._stopping:
+                    return
+                await client.writer.drain()
+                conn.receive_data(await reader.read(READ_SIZE))
+                continue
+            if isinstance(event, Request):
+                if client.writer.is_closing():
+                    # The peer is gone: nobody will read the replies of what it
+                    # still had in the pipe, so do not run them.
+                    return
+                if event.command == nbd.CMD_READ and event.length <= INLINE_READ_MAX:
+                    client.send(self._inline_read(client, conn, event))
+                    continue
+                cost = event.length if event.command in _PAYLOAD_COMMANDS else 0
+                await client.budget.acquire(cost)
+                task = asyncio.create_task(self._execute(client, event, cost))
+                client.tasks.add(task)
+                task.add_done_callback(client.tasks.discard)
+                self._requests.add(task)
+                task.add_done_callback(self._requests.discard)
+            elif isinstance(event, RequestError):
+                log.info("%s: refused %s", client.label, event.message)
+                client.send(conn.reply_error(event.cookie, event.error, event.message))
+            elif isinstance(event, TransmissionStarted):
+                client.export = self._by_info[id(event.export)]
+                log.info(
+                    "%s: serving export %r (structured replies %s, contexts %s)",
+                    client.label,
+                    event.export.name,
+                    "on" if event.structured else "off",
+                    ", ".join(event.contexts) or "none",
+                )
+            elif isinstance(event, OptionRefused):
+                log.info("%s: option %d refused: %s", client.label, event.option, event.message)
+            elif isinstance(event, Disconnect):
+                log.debug("%s: client disconnected (NBD_CMD_DISC)", client.label)
+                return
+            elif isinstance(event, AbortRequested):
+                log.debug("%s: client aborted the handshake", client.label)
+                return
+            elif isinstance(event, ConnectionClosed):
+                if not event.clean:
+                    log.warning("%s: %s", client.label, event.detail)
+                return
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _inline_read(
+        self, client: _Client, conn: ServerConnection, req: Request
+    ) -> list[bytes | memoryview] | bytes:
+        """A small read done in the event loop: no task, no thread hand-off.
+
+        Measured with ``fio --ioengine=nbd`` 4 KiB random reads at iodepth 32 on a
+        warm page cache: about 2.7 times the IOPS of sending them to the pool.
+        """
+        export = client.export
+        if export is None:  # pragma: no cover - set before requests
+            raise RuntimeError("request before the export is known")
+        buf = bytearray(req.length)
+        try:
+            export.image.readinto(buf, req.offset)
+        except (AddCowError, OSError) as exc:
+            log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
+            return conn.reply_error(req.cookie, nbd_errno(exc), str(exc))
+        df = bool(req.flags & nbd.CMD_FLAG_DF)
+        return conn.reply_read(req.cookie, req.offset, memoryview(buf), df=df)
+
+    async def _execute(self, client: _Client, req: Request, cost: int) -> None:
+        conn, export = client.conn, client.export
+        try:
+            if conn is None or export is None:  # pragma: no cover - set before requests
+                return
+            try:
+                reply = await self._perform(conn, export, req)
+            except (AddCowError, OSError) as exc:
+                code = nbd_errno(exc)
+                log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
+                reply = conn.reply_error(req.cookie, code, str(exc))
+            except Exception as exc:
+                log.exception("%s: %s failed unexpectedly", client.label, _describe(req))
+                reply = conn.reply_error(req.cookie, nbd.EIO, f"internal error: {exc}")
+            client.send(reply)
+            await _drain(client.writer)
+        finally:
+            await client.budget.release(cost)
+
+    async def _perform(
+        self, conn: ServerConnection, export: Export, req: Request
+    ) -> bytes | list[bytes | memoryview]:
+        image = export.image
+        loop = asyncio.get_running_loop()
+        command, flags, offset, length = req.command, req.flags, req.offset, req.length
+        fua = bool(flags & nbd.CMD_FLAG_FUA)
+        if command == nbd.CMD_READ:
+            buf = bytearray(length)
+            await loop.run_in_executor(self._pool, image.readinto, buf, offset)
+            return conn.reply_read(
+                req.cookie, offset, memoryview(buf), df=bool(flags & nbd.CMD_FLAG_DF)
+            )
+        if command == nbd.CMD_WRITE:
+            data = req.data if req.data is not None else b""
+            await loop.run_in_executor(self._pool, lambda: image.write(data, offset, fua=fua))
+        elif command == nbd.CMD_FLUSH:
+            await loop.run_in_executor(self._pool, image.flush)
+        elif command == nbd.CMD_TRIM:
+            await loop.run_in_executor(
+                self._pool, _then_flush(image, fua, image.discard), offset, length
+            )
+        elif command == nbd.CMD_WRITE_ZEROES:
+            if flags & nbd.CMD_FLAG_FAST_ZERO and not _fast_zero(image, offset, length):
+                # "if NBD_CMD_FLAG_FAST_ZERO is set, the server MUST fail quickly with
+                # NBD_ENOTSUP unless the request can be serviced in less time than a
+                # corresponding NBD_CMD_WRITE, and SHOULD NOT alter the contents".
+                # Partial clusters are written as zero bytes, no faster than a write.
+                return conn.reply_error(
+                    req.cookie,
+                    nbd.ENOTSUP,
+                    f"zeroing is fast only over whole {image.cluster_size}-byte clusters",
+                )
+            may_unmap = not flags & nbd.CMD_FLAG_NO_HOLE
+
+            def zero() -> None:
+                image.write_zeroes(offset, length, may_unmap=may_unmap)
+                if fua:
+                    image.flush()
+
+            await loop.run_in_executor(self._pool, zero)
+        elif command == nbd.CMD_CACHE:
+            # "performing the actions of NBD_CMD_READ but replying with just status":
+            # the bytes land in the page cache (and, with copy-on-read, the image).
+            await loop.run_in_executor(self._pool, image.readinto, bytearray(length), offset)
+        elif command == nbd.CMD_BLOCK_STATUS:
+            contexts = conn.contexts
+            req_one = bool(flags & nbd.CMD_FLAG_REQ_ONE)
+            extents = await loop.run_in_executor(
+                self._pool, block_status, image, offset, length, contexts, req_one
+            )
+            return conn.reply_block_status(req.cookie, extents)
+        return conn.reply_ok(req.cookie)
+
+
+_PAYLOAD_COMMANDS = (nbd.CMD_READ, nbd.CMD_WRITE, nbd.CMD_CACHE)
+
+
+async def _drain(writer: asyncio.StreamWriter) -> None:
+    """Wait until the reply buffer is small again; nothing if the peer is gone.
+
+    Once the connection is lost, ``StreamWriter.drain`` raises the reader's one
+    saved exception object again and again; every raise lengthens its traceback,
+    which keeps each caller's frame (and its read buffer) alive. So drain only
+    while the transport is open, and drop the traceback of any failure.
+    """
+    if writer.is_closing():
+        return
+    try:
+        await writer.drain()
+    except (ConnectionError, RuntimeError) as exc:
+        exc.__traceback__ = None
+
+
+def _then_flush(
+    image: AddCowImage, fua: bool, call: Callable[[int, int], None]
+) -> Callable[[int, int], None]:
+    def run(offset: int, length: int) -> None:
+        call(offset, length)
+        if fua:
+            image.flush()
+
+    return run
+
+
+def _fast_zero(image: AddCowImage, offset: int, length: int) -> bool:
+    """Whether write_zeroes of the range touches whole clusters only (the end counts)."""
+    size = image.cluster_size
+    end = offset + length
+    return offset % size == 0 and (end % size == 0 or end == image.size)
+
+
+def block_status(
+    image: AddCowImage, offset: int, length: int, contexts: Iterable[str], req_one: bool
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Descriptors (length, flags) per context for [offset, offset+length).
+
+    ``base:allocation``: NBD_STATE_ZERO where the range reads as zero, and
+    NBD_STATE_HOLE where no layer holds data for it (the ``data`` column of
+    ``addcow map`` is false). ``qemu:allocation-depth``: 0 where no layer has
+    the range, else the ``depth`` of ``addcow map`` plus one (1 = the image
+    file, 2 = the first backing file, ...).
+    """
+    wanted = list(contexts)
+    out: dict[str, list[list[int]]] = {name: [] for name in wanted}
+    for count, ext in enumerate(image.block_status(offset, length)):
+        for name in wanted:
+            if name == nbd.CONTEXT_BASE_ALLOCATION:
+                status = (0 if ext.data else nbd.STATE_HOLE) | (nbd.STATE_ZERO if ext.zero else 0)
+            else:
+                status = ext.depth + 1 if ext.present else 0
+            descs = out[name]
+            if descs and descs[-1][1] == status:
+                descs[-1][0] += ext.length
+            else:
+                descs.append([ext.length, status])
+        # "If the client used the NBD_CMD_FLAG_REQ_ONE flag, each chunk contains
+        # exactly one descriptor"; the server "MAY return fewer descriptors ... if
+        # looking up the information would be too resource-intensive".
+        if req_one and all(len(d) > 1 for d in out.values()):
+            break
+        if count + 1 >= MAX_EXTENTS:
+            break
+    result: list[tuple[str, list[tuple[int, int]]]] = []
+    for name in wanted:
+        descs = out[name][:1] if req_one else out[name]
+        result.append((name, [(n, s) for n, s in descs]))
+    return result
+
+
+def _describe(req: Request) -> str:
+    name = nbd.COMMAND_NAMES.get(req.command, str(req.command))
+    return f"{name} of {req.length} bytes at {req.offset}"
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a Unix socket nobody listens on; refuse to replace anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise AddCowError(f"{path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise AddCowError(f"{path}: another server is listening on this socket")

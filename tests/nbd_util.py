@@ -1,0 +1,235 @@
+"""Helpers for the NBD tests: run a real ``addcow serve``, and a raw-socket client.
+
+``served(...)`` starts the installed ``addcow`` script exactly as a user would,
+waits for its ready line, and on exit sends SIGTERM and checks that the
+server exited 0 after a clean shutdown. ``RawClient`` speaks the NBD wire
+format byte by byte (for the hostile-input tests); it checks nothing itself.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+ADDCOW = str(BIN / "addcow")
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+
+def env_with_addcow() -> dict[str, str]:
+    """The environment with the venv's bin first on PATH (for connect_command)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    uri: str
+    socket: str
+    log: Path
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+
+@contextmanager
+def served(
+    tmp_path: Path, *files: Path | str, args: tuple[str, ...] = (), name: str = "nbd.sock"
+) -> Iterator[Server]:
+    """Run ``addcow serve --foreground --socket`` on ``files`` until the block ends."""
+    sock = tmp_path / name
+    log = tmp_path / f"{name}.log"
+    cmd = [ADDCOW, "serve", "--foreground", "-v", "--socket", str(sock), *args, *map(str, files)]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env_with_addcow())
+    try:
+        line = _ready_line(proc, log)
+        prefix = "addcow: serving "
+        if not line.startswith(prefix) or " on nbd+unix:///" not in line:
+            raise AssertionError(f"unexpected ready line {line!r}")
+        uri = line.rsplit(" on ", 1)[1]
+        yield Server(proc, uri, str(sock), log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            status = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"server did not stop on SIGTERM\n{log.read_text()}") from None
+        if proc.stdout is not None:
+            proc.stdout.close()
+    if status != 0:
+        raise AssertionError(f"server exited {status}\n{log.read_text()}")
+    if sock.exists():
+        raise AssertionError(f"server left its socket {sock} behind")
+
+
+def _ready_line(proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> str:
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sel.select(left):
+            raise AssertionError(f"no ready line within {timeout}s\n{log.read_text()}")
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            proc.wait()
+            raise AssertionError(f"server exited {proc.returncode}\n{log.read_text()}")
+        buf += chunk
+    sel.close()
+    return buf.split(b"\n", 1)[0].decode()
+
+
+class RawClient:
+    """A blocking NBD client over a Unix socket that sends whatever it is told."""
+
+    def __init__(self, path: str, timeout: float = 10) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise EOFError(f"server closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return buf
+
+    def closed_by_server(self) -> bool:
+        """True if the server closes the connection (reads EOF) without sending more."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    # handshake
+    def greeting(self) -> int:
+        magic, opt, flags = struct.unpack(">QQH", self.recv_exact(18))
+        if (magic, opt) != (NBDMAGIC, IHAVEOPT):
+            raise AssertionError(f"bad greeting {magic:#x} {opt:#x}")
+        return int(flags)
+
+    def client_flags(self, flags: int = 3) -> None:
+        self.sock.sendall(struct.pack(">I", flags))
+
+    def option(self, option: int, data: bytes = b"", magic: int = IHAVEOPT) -> None:
+        self.sock.sendall(struct.pack(">QII", magic, option, len(data)) + data)
+
+    def option_reply(self) -> tuple[int, int, bytes]:
+        magic, option, reply, length = struct.unpack(">QIII", self.recv_exact(20))
+        if magic != OPT_REPLY_MAGIC:
+            raise AssertionError(f"bad option reply magic {magic:#x}")
+        return option, reply, self.recv_exact(length)
+
+    def start(self, name: str = "", structured: bool = True, contexts: tuple[str, ...] = ()) -> int:
+        """Handshake through NBD_OPT_GO; returns the transmission flags."""
+        self.greeting()
+        self.client_flags()
+        if structured:
+            self.option(8)
+            assert self.option_reply()[1] == 1
+        if contexts:
+            payload = struct.pack(">I", len(name)) + name.encode()
+            payload += struct.pack(">I", len(contexts))
+            for ctx in contexts:
+                payload += struct.pack(">I", len(ctx)) + ctx.encode()
+            self.option(10, payload)
+            while self.option_reply()[1] != 1:
+                pass
+        self.option(7, struct.pack(">I", len(name)) + name.encode() + struct.pack(">H", 0))
+        flags = 0
+        while True:
+            _opt, reply, data = self.option_reply()
+            if reply == 3 and struct.unpack(">H", data[:2])[0] == 0:
+                flags = struct.unpack(">QH", data[2:])[1]
+            if reply == 1:
+                return flags
+            if reply & (1 << 31):
+                raise AssertionError(f"GO failed: {reply:#x} {data!r}")
+
+    # transmission
+    def request(
+        self, command: int, offset: int = 0, length: int = 0, flags: int = 0,
+        cookie: int = 1, data: bytes = b"", magic: int = REQUEST_MAGIC,
+    ) -> None:  # fmt: skip
+        header = struct.pack(">IHHQQI", magic, flags, command, cookie, offset, length)
+        self.sock.sendall(header + data)
+
+    def simple_reply(self) -> tuple[int, int]:
+        magic, error, cookie = struct.unpack(">IIQ", self.recv_exact(16))
+        if magic != SIMPLE_REPLY_MAGIC:
+            raise AssertionError(f"expected a simple reply, magic {magic:#x}")
+        return int(error), int(cookie)
+
+    def reply(self) -> tuple[int, int, int, int, bytes]:
+        """Any reply: (kind, flags, type_or_error, cookie, payload); kind is the magic."""
+        magic = struct.unpack(">I", self.recv_exact(4))[0]
+        if magic == SIMPLE_REPLY_MAGIC:
+            error, cookie = struct.unpack(">IQ", self.recv_exact(12))
+            return magic, 0, int(error), int(cookie), b""
+        if magic != STRUCTURED_REPLY_MAGIC:
+            raise AssertionError(f"bad reply magic {magic:#x}")
+        flags, rtype, cookie, length = struct.unpack(">HHQI", self.recv_exact(16))
+        return magic, int(flags), int(rtype), int(cookie), self.recv_exact(length)
+
+    def error_of(self) -> int:
+        """Read one reply and return its error value (0 for success)."""
+        kind, _flags, value, _cookie, payload = self.reply()
+        if kind == SIMPLE_REPLY_MAGIC:
+            return value
+        if value & 0x8000:
+            return int(struct.unpack(">I", payload[:4])[0])
+        return 0
+
+    def read(self, offset: int, length: int, cookie: int = 1) -> bytes:
+        """READ with structured replies; reassembles data and hole chunks."""
+        self.request(0, offset, length, cookie=cookie)
+        out = bytearray(length)
+        while True:
+            _kind, flags, rtype, got_cookie, payload = self.reply()
+            if got_cookie != cookie:
+                raise AssertionError(f"reply for cookie {got_cookie}, expected {cookie}")
+            if rtype == 1:
+                (off,) = struct.unpack(">Q", payload[:8])
+                out[off - offset : off - offset + len(payload) - 8] = payload[8:]
+            elif rtype == 2:
+                off, size = struct.unpack(">QI", payload)
+                out[off - offset : off - offset + size] = bytes(size)
+            elif rtype & 0x8000:
+                raise AssertionError(f"read error {payload!r}")
+            if flags & 1:
+                return bytes(out)

@@ -1,0 +1,563 @@
+"""The sans-IO NBD protocol, byte by byte, in the order of proto.md.
+
+No sockets: each test feeds the bytes a client would send to a
+``ServerConnection`` and checks the events and the exact bytes it answers.
+The export table used throughout::
+
+    "disk"   1 MiB, read-write   (the default export, reached by "")
+    "ro"     4 KiB, read-only
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from addcow.nbd import protocol as p
+from addcow.nbd.protocol import (
+    NEED_DATA,
+    AbortRequested,
+    ConnectionClosed,
+    Disconnect,
+    ExportInfo,
+    LocalProtocolError,
+    OptionRefused,
+    RemoteProtocolError,
+    Request,
+    RequestError,
+    ServerConnection,
+    TransmissionStarted,
+)
+
+MiB = 1 << 20
+DISK = ExportInfo("disk", MiB, description="a test disk")
+RO = ExportInfo("ro", 4096, read_only=True)
+
+
+def option(opt: int, data: bytes = b"") -> bytes:
+    """C: IHAVEOPT, 32 bits option, 32 bits length, data."""
+    return struct.pack(">QII", p.IHAVEOPT, opt, len(data)) + data
+
+
+def name_field(name: str) -> bytes:
+    raw = name.encode()
+    return struct.pack(">I", len(raw)) + raw
+
+
+def go_data(name: str, *infos: int) -> bytes:
+    return name_field(name) + struct.pack(">H", len(infos)) + b"".join(
+        struct.pack(">H", i) for i in infos
+    )
+
+
+def meta_data(name: str, *queries: str) -> bytes:
+    return name_field(name) + struct.pack(">I", len(queries)) + b"".join(map(name_field, queries))
+
+
+def parse_replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    """Split option replies: (option, reply type, payload)."""
+    out = []
+    while data:
+        magic, opt, reply, length = struct.unpack(">QIII", data[:20])
+        assert magic == p.OPT_REPLY_MAGIC
+        out.append((opt, reply, data[20 : 20 + length]))
+        data = data[20 + length :]
+    return out
+
+
+def events(conn: ServerConnection) -> list[object]:
+    found = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        found.append(event)
+        if isinstance(event, ConnectionClosed):
+            break
+    return found
+
+
+def negotiating(flags: int = p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES) -> ServerConnection:
+    conn = ServerConnection([DISK, RO])
+    conn.initiate()
+    conn.receive_data(struct.pack(">I", flags))
+    assert events(conn) == []
+    return conn
+
+
+def transmitting(
+    structured: bool = True, contexts: tuple[str, ...] = (), name: str = ""
+) -> ServerConnection:
+    conn = negotiating()
+    data = option(p.OPT_STRUCTURED_REPLY) if structured else b""
+    if contexts:
+        data += option(p.OPT_SET_META_CONTEXT, meta_data(name, *contexts))
+    conn.receive_data(data + option(p.OPT_GO, go_data(name)))
+    started = events(conn)[-1]
+    assert isinstance(started, TransmissionStarted)
+    conn.data_to_send()
+    return conn
+
+
+def request(cmd: int, offset: int = 0, length: int = 0, flags: int = 0, cookie: int = 7) -> bytes:
+    return struct.pack(">IHHQQI", p.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+
+# -- Fixed newstyle negotiation ---------------------------------------------------------
+
+
+def test_greeting_is_nbdmagic_ihaveopt_and_handshake_flags() -> None:
+    conn = ServerConnection([DISK])
+    assert conn.initiate() == (
+        b"NBDMAGIC" + b"IHAVEOPT" + b"\x00\x03"  # FIXED_NEWSTYLE | NO_ZEROES
+    )
+    with pytest.raises(LocalProtocolError):
+        conn.initiate()
+
+
+def test_client_flags_with_unknown_bits_drop_the_connection() -> None:
+    # "the server MUST drop the TCP connection if the client sets an unknown flag"
+    conn = ServerConnection([DISK])
+    conn.initiate()
+    conn.receive_data(b"\x00\x00\x00\x04")
+    with pytest.raises(RemoteProtocolError, match="unknown bits 0x4"):
+        conn.next_event()
+    assert conn.state is p.State.DONE
+
+
+def test_option_with_wrong_magic_drops_the_connection() -> None:
+    conn = negotiating()
+    conn.receive_data(option(p.OPT_LIST).replace(b"IHAVEOPT", b"IHAVEOPX"))
+    with pytest.raises(RemoteProtocolError, match="option magic"):
+        conn.next_event()
+
+
+def test_export_name_replies_size_and_flags_without_zeroes() -> None:
+    conn = negotiating()
+    conn.receive_data(option(p.OPT_EXPORT_NAME, b"disk"))
+    (event,) = events(conn)
+    assert isinstance(event, TransmissionStarted)
+    assert event.export is DISK and not event.structured and event.contexts == ()
+    flags = (
+        p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA | p.FLAG_SEND_CACHE
+        | p.FLAG_CAN_MULTI_CONN | p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES
+        | p.FLAG_SEND_FAST_ZERO
+    )  # fmt: skip
+    assert conn.data_to_send() == struct.pack(">QH", MiB, flags)
+
+
+def test_export_name_sends_124_zero_bytes_unless_no_zeroes() -> None:
+    conn = negotiating(flags=p.FLAG_C_FIXED_NEWSTYLE)
+    conn.receive_data(option(p.OPT_EXPORT_NAME, b""))
+    events(conn)
+    out = conn.data_to_send()
+    assert len(out) == 8 + 2 + 124 and out[10:] == bytes(124)
+
+
+def test_export_name_for_a_missing_export_terminates_the_session() -> None:
+    # "If the chosen export does not exist ... the server MUST terminate the session."
+    conn = negotiating()
+    conn.receive_data(option(p.OPT_EXPORT_NAME, b"nope"))
+    with pytest.raises(RemoteProtocolError, match="no export named 'nope'"):
+        conn.next_event()
+
+
+def test_export_name_longer_than_4096_bytes_terminates_before_buffering() -> None:
+    conn = negotiating()
+    conn.receive_data(struct.pack(">QII", p.IHAVEOPT, p.OPT_EXPORT_NAME, 5000))
+    with pytest.raises(RemoteProtocolError, match="5000-byte name"):
+        conn.next_event()
+
+
+def test_unknown_option_gets_err_unsup_and_haggling_goes_on() -> None:
+    conn = negotiating()
+    conn.receive_data(option(99, b"junk") + option(p.OPT_STARTTLS) + option(p.OPT_LIST))
+    found = events(conn)
+    assert [type(e) for e in found] == [OptionRefused, OptionRefused]
+    replies = parse_replies(conn.data_to_send())
+    assert [(o, r) for o, r, _ in replies] == [
+        (99, p.REP_ERR_UNSUP),
+        (p.OPT_STARTTLS, p.REP_ERR_UNSUP),
+        (p.OPT_LIST, p.REP_SERVER),
+        (p.OPT_LIST, p.REP_SERVER),
+        (p.OPT_LIST, p.REP_ACK),
+    ]
+    assert replies[2][2] == b"\x00\x00\x00\x04disk" + b"a test disk"
+    assert replies[3][2] == b"\x00\x00\x00\x02ro"
+
+
+def test_list_with_data_is_invalid() -> None:
+    # "the server SHOULD reject a request that includes data with NBD_REP_ERR_INVALID"
+    conn = negotiating()
+    conn.receive_data(option(p.OPT_LIST, b"x"))
+    (event,) = events(conn)
+    assert isinstance(event, OptionRefused) and event.reply == p.REP_ERR_INVALID
+
+
+def test_abort_is_acknowledged_then_nothing_more_is_read() -> None:
+    conn = negotiating()
+    conn.receive_data(option(p.OPT_ABORT) + b"trailing garbage")
+    assert events(conn) == [AbortRequested()]
+    assert parse_replies(conn.data_to_send()) == [(p.OPT_ABORT, p.REP_ACK, b"")]
+    conn.receive_data(b"more")
+    assert conn.next_event() is NEED_DATA
+
+
+def test_go_replies_info_export_block_size_and_name_then_ack() -> None:
+    conn = negotiating()
+    conn.receive_data(
+        option(p.OPT_GO, go_data("", p.INFO_NAME, p.INFO_DESCRIPTION, p.INFO_BLOCK_SIZE))
+    )
+    (event,) = events(conn)
+    assert isinstance(event, TransmissionStarted) and event.export is DISK
+    replies = parse_replies(conn.data_to_send())
+    assert [r for _, r, _ in replies] == [p.REP_INFO] * 4 + [p.REP_ACK]
+    info = {struct.unpack(">H", d[:2])[0]: d[2:] for _, r, d in replies if r == p.REP_INFO}
+    assert info[p.INFO_EXPORT] == struct.pack(">QH", MiB, event.flags)
+    assert info[p.INFO_NAME] == b"disk"
+    assert info[p.INFO_DESCRIPTION] == b"a test disk"
+    assert info[p.INFO_BLOCK_SIZE] == struct.pack(">III", 1, 4096, 32 * MiB)
+    assert conn.state is p.State.TRANSMISSION
+
+
+def test_info_stays_in_negotiation_and_read_only_flags_are_truthful() -> None:
+    conn = negotiating()
+    conn.receive_data(option(p.OPT_INFO, go_data("ro")))
+    assert events(conn) == []
+    replies = parse_replies(conn.data_to_send())
+    _size, flags = struct.unpack(">QH", replies[0][2][2:])
+    assert flags & p.FLAG_READ_ONLY
+    assert not flags & (p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES | p.FLAG_SEND_FAST_ZERO)
+    assert not flags & p.FLAG_SEND_DF  # structured replies were not negotiated
+    assert conn.state is p.State.OPTIONS
+
+
+@pytest.mark.parametrize(
+    ("data", "reply", "message"),
+    [
+        (go_data("nope"), p.REP_ERR_UNKNOWN, "no export named 'nope'"),
+        (struct.pack(">I", 100) + b"disk" + b"\0\0", p.REP_ERR_INVALID, "overruns"),
+        (struct.pack(">I", 5000) + bytes(5002), p.REP_ERR_INVALID, "5000 bytes"),
+        (go_data("disk") + b"\0\3", p.REP_ERR_INVALID, "does not match"),
+        (b"\0\0", p.REP_ERR_INVALID, "too short"),
+        (name_field("d\0") + b"\0\0", p.REP_ERR_INVALID, "NUL"),
+        (struct.pack(">I", 2) + b"\xff\xfe\0\0", p.REP_ERR_INVALID, "UTF-8"),
+    ],
+    ids=["unknown", "overrun", "long-name", "info-count", "short", "nul", "utf8"],
+)
+def test_bad_go_is_refused_and_haggling_goes_on(data: bytes, reply: int, message: str) -> None:
+    conn = negotiating()
+    conn.receive_data(option(p.OPT_GO, data) + option(p.OPT_GO, go_data("disk")))
+    refused, started = events(conn)
+    assert isinstance(refused, OptionRefused) and refused.reply == reply
+    assert message in refused.message
+    assert isinstance(started, TransmissionStarted)
+    assert parse_replies(conn.data_to_send())[0] == (p.OPT_GO, reply, refused.message.encode())
+
+
+def test_oversized_option_payload_is_skipped_unbuffered_and_refused_too_big() -> None:
+    conn = negotiating()
+    size = p.MAX_OPTION_DATA + 1
+    conn.receive_data(struct.pack(">QII", p.IHAVEOPT, p.OPT_GO, size) + bytes(1000))
+    assert conn.next_event() is NEED_DATA  # still skipping
+    left = size - 1000
+    while left > 1000:
+        conn.receive_data(bytes(1000))
+        left -= 1000
+        assert conn.next_event() is NEED_DATA and conn.buffered == 0
+    conn.receive_data(bytes(left) + option(p.OPT_LIST))
+    found = events(conn)
+    assert isinstance(found[0], OptionRefused) and found[0].reply == p.REP_ERR_TOO_BIG
+    assert [r for _, r, _ in parse_replies(conn.data_to_send())] == [
+        p.REP_ERR_TOO_BIG, p.REP_SERVER, p.REP_SERVER, p.REP_ACK,
+    ]  # fmt: skip
+
+
+def test_endless_options_are_a_denial_of_service() -> None:
+    conn = negotiating()
+    conn.receive_data(option(99) * p.MAX_OPTIONS + option(99))
+    with pytest.raises(RemoteProtocolError, match="more than"):
+        events(conn)
+
+
+def test_handshake_fed_one_byte_at_a_time() -> None:
+    conn = ServerConnection([DISK])
+    conn.initiate()
+    stream = b"\0\0\0\3" + option(p.OPT_STRUCTURED_REPLY) + option(p.OPT_GO, go_data("disk"))
+    found: list[object] = []
+    for i in range(len(stream)):
+        conn.receive_data(stream[i : i + 1])
+        found += events(conn)
+    assert [type(e) for e in found] == [TransmissionStarted]
+
+
+# -- Metadata contexts ----------------------------------------------------------------
+
+
+def test_set_meta_context_needs_structured_replies_first() -> None:
+    # "This option MUST NOT be requested unless structured replies have been
+    # negotiated first. ... a server SHOULD send NBD_REP_ERR_INVALID."
+    conn = negotiating()
+    conn.receive_data(option(p.OPT_SET_META_CONTEXT, meta_data("", "base:allocation")))
+    (event,) = events(conn)
+    assert isinstance(event, OptionRefused) and event.reply == p.REP_ERR_INVALID
+
+
+def test_set_meta_context_selects_known_contexts_with_ids() -> None:
+    conn = negotiating()
+    conn.receive_data(
+        option(p.OPT_STRUCTURED_REPLY)
+        + option(
+            p.OPT_SET_META_CONTEXT,
+            meta_data(
+                "disk", "base:allocation", "qemu:allocation-depth", "base:", "x-foo:bar",
+                "qemu:dirty-bitmap:b0", "base:allocation",
+            ),
+        )
+        + option(p.OPT_GO, go_data(""))
+    )
+    (started,) = events(conn)
+    assert isinstance(started, TransmissionStarted)
+    assert started.contexts == ("base:allocation", "qemu:allocation-depth")
+    replies = parse_replies(conn.data_to_send())
+    assert replies[1:4] == [
+        (p.OPT_SET_META_CONTEXT, p.REP_META_CONTEXT, b"\0\0\0\1base:allocation"),
+        (p.OPT_SET_META_CONTEXT, p.REP_META_CONTEXT, b"\0\0\0\2qemu:allocation-depth"),
+        (p.OPT_SET_META_CONTEXT, p.REP_ACK, b""),
+    ]
+
+
+def test_contexts_set_for_another_export_do_not_carry_over() -> None:
+    conn = negotiating()
+    conn.receive_data(
+        option(p.OPT_STRUCTURED_REPLY)
+        + option(p.OPT_SET_META_CONTEXT, meta_data("ro", "base:allocation"))
+        + option(p.OPT_GO, go_data(""))
+    )
+    (started,) = events(conn)
+    # Set for "ro", then GO went to the default export "disk".
+    assert isinstance(started, TransmissionStarted) and started.contexts == ()
+    conn.receive_data(request(p.CMD_BLOCK_STATUS, 0, 512))
+    (refused,) = events(conn)
+    assert isinstance(refused, RequestError) and refused.error == p.EINVAL
+
+
+def test_list_meta_context_wildcards_and_empty_query_list() -> None:
+    conn = negotiating()
+    conn.receive_data(
+        option(p.OPT_STRUCTURED_REPLY)
+        + option(p.OPT_LIST_META_CONTEXT, meta_data("", "qemu:"))
+        + option(p.OPT_LIST_META_CONTEXT, meta_data(""))
+        + option(p.OPT_LIST_META_CONTEXT, meta_data("", "nocolon"))
+    )
+    (refused,) = events(conn)
+    assert isinstance(refused, OptionRefused) and refused.reply == p.REP_ERR_INVALID
+    replies = parse_replies(conn.data_to_send())[1:]
+    assert [(r, d) for _, r, d in replies] == [
+        (p.REP_META_CONTEXT, b"\0\0\0\0qemu:allocation-depth"),
+        (p.REP_ACK, b""),
+        (p.REP_META_CONTEXT, b"\0\0\0\0base:allocation"),
+        (p.REP_META_CONTEXT, b"\0\0\0\0qemu:allocation-depth"),
+        (p.REP_ACK, b""),
+        (p.REP_ERR_INVALID, b"query 'nocolon' has no namespace"),
+    ]
+
+
+def test_meta_context_with_a_query_overrunning_the_option_is_invalid() -> None:
+    conn = negotiating()
+    bad = name_field("") + struct.pack(">I", 2) + name_field("base:allocation")
+    conn.receive_data(option(p.OPT_STRUCTURED_REPLY) + option(p.OPT_SET_META_CONTEXT, bad))
+    (event,) = events(conn)
+    assert isinstance(event, OptionRefused) and event.reply == p.REP_ERR_INVALID
+
+
+# -- Transmission: requests -------------------------------------------------------------
+
+
+def test_request_header_fields_are_parsed() -> None:
+    conn = transmitting()
+    conn.receive_data(request(p.CMD_READ, 4096, 512, flags=p.CMD_FLAG_FUA, cookie=0xDEADBEEF))
+    assert events(conn) == [Request(0xDEADBEEF, p.CMD_READ, p.CMD_FLAG_FUA, 4096, 512)]
+
+
+def test_write_payload_is_collected_across_reads() -> None:
+    conn = transmitting()
+    conn.receive_data(request(p.CMD_WRITE, 10, 6) + b"abc")
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"def" + request(p.CMD_FLUSH, cookie=8))
+    first, second = events(conn)
+    assert isinstance(first, Request) and first.data == b"abcdef" and first.offset == 10
+    assert second == Request(8, p.CMD_FLUSH, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("header", "error"),
+    [
+        (request(p.CMD_READ, MiB - 512, 1024), p.EINVAL),  # "read ... beyond the size"
+        (request(p.CMD_TRIM, MiB, 1), p.EINVAL),
+        (request(p.CMD_CACHE, MiB + 1, 0), p.EINVAL),
+        (request(p.CMD_BLOCK_STATUS, MiB, 512), p.EINVAL),
+        (request(p.CMD_WRITE_ZEROES, MiB - 1, 2), p.ENOSPC),  # "write zeroes ... ENOSPC"
+        (request(p.CMD_READ, (1 << 64) - 512, 1024), p.EINVAL),  # offset + length wraps
+        (request(p.CMD_READ, 0, 32 * MiB + 1), p.EINVAL),  # over the maximum block size
+        (request(99), p.EINVAL),  # unknown command
+        (request(p.CMD_READ, 0, 512, flags=1 << 9), p.EINVAL),  # unknown flag
+        (request(p.CMD_WRITE_ZEROES, 0, 512, flags=p.CMD_FLAG_REQ_ONE), p.EINVAL),
+        (request(p.CMD_FLUSH, 512, 0), p.EINVAL),  # "MUST be set to all-zero"
+        (request(p.CMD_BLOCK_STATUS, 0, 512), p.EINVAL),  # no context selected
+    ],
+    ids=[
+        "read-past-end", "trim-past-end", "cache-past-end", "status-past-end",
+        "zero-past-end", "wrapping", "too-long", "unknown", "bad-flag", "flag-not-for-cmd",
+        "flush-offset", "status-no-context",
+    ],
+)  # fmt: skip
+def test_requests_the_spec_refuses(header: bytes, error: int) -> None:
+    conn = transmitting()
+    conn.receive_data(header + request(p.CMD_FLUSH, cookie=9))
+    refused, following = events(conn)
+    assert isinstance(refused, RequestError) and refused.error == error and refused.cookie == 7
+    assert following == Request(9, p.CMD_FLUSH, 0, 0, 0)
+
+
+def test_write_past_the_end_is_enospc_after_its_payload() -> None:
+    conn = transmitting()
+    conn.receive_data(request(p.CMD_WRITE, MiB - 2, 4) + b"wxyz" + request(p.CMD_FLUSH, cookie=9))
+    refused, following = events(conn)
+    assert isinstance(refused, RequestError) and refused.error == p.ENOSPC
+    assert isinstance(following, Request) and following.cookie == 9
+
+
+def test_structured_only_requests_before_structured_replies_are_einval() -> None:
+    conn = transmitting(structured=False)
+    conn.receive_data(
+        request(p.CMD_BLOCK_STATUS, 0, 512) + request(p.CMD_READ, 0, 512, flags=p.CMD_FLAG_DF)
+    )
+    status, df = events(conn)
+    assert isinstance(status, RequestError) and status.error == p.EINVAL
+    assert "structured" in status.message
+    assert isinstance(df, RequestError) and df.error == p.EINVAL
+
+
+def test_writes_on_a_read_only_export_are_eperm() -> None:
+    conn = transmitting(name="ro")
+    conn.receive_data(
+        request(p.CMD_WRITE, 0, 2) + b"hi" + request(p.CMD_TRIM, 0, 512)
+        + request(p.CMD_WRITE_ZEROES, 0, 512) + request(p.CMD_READ, 0, 512)
+    )  # fmt: skip
+    found = events(conn)
+    assert [getattr(e, "error", 0) for e in found] == [p.EPERM, p.EPERM, p.EPERM, 0]
+
+
+def test_oversized_write_payload_is_skipped_without_buffering() -> None:
+    conn = transmitting()
+    length = 32 * MiB + 1
+    conn.receive_data(request(p.CMD_WRITE, 0, length))
+    chunk = bytes(1 << 20)
+    for _ in range(length // len(chunk)):
+        conn.receive_data(chunk)
+        assert conn.next_event() is NEED_DATA and conn.buffered == 0
+    conn.receive_data(b"\0" + request(p.CMD_FLUSH, cookie=9))
+    refused, following = events(conn)
+    assert isinstance(refused, RequestError) and refused.error == p.EINVAL
+    assert isinstance(following, Request) and following.cookie == 9
+
+
+def test_bad_request_magic_drops_the_connection() -> None:
+    conn = transmitting()
+    conn.receive_data(struct.pack(">I", 0x12560953) + request(p.CMD_READ)[4:])
+    with pytest.raises(RemoteProtocolError, match="request magic"):
+        conn.next_event()
+
+
+def test_disc_ends_reading() -> None:
+    conn = transmitting()
+    conn.receive_data(request(p.CMD_READ, 0, 1) + request(p.CMD_DISC) + request(p.CMD_READ))
+    read, disc = events(conn)
+    assert isinstance(read, Request) and disc == Disconnect()
+    assert conn.next_event() is NEED_DATA
+
+
+def test_eof_between_requests_is_clean_and_mid_payload_is_not() -> None:
+    conn = transmitting()
+    conn.receive_data(b"")
+    assert events(conn) == [ConnectionClosed(True, "client closed the connection")]
+    conn = transmitting()
+    conn.receive_data(request(p.CMD_WRITE, 0, 100) + bytes(10))
+    conn.receive_data(b"")
+    (closed,) = events(conn)
+    assert isinstance(closed, ConnectionClosed) and not closed.clean
+    assert "write payload" in closed.detail
+
+
+# -- Transmission: replies ------------------------------------------------------------------
+
+
+def test_simple_replies() -> None:
+    conn = transmitting(structured=False)
+    assert conn.reply_ok(5) == b"\x67\x44\x66\x98" + bytes(4) + struct.pack(">Q", 5)
+    assert conn.reply_error(5, p.EIO, "ignored") == struct.pack(">IIQ", 0x67446698, 5, 5)
+    data = memoryview(b"hello")
+    assert conn.reply_read(5, 0, data) == [struct.pack(">IIQ", 0x67446698, 0, 5), data]
+
+
+def test_structured_error_carries_its_message() -> None:
+    conn = transmitting()
+    assert conn.reply_error(6, p.EINVAL, "no") == (
+        struct.pack(">IHHQI", 0x668E33EF, 1, 0x8001, 6, 8) + struct.pack(">IH", 22, 2) + b"no"
+    )
+
+
+def test_structured_read_sends_zero_runs_as_holes_on_disk_block_boundaries() -> None:
+    conn = transmitting()
+    # A read from 1000 of 12288 bytes: disk blocks [1000,4096) data, [4096,12288) zero,
+    # [12288,13288) data.
+    buf = bytearray(12288)
+    buf[0] = 1
+    buf[-1] = 2
+    out = b"".join(conn.reply_read(3, 1000, memoryview(buf)))
+    assert out == (
+        struct.pack(">IHHQI", 0x668E33EF, 0, 1, 3, 8 + 3096) + struct.pack(">Q", 1000)
+        + bytes(buf[:3096])
+        + struct.pack(">IHHQI", 0x668E33EF, 0, 2, 3, 12) + struct.pack(">QI", 4096, 8192)
+        + struct.pack(">IHHQI", 0x668E33EF, 1, 1, 3, 8 + 1000) + struct.pack(">Q", 12288)
+        + bytes(buf[-1000:])
+    )  # fmt: skip
+
+
+def test_df_read_is_one_content_chunk_with_zeroes_present() -> None:
+    conn = transmitting()
+    buf = bytes(8192) + b"x"
+    out = conn.reply_read(3, 0, memoryview(buf), df=True)
+    assert len(out) == 2
+    assert out[0] == struct.pack(">IHHQI", 0x668E33EF, 1, 1, 3, 8 + len(buf)) + bytes(8)
+    assert bytes(out[1]) == buf
+    holes = conn.reply_read(3, 0, memoryview(bytes(8192)), df=True)
+    assert holes == [struct.pack(">IHHQI", 0x668E33EF, 1, 2, 3, 12) + struct.pack(">QI", 0, 8192)]
+
+
+def test_block_status_reply_has_one_chunk_per_context() -> None:
+    conn = transmitting(contexts=("base:allocation", "qemu:allocation-depth"))
+    out = conn.reply_block_status(
+        4,
+        [
+            ("base:allocation", [(4096, 0), (8192, p.STATE_HOLE | p.STATE_ZERO)]),
+            ("qemu:allocation-depth", [(12288, 2)]),
+        ],
+    )
+    assert out == (
+        struct.pack(">IHHQI", 0x668E33EF, 0, 5, 4, 4 + 16)
+        + struct.pack(">IIIII", 1, 4096, 0, 8192, 3)
+        + struct.pack(">IHHQI", 0x668E33EF, 1, 5, 4, 4 + 8) + struct.pack(">III", 2, 12288, 2)
+    )  # fmt: skip
+
+
+def test_replies_misused_are_local_errors() -> None:
+    conn = negotiating()
+    with pytest.raises(LocalProtocolError):
+        conn.reply_ok(1)
+    conn = transmitting(contexts=("base:allocation",))
+    with pytest.raises(LocalProtocolError, match="each selected context"):
+        conn.reply_block_status(1, [("qemu:allocation-depth", [(1, 0)])])
+    with pytest.raises(LocalProtocolError, match="extent length 0"):
+        conn.reply_block_status(1, [("base:allocation", [(0, 0)])])
+    with pytest.raises(LocalProtocolError, match="positive"):
+        conn.reply_error(1, 0)
