@@ -19,10 +19,10 @@ from typing import NoReturn
 
 from .. import __version__
 from ..errors import AddCowError
-from . import check, convert, create, info, lifecycle, mapping, reshape, serve
+from . import check, convert, create, info, io, lifecycle, mapping, reshape, serve
 from .common import CommandError
 
-COMMANDS = (check, convert, create, info, lifecycle, mapping, reshape, serve)
+COMMANDS = (check, convert, create, info, io, lifecycle, mapping, reshape, serve)
 
 
 class _Parser(argparse.ArgumentParser):
