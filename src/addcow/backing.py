@@ -68,6 +68,9 @@ class BlockSource(Protocol):
     def block_status_at(self, offset: int, length: int, depth: int) -> Iterator[Extent]:
         """Extents covering [offset, offset+length), tagged from ``depth``."""
 
+    def file_ids(self) -> set[tuple[int, int]]:
+        """(device, inode) of every file this source reads, down the chain."""
+
     def close(self) -> None: ...
 
 
@@ -134,6 +137,10 @@ class RawFile:
         if offset + length > end:
             lo = max(offset, end)
             yield Extent(lo, offset + length - lo, depth, False, True, None)
+
+    def file_ids(self) -> set[tuple[int, int]]:
+        st = os.fstat(self._fd)
+        return {(st.st_dev, st.st_ino)}
 
     def close(self) -> None:
         if self._fd >= 0:

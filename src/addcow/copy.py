@@ -17,6 +17,7 @@ from . import sysio
 from .backing import BlockSource, ChainGuard, RawFile, sniff_format
 from .errors import AddCowError, ImageFileError
 from .image import AddCowImage
+from .locking import lock_raw
 
 CHUNK = 4 << 20
 """Bytes read per request while copying or comparing."""
@@ -58,12 +59,8 @@ def copy_to_raw(
 ) -> CopyStats:
     """Write the whole virtual content of ``src`` to a new sparse raw file."""
     stats = CopyStats(size=src.size)
+    fd = open_target(src, dst_path)
     try:
-        fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise ImageFileError(f"{dst_path}: cannot create: {exc.strerror}") from exc
-    try:
-        os.ftruncate(fd, src.size)
         buf = bytearray(CHUNK)
         pos = 0
         while pos < src.size:
@@ -82,6 +79,35 @@ def copy_to_raw(
     finally:
         os.close(fd)
     return stats
+
+
+def open_target(src: BlockSource, dst_path: str) -> int:
+    """Create or empty ``dst_path`` as a sparse file of ``src``'s size, safely.
+
+    The file is checked before anything is truncated: it must not be any file
+    ``src`` reads (which would destroy the source while copying it), and it is
+    locked for writing as QEMU would, so a file in use is refused.
+    """
+    try:
+        fd = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ImageFileError(f"{dst_path}: cannot create: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) in src.file_ids():
+            raise ImageFileError(
+                f"{dst_path}: the target is a file of the source image; refusing to overwrite it"
+            )
+        lock_raw(fd, dst_path, writable=True)
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, src.size)
+    except OSError as exc:
+        os.close(fd)
+        raise ImageFileError(f"{dst_path}: {exc.strerror}") from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _copy_data(

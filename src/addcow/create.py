@@ -199,7 +199,7 @@ def _write_metadata(
     directory = os.path.dirname(path) or "."
     old_fd = None
     if os.path.lexists(path):
-        old_fd = _open_or_fail(path, os.O_RDONLY)
+        old_fd = _open_or_fail(path, os.O_RDWR)  # an exclusive lock needs write access
     try:
         if old_fd is not None:
             lock_whole(old_fd, path, exclusive=True)

@@ -82,6 +82,10 @@ class ReadOnlyError(AddCowError):
     """A write was attempted on an image opened read-only."""
 
 
+class SlowZeroError(AddCowError):
+    """Zeroing was asked to be fast (NBD FAST_ZERO) and would not be; nothing changed."""
+
+
 class ClosedImageError(AddCowError):
     """The image was used after close()."""
 

@@ -48,6 +48,30 @@ Crash ordering (why a crash never exposes zeros or garbage)
        the bitmap and backing.
     If writing bitmap pages fails, they stay dirty in memory and the error is
     raised; the on-disk bitmap is only ever behind, never ahead.
+
+Completing while in use: releasing the backing, detaching in place
+    A server streaming an image (``addcow serve --stream``) finishes it without
+    closing it. :meth:`release_backing` closes the backing file of a complete
+    image. Why that is safe with requests still arriving: a bit never goes back
+    to 0, and every path that reads the backing (``readinto``, copy on write,
+    ``populate``, ``block_status``) decides to do so from bits it saw unset.
+    Copy on write and populate hold claims on those clusters and set the bits
+    only after their backing reads, so once every bit is set none of them is
+    still reading it; a read or block status that looked at the bitmap *after*
+    it became full sees only set bits and never touches the backing. What is
+    left are readers that looked *before* and may still be inside the backing:
+    the caller must let those drain first (the server waits for every request
+    that was in flight when it saw the image complete). Then
+    :meth:`release_backing` flushes (data, bitmap, then the ALL_ALLOCATED flag
+    of a version 2 header), sets ``_all_allocated`` so readers stop consulting
+    the bitmap, and only then closes the backing.
+    :meth:`detach_in_place` then removes the .add-cow file as
+    :func:`addcow.lifecycle.detach` does (trim the image file, unlink, sync the
+    directory) but keeps the image open: from then on it is *detached*, a raw
+    disk. Nothing writes the .add-cow file any more (it is gone; its descriptor
+    stays open until :meth:`close`): every bit is set, so writes never change
+    the bitmap, ``flush`` only ``fdatasync``\ s the image file, and header
+    changes (resize, rebase, amend) are refused.
     If syncing the *image file* fails, the kernel may already have dropped the
     unwritten data, and a later sync could report success without it; so the
     image stops accepting writes and flushes (fail-stop, like dm-clone's fail
@@ -93,6 +117,7 @@ from .errors import (
     LockError,
     RangeError,
     ReadOnlyError,
+    SlowZeroError,
 )
 from .format import (
     MAX_CLUSTERS,
@@ -142,13 +167,14 @@ class AddCowImage:
         self.backing = backing
         self._meta_fd = meta_fd
         self._image_fd = image_fd
-        self._all_allocated = header.all_allocated
+        self._all_allocated = header.all_allocated or bitmap.full
         self._closed = False
         self._lock = threading.Lock()
         self._claims_done = threading.Condition(self._lock)
         self._claimed: set[tuple[int, int]] = set()  # runs of clusters being allocated
         self._flush_lock = threading.Lock()
         self._failed: str | None = None
+        self._detached = False
 
     # -- opening ------------------------------------------------------------------
 
@@ -192,7 +218,10 @@ class AddCowImage:
             size = _virtual_size(header, image_fd, image_path)
             bitmap = read_bitmap(meta_fd, path, header, size)
             backing = None
-            if with_backing and header.backing_name is not None and not header.all_allocated:
+            # A complete image (flag set, or every bit set) never reads its backing:
+            # it is not opened, so it may already have been removed.
+            complete = header.all_allocated or bitmap.full
+            if with_backing and header.backing_name is not None and not complete:
                 fmt = header.backing_format or _probe_v1_backing(
                     header.backing_name, path, probe_backing
                 )
@@ -206,12 +235,18 @@ class AddCowImage:
             for fd in opened:
                 os.close(fd)
             raise
-        if not readonly and header.autoclear_features:
-            try:
-                image._rewrite_features(header.with_changes(autoclear_features=0))
-            except BaseException:
-                image.close()
-                raise
+        if not readonly and header.version >= 2:
+            flags = header.compatible_features
+            if bitmap.full:
+                flags |= V2_COMPAT_ALL_ALLOCATED  # a crash came between bitmap and flag
+            if header.autoclear_features or flags != header.compatible_features:
+                try:
+                    image._rewrite_features(
+                        header.with_changes(autoclear_features=0, compatible_features=flags)
+                    )
+                except BaseException:
+                    image.close()
+                    raise
         return image
 
     # -- properties ---------------------------------------------------------------
@@ -232,6 +267,11 @@ class AddCowImage:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def detached(self) -> bool:
+        """True after :meth:`detach_in_place`: the .add-cow file is gone."""
+        return self._detached
 
     @property
     def image_fd(self) -> int:
@@ -372,14 +412,29 @@ class AddCowImage:
             buffers.append(tail)
         sysio.pwrite_full(self._image_fd, buffers, start, self.image_path)
 
-    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = True) -> None:
+    def write_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = True, fast: bool = False
+    ) -> None:
         """Make [offset, offset+length) read as zero.
 
         Whole clusters are punched out of the image file (``may_unmap``) or zeroed
         in place, and marked allocated; partial clusters get zero bytes written.
+        With ``fast`` it is done only if it is fast, else nothing changes and
+        :class:`SlowZeroError` is raised (NBD's FAST_ZERO): the range must cover
+        whole clusters (the disk's end counts), and the file system must punch
+        the hole (``may_unmap``) or zero the range in place (FALLOC_FL_ZERO_RANGE)
+        instead of the fallback that writes zero bytes.
         """
         self._check_write(offset, length)
         lo, hi = self._whole_clusters(offset, length)
+        if fast and (lo != offset or hi != offset + length):
+            raise SlowZeroError(
+                f"{self.path}: zeroing {length} bytes at {offset} is fast only over whole "
+                f"{self.cluster_size}-byte clusters"
+            )
+        if fast:
+            self._zero_whole(lo, hi, unmap=may_unmap, allocate=True, fast=True)
+            return
         if lo >= hi:
             self._write_zero_bytes(offset, length)
             return
@@ -409,11 +464,14 @@ class AddCowImage:
         hi = end if end == self.size else end & ~mask
         return lo, max(lo, hi)
 
-    def _zero_whole(self, lo: int, hi: int, *, unmap: bool, allocate: bool) -> None:
+    def _zero_whole(
+        self, lo: int, hi: int, *, unmap: bool, allocate: bool, fast: bool = False
+    ) -> None:
         """Zero the whole clusters of [lo, hi) and set their bits.
 
         With ``allocate`` False (discard) an unsupported hole punch is not an
-        error: the clusters are then left as they were.
+        error: the clusters are then left as they were. With ``fast`` an
+        unsupported punch or zero range raises SlowZeroError (nothing changed).
         """
         bits = self.cluster_bits
         first, end = lo >> bits, (hi + self.cluster_size - 1) >> bits
@@ -422,8 +480,14 @@ class AddCowImage:
             if unmap:
                 punched = sysio.punch_hole(self._image_fd, lo, hi - lo, self.image_path)
                 if not punched and allocate:
+                    if fast:
+                        raise SlowZeroError(f"{self.image_path}: cannot punch holes")
                     sysio.zero_range(self._image_fd, lo, hi - lo, self.image_path)
                 commit = punched or allocate
+            elif fast:
+                if not sysio.try_zero_range(self._image_fd, lo, hi - lo, self.image_path):
+                    raise SlowZeroError(f"{self.image_path}: cannot zero ranges in place")
+                commit = True
             else:
                 sysio.zero_range(self._image_fd, lo, hi - lo, self.image_path)
                 commit = True
@@ -550,6 +614,13 @@ class AddCowImage:
             return
         self._check_not_failed()
         with self._flush_lock:
+            if self._detached:  # the .add-cow file is gone: a raw disk now
+                try:
+                    sysio.fdatasync(self._image_fd, self.image_path)
+                except AddCowIOError as exc:
+                    self._failed = str(exc)
+                    raise
+                return
             with self._lock:
                 chunks = self.bitmap.take_dirty()
                 now_full = self.bitmap.full and not self._all_allocated
@@ -572,9 +643,10 @@ class AddCowImage:
                     with self._lock:
                         self.bitmap.mark_dirty(chunks)
                     raise
-            if now_full and self.header.version >= 2:
-                flags = self.header.compatible_features | V2_COMPAT_ALL_ALLOCATED
-                self._rewrite_features(self.header.with_changes(compatible_features=flags))
+            if now_full:
+                if self.header.version >= 2:
+                    flags = self.header.compatible_features | V2_COMPAT_ALL_ALLOCATED
+                    self._rewrite_features(self.header.with_changes(compatible_features=flags))
                 self._all_allocated = True
 
     def _rewrite_features(self, header: Header) -> None:
@@ -583,12 +655,63 @@ class AddCowImage:
         Only those 16 bytes of the first sector are written: the names stay where
         they are, so a torn write cannot damage them.
         """
+        self._check_attached()
         write_features(self._meta_fd, self.path, header)
         self.header = header
 
     def _rewrite_header(self, header: Header) -> None:
+        self._check_attached()
         write_header(self._meta_fd, self.path, header, self.header.header_size)
         self.header = header
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise ImageFileError(f"{self.path}: detached (the .add-cow file was removed)")
+
+    def release_backing(self) -> None:
+        """Close the backing chain of a complete image that stays open.
+
+        See "Completing while in use" above: the caller must first let every
+        call that began before the image became complete return. This flushes
+        (a version 2 header gets ALL_ALLOCATED), then sets the in-memory
+        all-allocated state so readers ignore the bitmap, then closes the
+        backing. Raises BackingError if a cluster is still unallocated.
+        """
+        self._check_write(0, 0)
+        if not self.complete:
+            missing = self.total_clusters - self.allocated_clusters
+            raise BackingError(
+                f"{self.path}: {missing} clusters are still read from the backing file"
+            )
+        self.flush()
+        self._all_allocated = True  # version 1: the full bitmap is durable, same meaning
+        backing, self.backing = self.backing, None
+        if backing is not None:
+            backing.close()
+
+    def detach_in_place(self) -> str:
+        """Remove the .add-cow file but keep serving the image file; return its path.
+
+        The steps of :func:`addcow.lifecycle.detach` (flush, trim the image file,
+        unlink, sync the directory) without closing: afterwards the image is
+        :attr:`detached` and behaves as a raw disk (see "Completing while in
+        use"). Needs :meth:`release_backing` first.
+        """
+        self._check_write(0, 0)
+        if self._detached:
+            return self.image_path
+        if not self._all_allocated or self.backing is not None:
+            raise BackingError(f"{self.path}: release_backing() must come before detaching")
+        self.flush()
+        self.trim_image_file()
+        with self._flush_lock:
+            try:
+                os.unlink(self.path)
+            except OSError as exc:
+                raise AddCowIOError.wrap(f"{self.path}: remove", exc) from exc
+            self._detached = True
+        sysio.sync_directory(os.path.dirname(self.path) or ".")
+        return self.image_path
 
     def rewrite_header(self, header: Header) -> None:
         """Flush, then replace the header by ``header`` (same header_size), durably.
@@ -602,6 +725,13 @@ class AddCowImage:
 
     # -- changing the image's backing or size -----------------------------------------
     # These need the image to themselves: no request may be in flight meanwhile.
+
+    def file_ids(self) -> set[tuple[int, int]]:
+        """(device, inode) of the .add-cow file, the image file and the backing chain."""
+        ids = {(st.st_dev, st.st_ino) for st in map(os.fstat, (self._meta_fd, self._image_fd))}
+        if self.backing is not None:
+            ids |= self.backing.file_ids()
+        return ids
 
     def chain_guard(self) -> ChainGuard:
         """A loop guard that already holds this image's own two files."""
@@ -661,6 +791,7 @@ class AddCowImage:
         header (version 2) or the image file's size (version 1) as the commit.
         """
         self._check_write(0, 0)
+        self._check_attached()
         if not 0 < new_size <= MAX_IMAGE_SIZE:
             raise RangeError(f"{self.path}: new size {new_size} outside 1..{MAX_IMAGE_SIZE}")
         if cluster_count(new_size, self.cluster_bits) > MAX_CLUSTERS:

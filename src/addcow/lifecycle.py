@@ -31,7 +31,7 @@ from .backing import (
     open_image_file,
     resolve_name,
 )
-from .errors import AddCowError, AddCowIOError
+from .errors import AddCowError, AddCowIOError, BackingFormatError
 from .format import V1_CLUSTER_BITS, V1_HEADER_SIZE, Header
 from .image import AddCowImage
 from .locking import lock_raw
@@ -272,8 +272,13 @@ def commit(image: AddCowImage, *, progress: Callable[[int], None] | None = None)
     from the backing. Returns the bytes committed.
     """
     header = image.header
-    if header.backing_name is None or header.backing_format is None:
+    if header.backing_name is None:
         raise AddCowError(f"{image.path}: the image has no backing file to commit into")
+    if header.backing_format is None:
+        raise BackingFormatError(
+            f"{image.path}: the backing format is not recorded; record it first with "
+            f"'addcow rebase -u -b {os.fsdecode(header.backing_name)} -F raw {image.path}'"
+        )
     path = resolve_name(header.backing_name, image.path)
     guard = image.chain_guard()
     if header.backing_format == "add-cow":

@@ -118,8 +118,13 @@ def punch_hole(fd: int, offset: int, length: int, name: str) -> bool:
 
 def zero_range(fd: int, offset: int, length: int, name: str) -> None:
     """Make [offset, offset+length) read as zero while keeping it allocated."""
-    if not _fallocate_flags(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length, name):
+    if not try_zero_range(fd, offset, length, name):
         write_zeros(fd, offset, length, name)
+
+
+def try_zero_range(fd: int, offset: int, length: int, name: str) -> bool:
+    """FALLOC_FL_ZERO_RANGE only (no fallback to writing zeros); False if unsupported."""
+    return _fallocate_flags(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length, name)
 
 
 def _fallocate_flags(fd: int, mode: int, offset: int, length: int, name: str) -> bool:

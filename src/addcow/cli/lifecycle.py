@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="remove the .add-cow file of a complete image, leaving a standalone raw disk",
     )
     p.add_argument("--dry-run", action="store_true", help="check only; remove nothing")
+    p.add_argument(
+        "--keep-backing",
+        action="store_true",
+        help="keep the backing file (always the case: detach never removes a backing "
+        "file, which other images may share; the flag is accepted for scripts that say so)",
+    )
     p.add_argument("filename")
     p.set_defaults(func=run_detach)
 
