@@ -48,6 +48,12 @@ Crash ordering (why a crash never exposes zeros or garbage)
        the bitmap and backing.
     If writing bitmap pages fails, they stay dirty in memory and the error is
     raised; the on-disk bitmap is only ever behind, never ahead.
+    If syncing the *image file* fails, the kernel may already have dropped the
+    unwritten data, and a later sync could report success without it; so the
+    image stops accepting writes and flushes (fail-stop, like dm-clone's fail
+    mode): every later write or flush raises, reads still work, and the bits of
+    the lost writes are never persisted. Reopening the image recovers it: the
+    on-disk bitmap then shows only data that was durable.
 
 Completing while in use: releasing the backing, detaching in place
     A server streaming an image (``addcow serve --stream``) finishes it without
@@ -70,14 +76,8 @@ Completing while in use: releasing the backing, detaching in place
     directory) but keeps the image open: from then on it is *detached*, a raw
     disk. Nothing writes the .add-cow file any more (it is gone; its descriptor
     stays open until :meth:`close`): every bit is set, so writes never change
-    the bitmap, ``flush`` only ``fdatasync``\ s the image file, and header
+    the bitmap, ``flush`` only ``fdatasync``\\ s the image file, and header
     changes (resize, rebase, amend) are refused.
-    If syncing the *image file* fails, the kernel may already have dropped the
-    unwritten data, and a later sync could report success without it; so the
-    image stops accepting writes and flushes (fail-stop, like dm-clone's fail
-    mode): every later write or flush raises, reads still work, and the bits of
-    the lost writes are never persisted. Reopening the image recovers it: the
-    on-disk bitmap then shows only data that was durable.
 
 Locking
     One ``threading.Lock`` guards the bitmap, the claim set and the dirty pages;

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -27,8 +28,9 @@ from collections.abc import Callable
 
 from ..errors import AddCowError
 from ..image import AddCowImage
+from ..nbd.live import LiveOptions
 from ..nbd.server import Export, NBDServer
-from .common import CommandError
+from .common import CommandError, size_arg
 
 DEFAULT_PORT = 10809
 """The IANA port for NBD."""
@@ -66,6 +68,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--pidfile", metavar="F", help="write the server's process id to F")
     p.add_argument("--foreground", action="store_true", help="do not detach once listening")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    live = p.add_argument_group("finishing the images while serving them")
+    live.add_argument(
+        "--copy-on-read",
+        action="store_true",
+        help="copy every cluster a client reads from the backing file into the image file",
+    )
+    live.add_argument(
+        "--stream",
+        action="store_true",
+        help="copy every remaining cluster from the backing file in the background",
+    )
+    live.add_argument(
+        "--stream-rate",
+        type=size_arg,
+        metavar="BYTES/S",
+        help="limit --stream to about this many bytes per second (k, M, G suffixes)",
+    )
+    live.add_argument(
+        "--detach-when-complete",
+        action="store_true",
+        help="once every cluster is in the image file, remove the .add-cow file and go "
+        "on serving the raw image file",
+    )
     p.add_argument("files", nargs="+", metavar="FILE", help="add-cow images to export")
     p.set_defaults(func=run)
 
@@ -77,6 +102,16 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--socket cannot be combined with --bind or --port")
     if args.port is not None and not 0 <= args.port <= 65535:
         raise CommandError(f"invalid port {args.port}: expected 0..65535")
+    live_wanted = args.copy_on_read or args.stream or args.detach_when_complete
+    if args.read_only and live_wanted:
+        raise CommandError(
+            "--copy-on-read, --stream and --detach-when-complete write the image: "
+            "not with --read-only"
+        )
+    if args.stream_rate is not None and not args.stream:
+        raise CommandError("--stream-rate needs --stream")
+    if args.stream_rate == 0:
+        raise CommandError("--stream-rate must be more than 0")
     if args.shared < 0:
         raise CommandError(f"invalid --shared {args.shared}: expected 0 or more")
     names = list(args.export_name or [])
@@ -92,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="addcow serve: %(message)s",
     )
+    # Streaming progress and completion are always reported (on stderr).
+    logging.getLogger("addcow.serve.live").setLevel(logging.INFO)
     if args.stdio or args.foreground:
         return _serve(args, names, _print_ready)
     return _daemonize(lambda ready: _serve(args, names, ready))
@@ -106,8 +143,14 @@ def _serve(args: argparse.Namespace, names: list[str], ready: Callable[[str], No
     try:
         for path in args.files:
             images.append(AddCowImage.open(path, readonly=args.read_only))
+        options = LiveOptions(
+            copy_on_read=args.copy_on_read,
+            stream=args.stream,
+            stream_rate=args.stream_rate,
+            detach_when_complete=args.detach_when_complete,
+        )
         exports = [
-            Export.from_image(image, name, read_only=args.read_only)
+            Export.from_image(image, name, read_only=args.read_only, live=options)
             for image, name in zip(images, names, strict=True)
         ]
     except BaseException:
@@ -117,7 +160,23 @@ def _serve(args: argparse.Namespace, names: list[str], ready: Callable[[str], No
     if args.stdio:
         # stdout is the protocol channel now: nothing else may be written to it.
         sys.stdout = sys.stderr
-    return asyncio.run(_main(args, exports, ready))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_main(args, exports, ready))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when installed (``pip install addcow[fast]``), else asyncio's.
+
+    ``ADDCOW_EVENT_LOOP=asyncio`` forces the standard loop (to compare the two).
+    """
+    if os.environ.get("ADDCOW_EVENT_LOOP") == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def _main(
@@ -129,6 +188,7 @@ async def _main(
     socket_path: str | None = None
     try:
         if args.stdio:
+            server.start_live()
             await server.serve_stdio()
             server.stop()
         else:
@@ -147,6 +207,7 @@ async def _main(
                 _write_pidfile(args.pidfile)
             files = ", ".join(args.files)
             ready(f"addcow: serving {files} on {uri}")
+            server.start_live()
             await server.wait_stopped()
     except BaseException:
         server.stop()

@@ -1050,6 +1050,11 @@ def _zero_runs(data: memoryview, offset: int) -> list[tuple[int, int, bool]]:
     """Split data into (lo, hi, is_zero) runs at HOLE_GRANULARITY boundaries of the disk."""
     obj = _whole(data)
     length = len(data)
+    if _ZERO_RUN not in obj:
+        # No zero block anywhere (the common case for data): one data chunk, found
+        # by one C-level search instead of a comparison per block. At most a
+        # partial block at either end is then sent as data, which is allowed.
+        return [(0, length, False)]
     runs: list[tuple[int, int, bool]] = []
     gran = HOLE_GRANULARITY
     pos = 0

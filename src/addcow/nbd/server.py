@@ -48,14 +48,24 @@ import os
 import signal
 import socket
 import stat
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from ..errors import AddCowError, AddCowIOError, ClosedImageError, RangeError, ReadOnlyError
+from ..errors import (
+    AddCowError,
+    AddCowIOError,
+    ClosedImageError,
+    RangeError,
+    ReadOnlyError,
+    SlowZeroError,
+)
 from ..image import AddCowImage
+from . import live
 from . import protocol as nbd
+from .live import LiveOptions, LiveState
 from .protocol import (
     NEED_DATA,
     AbortRequested,
@@ -82,11 +92,15 @@ MAX_EXTENTS = 1 << 16
 """Most extents examined for one BLOCK_STATUS (the spec lets a reply fall short)."""
 SHUTDOWN_GRACE = 10.0
 """Seconds a connection's requests get to finish at shutdown."""
-INLINE_READ_MAX = 64 << 10
+INLINE_READ_MAX = 1 << 20
 """Reads up to this size run in the event loop instead of the pool (0: never).
 
 They block the loop for one ``pread`` (from the page cache, usually), which costs
 far less than handing the request to a thread and back."""
+
+
+INLINE_WRITE_MAX = 64 << 10
+"""Writes up to this size into allocated clusters run in the event loop (0: never)."""
 
 
 @dataclass
@@ -95,14 +109,25 @@ class Export:
 
     info: ExportInfo
     image: AddCowImage
+    live: LiveState = field(default_factory=LiveState)
 
     @classmethod
-    def from_image(cls, image: AddCowImage, name: str, *, read_only: bool) -> Export:
+    def from_image(
+        cls,
+        image: AddCowImage,
+        name: str,
+        *,
+        read_only: bool,
+        live: LiveOptions | None = None,
+    ) -> Export:
         backing = getattr(image.backing, "path", None)
         description = f"add-cow image {image.path} (data in {image.image_path}"
         description += f", backing file {backing})" if backing else ")"
         info = ExportInfo(name=name, size=image.size, read_only=read_only, description=description)
-        return cls(info, image)
+        return cls(info, image, LiveState(live or LiveOptions()))
+
+
+_T = TypeVar("_T")
 
 
 def nbd_errno(exc: BaseException) -> int:
@@ -197,6 +222,54 @@ class NBDServer:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._count = 0
+        # Library calls in the pool (live.finish waits for them) and how many
+        # of them serve clients (streaming yields to those).
+        self.calls: set[asyncio.Future[Any]] = set()
+        self.client_calls = 0
+
+    # -- the thread pool and the live features ----------------------------------------
+
+    def call(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run a library call in the pool, tracked in :attr:`calls`."""
+        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        self.calls.add(future)
+        future.add_done_callback(self.calls.discard)
+        return future
+
+    async def _client_call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        self.client_calls += 1
+        try:
+            return await self.call(fn, *args)
+        finally:
+            self.client_calls -= 1
+
+    def start_live(self) -> None:
+        """Start copy on read and streaming tasks; finish exports already complete."""
+        for export in self.exports:
+            state = export.live
+            if export.info.read_only:
+                continue
+            if state.options.copy_on_read:
+                state.cor_queue = asyncio.Queue(live.COR_QUEUE)
+                state.tasks.append(asyncio.create_task(live.copy_on_read_worker(self, export)))
+            if state.options.stream and not export.image.complete:
+                state.tasks.append(asyncio.create_task(live.stream(self, export)))
+            self.check_complete(export)
+
+    def check_complete(self, export: Export) -> None:
+        """Once every cluster is allocated, release the backing (and detach) once."""
+        state = export.live
+        if state.finishing or export.info.read_only or not export.image.complete:
+            return
+        if export.image.closed or self._stopping:
+            return
+        state.finishing = True
+        state.tasks.append(asyncio.create_task(live.finish(self, export)))
+
+    async def _copy_on_read(self, export: Export, offset: int, length: int) -> None:
+        queue = export.live.cor_queue
+        if queue is not None and live.has_unallocated(export, offset, length):
+            await queue.put((offset, length))
 
     # -- listening ------------------------------------------------------------------
 
@@ -267,6 +340,8 @@ class NBDServer:
             await asyncio.wait(tasks, timeout=3 * SHUTDOWN_GRACE)
         if self._requests:
             await asyncio.wait(self._requests, timeout=SHUTDOWN_GRACE)
+        for export in self.exports:
+            await live.stop_tasks(export, SHUTDOWN_GRACE)
         # No request may still be inside the library when its image closes: wait
         # for every thread, then close (which flushes) in this thread.
         self._pool.shutdown(wait=True)
@@ -349,8 +424,27 @@ class NBDServer:
                     # The peer is gone: nobody will read the replies of what it
                     # still had in the pipe, so do not run them.
                     return
+                export = client.export
+                if export is not None:
+                    export.live.last_request = time.monotonic()
+                if (
+                    event.command == nbd.CMD_WRITE
+                    and export is not None
+                    and event.length <= INLINE_WRITE_MAX
+                    and not event.flags & nbd.CMD_FLAG_FUA
+                    and _allocated(export.image, event.offset, event.length)
+                ):
+                    client.send(self._inline_write(client, conn, event))
+                    continue
                 if event.command == nbd.CMD_READ and event.length <= INLINE_READ_MAX:
                     client.send(self._inline_read(client, conn, event))
+                    # Inline replies skip the payload budget: bound them by the
+                    # transport's buffer instead (a client that never reads its
+                    # replies stops being read from).
+                    if client.writer.transport.get_write_buffer_size() > MAX_PAYLOAD:
+                        await _drain(client.writer)
+                    if export is not None and export.live.cor_queue is not None:
+                        await self._copy_on_read(export, event.offset, event.length)
                     continue
                 cost = event.length if event.command in _PAYLOAD_COMMANDS else 0
                 await client.budget.acquire(cost)
@@ -406,6 +500,22 @@ class NBDServer:
         df = bool(req.flags & nbd.CMD_FLAG_DF)
         return conn.reply_read(req.cookie, req.offset, memoryview(buf), df=df)
 
+    def _inline_write(self, client: _Client, conn: ServerConnection, req: Request) -> bytes:
+        """A small write into allocated clusters, done in the event loop.
+
+        No copy on write, no claim and no bitmap change: one ``pwrite`` into the
+        page cache, cheaper than a round trip through the pool.
+        """
+        export = client.export
+        if export is None:  # pragma: no cover - set before requests
+            raise RuntimeError("request before the export is known")
+        try:
+            export.image.write(req.data if req.data is not None else b"", req.offset)
+        except (AddCowError, OSError) as exc:
+            log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
+            return conn.reply_error(req.cookie, nbd_errno(exc), str(exc))
+        return conn.reply_ok(req.cookie)
+
     async def _execute(self, client: _Client, req: Request, cost: int) -> None:
         conn, export = client.conn, client.export
         try:
@@ -421,6 +531,11 @@ class NBDServer:
                 log.exception("%s: %s failed unexpectedly", client.label, _describe(req))
                 reply = conn.reply_error(req.cookie, nbd.EIO, f"internal error: {exc}")
             client.send(reply)
+            command = req.command
+            if command in _ALLOCATING_COMMANDS:
+                self.check_complete(export)
+            elif command in _PAYLOAD_COMMANDS and export.live.cor_queue is not None:
+                await self._copy_on_read(export, req.offset, req.length)
             await _drain(client.writer)
         finally:
             await client.budget.release(cost)
@@ -429,58 +544,70 @@ class NBDServer:
         self, conn: ServerConnection, export: Export, req: Request
     ) -> bytes | list[bytes | memoryview]:
         image = export.image
-        loop = asyncio.get_running_loop()
+        call = self._client_call
         command, flags, offset, length = req.command, req.flags, req.offset, req.length
         fua = bool(flags & nbd.CMD_FLAG_FUA)
         if command == nbd.CMD_READ:
             buf = bytearray(length)
-            await loop.run_in_executor(self._pool, image.readinto, buf, offset)
+            await call(image.readinto, buf, offset)
             return conn.reply_read(
                 req.cookie, offset, memoryview(buf), df=bool(flags & nbd.CMD_FLAG_DF)
             )
         if command == nbd.CMD_WRITE:
             data = req.data if req.data is not None else b""
-            await loop.run_in_executor(self._pool, lambda: image.write(data, offset, fua=fua))
+            await call(_write, image, data, offset, fua)
         elif command == nbd.CMD_FLUSH:
-            await loop.run_in_executor(self._pool, image.flush)
+            await call(image.flush)
         elif command == nbd.CMD_TRIM:
-            await loop.run_in_executor(
-                self._pool, _then_flush(image, fua, image.discard), offset, length
-            )
+            await call(_then_flush(image, fua, image.discard), offset, length)
         elif command == nbd.CMD_WRITE_ZEROES:
-            if flags & nbd.CMD_FLAG_FAST_ZERO and not _fast_zero(image, offset, length):
-                # "if NBD_CMD_FLAG_FAST_ZERO is set, the server MUST fail quickly with
-                # NBD_ENOTSUP unless the request can be serviced in less time than a
-                # corresponding NBD_CMD_WRITE, and SHOULD NOT alter the contents".
-                # Partial clusters are written as zero bytes, no faster than a write.
-                return conn.reply_error(
-                    req.cookie,
-                    nbd.ENOTSUP,
-                    f"zeroing is fast only over whole {image.cluster_size}-byte clusters",
-                )
             may_unmap = not flags & nbd.CMD_FLAG_NO_HOLE
+            fast = bool(flags & nbd.CMD_FLAG_FAST_ZERO)
 
             def zero() -> None:
-                image.write_zeroes(offset, length, may_unmap=may_unmap)
+                image.write_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
                 if fua:
                     image.flush()
 
-            await loop.run_in_executor(self._pool, zero)
+            try:
+                await call(zero)
+            except SlowZeroError as exc:
+                # "if NBD_CMD_FLAG_FAST_ZERO is set, the server MUST fail quickly with
+                # NBD_ENOTSUP unless the request can be serviced in less time than a
+                # corresponding NBD_CMD_WRITE, and SHOULD NOT alter the contents". The
+                # library refuses before changing anything when zeroing would mean
+                # writing zero bytes (partial clusters, or a file system that can
+                # neither punch holes nor zero ranges in place).
+                return conn.reply_error(req.cookie, nbd.ENOTSUP, str(exc))
         elif command == nbd.CMD_CACHE:
             # "performing the actions of NBD_CMD_READ but replying with just status":
             # the bytes land in the page cache (and, with copy-on-read, the image).
-            await loop.run_in_executor(self._pool, image.readinto, bytearray(length), offset)
+            await call(image.readinto, bytearray(length), offset)
         elif command == nbd.CMD_BLOCK_STATUS:
             contexts = conn.contexts
             req_one = bool(flags & nbd.CMD_FLAG_REQ_ONE)
-            extents = await loop.run_in_executor(
-                self._pool, block_status, image, offset, length, contexts, req_one
-            )
+            extents = await call(block_status, image, offset, length, contexts, req_one)
             return conn.reply_block_status(req.cookie, extents)
         return conn.reply_ok(req.cookie)
 
 
+def _allocated(image: AddCowImage, offset: int, length: int) -> bool:
+    """Whether a write to the range needs no copy on write (one cluster, or complete)."""
+    if image.complete:
+        return True
+    bits = image.cluster_bits
+    first = offset >> bits
+    if length <= 0 or first != (offset + length - 1) >> bits:
+        return False
+    return bool(image.bitmap.data[first >> 3] >> (first & 7) & 1)
+
+
+def _write(image: AddCowImage, data: bytes, offset: int, fua: bool) -> None:
+    image.write(data, offset, fua=fua)
+
+
 _PAYLOAD_COMMANDS = (nbd.CMD_READ, nbd.CMD_WRITE, nbd.CMD_CACHE)
+_ALLOCATING_COMMANDS = (nbd.CMD_WRITE, nbd.CMD_WRITE_ZEROES, nbd.CMD_TRIM)
 
 
 async def _drain(writer: asyncio.StreamWriter) -> None:
@@ -508,13 +635,6 @@ def _then_flush(
             image.flush()
 
     return run
-
-
-def _fast_zero(image: AddCowImage, offset: int, length: int) -> bool:
-    """Whether write_zeroes of the range touches whole clusters only (the end counts)."""
-    size = image.cluster_size
-    end = offset + length
-    return offset % size == 0 and (end % size == 0 or end == image.size)
 
 
 def block_status(

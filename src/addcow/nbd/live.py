@@ -1,0 +1,260 @@
+"""Finishing an image while it is served: copy on read, streaming, completion, detach.
+
+``addcow serve --copy-on-read``
+    After the reply to a READ (or CACHE) that touched unallocated clusters has
+    been sent, the range goes into a bounded queue; one task per export takes
+    ranges from it and runs :meth:`~addcow.image.AddCowImage.populate` in the
+    thread pool. Populate copies only clusters that are still unallocated and
+    claims them while it copies, so a cluster a client wrote (before, or while
+    the copy ran) is never overwritten. The queue holds at most
+    :data:`COR_QUEUE` ranges; when it is full the connection waits before it
+    reads its next request (back pressure, bounded memory). Doing it after the
+    reply keeps the read's latency that of a plain read.
+
+``addcow serve --stream [--stream-rate BYTES/S]``
+    A task per export walks the bitmap and populates the unallocated clusters
+    in spans (:data:`SPAN_IDLE` bytes, :data:`SPAN_BUSY` while clients are
+    active) in the thread pool. It yields to client I/O: before each span it
+    waits, up to :data:`MAX_YIELD` seconds, until no client call is in the
+    pool and no request arrived for :data:`BUSY_WINDOW` seconds, so a busy
+    client slows the stream down without ever stopping it. Progress is made
+    durable by a flush every :data:`COMMIT_BYTES` or :data:`COMMIT_SECONDS`,
+    and logged every :data:`PROGRESS_SECONDS` (logger ``addcow.serve.live``).
+
+Completion (always, for writable exports)
+    When every bit is set (by streaming, copy on read or client writes) the
+    server waits for the library calls that were in the pool at that moment
+    (the only ones that may still be reading the backing file; see
+    "Completing while in use" in :mod:`addcow.image`), then calls
+    :meth:`~addcow.image.AddCowImage.release_backing`: the image is flushed,
+    a version 2 header gets ALL_ALLOCATED, reads go straight to the raw file
+    and the backing file is closed. With ``--detach-when-complete`` it then
+    calls :meth:`~addcow.image.AddCowImage.detach_in_place`: the .add-cow file
+    is removed and the connected clients go on using the raw file through the
+    same open descriptor; from then on a FLUSH only syncs that file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..errors import AddCowError
+
+if TYPE_CHECKING:
+    from .server import Export, NBDServer
+
+log = logging.getLogger("addcow.serve.live")
+
+COR_QUEUE = 256
+"""Ranges waiting for copy on read, per export."""
+SPAN_IDLE = 8 << 20
+"""Bytes streamed per populate call when no client is active."""
+SPAN_BUSY = 1 << 20
+"""Bytes streamed per populate call while clients are active."""
+BUSY_WINDOW = 0.02
+"""A client that sent a request this recently (seconds) counts as active."""
+MAX_YIELD = 0.2
+"""Longest wait (seconds) for clients to go quiet before the next span."""
+COMMIT_BYTES = 256 << 20
+"""The stream flushes after this many bytes..."""
+COMMIT_SECONDS = 5.0
+"""...or this many seconds, whichever comes first."""
+PROGRESS_SECONDS = 2.0
+"""Seconds between progress lines."""
+
+
+@dataclass
+class LiveOptions:
+    """What the server does to finish an export while serving it."""
+
+    copy_on_read: bool = False
+    stream: bool = False
+    stream_rate: int | None = None
+    detach_when_complete: bool = False
+
+
+@dataclass
+class LiveState:
+    """Per-export run-time state of the live features."""
+
+    options: LiveOptions = field(default_factory=LiveOptions)
+    last_request: float = 0.0
+    finishing: bool = False
+    cor_queue: asyncio.Queue[tuple[int, int]] | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def has_unallocated(export: Export, offset: int, length: int) -> bool:
+    """Whether [offset, offset+length) touches a cluster still read from the backing."""
+    image = export.image
+    if length <= 0 or image.complete:
+        return False
+    bits = image.cluster_bits
+    first, last = offset >> bits, (offset + length - 1) >> bits
+    if first == last:
+        return not image.bitmap.data[first >> 3] >> (first & 7) & 1
+    return image.bitmap.find(first, last + 1, False) <= last
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def missing_bytes(export: Export) -> int:
+    image = export.image
+    missing = image.total_clusters - image.allocated_clusters
+    return max(0, min(image.size, missing << image.cluster_bits))
+
+
+async def copy_on_read_worker(server: NBDServer, export: Export) -> None:
+    """Populate the ranges clients read from the backing, one after the other."""
+    state, image = export.live, export.image
+    queue = state.cor_queue
+    assert queue is not None
+    buffer = bytearray(4 << 20)
+    failures = 0
+    while True:
+        offset, length = await queue.get()
+        try:
+            # Merge ranges that are already waiting and touch this one.
+            while not queue.empty() and length < (8 << 20):
+                nxt_off, nxt_len = queue.get_nowait()
+                queue.task_done()
+                if nxt_off == offset + length:
+                    length += nxt_len
+                else:
+                    await _populate(server, export, offset, length, buffer)
+                    offset, length = nxt_off, nxt_len
+            await _populate(server, export, offset, length, buffer)
+        except AddCowError as exc:
+            failures += 1
+            if failures <= 3:
+                log.warning("%s: copy on read failed: %s", image.path, exc)
+        finally:
+            queue.task_done()
+        server.check_complete(export)
+
+
+async def _populate(
+    server: NBDServer, export: Export, offset: int, length: int, buffer: bytearray
+) -> None:
+    if has_unallocated(export, offset, length):
+        await server.call(export.image.populate, offset, length, buffer)
+
+
+async def stream(server: NBDServer, export: Export) -> None:
+    """Copy every unallocated cluster in the background, yielding to clients."""
+    state, image = export.live, export.image
+    rate = state.options.stream_rate
+    bits, clusters = image.cluster_bits, image.total_clusters
+    total = missing_bytes(export)
+    log.info("%s: streaming %s from the backing file", image.path, _mib(total))
+    buffer = bytearray(4 << 20)
+    started = last_flush = last_log = time.monotonic()
+    done = since_flush = copied = zero = 0
+    pos = 0
+    wrapped = False
+    while not image.complete:
+        busy = await _yield_to_clients(server, state)
+        first = image.bitmap.find(pos, clusters, False)
+        if first >= clusters:
+            if wrapped:
+                # The rest is being allocated by client writes right now.
+                await asyncio.sleep(0.01)
+            pos, wrapped = 0, True
+            continue
+        wrapped = False
+        span_bytes = SPAN_BUSY if busy else SPAN_IDLE
+        if rate:  # about ten steps a second, so the rate holds over short times too
+            span_bytes = min(span_bytes, rate // 10)
+        span = max(1, span_bytes >> bits)
+        end = image.bitmap.find(first, min(clusters, first + span), True)
+        lo, hi = first << bits, min(end << bits, image.size)
+        w, z = await server.call(image.populate, lo, hi - lo, buffer)
+        copied, zero = copied + w, zero + z
+        done += hi - lo
+        since_flush += hi - lo
+        pos = end
+        now = time.monotonic()
+        if since_flush >= COMMIT_BYTES or now - last_flush >= COMMIT_SECONDS:
+            await server.call(image.flush)
+            since_flush, last_flush = 0, time.monotonic()
+        if now - last_log >= PROGRESS_SECONDS:
+            last_log = now
+            left = missing_bytes(export)
+            percent = 100.0 * (total - left) / total if total else 100.0
+            log.info(
+                "%s: stream progress: %s of %s (%.0f%%), %.1f MiB/s",
+                image.path,
+                _mib(total - left),
+                _mib(total),
+                percent,
+                done / (1 << 20) / max(now - started, 1e-9),
+            )
+        if rate:
+            ahead = done / rate - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+    seconds = time.monotonic() - started
+    log.info(
+        "%s: stream complete: %s copied, %s left as zero, %.2f s",
+        image.path,
+        _mib(copied),
+        _mib(zero),
+        seconds,
+    )
+    server.check_complete(export)
+
+
+async def _yield_to_clients(server: NBDServer, state: LiveState) -> bool:
+    """Wait (bounded) for clients to be quiet; True if they were active."""
+    deadline = time.monotonic() + MAX_YIELD
+    busy = False
+    while time.monotonic() < deadline:
+        quiet = time.monotonic() - state.last_request >= BUSY_WINDOW
+        if quiet and not server.client_calls:
+            return busy
+        busy = True
+        await asyncio.sleep(BUSY_WINDOW / 2)
+    return busy
+
+
+async def finish(server: NBDServer, export: Export) -> None:
+    """The image is complete: release the backing, then detach if asked."""
+    image = export.image
+    # Only calls already in the pool may still be reading the backing file.
+    pending = set(server.calls)
+    if pending:
+        await asyncio.wait(pending)
+    try:
+        had_backing = image.backing is not None
+        await server.call(image.release_backing)
+        log.info(
+            "%s: complete: every cluster is in %s, ALL_ALLOCATED is durable%s; "
+            "serving the raw file directly",
+            image.path,
+            image.image_path,
+            ", backing file closed" if had_backing else "",
+        )
+        if export.live.options.detach_when_complete:
+            raw = await server.call(image.detach_in_place)
+            log.info("%s: detached: removed the .add-cow file; serving %s", image.path, raw)
+    except AddCowError as exc:
+        log.error("%s: finishing the image failed: %s", image.path, exc)
+
+
+async def stop_tasks(export: Export, grace: float) -> None:
+    """At shutdown: let queued copy on read finish (bounded), stop the rest."""
+    state = export.live
+    if state.cor_queue is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.cor_queue.join(), grace)
+    for task in state.tasks:
+        task.cancel()
+    if state.tasks:
+        await asyncio.wait(state.tasks, timeout=grace)
