@@ -88,9 +88,9 @@ def make_images(work: Path, base: Path, size: int) -> tuple[Path, Path]:
 
 
 @contextmanager
-def server(kind: str, image: Path, sock: Path, extra: tuple[str, ...] = ()) -> Iterator[
-    subprocess.Popen[bytes]
-]:
+def server(
+    kind: str, image: Path, sock: Path, extra: tuple[str, ...] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
     sock.unlink(missing_ok=True)
     if kind == "addcow":
         cmd = [ADDCOW, "serve", "--foreground", "--socket", str(sock), *extra, str(image)]
@@ -148,9 +148,7 @@ def rss_case(work: Path, seconds: int) -> float:
     return rss_kb / 1024
 
 
-def compare(
-    runs: int, measure: Callable[[str], float], higher_is_better: bool
-) -> dict[str, float]:
+def compare(runs: int, measure: Callable[[str], float], higher_is_better: bool) -> dict[str, float]:
     figures: dict[str, list[float]] = {"addcow": [], "qemu-nbd": []}
     ratios = []
     for i in range(runs):

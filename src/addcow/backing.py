@@ -191,7 +191,7 @@ def sniff_format(path: str) -> str | None:
     try:
         fd = sysio.open_file(path, os.O_RDONLY)
         try:
-            head = os.pread(fd, 128, 0)
+            head = sysio.pread_upto(fd, 128, 0, path)
         finally:
             os.close(fd)
     except OSError as exc:

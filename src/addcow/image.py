@@ -98,6 +98,7 @@ from .backing import (
     BlockSource,
     ChainGuard,
     Extent,
+    RawFile,
     choose_backing_format,
     open_backing,
     open_image_file,
@@ -378,6 +379,87 @@ class AddCowImage:
                 self._write_runs(view, offset, first, last + 1)
         if fua:
             self.flush()
+
+    def write_nowait(self, data: Buffer, offset: int) -> bool:
+        """Write ``data`` at ``offset`` if that needs no waiting; False: nothing done.
+
+        For a caller that must not block (an event loop): a write inside one
+        cluster that is allocated, or unallocated, unclaimed and with the rest of
+        its cluster in the page cache (a raw backing file read with
+        ``RWF_NOWAIT``). Crash ordering as :meth:`write`: the bit is set after
+        the data is written. Anything else returns False, for :meth:`write`.
+        """
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        length = view.nbytes
+        self._check_write(offset, length)
+        bits = self.cluster_bits
+        first = offset >> bits
+        if length == 0 or self._all_allocated:
+            if length:
+                sysio.pwrite_full(self._image_fd, [view], offset, self.image_path)
+            return True
+        if first != (offset + length - 1) >> bits:
+            return False
+        bitmap = self.bitmap
+        if not bitmap.data[first >> 3] >> (first & 7) & 1:
+            if not isinstance(self.backing, RawFile) and self.backing is not None:
+                return False
+            with self._lock:
+                if any(a <= first < b for a, b in self._claimed):
+                    return False
+                claims = [] if bitmap.is_set(first) else [(first, first + 1)]
+                self._claimed.update(claims)
+            if claims:
+                try:
+                    done = self._copy_on_write_nowait(view, offset, first)
+                except BaseException:
+                    self._release(claims, commit=False)
+                    raise
+                self._release(claims, commit=done)
+                return done
+        sysio.pwrite_full(self._image_fd, [view], offset, self.image_path)
+        return True
+
+    def _copy_on_write_nowait(self, part: memoryview, lo: int, cluster: int) -> bool:
+        """One cluster's copy on write if the backing bytes are cached; else False."""
+        start = cluster << self.cluster_bits
+        stop = min(start + self.cluster_size, self.size)
+        hi = lo + len(part)
+        buffers = [part]
+        if lo > start:
+            head = memoryview(bytearray(lo - start))
+            if not self._read_backing_nowait(head, start):
+                return False
+            buffers.insert(0, head)
+        if hi < stop:
+            tail = memoryview(bytearray(stop - hi))
+            if not self._read_backing_nowait(tail, hi):
+                return False
+            buffers.append(tail)
+        sysio.pwrite_full(self._image_fd, buffers, start, self.image_path)
+        return True
+
+    def _read_backing_nowait(self, view: memoryview, offset: int) -> bool:
+        """:meth:`_read_backing` from the page cache only (raw backing); False if not."""
+        backing = self.backing
+        if backing is None:
+            self._read_backing(view, offset)
+            return True
+        if not isinstance(backing, RawFile):
+            return False
+        inside = max(0, min(len(view), backing.size - offset))
+        if inside:
+            try:
+                n = os.preadv(backing.fd, [view[:inside]], offset, os.RWF_NOWAIT)
+            except OSError:
+                return False  # not cached, or no RWF_NOWAIT here: the caller waits
+            if n != inside:
+                return False
+        if inside < len(view):
+            sysio.fill_zero(view[inside:])
+        return True
 
     def _write_runs(self, view: memoryview, offset: int, first: int, end: int) -> None:
         bits = self.cluster_bits
@@ -1003,17 +1085,11 @@ class ImageFile(io.RawIOBase):
 
 def read_header(fd: int, path: str) -> Header:
     """Read and validate the header of an open .add-cow file."""
-    try:
-        head = os.pread(fd, PAGE, 0)
-    except OSError as exc:
-        raise AddCowIOError.wrap(f"{path}: read header", exc) from exc
+    head = sysio.pread_upto(fd, PAGE, 0, f"{path}: read header")
     if len(head) >= 56 and head[8:12] == b"\x02\x00\x00\x00":
         header_size = int.from_bytes(head[52:56], "little")
         if PAGE < header_size <= MAX_HEADER_SIZE and header_size % PAGE == 0:
-            try:
-                head = os.pread(fd, header_size, 0)
-            except OSError as exc:
-                raise AddCowIOError.wrap(f"{path}: read header", exc) from exc
+            head = sysio.pread_upto(fd, header_size, 0, f"{path}: read header")
     try:
         return Header.unpack(head)
     except HeaderError as exc:

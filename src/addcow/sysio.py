@@ -51,6 +51,27 @@ def pread_full(fd: int, view: memoryview, offset: int, name: str) -> None:
         done += n
 
 
+def pread_upto(fd: int, length: int, offset: int, what: str) -> bytes:
+    """Up to ``length`` bytes from ``offset``, fewer only at the end of the file.
+
+    One ``pread`` may return less than asked before the end of the file (a
+    signal, a network file system); this reads on until it has them all.
+    ``what`` names the file and the read in error messages.
+    """
+    chunks: list[bytes] = []
+    done = 0
+    while done < length:
+        try:
+            chunk = os.pread(fd, length - done, offset + done)
+        except OSError as exc:
+            raise AddCowIOError.wrap(what, exc) from exc
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
+
+
 def pread_zero_fill(fd: int, view: memoryview, offset: int, name: str) -> None:
     """Fill ``view`` from ``offset``; bytes past the end of the file read as zero."""
     done = 0

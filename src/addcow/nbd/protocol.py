@@ -211,6 +211,9 @@ MAX_OPTIONS = 4096
 DEFAULT_MIN_BLOCK = 1
 DEFAULT_PREFERRED_BLOCK = 4096
 DEFAULT_MAX_BLOCK = 1 << 25
+# Bytes before the data in a buffer for reply_read_into: a structured chunk
+# header and its offset (a simple reply's header fits in it as well).
+READ_HEADROOM = 28
 # Reads at least this long are searched for zero runs of this granularity, sent
 # as OFFSET_HOLE chunks instead of data.
 HOLE_GRANULARITY = 4096
@@ -891,7 +894,13 @@ class ServerConnection:
         )
 
     def reply_read(
-        self, cookie: int, offset: int, data: memoryview, *, df: bool = False
+        self,
+        cookie: int,
+        offset: int,
+        data: memoryview,
+        *,
+        df: bool = False,
+        base: bytearray | None = None,
     ) -> list[bytes | memoryview]:
         """The reply to a successful READ of ``data`` at ``offset``, as buffers.
 
@@ -911,6 +920,9 @@ class ServerConnection:
             # "If the area being read contains both data and a hole, the server MUST
             # use NBD_REPLY_TYPE_OFFSET_DATA with the zeroes explicitly present."
             runs = [(0, length, _is_zero(data, 0, length))]
+        elif base is not None:
+            # data is base[READ_HEADROOM:][:length]: scan it there, without a copy.
+            runs = _zero_runs_in(base, READ_HEADROOM, length, offset)
         else:
             runs = _zero_runs(data, offset)
         out: list[bytes | memoryview] = []
@@ -936,6 +948,31 @@ class ServerConnection:
                 )
                 out.append(data[lo:hi])
         return out
+
+    def reply_read_into(
+        self, buf: bytearray, cookie: int, offset: int, length: int, *, df: bool = False
+    ) -> list[bytes | memoryview]:
+        """:meth:`reply_read` for data already read into ``buf[READ_HEADROOM:][:length]``.
+
+        When the reply is one chunk (the usual case for data) its header is
+        written into the headroom, so the reply is one buffer: a view of ``buf``.
+        """
+        self._check_transmission()
+        end = READ_HEADROOM + length
+        view = memoryview(buf)
+        if not self.structured:
+            start = READ_HEADROOM - _SIMPLE_REPLY.size
+            _SIMPLE_REPLY.pack_into(buf, start, SIMPLE_REPLY_MAGIC, 0, cookie)
+            return [view[start:end]]
+        if length >= HOLE_GRANULARITY and not _has_zero_segment(buf, READ_HEADROOM, length, offset):
+            # No zero segment: one data chunk (as reply_read would send).
+            _CHUNK.pack_into(
+                buf, 0, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
+                cookie, 8 + length,
+            )  # fmt: skip
+            _U64.pack_into(buf, _CHUNK.size, offset)
+            return [view[:end]]
+        return self.reply_read(cookie, offset, view[READ_HEADROOM:end], df=df, base=buf)
 
     def reply_block_status(
         self, cookie: int, extents: Sequence[tuple[str, Sequence[tuple[int, int]]]]
@@ -1048,9 +1085,35 @@ def _is_zero(data: memoryview, lo: int, hi: int) -> bool:
 
 def _zero_runs(data: memoryview, offset: int) -> list[tuple[int, int, bool]]:
     """Split data into (lo, hi, is_zero) runs at HOLE_GRANULARITY boundaries of the disk."""
-    obj = _whole(data)
-    length = len(data)
-    if _ZERO_RUN not in obj:
+    return _zero_runs_in(_whole(data), 0, len(data), offset)
+
+
+def _has_zero_segment(obj: bytes | bytearray, start: int, length: int, offset: int) -> bool:
+    """Whether a segment of :func:`_zero_runs_in` (disk-aligned) is all zero.
+
+    Looks at the first byte of each segment with one strided slice and
+    compares whole segments only where that byte is zero.
+    """
+    end = start + length
+    gran = HOLE_GRANULARITY
+    first = min(end, start + (-offset) % gran)  # the first disk-aligned segment
+    if first > start and not obj[start] and obj.startswith(_ZERO_RUN[: first - start], start):
+        return True
+    samples = obj[first:end:gran]
+    i = samples.find(0)
+    while i >= 0:
+        pos = first + i * gran
+        if obj.startswith(_ZERO_RUN[: min(gran, end - pos)], pos):
+            return True
+        i = samples.find(0, i + 1)
+    return False
+
+
+def _zero_runs_in(
+    obj: bytes | bytearray, start: int, length: int, offset: int
+) -> list[tuple[int, int, bool]]:
+    """:func:`_zero_runs` of ``obj[start:start+length]`` (positions from ``start``)."""
+    if obj.find(_ZERO_RUN, start, start + length) < 0:
         # No zero block anywhere (the common case for data): one data chunk, found
         # by one C-level search instead of a comparison per block. At most a
         # partial block at either end is then sent as data, which is allowed.
@@ -1062,7 +1125,7 @@ def _zero_runs(data: memoryview, offset: int) -> list[tuple[int, int, bool]]:
         # Segments end on absolute multiples of the granularity, so holes line up
         # with the disk's blocks even for an unaligned read.
         end = min(length, (offset + pos) // gran * gran + gran - offset)
-        zero = obj.startswith(_ZERO_RUN[: end - pos], pos)
+        zero = obj.startswith(_ZERO_RUN[: end - pos], start + pos)
         if runs and runs[-1][2] == zero:
             runs[-1] = (runs[-1][0], end, zero)
         else:

@@ -16,6 +16,15 @@ Design
     single asyncio thread writes every reply whole, so replies never
     interleave on the wire.
 
+    The hot paths stay in the event loop: reads up to ``INLINE_READ_MAX`` and
+    writes inside one cluster (copy on write included, when the backing bytes
+    are in the page cache). A reply goes straight to the socket with one
+    ``writev`` when the transport has nothing queued (else to the transport);
+    an inline read is read into a reused buffer behind room for its chunk
+    header; small replies of inline writes are held and sent together when the
+    session next waits. A reply is always sent after its request's work is
+    done, so a write's data is in the image file before its reply leaves.
+
 Bounds (per connection)
     At most :data:`MAX_REQUESTS` requests in flight and :data:`MAX_PAYLOAD`
     bytes of read/write payload held by them; the reading task waits for room
@@ -100,7 +109,18 @@ far less than handing the request to a thread and back."""
 
 
 INLINE_WRITE_MAX = 64 << 10
-"""Writes up to this size into allocated clusters run in the event loop (0: never)."""
+"""Writes up to this size inside one cluster run in the event loop (0: never).
+
+Into an allocated cluster that is one ``pwrite``; into an unallocated one it is
+the copy on write of that cluster, when the backing bytes are in the page cache
+(:meth:`~addcow.image.AddCowImage.write_nowait`); otherwise the pool does it."""
+MAX_FREE_BUFFERS = 16
+"""Inline read buffers one connection keeps for reuse (and tracks while lent)."""
+MAX_HELD = 64
+"""Small replies held back at most before they are sent together."""
+SEND_BUFFER = 4 << 20
+"""SO_SNDBUF asked for each connection (the kernel caps it at ``wmem_max``)."""
+_IOV_MAX = 1024
 
 
 @dataclass
@@ -183,6 +203,21 @@ class _Client:
     def __init__(self, label: str, writer: asyncio.StreamWriter) -> None:
         self.label = label
         self.writer = writer
+        # The socket's descriptor, for replies written straight to it (-1: pipes).
+        self.fd = -1
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        # Buffers for inline reads: free ones, and those lent to the transport
+        # with a reply it could not send at once (free again once it is empty).
+        self.free_buffers: list[bytearray] = []
+        self.lent_buffers: list[bytearray] = []
+        # Small replies held back to leave with the next reply, or when the
+        # session goes back to the socket for more requests (one ``writev`` for
+        # a pipeline of write replies instead of one each).
+        self.held: list[bytes] = []
         self.conn: ServerConnection | None = None
         self.export: Export | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -190,14 +225,54 @@ class _Client:
         self.task: asyncio.Task[Any] | None = None
         self.finishing = False
 
-    def send(self, data: bytes | Sequence[bytes | memoryview]) -> None:
-        if self.writer.is_closing():
-            return
-        if isinstance(data, bytes):
-            if data:
-                self.writer.write(data)
-        else:
-            self.writer.writelines(data)
+    def send(self, data: bytes | Sequence[bytes | memoryview]) -> bool:
+        """Send one reply whole, after those before it.
+
+        When nothing is queued in the transport, the reply is written straight
+        to the socket (one ``writev``, no copy, no deferred write); what the
+        socket does not take is queued in the transport, which keeps references
+        to the buffers. Returns True if nobody holds the buffers any longer
+        (everything was sent, or the connection is gone), so they may be reused.
+        """
+        writer = self.writer
+        if writer.is_closing():
+            self.held.clear()
+            return True
+        buffers = [data] if isinstance(data, bytes) else data
+        if self.held:
+            buffers = [*self.held, *buffers]
+            self.held.clear()
+        elif isinstance(data, bytes) and not data:
+            return True
+        transport = writer.transport
+        sent = 0
+        if self.fd >= 0 and len(buffers) <= _IOV_MAX and not transport.get_write_buffer_size():
+            try:
+                sent = os.writev(self.fd, buffers)
+            except OSError:
+                sent = 0  # full (or broken: the transport then finds out and reports it)
+            if sent == sum(map(len, buffers)):
+                return True
+        rest: list[bytes | memoryview] = []
+        for b in buffers:
+            if sent >= len(b):
+                sent -= len(b)
+                continue
+            rest.append(b[sent:] if sent else b)
+            sent = 0
+        writer.writelines(rest)
+        return False
+
+    def hold(self, reply: bytes) -> None:
+        """Send a small reply with the next one, or at the latest by :meth:`flush`."""
+        self.held.append(reply)
+        if len(self.held) >= MAX_HELD:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the replies held back (before the session waits for anything)."""
+        if self.held:
+            self.send(b"")
 
 
 class NBDServer:
@@ -386,6 +461,7 @@ class NBDServer:
     async def _finish(self, client: _Client) -> None:
         """Let requests in flight reply, then close the connection."""
         client.finishing = True
+        client.flush()
         if client.tasks:
             _done, pending = await asyncio.wait(client.tasks, timeout=SHUTDOWN_GRACE)
             if pending:
@@ -412,8 +488,10 @@ class NBDServer:
         client.send(conn.initiate())
         while True:
             event = conn.next_event()
-            client.send(conn.data_to_send())
+            if not isinstance(event, Request):  # requests queue no output
+                client.send(conn.data_to_send())
             if event is NEED_DATA:
+                client.flush()
                 if self._stopping:
                     return
                 await client.writer.drain()
@@ -432,21 +510,25 @@ class NBDServer:
                     and export is not None
                     and event.length <= INLINE_WRITE_MAX
                     and not event.flags & nbd.CMD_FLAG_FUA
-                    and _allocated(export.image, event.offset, event.length)
                 ):
-                    client.send(self._inline_write(client, conn, event))
-                    continue
+                    reply = self._inline_write(client, conn, export, event)
+                    if reply is not None:
+                        client.hold(reply)
+                        continue
                 if event.command == nbd.CMD_READ and event.length <= INLINE_READ_MAX:
-                    client.send(self._inline_read(client, conn, event))
+                    self._inline_read(client, conn, event)
                     # Inline replies skip the payload budget: bound them by the
                     # transport's buffer instead (a client that never reads its
                     # replies stops being read from).
                     if client.writer.transport.get_write_buffer_size() > MAX_PAYLOAD:
+                        client.flush()
                         await _drain(client.writer)
                     if export is not None and export.live.cor_queue is not None:
+                        client.flush()
                         await self._copy_on_read(export, event.offset, event.length)
                     continue
                 cost = event.length if event.command in _PAYLOAD_COMMANDS else 0
+                client.flush()
                 await client.budget.acquire(cost)
                 task = asyncio.create_task(self._execute(client, event, cost))
                 client.tasks.add(task)
@@ -480,40 +562,59 @@ class NBDServer:
 
     # -- requests -----------------------------------------------------------------------
 
-    def _inline_read(
-        self, client: _Client, conn: ServerConnection, req: Request
-    ) -> list[bytes | memoryview] | bytes:
-        """A small read done in the event loop: no task, no thread hand-off.
+    def _inline_read(self, client: _Client, conn: ServerConnection, req: Request) -> None:
+        """A read done in the event loop, and its reply sent: no task, no thread hand-off.
 
+        The data is read into the connection's reply buffer after room for the
+        chunk header, so a reply of one data chunk leaves in one ``writev`` of
+        one buffer; the buffer is reused when the socket took it all at once.
         Measured with ``fio --ioengine=nbd`` 4 KiB random reads at iodepth 32 on a
         warm page cache: about 2.7 times the IOPS of sending them to the pool.
         """
         export = client.export
         if export is None:  # pragma: no cover - set before requests
             raise RuntimeError("request before the export is known")
-        buf = bytearray(req.length)
+        end = nbd.READ_HEADROOM + req.length
+        free = client.free_buffers
+        if client.lent_buffers and not client.writer.transport.get_write_buffer_size():
+            # Every byte queued in the transport has reached the socket: the
+            # buffers it was given may be written again.
+            free.extend(client.lent_buffers)
+            client.lent_buffers.clear()
+        buf = free.pop() if free else bytearray(end)
+        if len(buf) < end:
+            buf = bytearray(end)
         try:
-            export.image.readinto(buf, req.offset)
+            export.image.readinto(memoryview(buf)[nbd.READ_HEADROOM : end], req.offset)
         except (AddCowError, OSError) as exc:
             log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
-            return conn.reply_error(req.cookie, nbd_errno(exc), str(exc))
+            client.send(conn.reply_error(req.cookie, nbd_errno(exc), str(exc)))
+            free.append(buf)
+            return
         df = bool(req.flags & nbd.CMD_FLAG_DF)
-        return conn.reply_read(req.cookie, req.offset, memoryview(buf), df=df)
+        if client.send(conn.reply_read_into(buf, req.cookie, req.offset, req.length, df=df)):
+            if len(free) < MAX_FREE_BUFFERS:
+                free.append(buf)
+        elif len(client.lent_buffers) < MAX_FREE_BUFFERS:
+            client.lent_buffers.append(buf)
 
-    def _inline_write(self, client: _Client, conn: ServerConnection, req: Request) -> bytes:
-        """A small write into allocated clusters, done in the event loop.
+    def _inline_write(
+        self, client: _Client, conn: ServerConnection, export: Export, req: Request
+    ) -> bytes | None:
+        """A small write inside one cluster done in the event loop, or None (for the pool).
 
-        No copy on write, no claim and no bitmap change: one ``pwrite`` into the
-        page cache, cheaper than a round trip through the pool.
+        Into an allocated cluster: one ``pwrite``. Into an unallocated one: its
+        copy on write when nothing needs waiting for (no other writer's claim,
+        backing bytes in the page cache); cheaper than a round trip through the pool.
         """
-        export = client.export
-        if export is None:  # pragma: no cover - set before requests
-            raise RuntimeError("request before the export is known")
         try:
-            export.image.write(req.data if req.data is not None else b"", req.offset)
+            data = req.data if req.data is not None else b""
+            if not export.image.write_nowait(data, req.offset):
+                return None
         except (AddCowError, OSError) as exc:
             log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
             return conn.reply_error(req.cookie, nbd_errno(exc), str(exc))
+        self.check_complete(export)
         return conn.reply_ok(req.cookie)
 
     async def _execute(self, client: _Client, req: Request, cost: int) -> None:
@@ -589,17 +690,6 @@ class NBDServer:
             extents = await call(block_status, image, offset, length, contexts, req_one)
             return conn.reply_block_status(req.cookie, extents)
         return conn.reply_ok(req.cookie)
-
-
-def _allocated(image: AddCowImage, offset: int, length: int) -> bool:
-    """Whether a write to the range needs no copy on write (one cluster, or complete)."""
-    if image.complete:
-        return True
-    bits = image.cluster_bits
-    first = offset >> bits
-    if length <= 0 or first != (offset + length - 1) >> bits:
-        return False
-    return bool(image.bitmap.data[first >> 3] >> (first & 7) & 1)
 
 
 def _write(image: AddCowImage, data: bytes, offset: int, fua: bool) -> None:
