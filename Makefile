@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
           nbdinfo:libnbd-bin nbdsh:libnbd-bin nbdcopy:libnbd-bin fio:fio
 
-.PHONY: test demo lint venv system-deps bench clean
+.PHONY: test demo lint venv system-deps bench clean campaign
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: venv
 
 test: venv system-deps lint
 	$(BIN)/pytest -q
+
+# The long reliability campaigns (docs/reliability.md): power loss, kill -9,
+# faults at every I/O call site, hostile images. Under 30 minutes on 2 cores.
+campaign: venv system-deps
+	ADDCOW_CAMPAIGN=1 $(BIN)/pytest -q -s tests/crash tests/test_hostile_images.py
 
 demo: venv system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
