@@ -130,10 +130,6 @@ class Bitmap:
         for offset, chunk in chunks:
             self._dirty.update(range(offset // PAGE, (offset + len(chunk) + PAGE - 1) // PAGE))
 
-    @property
-    def dirty(self) -> bool:
-        return bool(self._dirty)
-
     def padding_bits(self) -> int:
         """The bits past the last cluster in the last byte (must be zero)."""
         spare = len(self.data) * 8 - self.clusters

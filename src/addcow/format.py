@@ -367,8 +367,3 @@ def _check_padding_zero(buf: bytes, header_size: int, used: list[tuple[int, int]
             first = pos + len(gap) - len(gap.lstrip(b"\0"))
             raise HeaderError(f"byte {first}", "zero (unused header space)", buf[first])
         pos = max(pos, off + size)
-
-
-def encode_format(fmt: str | None) -> bytes:
-    """The 16-byte backing_format field for ``fmt`` (None: all zero)."""
-    return (fmt or "").encode("ascii").ljust(FORMAT_FIELD_SIZE, b"\0")
