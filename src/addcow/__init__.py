@@ -26,6 +26,7 @@ from .errors import (
     HeaderError,
     ImageFileError,
     LockError,
+    PathPolicyError,
     RangeError,
     ReadOnlyError,
     UnsupportedFeatureError,
@@ -42,16 +43,24 @@ def open(
     readonly: bool = False,
     force_share: bool = False,
     probe_backing: bool = False,
+    backing_root: str | None = None,
 ) -> AddCowImage:
     """Open an add-cow image.
 
     ``readonly`` takes a shared lock instead of an exclusive one;
     ``force_share`` takes no lock (inspecting an image in use);
     ``probe_backing`` lets a version 1 image without a recorded backing format
-    use the format its backing file appears to have.
+    use the format its backing file appears to have;
+    ``backing_root`` refuses (PathPolicyError) any file the image names, its image
+    file and every backing file down the chain, that resolves outside that
+    directory: for services that open images they did not create.
     """
     return AddCowImage.open(
-        path, readonly=readonly, force_share=force_share, probe_backing=probe_backing
+        path,
+        readonly=readonly,
+        force_share=force_share,
+        probe_backing=probe_backing,
+        backing_root=backing_root,
     )
 
 
@@ -70,6 +79,7 @@ __all__ = [
     "HeaderError",
     "ImageFileError",
     "LockError",
+    "PathPolicyError",
     "RangeError",
     "ReadOnlyError",
     "UnsupportedFeatureError",

@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from . import sysio
-from .errors import BackingError, BackingFormatError, BackingLoopError, ImageFileError
+from .errors import (
+    BackingError,
+    BackingFormatError,
+    BackingLoopError,
+    ImageFileError,
+    PathPolicyError,
+)
 from .format import BACKING_FORMATS
 from .locking import lock_raw
 
@@ -80,6 +86,18 @@ class ChainGuard:
 
     seen: dict[tuple[int, int], str] = field(default_factory=dict)
     depth: int = 0
+    root: str | None = None
+    """With a root, every file an image names must resolve inside this directory."""
+
+    def check_path(self, path: str) -> None:
+        """Refuse a named file outside ``root`` before opening it."""
+        if self.root is not None:
+            _inside_root(self.root, os.path.realpath(path), path)
+
+    def check_open(self, fd: int, path: str) -> None:
+        """Refuse an opened named file outside ``root`` (catches symlink races)."""
+        if self.root is not None:
+            _inside_root(self.root, os.readlink(f"/proc/self/fd/{fd}"), path)
 
     def add(self, fd: int, path: str) -> None:
         """Record a file, refusing one that is already part of the chain."""
@@ -100,17 +118,28 @@ class ChainGuard:
             )
 
 
+def _inside_root(root: str, real: str, path: str) -> None:
+    root = os.path.realpath(root)
+    if os.path.commonpath([real, root]) != root:
+        raise PathPolicyError(
+            f"{path}: resolves to {real}, outside the allowed directory {root} "
+            "(backing_root / --backing-root)"
+        )
+
+
 class RawFile:
     """A raw backing file, opened read-only; reads past its end return zeros."""
 
     def __init__(self, path: str, *, force_share: bool = False, guard: ChainGuard) -> None:
         self.path = path
+        guard.check_path(path)
         try:
             self._fd = sysio.open_file(path, os.O_RDONLY)
         except OSError as exc:
             raise BackingError(f"{path}: cannot open backing file: {exc.strerror}") from exc
         try:
             guard.add(self._fd, path)
+            guard.check_open(self._fd, path)
             if not force_share:
                 lock_raw(self._fd, path, writable=False)
             self._size = sysio.file_size(self._fd, path)

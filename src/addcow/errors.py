@@ -10,6 +10,7 @@ The tree::
     +-- BackingError                a backing file cannot be opened or used
     |   +-- BackingFormatError          format not recorded, unknown, or would need probing
     |   +-- BackingLoopError            a file appears twice in one chain, or the chain is too deep
+    +-- PathPolicyError             a file named by an image is outside the allowed tree
     +-- LockError                   another process holds a conflicting lock
     +-- RangeError                  a request reaches past the end of the image
     +-- ReadOnlyError               a write on an image opened read-only
@@ -68,6 +69,10 @@ class BackingFormatError(BackingError):
 
 class BackingLoopError(BackingError):
     """A file appears twice in one backing chain, or the chain is too deep."""
+
+
+class PathPolicyError(AddCowError):
+    """A file named by an image resolves outside the tree allowed by ``backing_root``."""
 
 
 class LockError(AddCowError):

@@ -188,6 +188,7 @@ class AddCowImage:
         force_share: bool = False,
         probe_backing: bool = False,
         with_backing: bool = True,
+        backing_root: str | None = None,
         guard: ChainGuard | None = None,
     ) -> AddCowImage:
         """Open the image at ``path``; see :func:`addcow.open`.
@@ -199,7 +200,9 @@ class AddCowImage:
         path = os.fspath(path)
         if force_share and not readonly:
             raise LockError(f"{path}: force_share (-U) is only allowed for read-only opens")
-        guard = guard if guard is not None else ChainGuard()
+        guard = guard if guard is not None else ChainGuard(root=backing_root)
+        if guard.depth:  # a backing: its name comes from an image
+            guard.check_path(path)
         try:
             meta_fd = sysio.open_file(path, os.O_RDONLY if readonly else os.O_RDWR)
         except OSError as exc:
@@ -207,13 +210,17 @@ class AddCowImage:
         opened: list[int] = [meta_fd]
         try:
             guard.add(meta_fd, path)
+            if guard.depth:
+                guard.check_open(meta_fd, path)
             if not force_share:
                 lock_whole(meta_fd, path, exclusive=not readonly)
             header = read_header(meta_fd, path)
             image_path = resolve_name(header.image_name, path)
+            guard.check_path(image_path)
             image_fd = open_image_file(image_path, readonly=readonly)
             opened.append(image_fd)
             guard.add(image_fd, image_path)
+            guard.check_open(image_fd, image_path)
             if not force_share:
                 lock_raw(image_fd, image_path, writable=not readonly)
             size = _virtual_size(header, image_fd, image_path)

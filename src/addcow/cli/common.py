@@ -71,6 +71,14 @@ def print_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
+def add_backing_root_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backing-root",
+        metavar="DIR",
+        help="refuse any file the image names (image file, backing chain) outside DIR",
+    )
+
+
 def add_output_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", choices=("human", "json"), default="human", help="output format"

@@ -64,7 +64,7 @@ from typing import TextIO
 
 from ..errors import AddCowError, AddCowIOError
 from ..image import AddCowImage
-from .common import CommandError, parse_size
+from .common import CommandError, add_backing_root_arg, parse_size
 
 BDRV_SECTOR_SIZE = 512
 BDRV_REQUEST_MAX_BYTES = ((2**31 - 1) >> 9) << 9  # 2147483136, as QEMU
@@ -91,6 +91,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-r", "--read-only", action="store_true", help="open read-only")
     p.add_argument("-U", "--force-share", action="store_true", help="open without locking")
+    add_backing_root_arg(p)
     p.add_argument("-f", "--format", dest="fmt", choices=("add-cow",), help="image format")
     p.add_argument("filename")
     p.set_defaults(func=run)
@@ -101,7 +102,12 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"{args.filename}: -U (force share) can only be used with read-only images (-r)"
         )
-    image = AddCowImage.open(args.filename, readonly=args.read_only, force_share=args.force_share)
+    image = AddCowImage.open(
+        args.filename,
+        readonly=args.read_only,
+        force_share=args.force_share,
+        backing_root=args.backing_root,
+    )
     with image:
         session = Session(image, debug=getattr(args, "debug", False))
         if args.commands is not None:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..image import AddCowImage
-from .common import add_output_arg, print_json, size_arg
+from .common import add_backing_root_arg, add_output_arg, print_json, size_arg
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-s", "--start-offset", type=size_arg, default=0)
     p.add_argument("-l", "--max-length", type=size_arg, default=None)
     p.add_argument("-U", "--force-share", action="store_true", help="open without locking")
+    add_backing_root_arg(p)
     p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
     p.add_argument("filename")
     p.set_defaults(func=run)
@@ -51,7 +52,12 @@ def _continues(prev: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    with AddCowImage.open(args.filename, readonly=True, force_share=args.force_share) as image:
+    with AddCowImage.open(
+        args.filename,
+        readonly=True,
+        force_share=args.force_share,
+        backing_root=args.backing_root,
+    ) as image:
         start = min(args.start_offset, image.size)
         length = image.size - start
         if args.max_length is not None:

@@ -30,7 +30,7 @@ from ..errors import AddCowError
 from ..image import AddCowImage
 from ..nbd.live import LiveOptions
 from ..nbd.server import Export, NBDServer
-from .common import CommandError, size_arg
+from .common import CommandError, add_backing_root_arg, size_arg
 
 DEFAULT_PORT = 10809
 """The IANA port for NBD."""
@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--port", type=int, metavar="N", help=f"TCP port (default {DEFAULT_PORT}; 0 picks one)"
     )
     p.add_argument("--read-only", action="store_true", help="export read-only")
+    add_backing_root_arg(p)
     p.add_argument(
         "--export-name",
         action="append",
@@ -142,7 +143,9 @@ def _serve(args: argparse.Namespace, names: list[str], ready: Callable[[str], No
     images: list[AddCowImage] = []
     try:
         for path in args.files:
-            images.append(AddCowImage.open(path, readonly=args.read_only))
+            images.append(
+                AddCowImage.open(path, readonly=args.read_only, backing_root=args.backing_root)
+            )
         options = LiveOptions(
             copy_on_read=args.copy_on_read,
             stream=args.stream,
