@@ -79,6 +79,13 @@ class Bitmap:
             self._dirty.update(range(lo_byte // PAGE, hi_byte // PAGE + 1))
         return added
 
+    def state(self, first: int, end: int) -> int:
+        """1 if every bit of clusters [first, end) is set, 0 if none is, else -1."""
+        bits = int.from_bytes(self.data[first >> 3 : ((end - 1) >> 3) + 1], "little")
+        mask = (1 << (end - first)) - 1
+        bits = (bits >> (first & 7)) & mask
+        return 1 if bits == mask else 0 if bits == 0 else -1
+
     def find(self, pos: int, end: int, value: bool) -> int:
         """First cluster in [pos, end) whose bit equals ``value``, or ``end``."""
         data = self.data
