@@ -103,10 +103,24 @@ def test_the_cli_refuses_with_one_line(tree: tuple[Path, Path]) -> None:
     with open(root / "ok.raw", "wb") as f:
         f.truncate(MiB)
     path = named(root, b"ok.raw", b"../outside/secret.raw")
-    for cmd in (["map"], ["io", "-r", "-c", "read 0 512"]):
-        proc = run_addcow(*cmd, "--backing-root", root, path, check=False)
-        assert proc.returncode == 1, proc
+    commands = (
+        ["map"],
+        ["io", "-r", "-c", "read 0 512"],
+        ["convert", "--backing-root", root, path, root / "out.raw"],
+        ["compare", "--backing-root", root, path, root / "ok.raw"],
+        ["stream"],
+        ["commit"],
+        ["rebase", "-b", "ok.raw", "-F", "raw"],
+    )
+    for cmd in commands:
+        args = cmd if "--backing-root" in cmd else [*cmd, "--backing-root", root, path]
+        proc = run_addcow(*args, check=False)
+        assert proc.returncode == (2 if cmd[0] == "compare" else 1), proc  # compare: 2 = error
         assert proc.stderr.startswith("addcow: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert "outside the allowed directory" in proc.stderr
+    # check reports the refused backing as a finding of an unusable chain (exit 2)
+    proc = run_addcow("check", "--backing-root", root, path, check=False)
+    assert proc.returncode == 2, proc
+    assert "outside the allowed directory" in proc.stderr
     # without the restriction the same image opens (the control for the CLI case)
     assert run_addcow("map", path).returncode == 0

@@ -155,6 +155,7 @@ def check_image(
     *,
     repair: str | None = None,
     force_share: bool = False,
+    backing_root: str | None = None,
 ) -> CheckResult:
     """Check the add-cow image at ``path``; with ``repair`` ("leaks" or "all"), fix it.
 
@@ -171,15 +172,17 @@ def check_image(
     with ExitStack() as stack:
         meta_fd = _open_meta(path, writable=repair is not None)
         stack.callback(os.close, meta_fd)
-        guard = ChainGuard()
+        guard = ChainGuard(root=backing_root)
         guard.add(meta_fd, path)
         if not force_share:
             lock_whole(meta_fd, path, exclusive=repair is not None)
         header = read_header(meta_fd, path)
 
         image_path = resolve_name(header.image_name, path)
+        guard.check_path(image_path)
         image_fd = open_image_file(image_path, readonly=True)
         stack.callback(os.close, image_fd)
+        guard.check_open(image_fd, image_path)
         file_findings: list[_Finding] = []
         try:
             guard.add(image_fd, image_path)

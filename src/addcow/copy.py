@@ -25,7 +25,13 @@ CHUNK = 4 << 20
 _ZERO_CHUNK = bytes(CHUNK)
 
 
-def open_source(path: str, fmt: str | None = None, *, force_share: bool = False) -> BlockSource:
+def open_source(
+    path: str,
+    fmt: str | None = None,
+    *,
+    force_share: bool = False,
+    backing_root: str | None = None,
+) -> BlockSource:
     """Open a file named on the command line as ``fmt`` (add-cow or raw).
 
     Without ``fmt``, a file that starts with the add-cow magic is opened as
@@ -41,7 +47,9 @@ def open_source(path: str, fmt: str | None = None, *, force_share: bool = False)
             )
         fmt = found or "raw"
     if fmt == "add-cow":
-        return AddCowImage.open(path, readonly=True, force_share=force_share)
+        return AddCowImage.open(
+            path, readonly=True, force_share=force_share, backing_root=backing_root
+        )
     if fmt == "raw":
         return RawFile(path, force_share=force_share, guard=ChainGuard())
     raise AddCowError(f"unsupported format {fmt!r}: expected add-cow or raw")

@@ -177,6 +177,8 @@ class AddCowImage:
         self._claimed: set[tuple[int, int]] = set()  # runs of clusters being allocated
         self._flush_lock = threading.Lock()
         self._failed: str | None = None
+        self.backing_root: str | None = None
+        """The directory every file this image names must stay in (None: no limit)."""
         self._detached = False
 
     # -- opening ------------------------------------------------------------------
@@ -241,6 +243,7 @@ class AddCowImage:
             image = cls(
                 path, meta_fd, header, image_path, image_fd, size, bitmap, backing, readonly
             )
+            image.backing_root = guard.root
         except BaseException:
             for fd in opened:
                 os.close(fd)
@@ -855,8 +858,8 @@ class AddCowImage:
         return ids
 
     def chain_guard(self) -> ChainGuard:
-        """A loop guard that already holds this image's own two files."""
-        guard = ChainGuard()
+        """A loop guard that already holds this image's own two files (and its root)."""
+        guard = ChainGuard(root=self.backing_root)
         guard.add(self._meta_fd, self.path)
         guard.add(self._image_fd, self.image_path)
         return guard

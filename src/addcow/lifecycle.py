@@ -281,6 +281,7 @@ def commit(image: AddCowImage, *, progress: Callable[[int], None] | None = None)
         )
     path = resolve_name(header.backing_name, image.path)
     guard = image.chain_guard()
+    guard.check_path(path)
     if header.backing_format == "add-cow":
         with AddCowImage.open(path, guard=guard) as target:
             if target.size < image.size:
@@ -331,6 +332,7 @@ class RawTarget:
         self.fd = open_image_file(path, readonly=False, what="backing file")
         try:
             guard.add(self.fd, path)
+            guard.check_open(self.fd, path)
             lock_raw(self.fd, path, writable=True)
         except BaseException:
             os.close(self.fd)

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from ..check import REPAIR_MODES, CheckResult, check_image
-from .common import CommandError, add_output_arg, print_json
+from .common import CommandError, add_backing_root_arg, add_output_arg, print_json
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,13 +33,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on stdout")
     p.add_argument("filename")
+    add_backing_root_arg(p)
     p.set_defaults(func=run, error_status=1)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.repair and args.force_share:
         raise CommandError("-U cannot be used with -r: a repair needs the image's write lock")
-    result = check_image(args.filename, repair=args.repair, force_share=args.force_share)
+    result = check_image(
+        args.filename,
+        repair=args.repair,
+        force_share=args.force_share,
+        backing_root=args.backing_root,
+    )
     for line in result.messages:
         print(line, file=sys.stderr)
     if not args.quiet:

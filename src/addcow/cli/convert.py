@@ -11,7 +11,7 @@ from ..backing import BlockSource
 from ..copy import copy_to_addcow, copy_to_raw, first_difference, open_source
 from ..create import create
 from ..image import AddCowImage
-from .common import CommandError, parse_options, parse_size
+from .common import CommandError, add_backing_root_arg, parse_options, parse_size
 from .progress import progress_bar
 
 _FORMATS = ("add-cow", "raw")
@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-U", "--force-share", action="store_true", help="open without locking")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("source")
+    add_backing_root_arg(p)
     p.add_argument("target")
     p.set_defaults(func=run_convert)
 
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-U", "--force-share", action="store_true", help="open without locking")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("image1")
+    add_backing_root_arg(p)
     p.add_argument("image2")
     p.set_defaults(func=run_compare, error_status=2)
 
@@ -52,7 +54,9 @@ def run_convert(args: argparse.Namespace) -> int:
         raise CommandError("-o options apply to -O add-cow only")
     if args.dst_fmt == "add-cow" and "image_file" not in options:
         raise CommandError("-O add-cow needs -o image_file=PATH for the new raw image file")
-    src = open_source(args.source, args.src_fmt, force_share=args.force_share)
+    src = open_source(
+        args.source, args.src_fmt, force_share=args.force_share, backing_root=args.backing_root
+    )
     try:
         with progress_bar(src.size, args.progress, "convert") as update:
             if args.dst_fmt == "raw":
@@ -83,9 +87,13 @@ def _convert_to_addcow(
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    a = open_source(args.image1, args.fmt1, force_share=args.force_share)
+    a = open_source(
+        args.image1, args.fmt1, force_share=args.force_share, backing_root=args.backing_root
+    )
     try:
-        b = open_source(args.image2, args.fmt2, force_share=args.force_share)
+        b = open_source(
+            args.image2, args.fmt2, force_share=args.force_share, backing_root=args.backing_root
+        )
         try:
             if a.size != b.size:
                 if args.strict:

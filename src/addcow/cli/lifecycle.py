@@ -7,7 +7,7 @@ import sys
 
 from ..image import AddCowImage
 from ..lifecycle import commit, detach, stream, unallocated_bytes
-from .common import size_arg
+from .common import add_backing_root_arg, size_arg
 from .info import human_size
 from .progress import progress_bar
 
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--rate", type=size_arg, help="limit to about this many bytes per second")
     p.add_argument("-q", dest="quiet", action="store_true", help="no summary line")
     p.add_argument("filename")
+    add_backing_root_arg(p)
     p.set_defaults(func=run_stream)
 
     p = sub.add_parser(
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "file, which other images may share; the flag is accepted for scripts that say so)",
     )
     p.add_argument("filename")
+    add_backing_root_arg(p)
     p.set_defaults(func=run_detach)
 
     p = sub.add_parser(
@@ -49,12 +51,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
     p.add_argument("filename")
+    add_backing_root_arg(p)
     p.set_defaults(func=run_commit)
 
 
 def run_stream(args: argparse.Namespace) -> int:
     with (
-        AddCowImage.open(args.filename) as image,
+        AddCowImage.open(args.filename, backing_root=args.backing_root) as image,
         progress_bar(unallocated_bytes(image), args.progress, "stream") as update,
     ):
         stats = stream(image, rate=args.rate, progress=update)
@@ -68,7 +71,7 @@ def run_stream(args: argparse.Namespace) -> int:
 
 
 def run_detach(args: argparse.Namespace) -> int:
-    image = AddCowImage.open(args.filename)
+    image = AddCowImage.open(args.filename, backing_root=args.backing_root)
     try:
         raw = detach(image, dry_run=args.dry_run)
     finally:
@@ -81,7 +84,9 @@ def run_detach(args: argparse.Namespace) -> int:
 
 
 def run_commit(args: argparse.Namespace) -> int:
-    with AddCowImage.open(args.filename, readonly=True, with_backing=False) as image:
+    with AddCowImage.open(
+        args.filename, readonly=True, with_backing=False, backing_root=args.backing_root
+    ) as image:
         total = image.allocated_clusters << image.cluster_bits
         with progress_bar(total, args.progress, "commit") as update:
             commit(image, progress=update)

@@ -6,7 +6,7 @@ import argparse
 
 from ..image import AddCowImage
 from ..lifecycle import amend, rebase
-from .common import CommandError, parse_options, parse_size
+from .common import CommandError, add_backing_root_arg, parse_options, parse_size
 from .progress import progress_bar
 
 
@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("filename")
+    add_backing_root_arg(p)
     p.set_defaults(func=run_rebase)
 
     p = sub.add_parser("resize", help="change the virtual size")
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("filename")
+    add_backing_root_arg(p)
     p.add_argument("size", help="new size, or +SIZE / -SIZE relative to the current one")
     p.set_defaults(func=run_resize)
 
@@ -38,6 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-o", dest="options", action="append", required=True, help="compat=1|2")
     p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
     p.add_argument("filename")
+    add_backing_root_arg(p)
     p.set_defaults(func=run_amend)
 
 
@@ -46,10 +49,12 @@ def run_rebase(args: argparse.Namespace) -> int:
     if backing is None and args.backing_fmt:
         raise CommandError("-F needs a backing file (-b)")
     if args.unsafe:
-        with AddCowImage.open(args.filename, with_backing=False) as image:
+        with AddCowImage.open(
+            args.filename, with_backing=False, backing_root=args.backing_root
+        ) as image:
             image.set_backing(backing, args.backing_fmt)
         return 0
-    with AddCowImage.open(args.filename) as image:
+    with AddCowImage.open(args.filename, backing_root=args.backing_root) as image:
         todo = (image.total_clusters - image.allocated_clusters) << image.cluster_bits
         with progress_bar(todo, args.progress, "rebase") as update:
             rebase(image, backing, args.backing_fmt, progress=update)
@@ -58,7 +63,7 @@ def run_rebase(args: argparse.Namespace) -> int:
 
 def run_resize(args: argparse.Namespace) -> int:
     text: str = args.size
-    with AddCowImage.open(args.filename) as image:
+    with AddCowImage.open(args.filename, backing_root=args.backing_root) as image:
         if text[:1] in "+-":
             delta = parse_size(text[1:])
             new_size = image.size + delta if text[0] == "+" else image.size - delta
@@ -77,6 +82,8 @@ def run_amend(args: argparse.Namespace) -> int:
     compat = options["compat"]
     if compat not in ("1", "2"):
         raise CommandError(f"invalid compat {compat!r}: expected 1 or 2")
-    with AddCowImage.open(args.filename, with_backing=False) as image:
+    with AddCowImage.open(
+        args.filename, with_backing=False, backing_root=args.backing_root
+    ) as image:
         amend(image, int(compat))
     return 0
