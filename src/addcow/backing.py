@@ -128,53 +128,48 @@ def _inside_root(root: str, real: str, path: str) -> None:
 
 
 class RawFile:
-    """A raw backing file, opened read-only; reads past its end return zeros."""
+    """A raw backing file, opened read-only; reads past its end return zeros.
+
+    ``size`` and ``fd`` are plain attributes (read on the image's read fast path).
+    """
 
     def __init__(self, path: str, *, force_share: bool = False, guard: ChainGuard) -> None:
         self.path = path
         guard.check_path(path)
         try:
-            self._fd = sysio.open_file(path, os.O_RDONLY)
+            self.fd = sysio.open_file(path, os.O_RDONLY)
         except OSError as exc:
             raise BackingError(f"{path}: cannot open backing file: {exc.strerror}") from exc
         try:
-            guard.add(self._fd, path)
-            guard.check_open(self._fd, path)
+            guard.add(self.fd, path)
+            guard.check_open(self.fd, path)
             if not force_share:
-                lock_raw(self._fd, path, writable=False)
-            self._size = sysio.file_size(self._fd, path)
+                lock_raw(self.fd, path, writable=False)
+            self.size = sysio.file_size(self.fd, path)
         except BaseException:
-            os.close(self._fd)
+            os.close(self.fd)
             raise
 
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def fd(self) -> int:
-        return self._fd
-
     def readinto(self, buffer: memoryview, offset: int) -> int:
-        sysio.pread_zero_fill(self._fd, buffer, offset, self.path)
+        sysio.pread_zero_fill(self.fd, buffer, offset, self.path)
         return len(buffer)
 
     def block_status_at(self, offset: int, length: int, depth: int) -> Iterator[Extent]:
-        end = min(offset + length, self._size)
-        for start, stop, has_data in sysio.data_runs(self._fd, offset, end):
+        end = min(offset + length, self.size)
+        for start, stop, has_data in sysio.data_runs(self.fd, offset, end):
             yield Extent(start, stop - start, depth, True, not has_data, start)
         if offset + length > end:
             lo = max(offset, end)
             yield Extent(lo, offset + length - lo, depth, False, True, None)
 
     def file_ids(self) -> set[tuple[int, int]]:
-        st = os.fstat(self._fd)
+        st = os.fstat(self.fd)
         return {(st.st_dev, st.st_ino)}
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def resolve_name(name: bytes, relative_to: str) -> str:
