@@ -661,6 +661,9 @@ class AddCowImage:
         )
         if backing_end < hi:
             extents.append(Extent(backing_end, hi - backing_end, 1, False, True, None))
+        # A raw backing holds the bytes at the same offsets: its data runs are
+        # copied file to file (a reflink where the file system shares extents).
+        copy_from = self.backing.fd if type(self.backing) is RawFile else -1
         written = zero = 0
         for ext in extents:
             if ext.zero:
@@ -675,7 +678,13 @@ class AddCowImage:
                     buffer = bytearray(max(step, _POPULATE_CHUNK))
                 self._read_backing(memoryview(buffer)[:step], pos)
                 w, z = sysio.write_sparse(
-                    self._image_fd, buffer, step, pos, self.image_path, punch=True
+                    self._image_fd,
+                    buffer,
+                    step,
+                    pos,
+                    self.image_path,
+                    punch=True,
+                    copy_from=copy_from,
                 )
                 written += w
                 zero += z

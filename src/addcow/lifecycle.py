@@ -3,8 +3,8 @@
 Streaming copies every unallocated cluster from the backing chain into the
 image file with :meth:`AddCowImage.populate`, in spans of up to
 :data:`STREAM_SPAN` bytes. Its progress is durable as it goes: the image is
-flushed every :data:`COMMIT_BYTES` bytes or :data:`COMMIT_SECONDS` seconds, and
-flush writes data before bits (see :mod:`addcow.image`). A stream killed at any
+flushed after every :data:`COMMIT_BYTES` bytes written or :data:`COMMIT_SECONDS`
+seconds, and flush writes data before bits (see :mod:`addcow.image`). A stream killed at any
 moment (Ctrl-C, kill -9, power loss) therefore leaves an image that reads
 correctly, and running it again skips every cluster whose bit reached the disk
 and copies the rest: the result is the same as an uninterrupted run.
@@ -40,7 +40,7 @@ STREAM_SPAN = 32 << 20
 """Most bytes copied per populate call while streaming."""
 
 COMMIT_BYTES = 256 << 20
-"""Streaming flushes after this many bytes..."""
+"""Streaming flushes after writing this many bytes..."""
 
 COMMIT_SECONDS = 5.0
 """...or this many seconds, whichever comes first."""
@@ -108,7 +108,10 @@ def stream(
         written, zero = image.populate(lo, hi - lo, buffer)
         stats.copied += written
         stats.zero += zero
-        since_commit += hi - lo
+        since_commit += written
+        if written:
+            # start writeback now, so the next flush has less to wait for
+            sysio.start_writeback(image.image_fd, lo, hi - lo)
         pos = end
         if progress is not None:
             progress(hi - lo)

@@ -3,7 +3,8 @@
 Every system call addcow makes on a file goes through :mod:`addcow.sysio` (and a
 few direct ``os`` calls in :mod:`addcow.image`), which look up ``os.pwritev``,
 ``os.preadv``, ``os.pread``, ``os.ftruncate``, ``os.fdatasync``, ``os.fsync``,
-``os.lseek`` at call time and call ``fallocate`` through ``sysio._fallocate``.
+``os.lseek``, ``os.copy_file_range`` at call time and call ``fallocate`` through
+``sysio._fallocate``.
 :class:`Layer` replaces those attributes while it is active (a context manager)
 and, for descriptors whose file (device, inode) it was told to watch:
 
@@ -44,6 +45,7 @@ FAULT_KINDS: dict[str, tuple[str, ...]] = {
     "fsync": (EIO, ENOSPC),
     "fallocate": (EIO, ENOSPC),
     "lseek": (EIO,),
+    "copy_file_range": (EIO, ENOSPC, SHORT),
 }
 ERRNO = {EIO: errno.EIO, ENOSPC: errno.ENOSPC}
 
@@ -120,6 +122,26 @@ class Layer:
             n = _real["pwritev"](fd, buffers, offset)
         if self.record and n:
             self.log.append(("write", name, offset, data[:n]))
+        return n  # type: ignore[no-any-return]
+
+    def copy_file_range(
+        self, src: int, dst: int, count: int, offset_src: int, offset_dst: int
+    ) -> int:
+        """Recorded as a write of the bytes copied (read from the source first)."""
+        name = self._name(dst)
+        if name is None:
+            return _real["copy_file_range"](  # type: ignore[no-any-return]
+                src, dst, count, offset_src, offset_dst
+            )
+        kind = self._fail("copy_file_range", name)
+        if kind in ERRNO:
+            raise OSError(ERRNO[kind], os.strerror(ERRNO[kind]))
+        if kind == SHORT and count > 1:
+            count = max(1, count // 2 - 1)
+        data = _real["pread"](src, count, offset_src)
+        n = _real["copy_file_range"](src, dst, len(data), offset_src, offset_dst)
+        if self.record and n:
+            self.log.append(("write", name, offset_dst, data[:n]))
         return n  # type: ignore[no-any-return]
 
     def preadv(self, fd: int, buffers: list[Any], offset: int) -> int:
@@ -204,7 +226,16 @@ class Layer:
             sysio._fallocate = saved_falloc
 
 
-_OS_CALLS = ("pwritev", "preadv", "pread", "ftruncate", "fdatasync", "fsync", "lseek")
+_OS_CALLS = (
+    "pwritev",
+    "preadv",
+    "pread",
+    "ftruncate",
+    "fdatasync",
+    "fsync",
+    "lseek",
+    "copy_file_range",
+)
 _real: dict[str, Callable[..., Any]] = {n: getattr(os, n) for n in _OS_CALLS}
 _real["fstat"] = os.fstat
 _real["fallocate"] = sysio._fallocate

@@ -11,6 +11,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
@@ -19,10 +20,27 @@ from typing import NoReturn
 
 from .. import __version__
 from ..errors import AddCowError
-from . import check, convert, create, info, io, lifecycle, mapping, reshape, serve
 from .common import CommandError
 
-COMMANDS = (check, convert, create, info, io, lifecycle, mapping, reshape, serve)
+COMMANDS = {
+    # command -> the module (in addcow.cli) that registers it
+    "amend": "reshape",
+    "check": "check",
+    "commit": "lifecycle",
+    "compare": "convert",
+    "convert": "convert",
+    "create": "create",
+    "detach": "lifecycle",
+    "info": "info",
+    "io": "io",
+    "map": "mapping",
+    "rebase": "reshape",
+    "resize": "reshape",
+    "serve": "serve",
+    "stream": "lifecycle",
+}
+"""Only the module of the command being run is imported (``serve`` pulls in
+asyncio, for example), so short commands start fast."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +54,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(1)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for ``command`` alone, or for every command when None."""
     parser = _Parser(
         prog="addcow",
         description="Create, inspect and use add-cow disk images (qemu-img style).",
@@ -44,13 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"addcow {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMANDS:
-        module.register(sub)
+    names = [COMMANDS[command]] if command in COMMANDS else sorted(set(COMMANDS.values()))
+    for name in names:
+        importlib.import_module(f"{__package__}.{name}").register(sub)
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command word of a command line (the first argument not an option)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     error_status: int = getattr(args, "error_status", 1)
     try:
