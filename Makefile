@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
           nbdinfo:libnbd-bin nbdsh:libnbd-bin nbdcopy:libnbd-bin fio:fio
 
-.PHONY: test demo lint venv system-deps bench clean campaign
+.PHONY: test demo lint venv system-deps bench bench-lifecycle bench-nbd clean campaign
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,15 @@ campaign: venv system-deps
 demo: venv system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
+# Benchmarks (docs/performance.md): ratios against qemu-img / qemu-nbd / the raw file.
 bench: venv system-deps
 	$(BIN)/python benchmarks/bench_image.py
+
+bench-lifecycle: venv system-deps
+	$(BIN)/python benchmarks/bench_lifecycle.py
+
+bench-nbd: venv system-deps
+	$(BIN)/python benchmarks/bench_nbd.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis
