@@ -31,7 +31,7 @@ from .backing import (
     open_image_file,
     resolve_name,
 )
-from .errors import AddCowError, AddCowIOError, BackingFormatError
+from .errors import AddCowError, BackingFormatError
 from .format import V1_CLUSTER_BITS, V1_HEADER_SIZE, Header
 from .image import AddCowImage
 from .locking import lock_raw
@@ -346,19 +346,14 @@ class RawTarget:
             os.ftruncate(self.fd, size)
 
     def copy(self, image: AddCowImage, offset: int, length: int) -> None:
-        done = 0
-        while done < length:
-            try:
-                n = os.copy_file_range(
-                    image.image_fd, self.fd, length - done, offset + done, offset + done
-                )
-            except OSError as exc:
-                raise AddCowIOError.wrap(
-                    f"{self.path}: copy at offset {offset + done}", exc
-                ) from exc
-            if n == 0:
-                raise AddCowIOError(f"{image.image_path}: unexpected end of file at {offset}")
-            done += n
+        if sysio.copy_range(image.image_fd, self.fd, offset, length, self.path):
+            return
+        # No copy_file_range between these files: through a buffer instead.
+        buffer = bytearray(min(length, STREAM_SPAN))
+        for pos in range(offset, offset + length, len(buffer)):
+            view = memoryview(buffer)[: min(len(buffer), offset + length - pos)]
+            image.readinto(view, pos)
+            sysio.pwrite_full(self.fd, [view], pos, self.path)
 
     def zero(self, offset: int, length: int) -> None:
         if not sysio.punch_hole(self.fd, offset, length, self.path):

@@ -280,7 +280,7 @@ def write_sparse(
         if zero:
             _zero_run(fd, offset + pos, stop - pos, name, punch)
         else:
-            if copy_from < 0 or not _copy_range(copy_from, fd, offset + pos, stop - pos, name):
+            if copy_from < 0 or not copy_range(copy_from, fd, offset + pos, stop - pos, name):
                 pwrite_full(fd, [view[pos:stop]], offset + pos, name)
             written += stop - pos
         pos = stop
@@ -298,7 +298,7 @@ def any_nonzero(buf: bytearray, length: int) -> bool:
     return any(not buf.startswith(_ZEROS[: length - lo], lo) for lo in range(0, length, step))
 
 
-def _copy_range(src: int, dst: int, offset: int, length: int, name: str) -> bool:
+def copy_range(src: int, dst: int, offset: int, length: int, name: str) -> bool:
     """copy_file_range [offset, offset+length) between two files; False if unsupported.
 
     Where the kernel or file system cannot copy (EXDEV, EINVAL, ENOSYS, ...) the
