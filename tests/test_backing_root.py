@@ -124,3 +124,17 @@ def test_the_cli_refuses_with_one_line(tree: tuple[Path, Path]) -> None:
     assert "outside the allowed directory" in proc.stderr
     # without the restriction the same image opens (the control for the CLI case)
     assert run_addcow("map", path).returncode == 0
+
+
+def test_a_symlink_loop_is_refused_cleanly(tree: tuple[Path, Path]) -> None:
+    """A backing name that is a symlink loop fails with an AddCowError, with or
+    without a root, instead of hanging or raising OSError."""
+    root, _ = tree
+    with open(root / "ok.raw", "wb") as f:
+        f.truncate(MiB)
+    (root / "loop-a").symlink_to(root / "loop-b")
+    (root / "loop-b").symlink_to(root / "loop-a")
+    path = named(root, b"ok.raw", b"loop-a")
+    for kw in ({}, {"backing_root": str(root)}):
+        with pytest.raises(addcow.AddCowError, match="loop-a"):
+            addcow.open(path, readonly=True, **kw)
