@@ -172,6 +172,16 @@ class RawFile:
             self.fd = -1
 
 
+def read_as_backing(source: BlockSource | None, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``source`` as a backing reads: zeros past its end, or
+    everywhere when there is no source."""
+    inside = 0 if source is None else max(0, min(len(view), source.size - offset))
+    if source is not None and inside:
+        source.readinto(view[:inside], offset)
+    if inside < len(view):
+        sysio.fill_zero(view[inside:])
+
+
 def resolve_name(name: bytes, relative_to: str) -> str:
     """The path a stored name refers to: relative names start at ``relative_to``'s dir."""
     path = os.fsdecode(name)

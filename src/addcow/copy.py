@@ -152,7 +152,7 @@ def first_difference(
     while pos < longer.size:
         step = min(CHUNK, longer.size - pos)
         longer.readinto(view[:step], pos)
-        if buf[:step] != _ZERO_CHUNK[:step]:
+        if sysio.any_nonzero(buf, step):
             return pos + _first_mismatch(buf, bytearray(step), step)
         pos += step
     return None
@@ -193,7 +193,7 @@ def copy_to_addcow(
             src.readinto(view, ext.offset)
             for lo in range(0, ext.length, cluster):
                 hi = min(lo + cluster, ext.length)
-                if buf[lo:hi] == _ZERO_CHUNK[: hi - lo]:
+                if buf.startswith(_ZERO_CHUNK[: hi - lo], lo):  # compared in place, no copy
                     stats.skipped_zero += hi - lo
                 else:
                     dst.write(view[lo:hi], ext.offset + lo)

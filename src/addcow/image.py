@@ -102,6 +102,7 @@ from .backing import (
     choose_backing_format,
     open_backing,
     open_image_file,
+    read_as_backing,
     resolve_name,
     sniff_format,
 )
@@ -391,14 +392,7 @@ class AddCowImage:
     def _read_backing(self, view: memoryview, offset: int) -> None:
         if self.backing is None:
             self._check_backing_open(offset)
-            sysio.fill_zero(view)
-            return
-        backing_size = self.backing.size
-        inside = max(0, min(len(view), backing_size - offset))
-        if inside:
-            self.backing.readinto(view[:inside], offset)
-        if inside < len(view):
-            sysio.fill_zero(view[inside:])
+        read_as_backing(self.backing, view, offset)
 
     # -- writes -------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from .backing import (
     choose_backing_format,
     open_backing,
     open_image_file,
+    read_as_backing,
     resolve_name,
 )
 from .errors import AddCowError, BackingFormatError
@@ -196,7 +197,7 @@ def _copy_differences(
         lo, hi = first << bits, min(end << bits, image.size)
         length = hi - lo
         image.readinto(memoryview(old_buf)[:length], lo)
-        _read_source(new, memoryview(new_buf)[:length], lo)
+        read_as_backing(new, memoryview(new_buf)[:length], lo)
         if old_buf[:length] != new_buf[:length]:
             for c in range(0, length, cluster):
                 stop = min(c + cluster, length)
@@ -207,14 +208,6 @@ def _copy_differences(
         pos = end
     image.flush()
     return copied
-
-
-def _read_source(source: BlockSource | None, view: memoryview, offset: int) -> None:
-    """Read like a backing: zeros past the end, or everywhere without a source."""
-    inside = 0 if source is None else max(0, min(len(view), source.size - offset))
-    if source is not None and inside:
-        source.readinto(view[:inside], offset)
-    sysio.fill_zero(view[inside:])
 
 
 def amend(image: AddCowImage, version: int) -> None:
