@@ -561,3 +561,19 @@ def test_replies_misused_are_local_errors() -> None:
         conn.reply_block_status(1, [("base:allocation", [(0, 0)])])
     with pytest.raises(LocalProtocolError, match="positive"):
         conn.reply_error(1, 0)
+
+
+def test_read_around_caller_sent_data() -> None:
+    """Structured: a data chunk without DONE before the bytes, NONE with DONE after."""
+    conn = transmitting()
+    head, tail = conn.reply_read_around(7, 4096, 65536)
+    assert struct.unpack(">IHHQIQ", head) == (
+        p.STRUCTURED_REPLY_MAGIC, 0, p.REPLY_TYPE_OFFSET_DATA, 7, 8 + 65536, 4096,
+    )  # fmt: skip
+    assert struct.unpack(">IHHQI", tail) == (
+        p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, 7, 0,
+    )  # fmt: skip
+    simple = transmitting(structured=False)
+    head, tail = simple.reply_read_around(9, 0, 65536)
+    assert struct.unpack(">IIQ", head) == (p.SIMPLE_REPLY_MAGIC, 0, 9)
+    assert tail == b""

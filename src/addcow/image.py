@@ -380,6 +380,30 @@ class AddCowImage:
                 self._read_backing(part, lo)
         return length
 
+    def source_fd(self, offset: int, length: int) -> int:
+        """The descriptor holding all ``length`` bytes at ``offset`` at that same offset, or -1.
+
+        For callers that copy a range to a socket themselves (``sendfile``): the
+        image file when every cluster of the range is allocated, a raw backing
+        file when none is and the range ends within it; -1 for anything else
+        (mixed, an add-cow backing, past the backing's end, closed, out of
+        range), which :meth:`readinto` must serve. The same choice as the fast
+        path of :meth:`readinto`; the descriptor is only valid until the next
+        call that may release the backing, so use it at once.
+        """
+        end = offset + length
+        if length <= 0 or offset < 0 or end > self.size or self._closed:
+            return -1
+        if self._all_allocated:
+            return self._image_fd
+        state = self.bitmap.state(offset >> self.cluster_bits, ((end - 1) >> self.cluster_bits) + 1)
+        if state == 1:
+            return self._image_fd
+        backing = self.backing
+        if state == 0 and type(backing) is RawFile and end <= backing.size:
+            return backing.fd
+        return -1
+
     def _check_backing_open(self, offset: int) -> None:
         """Refuse to treat a backing that was not opened as if there were none."""
         opened = self.backing is not None or self.header.backing_name is None

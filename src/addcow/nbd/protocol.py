@@ -974,6 +974,26 @@ class ServerConnection:
             return [view[:end]]
         return self.reply_read(cookie, offset, view[READ_HEADROOM:end], df=df, base=buf)
 
+    def reply_read_around(self, cookie: int, offset: int, length: int) -> tuple[bytes, bytes]:
+        """The bytes that go before and after ``length`` data bytes sent by the caller.
+
+        For a reply whose data the caller copies to the socket itself (``sendfile``).
+        Structured: one OFFSET_DATA chunk *without* DONE, then a NONE chunk with
+        DONE, because the data is not in memory yet ("The server MUST NOT set
+        [DONE] for a content chunk if it would still be possible to detect an
+        error while transmitting the chunk"). Simple: the header, and nothing
+        after; an error in the middle can then only be answered by closing the
+        connection.
+        """
+        self._check_transmission()
+        if not self.structured:
+            return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie), b""
+        head = _CHUNK.pack(
+            STRUCTURED_REPLY_MAGIC, 0, REPLY_TYPE_OFFSET_DATA, cookie, 8 + length
+        ) + _U64.pack(offset)
+        tail = _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
+        return head, tail
+
     def reply_block_status(
         self, cookie: int, extents: Sequence[tuple[str, Sequence[tuple[int, int]]]]
     ) -> bytes:

@@ -21,9 +21,14 @@ Design
     are in the page cache). A reply goes straight to the socket with one
     ``writev`` when the transport has nothing queued (else to the transport);
     an inline read is read into a reused buffer behind room for its chunk
-    header; small replies of inline writes are held and sent together when the
+    header, or, from ``SENDFILE_MIN`` bytes on and when the range lies in one
+    file, sent with ``sendfile`` (page cache to socket, no copy in Python);
+    small replies of inline writes are held and sent together when the
     session next waits. A reply is always sent after its request's work is
     done, so a write's data is in the image file before its reply leaves.
+    The transport's high-water mark is 0: ``drain`` waits until everything
+    queued has reached the socket, which is also when the next large read can
+    leave with ``sendfile`` again.
 
 Bounds (per connection)
     At most :data:`MAX_REQUESTS` requests in flight and :data:`MAX_PAYLOAD`
@@ -106,6 +111,14 @@ INLINE_READ_MAX = 1 << 20
 
 They block the loop for one ``pread`` (from the page cache, usually), which costs
 far less than handing the request to a thread and back."""
+
+
+SENDFILE_MIN = 64 << 10
+"""Inline reads at least this long, of data in one file, go out with ``sendfile``.
+
+The kernel then hands the page-cache pages to the socket: no copy into a
+Python buffer and none out of it. Smaller reads stay with ``preadv``, where the
+extra ``lseek`` and the second chunk would cost more than the copy they save."""
 
 
 INLINE_WRITE_MAX = 64 << 10
@@ -433,6 +446,7 @@ class NBDServer:
         peer = writer.get_extra_info("peername")
         label = f"connection {self._count}" + (f" from {peer}" if peer else "")
         client = _Client(label, writer)
+        writer.transport.set_write_buffer_limits(high=0)  # drain() waits until empty
         if self._stopping:
             writer.close()
             return
@@ -516,6 +530,12 @@ class NBDServer:
                         client.hold(reply)
                         continue
                 if event.command == nbd.CMD_READ and event.length <= INLINE_READ_MAX:
+                    queued = client.writer.transport.get_write_buffer_size()
+                    if queued and event.length >= SENDFILE_MIN:
+                        # The socket is full: wait until the client has taken what is
+                        # queued, so that this reply can leave with sendfile.
+                        client.flush()
+                        await _drain(client.writer)
                     self._inline_read(client, conn, event)
                     # Inline replies skip the payload budget: bound them by the
                     # transport's buffer instead (a client that never reads its
@@ -574,6 +594,8 @@ class NBDServer:
         export = client.export
         if export is None:  # pragma: no cover - set before requests
             raise RuntimeError("request before the export is known")
+        if req.length >= SENDFILE_MIN and self._sendfile_read(client, conn, export, req):
+            return
         end = nbd.READ_HEADROOM + req.length
         free = client.free_buffers
         if client.lent_buffers and not client.writer.transport.get_write_buffer_size():
@@ -597,6 +619,56 @@ class NBDServer:
                 free.append(buf)
         elif len(client.lent_buffers) < MAX_FREE_BUFFERS:
             client.lent_buffers.append(buf)
+
+    def _sendfile_read(
+        self, client: _Client, conn: ServerConnection, export: Export, req: Request
+    ) -> bool:
+        """Send a read of data that lies in one file with ``sendfile``; False if it cannot.
+
+        Only when the transport has nothing queued (so the bytes go straight to
+        the socket in order) and the range starts with data in that file (one
+        ``lseek(SEEK_DATA)``; a range that starts in a file hole is left to the
+        buffered path, which sends it as OFFSET_HOLE). Zero bytes after that
+        start go out as data: a server MAY send holes, it need not. If the
+        socket fills up, the rest is read into a buffer and queued; if that read
+        fails, the header has promised bytes that cannot follow, so the
+        connection is closed.
+        """
+        offset, length = req.offset, req.length
+        fd = export.image.source_fd(offset, length)
+        if fd < 0 or client.fd < 0 or client.writer.transport.get_write_buffer_size():
+            return False
+        try:
+            if os.lseek(fd, offset, os.SEEK_DATA) != offset:
+                return False
+        except OSError:  # ENXIO: no data from offset to the end of the file
+            return False
+        head, tail = conn.reply_read_around(req.cookie, offset, length)
+        sent = 0
+        if client.send(head):
+            while sent < length:
+                try:
+                    count = os.sendfile(client.fd, fd, offset + sent, length - sent)
+                except OSError:  # the socket is full (or the file misbehaves)
+                    break
+                if not count:
+                    break
+                sent += count
+        if sent < length:
+            rest = bytearray(length - sent)
+            try:
+                export.image.readinto(rest, offset + sent)
+            except (AddCowError, OSError) as exc:
+                log.error(
+                    "%s: %s failed after its reply began, closing: %s",
+                    client.label, _describe(req), exc,
+                )  # fmt: skip
+                client.writer.transport.abort()
+                return True
+            client.send([memoryview(rest)])
+        if tail:
+            client.hold(tail)
+        return True
 
     def _inline_write(
         self, client: _Client, conn: ServerConnection, export: Export, req: Request
