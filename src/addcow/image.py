@@ -682,10 +682,17 @@ class AddCowImage:
         # A raw backing holds the bytes at the same offsets: its data runs are
         # copied file to file (a reflink where the file system shares extents).
         copy_from = self.backing.fd if type(self.backing) is RawFile else -1
+        # Zero ranges must read as zero in the image file: punched, in case it holds
+        # old bytes there (a crash between data and bit, a shrink). Where the file
+        # has no data in [lo, hi) at all (a fresh image file), nothing needs punching;
+        # no one else writes these clusters while we hold their claims.
+        punch = not sysio.is_hole(self._image_fd, lo, hi - lo)
         written = zero = 0
         for ext in extents:
             if ext.zero:
-                if not sysio.punch_hole(self._image_fd, ext.offset, ext.length, self.image_path):
+                if punch and not sysio.punch_hole(
+                    self._image_fd, ext.offset, ext.length, self.image_path
+                ):
                     sysio.write_zeros(self._image_fd, ext.offset, ext.length, self.image_path)
                 zero += ext.length
                 continue
@@ -701,7 +708,7 @@ class AddCowImage:
                     step,
                     pos,
                     self.image_path,
-                    punch=True,
+                    punch=punch,
                     copy_from=copy_from,
                 )
                 written += w

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from . import sysio
@@ -55,13 +54,13 @@ class AmendError(AddCowError):
     """The header cannot be converted as asked."""
 
 
-@dataclass
 class StreamStats:
     """What a stream did: bytes written, bytes left as holes, seconds taken."""
 
-    copied: int = 0
-    zero: int = 0
-    seconds: float = 0.0
+    def __init__(self) -> None:
+        self.copied = 0
+        self.zero = 0
+        self.seconds = 0.0
 
     @property
     def total(self) -> int:
