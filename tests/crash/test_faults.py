@@ -38,7 +38,7 @@ from storage import ERRNO, FAULT_KINDS, SHORT, Fault, Layer
 from workload import CLUSTER, SIZE, Model, build
 
 import addcow
-from addcow import AddCowError, AddCowIOError
+from addcow import AddCowError, AddCowIOError, lifecycle
 from addcow.check import check_image
 from addcow.cli.main import main as cli_main
 from addcow.cli.mapping import map_entries
@@ -73,7 +73,7 @@ def _stream(s: State) -> None:
     from addcow import lifecycle
 
     lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES = 3 * CLUSTER, 5 * CLUSTER
-    lifecycle.stream(_img(s))
+    lifecycle.stream(_img(s), threads=1)  # one thread: call numbers must repeat run to run
 
 
 def _read(s: State) -> None:
@@ -313,10 +313,14 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("command", CLI_COMMANDS, ids=lambda c: c[0])
-def test_cli_reports_io_faults_in_one_line(tmp_path: Path, command: list[str]) -> None:
+def test_cli_reports_io_faults_in_one_line(
+    tmp_path: Path, command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def argv() -> list[str]:
         return [a.format(img=tmp_path / "d.add-cow", dir=tmp_path) for a in command]
 
+    # One stream thread: call numbers must repeat from run to run.
+    monkeypatch.setattr(lifecycle, "STREAM_THREADS", 1)
     build(tmp_path)
     counter = _layer(tmp_path / "d.add-cow", None)
     with counter.active():

@@ -115,7 +115,7 @@ def run_op(img: addcow.AddCowImage, op: Op) -> None:
     elif kind == "stream":
         lifecycle.STREAM_SPAN = 3 * CLUSTER
         lifecycle.COMMIT_BYTES = 5 * CLUSTER
-        lifecycle.stream(img)
+        lifecycle.stream(img, threads=1)  # one thread: crash points are numbered in call order
     else:
         raise ValueError(op)
 
