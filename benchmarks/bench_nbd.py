@@ -23,6 +23,8 @@ copy1   the same with ``--connections=1`` for both;
 randread  ``fio --ioengine=nbd --rw=randread --bs=4k --iodepth=32``, IOPS;
 randwrite ``fio --ioengine=nbd --rw=randwrite --bs=4k --iodepth=32`` into
         fresh half-allocated images, IOPS;
+randwrite128k  the same with ``--bs=128k`` (writes over several clusters; no
+        target in the issue, informational);
 rss     ``addcow serve`` of a 1 TiB image: resident memory after random reads.
 """
 
@@ -44,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDCOW = str(Path(sys.executable).parent / "addcow")
-CASES = ("copy", "copy1", "randread", "randwrite", "rss")
+CASES = ("copy", "copy1", "randread", "randwrite", "randwrite128k", "rss")
 
 
 def sh(*cmd: str) -> str:
@@ -121,9 +123,9 @@ def nbdcopy(sock: Path, connections: int | None) -> float:
     return time.perf_counter() - start
 
 
-def fio(sock: Path, rw: str, seconds: int) -> float:
+def fio(sock: Path, rw: str, seconds: int, bs: str = "4k") -> float:
     out = sh("fio", "--name=bench", "--ioengine=nbd", f"--uri={uri(sock)}", f"--rw={rw}",
-             "--bs=4k", "--iodepth=32", "--size=100%", "--time_based",
+             f"--bs={bs}", "--iodepth=32", "--size=100%", "--time_based",
              f"--runtime={seconds}", "--randrepeat=1", "--output-format=json")  # fmt: skip
     job = json.loads(out[out.index("{") :])["jobs"][0]  # after "fio: connected to ..."
     return float(job["read" if rw == "randread" else "write"]["iops"])
@@ -210,6 +212,15 @@ def main() -> int:
             True,
         )
         results["fio 4k randwrite QD32, half allocated (IOPS)"] = r
+    if "randwrite128k" in cases:
+        r = compare(
+            args.runs,
+            lambda k: with_server(
+                k, lambda s: fio(s, "randwrite", args.seconds, "128k"), fresh=True
+            ),
+            True,
+        )
+        results["fio 128k randwrite QD32, half allocated (IOPS)"] = r
     if "rss" in cases:
         rss = statistics.median(rss_case(work, args.seconds) for _ in range(args.runs))
         results["addcow serve RSS, 1 TiB image (MiB, peak)"] = {"addcow": rss}

@@ -1008,3 +1008,51 @@ def test_failed_sync_of_the_image_file_stops_writes(
     with addcow.open(path, readonly=True) as img:
         assert img.allocated_clusters == 1  # cluster 2's bit was never persisted
         assert img.read(2 * CLUSTER, 4) == bytes([0x12]) * 4  # from the backing again
+
+
+# == write_nowait (the event loop's writes) ===========================================
+
+
+def test_write_nowait_into_allocated_clusters_is_one_write(img_path: Path) -> None:
+    with addcow.open(img_path) as img:
+        img.write(pattern(0xA1, 3 * CLUSTER), 2 * CLUSTER)
+        before_bits = img.allocated_clusters
+        data = pattern(0xB2, 2 * CLUSTER)
+        assert img.write_nowait(data, 2 * CLUSTER + 100)  # spans clusters 2-4
+        assert img.allocated_clusters == before_bits
+        expected = bytearray(base_bytes())
+        expected[2 * CLUSTER : 5 * CLUSTER] = pattern(0xA1, 3 * CLUSTER)
+        expected[2 * CLUSTER + 100 : 4 * CLUSTER + 100] = data
+        assert img.read(0, img.size) == bytes(expected)
+
+
+def test_write_nowait_refuses_a_span_with_an_unallocated_cluster(img_path: Path) -> None:
+    with addcow.open(img_path) as img:
+        img.write(pattern(0xA1, CLUSTER), 2 * CLUSTER)
+        before = img.read(0, img.size)
+        assert not img.write_nowait(pattern(0xB2, CLUSTER), 2 * CLUSTER + 100)  # 2 and 3
+        assert img.read(0, img.size) == before
+        assert img.allocated_clusters == 1
+
+
+def test_write_nowait_copies_one_unallocated_cluster_on_write(img_path: Path) -> None:
+    with addcow.open(img_path) as img:
+        # the backing's bytes must be in the page cache (RWF_NOWAIT reads)
+        img.read(0, img.size)
+        assert img.write_nowait(pattern(0xC3, 1000), 5 * CLUSTER + 3000)
+        assert img.bitmap.is_set(5)
+        expected = bytearray(pattern(base_byte(5), CLUSTER))
+        expected[3000:4000] = pattern(0xC3, 1000)
+        assert img.read(5 * CLUSTER, CLUSTER) == bytes(expected)
+    assert on_disk_bits(img_path) >> 5 & 1  # flushed at close: data, then the bit
+
+
+def test_write_nowait_leaves_a_claimed_cluster_to_write(img_path: Path) -> None:
+    with addcow.open(img_path) as img:
+        claims = img._claim(6, 7)  # another writer is copying cluster 6
+        try:
+            assert not img.write_nowait(pattern(0xD4, 512), 6 * CLUSTER)
+        finally:
+            img._release(claims, commit=False)
+        assert not img.bitmap.is_set(6)
+        assert img.read(6 * CLUSTER, CLUSTER) == pattern(base_byte(6), CLUSTER)

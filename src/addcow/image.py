@@ -443,11 +443,12 @@ class AddCowImage:
     def write_nowait(self, data: Buffer, offset: int) -> bool:
         """Write ``data`` at ``offset`` if that needs no waiting; False: nothing done.
 
-        For a caller that must not block (an event loop): a write inside one
-        cluster that is allocated, or unallocated, unclaimed and with the rest of
-        its cluster in the page cache (a raw backing file read with
-        ``RWF_NOWAIT``). Crash ordering as :meth:`write`: the bit is set after
-        the data is written. Anything else returns False, for :meth:`write`.
+        For a caller that must not block (an event loop): a write into clusters
+        that are all allocated, or inside one cluster that is unallocated,
+        unclaimed and with the rest of its cluster in the page cache (a raw
+        backing file read with ``RWF_NOWAIT``). Crash ordering as :meth:`write`:
+        the bit is set after the data is written. Anything else returns False,
+        for :meth:`write`.
         """
         view = data if isinstance(data, memoryview) else memoryview(data)
         if view.format != "B" or view.ndim != 1:
@@ -460,9 +461,13 @@ class AddCowImage:
             if length:
                 sysio.pwrite_full(self._image_fd, [view], offset, self.image_path)
             return True
-        if first != (offset + length - 1) >> bits:
-            return False
         bitmap = self.bitmap
+        last = (offset + length - 1) >> bits
+        if first != last:
+            if bitmap.state(first, last + 1) != 1:
+                return False
+            sysio.pwrite_full(self._image_fd, [view], offset, self.image_path)
+            return True
         if not bitmap.data[first >> 3] >> (first & 7) & 1:
             if not isinstance(self.backing, RawFile) and self.backing is not None:
                 return False

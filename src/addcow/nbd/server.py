@@ -16,9 +16,10 @@ Design
     single asyncio thread writes every reply whole, so replies never
     interleave on the wire.
 
-    The hot paths stay in the event loop: reads up to ``INLINE_READ_MAX`` and
-    writes inside one cluster (copy on write included, when the backing bytes
-    are in the page cache). A reply goes straight to the socket with one
+    The hot paths stay in the event loop: reads up to ``INLINE_READ_MAX``, and
+    writes up to ``INLINE_WRITE_MAX`` into allocated clusters or inside one
+    cluster (copy on write included, when the backing bytes are in the page
+    cache). A reply goes straight to the socket with one
     ``writev`` when the transport has nothing queued (else to the transport);
     an inline read is read into a reused buffer behind room for its chunk
     header, or, from ``SENDFILE_MIN`` bytes on and when the range lies in one
@@ -121,11 +122,11 @@ Python buffer and none out of it. Smaller reads stay with ``preadv``, where the
 extra ``lseek`` and the second chunk would cost more than the copy they save."""
 
 
-INLINE_WRITE_MAX = 64 << 10
-"""Writes up to this size inside one cluster run in the event loop (0: never).
+INLINE_WRITE_MAX = 256 << 10
+"""Writes up to this size may run in the event loop (0: never).
 
-Into an allocated cluster that is one ``pwrite``; into an unallocated one it is
-the copy on write of that cluster, when the backing bytes are in the page cache
+Into allocated clusters that is one ``pwrite``; inside one unallocated cluster
+it is its copy on write, when the backing bytes are in the page cache
 (:meth:`~addcow.image.AddCowImage.write_nowait`); otherwise the pool does it."""
 MAX_FREE_BUFFERS = 16
 """Inline read buffers one connection keeps for reuse (and tracks while lent)."""
@@ -673,11 +674,13 @@ class NBDServer:
     def _inline_write(
         self, client: _Client, conn: ServerConnection, export: Export, req: Request
     ) -> bytes | None:
-        """A small write inside one cluster done in the event loop, or None (for the pool).
+        """A small write done in the event loop, or None (for the pool).
 
-        Into an allocated cluster: one ``pwrite``. Into an unallocated one: its
-        copy on write when nothing needs waiting for (no other writer's claim,
-        backing bytes in the page cache); cheaper than a round trip through the pool.
+        Into allocated clusters: one ``pwrite``. Inside one unallocated cluster:
+        its copy on write when nothing needs waiting for (no other writer's claim,
+        backing bytes in the page cache); cheaper than a round trip through the
+        pool, where the loop and the workers contend for the GIL (128 KiB random
+        writes: about 0.7x qemu-nbd's IOPS through the pool, 1.07x inline).
         """
         try:
             data = req.data if req.data is not None else b""
