@@ -1056,3 +1056,17 @@ def test_write_nowait_leaves_a_claimed_cluster_to_write(img_path: Path) -> None:
             img._release(claims, commit=False)
         assert not img.bitmap.is_set(6)
         assert img.read(6 * CLUSTER, CLUSTER) == pattern(base_byte(6), CLUSTER)
+
+
+def test_write_nowait_copies_several_unallocated_clusters_on_write(img_path: Path) -> None:
+    with addcow.open(img_path) as img:
+        img.read(0, img.size)  # backing bytes cached
+        data = pattern(0xE5, 2 * CLUSTER)
+        assert img.write_nowait(data, 2 * CLUSTER + 5000)  # clusters 2, 3 and 4
+        assert [img.bitmap.is_set(c) for c in range(1, 6)] == [False, True, True, True, False]
+        expected = bytearray(base_bytes())
+        expected[2 * CLUSTER + 5000 : 4 * CLUSTER + 5000] = data
+        assert img.read(0, img.size) == bytes(expected)
+        with open(img.image_path, "rb") as f:  # head and tail copied from the backing
+            f.seek(2 * CLUSTER)
+            assert f.read(3 * CLUSTER) == bytes(expected[2 * CLUSTER : 5 * CLUSTER])

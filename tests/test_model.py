@@ -211,6 +211,17 @@ def make_machine(name: str, layout: Layout) -> type[RuleBasedStateMachine]:
             self.model.write(offset, data)
             self.probe(probe)
 
+        @rule(at=span, probe=span)
+        def write_nowait(self, at: tuple[int, int], probe: tuple[int, int]) -> None:
+            """The event loop's write: done at once, or nothing done and left to write()."""
+            offset, length = at
+            self.counter += 1
+            data = bytes([(self.counter * 53) % 255 + 1]) * length
+            if not self.image.write_nowait(data, offset):
+                self.image.write(data, offset)
+            self.model.write(offset, data)
+            self.probe(probe)
+
         @rule(at=span, probe=span, may_unmap=st.booleans())
         def write_zeroes(
             self, at: tuple[int, int], probe: tuple[int, int], may_unmap: bool

@@ -444,41 +444,40 @@ class AddCowImage:
         """Write ``data`` at ``offset`` if that needs no waiting; False: nothing done.
 
         For a caller that must not block (an event loop): a write into clusters
-        that are all allocated, or inside one cluster that is unallocated,
-        unclaimed and with the rest of its cluster in the page cache (a raw
-        backing file read with ``RWF_NOWAIT``). Crash ordering as :meth:`write`:
-        the bit is set after the data is written. Anything else returns False,
-        for :meth:`write`.
+        that are all allocated (one ``pwrite``), or all unallocated, unclaimed and
+        with the rest of their clusters in the page cache (a raw backing file read
+        with ``RWF_NOWAIT``; one ``pwrite`` of head, data and tail). Crash ordering
+        as :meth:`write`: the bits are set after the data is written. Anything
+        else (a mix, a claim held by another writer, an uncached backing, a
+        backing that is not a raw file) returns False, for :meth:`write`.
         """
         view = data if isinstance(data, memoryview) else memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         length = view.nbytes
         self._check_write(offset, length)
-        bits = self.cluster_bits
-        first = offset >> bits
         if length == 0 or self._all_allocated:
             if length:
                 sysio.pwrite_full(self._image_fd, [view], offset, self.image_path)
             return True
+        bits = self.cluster_bits
+        first = offset >> bits
+        end = ((offset + length - 1) >> bits) + 1
         bitmap = self.bitmap
-        last = (offset + length - 1) >> bits
-        if first != last:
-            if bitmap.state(first, last + 1) != 1:
-                return False
-            sysio.pwrite_full(self._image_fd, [view], offset, self.image_path)
-            return True
-        if not bitmap.data[first >> 3] >> (first & 7) & 1:
+        if bitmap.state(first, end) != 1:
             if not isinstance(self.backing, RawFile) and self.backing is not None:
                 return False
             with self._lock:
-                if any(a <= first < b for a, b in self._claimed):
+                if any(a < end and first < b for a, b in self._claimed):
                     return False
-                claims = [] if bitmap.is_set(first) else [(first, first + 1)]
+                state = bitmap.state(first, end)  # again, under the lock
+                if state == -1:
+                    return False
+                claims = [(first, end)] if state == 0 else []
                 self._claimed.update(claims)
             if claims:
                 try:
-                    done = self._copy_on_write_nowait(view, offset, first)
+                    done = self._copy_on_write_nowait(view, offset, first, end)
                 except BaseException:
                     self._release(claims, commit=False)
                     raise
@@ -487,10 +486,10 @@ class AddCowImage:
         sysio.pwrite_full(self._image_fd, [view], offset, self.image_path)
         return True
 
-    def _copy_on_write_nowait(self, part: memoryview, lo: int, cluster: int) -> bool:
-        """One cluster's copy on write if the backing bytes are cached; else False."""
-        start = cluster << self.cluster_bits
-        stop = min(start + self.cluster_size, self.size)
+    def _copy_on_write_nowait(self, part: memoryview, lo: int, first: int, end: int) -> bool:
+        """Copy on write of clusters [first, end) if the backing bytes are cached; else False."""
+        start = first << self.cluster_bits
+        stop = min(end << self.cluster_bits, self.size)
         hi = lo + len(part)
         buffers = [part]
         if lo > start:
