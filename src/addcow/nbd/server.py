@@ -637,7 +637,10 @@ class NBDServer:
         """
         offset, length = req.offset, req.length
         fd = export.image.source_fd(offset, length)
-        if fd < 0 or client.fd < 0 or client.writer.transport.get_write_buffer_size():
+        writer = client.writer
+        if fd < 0 or client.fd < 0 or writer.is_closing():
+            return False
+        if writer.transport.get_write_buffer_size():
             return False
         try:
             if os.lseek(fd, offset, os.SEEK_DATA) != offset:
@@ -664,7 +667,7 @@ class NBDServer:
                     "%s: %s failed after its reply began, closing: %s",
                     client.label, _describe(req), exc,
                 )  # fmt: skip
-                client.writer.transport.abort()
+                writer.transport.abort()
                 return True
             client.send([memoryview(rest)])
         if tail:
