@@ -44,7 +44,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -610,6 +612,38 @@ def test_stream_error_in_a_helper_thread_is_raised_and_leaves_the_image_consiste
     addcow_cli("stream", twin.img)
     assert read_all(twin.img) == content
     twin.compare("resumed")
+
+
+def test_stream_ctrl_c_stops_every_thread_promptly_and_resumes(tmp_path: Path) -> None:
+    """SIGINT while two threads sit in the rate limit: exit 130 at once, then resume."""
+    size = 4 * lifecycle.STREAM_SPAN  # four spans, so both threads have one
+    base = tmp_path / "big.raw"
+    with open(base, "wb") as f:
+        f.truncate(size)
+        for i in range(0, size, 5 << 20):
+            f.seek(i)
+            f.write(bytes([i % 251 + 1]) * C)
+    img = tmp_path / "big.add-cow"
+    addcow.create(img, image_file="big-img.raw", backing_file=base, backing_format="raw")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "addcow", "stream", "--rate", "1M", str(img)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1.5)  # each thread copied one span and waits ~32 s in the rate limit
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 5, "Ctrl-C waited for the rate limit"
+    assert proc.returncode == 130, (out, err)
+    assert err.strip().splitlines()[-1] == "addcow: interrupted"
+    assert "Traceback" not in err
+    with addcow.open(img, readonly=True) as image:
+        assert 0 < image.allocated_clusters < image.total_clusters
+        assert image.read(0, size) == base.read_bytes()
+    addcow_cli("stream", img)
+    with addcow.open(img, readonly=True) as image:
+        assert image.complete
+        assert image.read(0, size) == base.read_bytes()
 
 
 def test_stream_zero_fills_past_the_backing_end(tmp_path: Path) -> None:

@@ -113,10 +113,18 @@ def stream(
     try:
         run.work()
     finally:
-        # Also on Ctrl-C: the other threads finish the span they are in, then stop.
-        run.stop = True
+        # Also on Ctrl-C: the other threads finish the span they are in, then stop,
+        # and only then may the caller close the image.
+        run.stopping.set()
+        interrupted: KeyboardInterrupt | None = None
         for worker in workers:
-            worker.join()
+            while worker.is_alive():
+                try:
+                    worker.join()
+                except KeyboardInterrupt as exc:
+                    interrupted = exc
+        if interrupted is not None:
+            raise interrupted
     if run.error is not None:
         raise run.error
     image.flush()
@@ -145,14 +153,14 @@ class _StreamRun:
         self.started = self.last_commit = time.monotonic()
         self.since_commit = 0
         self.pos = 0
-        self.stop = False
+        self.stopping = threading.Event()
         self.error: BaseException | None = None
         # Spans handed out and not yet written back, in order: [lo, hi, done, written].
         self.unsent: collections.deque[list[int]] = collections.deque()
 
     def next_span(self) -> tuple[int, int] | None:
         """The next run of unallocated clusters, at most STREAM_SPAN bytes (lock held)."""
-        if self.stop or self.error is not None or self.image.complete:
+        if self.stopping.is_set() or self.error is not None or self.image.complete:
             return None
         image = self.image
         bitmap, clusters, bits = image.bitmap, image.total_clusters, image.cluster_bits
@@ -209,7 +217,7 @@ class _StreamRun:
             if commit:
                 image.flush()
             if ahead > 0:
-                time.sleep(ahead)
+                self.stopping.wait(ahead)  # a rate limit that Ctrl-C cuts short
 
     def work_or_record(self) -> None:
         """:meth:`work` in a helper thread: its error stops the others and is raised later."""
@@ -219,6 +227,7 @@ class _StreamRun:
             with self.lock:
                 if self.error is None:
                     self.error = exc
+            self.stopping.set()
 
 
 def detach(image: AddCowImage, *, dry_run: bool = False) -> str:
