@@ -112,10 +112,12 @@ def stream(
         worker.start()
     try:
         run.work()
-    finally:
-        # Also on Ctrl-C: the other threads finish the span they are in, then stop,
-        # and only then may the caller close the image.
+    except BaseException:
+        # Ctrl-C or an error: the other threads stop after the span they are in.
         run.stopping.set()
+        raise
+    finally:
+        # They are joined in every case: only then may the caller close the image.
         interrupted: KeyboardInterrupt | None = None
         for worker in workers:
             while worker.is_alive():
@@ -123,6 +125,7 @@ def stream(
                     worker.join()
                 except KeyboardInterrupt as exc:
                     interrupted = exc
+                    run.stopping.set()
         if interrupted is not None:
             raise interrupted
     if run.error is not None:
