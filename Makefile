@@ -34,11 +34,12 @@ test: venv system-deps lint
 	$(BIN)/pytest -q
 
 # The long reliability campaigns (docs/reliability.md): power loss, kill -9,
-# faults at every I/O call site, hostile images, and (tests/crash/test_nbd_*,
+# faults at every I/O call site, hostile images and names, and (tests/crash/test_nbd_*,
 # test_lock_race) the NBD fuzzer, load soak, server faults and the open race.
 # Under 30 minutes on 2 cores.
 campaign: venv system-deps
-	ADDCOW_CAMPAIGN=1 $(BIN)/pytest -q -s tests/crash tests/test_hostile_images.py
+	ADDCOW_CAMPAIGN=1 $(BIN)/pytest -q -s tests/crash tests/test_hostile_images.py \
+		tests/test_backing_root_campaign.py
 
 demo: venv system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh

@@ -94,12 +94,20 @@ class ChainGuard:
     def check_path(self, path: str) -> None:
         """Refuse a named file outside ``root`` before opening it."""
         if self.root is not None:
+            _check_length(path)
             _inside_root(self.root, os.path.realpath(path), path)
 
     def check_open(self, fd: int, path: str) -> None:
         """Refuse an opened named file outside ``root`` (catches symlink races)."""
         if self.root is not None:
-            _inside_root(self.root, os.readlink(f"/proc/self/fd/{fd}"), path)
+            try:
+                real = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError as exc:  # ENAMETOOLONG: deeper than PATH_MAX
+                raise PathPolicyError(
+                    f"{_shown(path)}: cannot tell where the opened file is "
+                    f"({exc.strerror}), so it is refused (backing_root / --backing-root)"
+                ) from exc
+            _inside_root(self.root, real, path)
 
     def add(self, fd: int, path: str) -> None:
         """Record a file, refusing one that is already part of the chain."""
@@ -124,9 +132,27 @@ def _inside_root(root: str, real: str, path: str) -> None:
     root = os.path.realpath(root)
     if os.path.commonpath([real, root]) != root:
         raise PathPolicyError(
-            f"{path}: resolves to {real}, outside the allowed directory {root} "
-            "(backing_root / --backing-root)"
+            f"{_shown(path)}: resolves to {_shown(real)}, outside the allowed directory "
+            f"{root} (backing_root / --backing-root)"
         )
+
+
+PATH_MAX = 4096
+"""Longest path the kernel opens; a longer stored name can only fail (and
+resolving it, component by component, costs time that grows with its square)."""
+
+
+def _check_length(path: str) -> None:
+    if len(os.fsencode(path)) >= PATH_MAX:
+        raise PathPolicyError(
+            f"{_shown(path)}: name of {len(os.fsencode(path))} bytes, longer than "
+            f"PATH_MAX ({PATH_MAX}) (backing_root / --backing-root)"
+        )
+
+
+def _shown(path: str, limit: int = 200) -> str:
+    """A path for a message: at most ``limit`` characters."""
+    return path if len(path) <= limit else f"{path[: limit // 2]}...{path[-limit // 2 :]}"
 
 
 class RawFile:

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from . import sysio
-from .backing import MAX_CHAIN_DEPTH, resolve_name
+from .backing import MAX_CHAIN_DEPTH, ChainGuard, resolve_name
 from .errors import BackingLoopError, ImageFileError
 from .format import (
     V1_F_BACKING_FILE,
@@ -28,8 +28,15 @@ from .locking import lock_whole
 _V1_FEATURES = {V1_F_BACKING_FILE: "backing-file", V1_F_BACKING_FORMAT_NO_PROBE: "no-probe"}
 
 
-def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
-    """qemu-img style information about one add-cow image, as a JSON-ready dict."""
+def image_info(
+    path: str, *, force_share: bool = False, backing_root: str | None = None
+) -> dict[str, Any]:
+    """qemu-img style information about one add-cow image, as a JSON-ready dict.
+
+    With ``backing_root``, an image file or backing file named outside that
+    directory is refused (PathPolicyError) before it is even stat'ed.
+    """
+    guard = ChainGuard(root=backing_root)
     try:
         fd = sysio.open_file(path, os.O_RDONLY)
     except OSError as exc:
@@ -39,6 +46,9 @@ def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
             lock_whole(fd, path, exclusive=False)
         header = read_header(fd, path)
         image_path = resolve_name(header.image_name, path)
+        guard.check_path(image_path)
+        if header.backing_name is not None:
+            guard.check_path(resolve_name(header.backing_name, path))
         image_stat = _stat(image_path)
         size = _size(header, image_stat, image_path)
         bitmap = read_bitmap(fd, path, header, size)
@@ -81,7 +91,9 @@ def image_info(path: str, *, force_share: bool = False) -> dict[str, Any]:
     return info
 
 
-def backing_chain_info(path: str, *, force_share: bool = False) -> list[dict[str, Any]]:
+def backing_chain_info(
+    path: str, *, force_share: bool = False, backing_root: str | None = None
+) -> list[dict[str, Any]]:
     """``image_info`` for the image and each add-cow below it, then the raw base.
 
     The chain stops at a backing file whose format is not recorded (a version 1
@@ -111,7 +123,7 @@ def backing_chain_info(path: str, *, force_share: bool = False) -> list[dict[str
                 }
             )
             break
-        entry = image_info(current, force_share=force_share)
+        entry = image_info(current, force_share=force_share, backing_root=backing_root)
         chain.append(entry)
         current = entry.get("full-backing-filename")
         fmt = entry.get("backing-filename-format")

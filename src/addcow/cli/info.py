@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..info import backing_chain_info, image_info
-from .common import add_output_arg, print_json
+from .common import add_backing_root_arg, add_output_arg, print_json
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -15,19 +15,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--backing-chain", action="store_true", help="also show every backing file")
     p.add_argument("-U", "--force-share", action="store_true", help="open without locking")
     p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
+    add_backing_root_arg(p)
     p.add_argument("filename")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.backing_chain:
-        chain = backing_chain_info(args.filename, force_share=args.force_share)
+        chain = backing_chain_info(
+            args.filename, force_share=args.force_share, backing_root=args.backing_root
+        )
         if args.output == "json":
             print_json(chain)
         else:
             print("\n\n".join(human(entry) for entry in chain))
         return 0
-    info = image_info(args.filename, force_share=args.force_share)
+    info = image_info(args.filename, force_share=args.force_share, backing_root=args.backing_root)
     if args.output == "json":
         print_json(info)
     else:

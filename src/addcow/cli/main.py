@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
 import sys
 import traceback
@@ -76,6 +77,10 @@ def _command_in(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # File names are bytes: print them as they are (as qemu-img does), even
+        # when they are not valid in the locale's encoding.
+        sys.stdout.reconfigure(errors="surrogateescape")
     parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     error_status: int = getattr(args, "error_status", 1)
@@ -91,11 +96,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         message = str(exc) if not isinstance(exc, OSError) else _os_message(exc)
-        print(f"addcow: {message}", file=sys.stderr)
+        print(f"addcow: {one_line(message)}", file=sys.stderr)
         return error_status
     except KeyboardInterrupt:
         print("addcow: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: control characters and undecodable bytes escaped.
+
+    Messages quote file names taken from images, which may hold newlines (to forge
+    a second line) or bytes that are not text.
+    """
+    text = message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _os_message(exc: OSError) -> str:
