@@ -616,7 +616,7 @@ def test_stream_error_in_a_helper_thread_is_raised_and_leaves_the_image_consiste
 
 def test_stream_ctrl_c_stops_every_thread_promptly_and_resumes(tmp_path: Path) -> None:
     """SIGINT while two threads sit in the rate limit: exit 130 at once, then resume."""
-    size = 4 * lifecycle.STREAM_SPAN  # four spans, so both threads have one
+    size = 4 * (32 << 20)  # four spans of the command's STREAM_SPAN: both threads get one
     base = tmp_path / "big.raw"
     with open(base, "wb") as f:
         f.truncate(size)

@@ -72,8 +72,12 @@ def _close(s: State) -> None:
 def _stream(s: State) -> None:
     from addcow import lifecycle
 
+    saved = lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES
     lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES = 3 * CLUSTER, 5 * CLUSTER
-    lifecycle.stream(_img(s), threads=1)  # one thread: call numbers must repeat run to run
+    try:
+        lifecycle.stream(_img(s), threads=1)  # one thread: call numbers must repeat run to run
+    finally:
+        lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES = saved
 
 
 def _read(s: State) -> None:

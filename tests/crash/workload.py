@@ -113,9 +113,12 @@ def run_op(img: addcow.AddCowImage, op: Op) -> None:
     elif kind == "populate":
         img.populate(op[1], op[2])
     elif kind == "stream":
-        lifecycle.STREAM_SPAN = 3 * CLUSTER
-        lifecycle.COMMIT_BYTES = 5 * CLUSTER
-        lifecycle.stream(img, threads=1)  # one thread: crash points are numbered in call order
+        saved = lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES
+        lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES = 3 * CLUSTER, 5 * CLUSTER
+        try:
+            lifecycle.stream(img, threads=1)  # one thread: crash points in call order
+        finally:
+            lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES = saved
     else:
         raise ValueError(op)
 
