@@ -158,8 +158,8 @@ class _StreamRun:
         self.pos = 0
         self.stopping = threading.Event()
         self.error: BaseException | None = None
-        # Spans handed out and not yet written back, in order: [lo, hi, done, written].
-        self.unsent: collections.deque[list[int]] = collections.deque()
+        # Spans whose writeback is not started yet, in file order: [lo, hi, done, written].
+        self.writeback_queue: collections.deque[list[int]] = collections.deque()
 
     def next_span(self) -> tuple[int, int] | None:
         """The next run of unallocated clusters, at most STREAM_SPAN bytes (lock held)."""
@@ -173,7 +173,7 @@ class _StreamRun:
         end = bitmap.find(first, min(clusters, first + max(1, STREAM_SPAN >> bits)), True)
         self.pos = end
         lo, hi = first << bits, min(end << bits, image.size)
-        self.unsent.append([lo, hi, 0, 0])
+        self.writeback_queue.append([lo, hi, 0, 0])
         return lo, hi
 
     def span_done(self, lo: int, written: int) -> None:
@@ -182,12 +182,12 @@ class _StreamRun:
         In file order, as one thread would: the file system allocates blocks at
         writeback, and spans written back out of order end up in more extents.
         """
-        for entry in self.unsent:
+        for entry in self.writeback_queue:
             if entry[0] == lo:
                 entry[2:] = [1, written]
                 break
-        while self.unsent and self.unsent[0][2]:
-            first, last, _done, wrote = self.unsent.popleft()
+        while self.writeback_queue and self.writeback_queue[0][2]:
+            first, last, _done, wrote = self.writeback_queue.popleft()
             if wrote:
                 # start writeback now, so the next flush has less to wait for
                 sysio.start_writeback(self.image.image_fd, first, last - first)
