@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the test suite drives as real peers: program -> package.
 TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
-          nbdinfo:libnbd-bin nbdsh:libnbd-bin nbdcopy:libnbd-bin fio:fio
+          nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdcopy:libnbd-bin fio:fio
 
 .PHONY: test demo lint venv system-deps bench bench-lifecycle bench-nbd clean campaign
 
