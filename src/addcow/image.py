@@ -477,32 +477,13 @@ class AddCowImage:
                 self._claimed.update(claims)
             if claims:
                 try:
-                    done = self._copy_on_write_nowait(view, offset, first, end)
+                    done = self._copy_on_write(view, offset, first, end, nowait=True)
                 except BaseException:
                     self._release(claims, commit=False)
                     raise
                 self._release(claims, commit=done)
                 return done
         sysio.pwrite_full(self._image_fd, [view], offset, self.image_path)
-        return True
-
-    def _copy_on_write_nowait(self, part: memoryview, lo: int, first: int, end: int) -> bool:
-        """Copy on write of clusters [first, end) if the backing bytes are cached; else False."""
-        start = first << self.cluster_bits
-        stop = min(end << self.cluster_bits, self.size)
-        hi = lo + len(part)
-        buffers = [part]
-        if lo > start:
-            head = memoryview(bytearray(lo - start))
-            if not self._read_backing_nowait(head, start):
-                return False
-            buffers.insert(0, head)
-        if hi < stop:
-            tail = memoryview(bytearray(stop - hi))
-            if not self._read_backing_nowait(tail, hi):
-                return False
-            buffers.append(tail)
-        sysio.pwrite_full(self._image_fd, buffers, start, self.image_path)
         return True
 
     def _read_backing_nowait(self, view: memoryview, offset: int) -> bool:
@@ -542,21 +523,36 @@ class AddCowImage:
             raise
         self._release(claims, commit=True)
 
-    def _copy_on_write(self, part: memoryview, lo: int, run_first: int, run_end: int) -> None:
-        """Write ``part`` at ``lo`` plus the backing's bytes for the rest of its clusters."""
-        start = run_first << self.cluster_bits
-        stop = min(run_end << self.cluster_bits, self.size)
+    def _copy_on_write(
+        self, part: memoryview, lo: int, first: int, end: int, *, nowait: bool = False
+    ) -> bool:
+        """Write ``part`` at ``lo`` plus the backing's bytes for the rest of clusters [first, end).
+
+        With ``nowait`` the backing's bytes come from the page cache only; False
+        if they are not there, and nothing is written.
+        """
+        read = self._read_backing_nowait if nowait else self._read_backing_waiting
+        start = first << self.cluster_bits
+        stop = min(end << self.cluster_bits, self.size)
         hi = lo + len(part)
         buffers = [part]
         if lo > start:
             head = memoryview(bytearray(lo - start))
-            self._read_backing(head, start)
+            if not read(head, start):
+                return False
             buffers.insert(0, head)
         if hi < stop:
             tail = memoryview(bytearray(stop - hi))
-            self._read_backing(tail, hi)
+            if not read(tail, hi):
+                return False
             buffers.append(tail)
         sysio.pwrite_full(self._image_fd, buffers, start, self.image_path)
+        return True
+
+    def _read_backing_waiting(self, view: memoryview, offset: int) -> bool:
+        """:meth:`_read_backing`, in the shape of :meth:`_read_backing_nowait`."""
+        self._read_backing(view, offset)
+        return True
 
     def write_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = True, fast: bool = False
