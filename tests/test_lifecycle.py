@@ -59,8 +59,9 @@ from conftest import CLUSTER, require_tool, run
 from conftest import addcow as addcow_cli
 
 import addcow
-from addcow import lifecycle
+from addcow import lifecycle, sysio
 from addcow.errors import AddCowIOError
+from addcow.image import AddCowImage
 
 C = CLUSTER
 SIZE = 14 * C + 12800
@@ -833,6 +834,43 @@ def test_commit_matches_qemu_commit(twin: Twin) -> None:
     assert read_all(twin.img) == before
     assert bitmap_bits(twin.img) == bits
     twin.compare("after-commit")
+
+
+def test_commit_starts_writeback_of_everything_it_copies(
+    twin: Twin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writeback is started after every cluster committed (a hint: flush makes it
+    durable): the hints cover the copied runs, and the result is qemu-img's."""
+    monkeypatch.setattr(lifecycle, "WRITEBACK_BYTES", C)
+    hinted: list[tuple[int, int]] = []
+    real = sysio.start_writeback
+
+    def start_writeback(fd: int, offset: int, length: int) -> None:
+        hinted.append((offset, offset + length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(sysio, "start_writeback", start_writeback)
+    with AddCowImage.open(twin.img, readonly=True, with_backing=False) as img:
+        committed = lifecycle.commit(img)
+        copied = [
+            (start, stop)
+            for first, end, allocated in img.bitmap.runs(0, img.total_clusters)
+            if allocated
+            for start, stop, data in sysio.data_runs(
+                img.image_fd, first * C, min(end * C, SIZE)
+            )
+            if data
+        ]
+    assert committed and hinted
+    # every copied run is hinted, but for less than WRITEBACK_BYTES after the last hint
+    last = max(hi for _lo, hi in hinted)
+    for start, stop in copied:
+        if stop <= last:
+            assert any(lo <= start and stop <= hi for lo, hi in hinted), (start, stop, hinted)
+    assert sum(stop - start for start, stop in copied if stop > last) < C
+    qemu_img("commit", "-q", twin.qcow2)
+    qemu_compare(twin.base, "raw", twin.qbase, "raw")
+    assert twin.base.read_bytes() == twin.expected()
 
 
 def test_commit_into_a_longer_backing_keeps_its_tail(tmp_path: Path) -> None:

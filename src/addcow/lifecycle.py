@@ -50,6 +50,9 @@ COMMIT_BYTES = 256 << 20
 COMMIT_SECONDS = 5.0
 """...or this many seconds, whichever comes first."""
 
+WRITEBACK_BYTES = 8 << 20
+"""Commit starts writeback of the raw backing after copying this many bytes."""
+
 STREAM_THREADS = min(4, os.cpu_count() or 1)
 """Spans streamed at once: reading the backing, scanning it for zeros and writing
 overlap across cores (``preadv``, ``copy_file_range`` and ``fdatasync`` release the GIL)."""
@@ -437,20 +440,32 @@ class RawTarget:
         except BaseException:
             os.close(self.fd)
             raise
+        # bytes copied since writeback was last started, from offset unsynced_lo on
+        self.unsynced_lo = -1
+        self.unsynced = 0
 
     def grow(self, size: int) -> None:
         if sysio.file_size(self.fd, self.path) < size:
             os.ftruncate(self.fd, size)
 
     def copy(self, image: AddCowImage, offset: int, length: int) -> None:
-        if sysio.copy_range(image.image_fd, self.fd, offset, length, self.path):
-            return
-        # No copy_file_range between these files: through a buffer instead.
-        buffer = bytearray(min(length, STREAM_SPAN))
-        for pos in range(offset, offset + length, len(buffer)):
-            view = memoryview(buffer)[: min(len(buffer), offset + length - pos)]
-            image.readinto(view, pos)
-            sysio.pwrite_full(self.fd, [view], pos, self.path)
+        if not sysio.copy_range(image.image_fd, self.fd, offset, length, self.path):
+            # No copy_file_range between these files: through a buffer instead.
+            buffer = bytearray(min(length, STREAM_SPAN))
+            for pos in range(offset, offset + length, len(buffer)):
+                view = memoryview(buffer)[: min(len(buffer), offset + length - pos)]
+                image.readinto(view, pos)
+                sysio.pwrite_full(self.fd, [view], pos, self.path)
+        self._written(offset, offset + length)
+
+    def _written(self, lo: int, hi: int) -> None:
+        """Start writeback of what was copied every WRITEBACK_BYTES, so flush waits less."""
+        if self.unsynced_lo < 0:
+            self.unsynced_lo = lo
+        self.unsynced += hi - lo
+        if self.unsynced >= WRITEBACK_BYTES:
+            sysio.start_writeback(self.fd, self.unsynced_lo, hi - self.unsynced_lo)
+            self.unsynced_lo, self.unsynced = -1, 0
 
     def zero(self, offset: int, length: int) -> None:
         if not sysio.punch_hole(self.fd, offset, length, self.path):
