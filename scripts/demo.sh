@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job end to end on generated sample images (run by `make demo`):
 # a base disk, an add-cow image over it, writes through it, then map, check,
-# convert, compare, with QEMU doing the same job on a qcow2 overlay as referee.
+# convert, compare, with QEMU doing the same job on a qcow2 overlay as referee;
+# then the image served over NBD, streamed while served and detached, leaving
+# a standalone raw disk.
 set -euo pipefail
 out=demo-out
 rm -rf "$out" && mkdir -p "$out" && cd "$out"
@@ -38,4 +40,30 @@ run qemu-img create -q -f qcow2 -b base.raw -F raw -o cluster_size=64k overlay.q
 run qemu-io -f qcow2 "${script[@]}" overlay.qcow2 > /dev/null
 run qemu-img compare full.raw overlay.qcow2
 
-say "Done: the add-cow image and QEMU's overlay hold the same disk."
+say "8. Serve it over NBD, as QEMU boots from it (the server detaches once it listens)"
+sockdir=$(mktemp -d)
+trap 'test -s serve.pid && kill "$(cat serve.pid)" 2>/dev/null; rm -rf "$sockdir"' EXIT
+uri="nbd+unix:///?socket=$sockdir/nbd.sock"
+run addcow serve --socket "$sockdir/nbd.sock" --pidfile "$PWD/serve.pid" disk.add-cow
+run qemu-img info "$uri"
+run nbdinfo --map=qemu:allocation-depth "$uri"
+run qemu-io -f raw -c "write -P 0xef 40M 64k" "$uri"
+run qemu-io -f qcow2 -c "write -P 0xef 40M 64k" overlay.qcow2 > /dev/null
+run qemu-img compare "$uri" overlay.qcow2
+
+say "9. Stream while it is served, then detach: the client keeps its disk, only disk.raw remains"
+run kill "$(cat serve.pid)"
+while test -e serve.pid; do sleep 0.05; done
+printf '$ addcow serve --foreground --stream --detach-when-complete ... 2> serve.log &\n'
+addcow serve --foreground --socket "$sockdir/nbd.sock" --pidfile "$PWD/serve.pid" \
+    --stream --detach-when-complete disk.add-cow > serve.out 2> serve.log &
+for _ in $(seq 600); do test -s serve.out && ! test -e disk.add-cow && break; sleep 0.05; done
+run cat serve.log
+run ls disk.add-cow disk.raw 2>&1 || true
+run qemu-img compare "$uri" overlay.qcow2
+run kill "$(cat serve.pid)"
+wait
+run qemu-img compare -f raw disk.raw overlay.qcow2
+run qemu-img info -f raw disk.raw
+
+say "Done: the add-cow image and QEMU's overlay hold the same disk; disk.raw now stands alone."
