@@ -39,7 +39,7 @@ test: venv system-deps lint
 # Under 30 minutes on 2 cores.
 campaign: venv system-deps
 	ADDCOW_CAMPAIGN=1 $(BIN)/pytest -q -s tests/crash tests/test_hostile_images.py \
-		tests/test_backing_root_campaign.py
+		tests/test_backing_root_campaign.py tests/test_backing_root_race.py
 
 demo: venv system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh

@@ -41,7 +41,8 @@ name), loops (a name of a file already in the chain), and a short name
 whose real path is longer than PATH_MAX. File names are sometimes odd
 (spaces, newlines, non-UTF-8 bytes, escapes, ``json:``). Not generated: hard
 links (an inside hard link to an outside file is inside by every path, beyond
-what a path policy can see) and races (symlinks swapped during the open).
+what a path policy can see) and races (symlinks swapped during the open:
+tests/test_backing_root_race.py).
 Headers are version 2 (sometimes 1), with empty, partial or full bitmaps, the
 ALL_ALLOCATED flag, and now and then a broken magic or a truncated bitmap.
 
