@@ -389,6 +389,14 @@ def test_missing_image_is_one_line(tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1
 
 
+def test_debug_shows_the_traceback_before_the_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.add-cow"
+    proc = addcow_cli("--debug", "info", missing, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Traceback (most recent call last):")
+    assert proc.stderr.splitlines()[-1].startswith(f"addcow: {missing}: ")
+
+
 def test_force_share_needs_read_only(img: Path) -> None:
     proc = addcow_cli("io", "-U", "-c", "read 0 1", img, check=False)
     assert (proc.returncode, proc.stdout) == (1, "")

@@ -15,7 +15,6 @@ import importlib
 import io
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -94,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (AddCowError, CommandError, OSError) as exc:
         if args.debug:
+            import traceback  # only here: it costs every command's start 3 ms
+
             traceback.print_exc()
         message = str(exc) if not isinstance(exc, OSError) else _os_message(exc)
         print(f"addcow: {one_line(message)}", file=sys.stderr)
