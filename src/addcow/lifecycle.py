@@ -440,9 +440,9 @@ class RawTarget:
         except BaseException:
             os.close(self.fd)
             raise
-        # bytes copied since writeback was last started, from offset unsynced_lo on
-        self.unsynced_lo = -1
-        self.unsynced = 0
+        # copied bytes whose writeback is not started yet, from offset pending_lo on
+        self.pending_lo = -1
+        self.pending = 0
 
     def grow(self, size: int) -> None:
         if sysio.file_size(self.fd, self.path) < size:
@@ -460,12 +460,12 @@ class RawTarget:
 
     def _written(self, lo: int, hi: int) -> None:
         """Start writeback of what was copied every WRITEBACK_BYTES, so flush waits less."""
-        if self.unsynced_lo < 0:
-            self.unsynced_lo = lo
-        self.unsynced += hi - lo
-        if self.unsynced >= WRITEBACK_BYTES:
-            sysio.start_writeback(self.fd, self.unsynced_lo, hi - self.unsynced_lo)
-            self.unsynced_lo, self.unsynced = -1, 0
+        if self.pending_lo < 0:
+            self.pending_lo = lo
+        self.pending += hi - lo
+        if self.pending >= WRITEBACK_BYTES:
+            sysio.start_writeback(self.fd, self.pending_lo, hi - self.pending_lo)
+            self.pending_lo, self.pending = -1, 0
 
     def zero(self, offset: int, length: int) -> None:
         if not sysio.punch_hole(self.fd, offset, length, self.path):
