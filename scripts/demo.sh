@@ -2,8 +2,8 @@
 # The main job end to end on generated sample images (run by `make demo`):
 # a base disk, an add-cow image over it, writes through it, then map, check,
 # convert, compare, with QEMU doing the same job on a qcow2 overlay as referee;
-# then the image served over NBD, streamed while served and detached, leaving
-# a standalone raw disk.
+# then the image served over NBD, streamed while served and detached by the
+# server, leaving a standalone raw disk.
 set -euo pipefail
 out=demo-out
 rm -rf "$out" && mkdir -p "$out" && cd "$out"
@@ -51,9 +51,9 @@ run qemu-io -f raw -c "write -P 0xef 40M 64k" "$uri"
 run qemu-io -f qcow2 -c "write -P 0xef 40M 64k" overlay.qcow2 > /dev/null
 run qemu-img compare "$uri" overlay.qcow2
 
-say "9. Stream while it is served, then detach: the client keeps its disk, only disk.raw remains"
+say "9. Stream while it is served; the server detaches it and goes on serving disk.raw alone"
 run kill "$(cat serve.pid)"
-while test -e serve.pid; do sleep 0.05; done
+for _ in $(seq 600); do test -e serve.pid || break; sleep 0.05; done
 printf '$ addcow serve --foreground --stream --detach-when-complete ... 2> serve.log &\n'
 addcow serve --foreground --socket "$sockdir/nbd.sock" --pidfile "$PWD/serve.pid" \
     --stream --detach-when-complete disk.add-cow > serve.out 2> serve.log &
