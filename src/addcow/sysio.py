@@ -39,6 +39,16 @@ _ZEROS = bytes(1 << 20)
 
 def pread_full(fd: int, view: memoryview, offset: int, name: str) -> None:
     """Fill ``view`` from ``offset``; a read that ends early is an error."""
+    done = _pread_until_eof(fd, view, offset, name)
+    if done < len(view):
+        raise AddCowIOError(
+            f"{name}: unexpected end of file at offset {offset + done} "
+            f"(the file was truncated while in use?)"
+        )
+
+
+def _pread_until_eof(fd: int, view: memoryview, offset: int, name: str) -> int:
+    """Read into ``view`` from ``offset`` until it is full or the file ends; bytes read."""
     done = 0
     total = len(view)
     while done < total:
@@ -47,11 +57,9 @@ def pread_full(fd: int, view: memoryview, offset: int, name: str) -> None:
         except OSError as exc:
             raise AddCowIOError.wrap(f"{name}: read at offset {offset + done}", exc) from exc
         if n == 0:
-            raise AddCowIOError(
-                f"{name}: unexpected end of file at offset {offset + done} "
-                f"(the file was truncated while in use?)"
-            )
+            break
         done += n
+    return done
 
 
 def pread_upto(fd: int, length: int, offset: int, what: str) -> bytes:
@@ -77,17 +85,9 @@ def pread_upto(fd: int, length: int, offset: int, what: str) -> bytes:
 
 def pread_zero_fill(fd: int, view: memoryview, offset: int, name: str) -> None:
     """Fill ``view`` from ``offset``; bytes past the end of the file read as zero."""
-    done = 0
-    total = len(view)
-    while done < total:
-        try:
-            n = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as exc:
-            raise AddCowIOError.wrap(f"{name}: read at offset {offset + done}", exc) from exc
-        if n == 0:
-            fill_zero(view[done:])
-            return
-        done += n
+    done = _pread_until_eof(fd, view, offset, name)
+    if done < len(view):
+        fill_zero(view[done:])
 
 
 def pwrite_full(fd: int, buffers: list[memoryview], offset: int, name: str) -> None:
