@@ -60,7 +60,8 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import AddCowError
 
@@ -335,16 +336,26 @@ class TransmissionStarted:
     contexts: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Request:
-    """A valid command. ``data`` is the payload of a WRITE, else None."""
+class Request(NamedTuple):
+    """A valid command. ``data`` is the payload of a WRITE, else None.
+
+    Immutable like the other events, but a NamedTuple: one is built per request,
+    in a third of a frozen dataclass's time.
+    """
 
     cookie: int
     command: int
     flags: int
     offset: int
     length: int
-    data: bytes | None = field(default=None, repr=False)
+    data: bytes | None = None
+
+    def __repr__(self) -> str:
+        payload = "" if self.data is None else f", data=<{len(self.data)} bytes>"
+        return (
+            f"Request(cookie={self.cookie}, command={self.command}, flags={self.flags}, "
+            f"offset={self.offset}, length={self.length}{payload})"
+        )
 
 
 @dataclass(frozen=True)
@@ -509,7 +520,8 @@ class ServerConnection:
         return RemoteProtocolError(message)
 
     def _take(self, n: int) -> bytes:
-        chunk = bytes(self._buf[:n])
+        with memoryview(self._buf) as view:  # one copy (a bytearray slice would be two)
+            chunk = bytes(view[:n])
         del self._buf[:n]
         return chunk
 
