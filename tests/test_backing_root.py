@@ -118,9 +118,10 @@ def test_the_cli_refuses_with_one_line(tree: tuple[Path, Path]) -> None:
         assert proc.returncode == (2 if cmd[0] == "compare" else 1), proc  # compare: 2 = error
         assert proc.stderr.startswith("addcow: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert "outside the allowed directory" in proc.stderr
-    # check reports the refused backing as a finding of an unusable chain (exit 2)
+    # check reports the refused backing as a chain it could not check (exit 1)
     proc = run_addcow("check", "--backing-root", root, path, check=False)
-    assert proc.returncode == 2, proc
+    assert proc.returncode == 1, proc
+    assert proc.stderr.startswith("Check error backing chain: ")
     assert "outside the allowed directory" in proc.stderr
     # without the restriction the same image opens (the control for the CLI case)
     assert run_addcow("map", path).returncode == 0

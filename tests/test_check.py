@@ -537,16 +537,19 @@ def test_image_file_is_the_add_cow_file(tmp_path: Path, base_raw: Path) -> None:
 # -- the backing chain ------------------------------------------------------------------
 
 
-def test_missing_backing_file_is_a_corruption(tmp_path: Path, base_raw: Path) -> None:
+def test_missing_backing_file_is_a_check_error(tmp_path: Path, base_raw: Path) -> None:
+    """As qemu-img check: a file it cannot open is a check not done (1), not a
+    corruption (2), which scripts act on."""
     path = make_image(tmp_path, base_raw)
     os.unlink(base_raw)
     proc = check(path)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert proc.stderr == (
-        f"ERROR backing chain: {base_raw}: cannot open backing file: No such file or directory\n"
+        f"Check error backing chain: {base_raw}: cannot open backing file: "
+        "No such file or directory\naddcow: check failed\n"
     )
-    assert proc.stdout == "\n1 " + CORRUPT + summary(0)
-    assert check("-r", "all", path).returncode == 2
+    assert proc.stdout == "\n1 internal errors have occurred during the check.\n" + summary(0)
+    assert check("-r", "all", path).returncode == 1
 
 
 def test_complete_image_does_not_need_its_backing_file(tmp_path: Path, base_raw: Path) -> None:
@@ -561,7 +564,7 @@ def test_repairing_the_flag_makes_the_backing_file_unneeded(tmp_path: Path, base
     write_clusters(path, range(CLUSTERS))
     poke_u64(path, COMPAT, 0)
     os.unlink(base_raw)
-    assert check(path).returncode == 2  # readers would open the backing: it is gone
+    assert check(path).returncode == 1  # readers would open the backing: it is gone
     proc = check("-r", "leaks", path)
     assert proc.returncode == 0
     assert proc.stdout.endswith(NO_ERRORS + summary(CLUSTERS))
@@ -612,7 +615,7 @@ def test_version_1_without_recorded_backing_format(tmp_path: Path, base_raw: Pat
     assert check(path).returncode == 0  # control: NO_PROBE recorded by create
     poke_u64(path, 28, 0x1)  # BACKING_FILE without BACKING_FORMAT_NO_PROBE
     proc = check(path)
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # the chain cannot be checked without probing
     assert "backing file format not recorded" in proc.stderr
     assert "addcow does not probe formats" in proc.stderr
 
@@ -620,7 +623,7 @@ def test_version_1_without_recorded_backing_format(tmp_path: Path, base_raw: Pat
 def test_locked_backing_file_is_a_check_error(tmp_path: Path, base_raw: Path) -> None:
     path = make_image(tmp_path, base_raw)
     writer = tmp_path / "w.add-cow"  # an image whose image file is base.raw
-    addcow.create(writer, image_file=base_raw.name)
+    addcow.create(writer, image_file=base_raw.name, image_file_raw=True)
     with held_open(writer, "rw"):
         proc = check(path)
         assert proc.returncode == 1
@@ -630,6 +633,16 @@ def test_locked_backing_file_is_a_check_error(tmp_path: Path, base_raw: Path) ->
         assert proc.stdout == "\n1 internal errors have occurred during the check.\n" + summary(0)
         assert json.loads(check("--output=json", path).stdout)["check-errors"] == 1
         assert check("-U", path).returncode == 0
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes; check must refuse it."""
+    fifo = tmp_path / "d.add-cow"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "addcow", "check", str(fifo)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert proc.stderr == f"addcow: {fifo}: cannot open: not a regular file or block device\n"
 
 
 # -- locking ------------------------------------------------------------------------------

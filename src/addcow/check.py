@@ -20,10 +20,12 @@ exit statuses of ``qemu-img check``)::
     ALL_ALLOCATED set, some bits clear        corruption   all: set the bits
     every bit set, ALL_ALLOCATED clear (v2)   leak         leaks, all: set the flag
     unknown autoclear bits set (v2)           leak         leaks, all: clear them
-    backing chain unusable: file missing,     corruption   none
-      format not recorded (v1), loop, too
-      deep, a broken add-cow in the chain
-    backing chain locked or unreadable        check error  none
+    backing chain broken: a loop, too deep,   corruption   none
+      an invalid add-cow in the chain
+    backing chain not checkable: a file       check error  none
+      missing, locked or unreadable, its
+      format not recorded (v1), outside
+      --backing-root
 
 A "leak" here is what qemu-img means by one: no harm to data, only something
 out of date. Counts are per cluster for bitmap bits (per bit for padding) and
@@ -51,7 +53,7 @@ from typing import Any
 from . import sysio
 from .backing import ChainGuard, open_backing, open_image_file, resolve_name
 from .bitmap import Bitmap
-from .errors import AddCowError, AddCowIOError, ImageFileError, LockError
+from .errors import AddCowError, BackingLoopError, BitmapError, HeaderError, ImageFileError
 from .format import (
     V2_AUTOCLEAR_FEATURES,
     V2_COMPAT_ALL_ALLOCATED,
@@ -227,9 +229,8 @@ def check_image(
 
 
 def _open_meta(path: str, *, writable: bool) -> int:
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
     try:
-        return os.open(path, flags)
+        return sysio.open_file(path, os.O_RDWR if writable else os.O_RDONLY)
     except OSError as exc:
         raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
 
@@ -301,10 +302,13 @@ def _check_backing_chain(
     try:
         fmt = header.backing_format or _probe_v1_backing(header.backing_name, path, False)
         backing = open_backing(header.backing_name, fmt, path, guard=guard, force_share=force_share)
-    except (LockError, AddCowIOError) as exc:
-        return [_Finding(CHECK_ERROR, 1, f"backing chain: {exc}")]
-    except AddCowError as exc:
+    except (HeaderError, BitmapError, BackingLoopError) as exc:
+        # What the chain's own files say is wrong: they were read, and are invalid.
         return [_Finding(CORRUPTION, 1, f"backing chain: {exc}")]
+    except AddCowError as exc:
+        # A file that could not be read (missing, locked, I/O error, not allowed)
+        # is a check that could not be done, as qemu-img check reports it.
+        return [_Finding(CHECK_ERROR, 1, f"backing chain: {exc}")]
     backing.close()
     return []
 

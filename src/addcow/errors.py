@@ -5,16 +5,25 @@ The tree::
     AddCowError                     root: catch this to catch everything addcow raises
     +-- HeaderError                 the .add-cow header breaks a rule of the specification
     |   +-- UnsupportedFeatureError     a version or incompatible feature bit we do not know
+    |   +-- ForeignFormatError          the file is an image of another format (qcow2, ...)
     +-- BitmapError                 the bitmap is truncated or inconsistent
     +-- ImageFileError              the image file is missing, too small or unusable
     +-- BackingError                a backing file cannot be opened or used
     |   +-- BackingFormatError          format not recorded, unknown, or would need probing
     |   +-- BackingLoopError            a file appears twice in one chain, or the chain is too deep
+    |   +-- Qcow2Error                  a qcow2 backing file breaks a rule of the qcow2 format
+    |       +-- Qcow2UnsupportedError       a qcow2 feature addcow does not read (encryption, ...)
+    |       +-- Qcow2CorruptError           a table entry or compressed cluster is inconsistent
     +-- PathPolicyError             a file named by an image is outside the allowed tree
+    +-- FormatChoiceError           a file named on the command line needs its format given
+    +-- ExistingFileError           creating would replace a file or hide an image file's data
     +-- LockError                   another process holds a conflicting lock
     +-- RangeError                  a request reaches past the end of the image
     +-- ReadOnlyError               a write on an image opened read-only
+    +-- SlowZeroError               fast zeroing (NBD FAST_ZERO) asked for, would be slow
     +-- ClosedImageError            a call on an image that was closed
+    +-- IncompleteImageError        the operation needs every cluster in the image file
+    +-- AmendError                  the header cannot be converted as asked
     +-- AddCowIOError               an operating-system I/O call failed (carries errno)
 
 Messages name the field or file, the expected value and the value found, so a
@@ -95,6 +104,14 @@ class ClosedImageError(AddCowError):
     """The image was used after close()."""
 
 
+class IncompleteImageError(AddCowError):
+    """The operation needs every cluster in the image file, and some are not."""
+
+
+class AmendError(AddCowError):
+    """The header cannot be converted as asked."""
+
+
 class AddCowIOError(AddCowError):
     """An operating-system call failed; ``errno`` holds its error number."""
 
@@ -106,3 +123,69 @@ class AddCowIOError(AddCowError):
     def wrap(cls, what: str, exc: OSError) -> AddCowIOError:
         """Turn an OSError into an AddCowIOError that says what was being done."""
         return cls(f"{what}: {exc.strerror or exc}", exc.errno)
+
+
+class ForeignFormatError(HeaderError):
+    """The file is an image of another known format (its magic says so), not add-cow."""
+
+    def __init__(self, fmt: str, found: object, path: str | None = None) -> None:
+        super().__init__("magic", "ADD_COW\\xff", found, path)
+        self.format = fmt
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{where}this is a {self.format} image, not an add-cow image"
+
+
+class FormatChoiceError(AddCowError):
+    """A file named on the command line needs its format given (-f): its content
+    starts with an image header, which a guest can write into a raw disk."""
+
+
+class ExistingFileError(AddCowError):
+    """Creating would replace an existing file, or hide the data an image file holds."""
+
+
+class Qcow2Error(BackingError):
+    """A qcow2 backing file breaks a rule of the qcow2 format.
+
+    Like :class:`HeaderError` it names the field (or table entry), the expected
+    value and the value found; ``hint`` adds what the user can do about it.
+    """
+
+    _kind = "invalid"
+
+    def __init__(
+        self,
+        field: str,
+        expected: str,
+        found: object,
+        path: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(field, expected, found)
+        self.field = field
+        self.expected = expected
+        self.found = found
+        self.path = path
+        self.hint = hint
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        tail = f" ({self.hint})" if self.hint else ""
+        return (
+            f"{where}{self._kind} qcow2 {self.field}: "
+            f"expected {self.expected}, found {self.found}{tail}"
+        )
+
+
+class Qcow2UnsupportedError(Qcow2Error):
+    """The qcow2 file uses a feature addcow does not read (encryption, data file, ...)."""
+
+    _kind = "unsupported"
+
+
+class Qcow2CorruptError(Qcow2Error):
+    """A qcow2 table entry or compressed cluster met while reading is inconsistent."""
+
+    _kind = "corrupt"

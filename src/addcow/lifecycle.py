@@ -20,6 +20,7 @@ holding the image's exclusive lock, so no other addcow user can have it open.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import time
@@ -36,7 +37,12 @@ from .backing import (
     read_as_backing,
     resolve_name,
 )
-from .errors import AddCowError, BackingFormatError
+from .errors import (
+    AddCowError,
+    AmendError,
+    BackingFormatError,
+    IncompleteImageError,
+)
 from .format import V1_CLUSTER_BITS, V1_HEADER_SIZE, Header
 from .image import AddCowImage
 from .locking import lock_raw
@@ -56,14 +62,6 @@ WRITEBACK_BYTES = 8 << 20
 STREAM_THREADS = min(4, os.cpu_count() or 1)
 """Spans streamed at once: reading the backing, scanning it for zeros and writing
 overlap across cores (``preadv``, ``copy_file_range`` and ``fdatasync`` release the GIL)."""
-
-
-class IncompleteImageError(AddCowError):
-    """The operation needs every cluster in the image file, and some are not."""
-
-
-class AmendError(AddCowError):
-    """The header cannot be converted as asked."""
 
 
 class StreamStats:
@@ -114,28 +112,43 @@ def stream(
     for worker in workers:
         worker.start()
     try:
-        run.work()
+        try:
+            run.work()
+        except BaseException:
+            # Ctrl-C or an error: the other threads stop after the span they are in.
+            run.stopping.set()
+            raise
+        finally:
+            # They are joined in every case: only then may the caller close the image.
+            interrupted: KeyboardInterrupt | None = None
+            for worker in workers:
+                while worker.is_alive():
+                    try:
+                        worker.join()
+                    except KeyboardInterrupt as exc:
+                        interrupted = exc
+                        run.stopping.set()
+            if interrupted is not None:
+                raise interrupted
+        if run.error is not None:
+            raise run.error
     except BaseException:
-        # Ctrl-C or an error: the other threads stop after the span they are in.
-        run.stopping.set()
+        _keep_progress(image)
         raise
-    finally:
-        # They are joined in every case: only then may the caller close the image.
-        interrupted: KeyboardInterrupt | None = None
-        for worker in workers:
-            while worker.is_alive():
-                try:
-                    worker.join()
-                except KeyboardInterrupt as exc:
-                    interrupted = exc
-                    run.stopping.set()
-        if interrupted is not None:
-            raise interrupted
-    if run.error is not None:
-        raise run.error
     image.flush()
     run.stats.seconds = time.monotonic() - run.started
     return run.stats
+
+
+def _keep_progress(image: AddCowImage) -> None:
+    """After a failed stream, make the bits of what was copied durable if possible.
+
+    The error that stopped the stream is the one to report; if this flush fails
+    too (the file system is still full), the bits stay in memory for the image's
+    close, and a rerun copies those clusters again.
+    """
+    with contextlib.suppress(AddCowError):
+        image.flush()
 
 
 class _StreamRun:
@@ -252,7 +265,7 @@ def detach(image: AddCowImage, *, dry_run: bool = False) -> str:
     if dry_run:
         return image.image_path
     image.trim_image_file()
-    os.unlink(image.path)
+    sysio.unlink(image.path, "the .add-cow file")
     sysio.sync_directory(os.path.dirname(image.path) or ".")
     image.close()
     return image.image_path
@@ -275,7 +288,7 @@ def rebase(
     new: BlockSource | None = None
     if backing is not None:
         name = os.fsencode(backing)
-        fmt = choose_backing_format(name, fmt, image.path, image.header.version)
+        fmt = choose_backing_format(name, fmt, image.path, image.header.version, guard=guard)
         new = open_backing(name, fmt, image.path, guard=guard, force_share=False)
     copied = 0
     try:
@@ -345,7 +358,7 @@ def amend(image: AddCowImage, version: int) -> None:
             problems.append(f"header size {header.header_size} (version 1 has 4096)")
         if header.backing_format not in (None, "raw"):
             problems.append(f"a {header.backing_format} backing file (version 1 records raw only)")
-        file_size = os.stat(image.image_path).st_size
+        file_size = sysio.file_size(image.image_fd, image.image_path)
         if file_size != image.size:
             problems.append(
                 f"an image file of {file_size} bytes for a {image.size}-byte disk (version 1 "
@@ -446,7 +459,7 @@ class RawTarget:
 
     def grow(self, size: int) -> None:
         if sysio.file_size(self.fd, self.path) < size:
-            os.ftruncate(self.fd, size)
+            sysio.truncate(self.fd, size, self.path)
 
     def copy(self, image: AddCowImage, offset: int, length: int) -> None:
         if not sysio.copy_range(image.image_fd, self.fd, offset, length, self.path):

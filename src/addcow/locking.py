@@ -46,6 +46,9 @@ _PERM_BASE = 100
 _SHARED_BASE = 200
 
 
+_INSPECT_HINT = "(read-only commands take -U / force_share to inspect it anyway)"
+
+
 def _flock(fd: int, cmd: int, kind: int, start: int, length: int) -> int:
     packed = _FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
     result = fcntl.fcntl(fd, cmd, packed)
@@ -58,10 +61,13 @@ def lock_whole(fd: int, path: str, *, exclusive: bool) -> None:
     try:
         _flock(fd, fcntl.F_OFD_SETLK, kind, 0, 0)
     except OSError as exc:
-        mode = "write" if exclusive else "read"
+        if exclusive:
+            raise LockError(
+                f"{path}: failed to get write lock: the image is in use by another process"
+            ) from exc
         raise LockError(
-            f"{path}: failed to get {mode} lock: the image is in use by another process "
-            "(use -U / force_share to inspect it anyway)"
+            f"{path}: failed to get read lock: the image is in use by another process "
+            f"{_INSPECT_HINT}"
         ) from exc
 
 
@@ -79,16 +85,17 @@ def lock_raw(fd: int, path: str, *, writable: bool) -> None:
                 _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _SHARED_BASE + bit_index, 1)
     except OSError as exc:
         raise LockError(f"{path}: failed to lock: the file is in use ({exc.strerror})") from exc
+    hint = "" if writable else f" {_INSPECT_HINT}"
     for bit_index, bit in enumerate(_PERM_BITS):
         if perms & bit and _held_by_other(fd, _SHARED_BASE + bit_index):
             raise LockError(
                 f'{path}: failed to get "{_PERM_NAMES[bit]}" lock: another process '
-                "is using the file and does not share it"
+                f"is using the file and does not share it{hint}"
             )
         if unshared & bit and _held_by_other(fd, _PERM_BASE + bit_index):
             raise LockError(
                 f'{path}: failed to get shared "{_PERM_NAMES[bit]}" lock: another process '
-                "is using the file (use -U / force_share to inspect it anyway)"
+                f"is using the file{hint}"
             )
 
 

@@ -162,6 +162,21 @@ def _fallocate_flags(fd: int, mode: int, offset: int, length: int, name: str) ->
     raise AddCowIOError(f"{name}: fallocate at offset {offset}: {os.strerror(err)}", err)
 
 
+def allocate(fd: int, offset: int, length: int, name: str) -> None:
+    """Reserve blocks for [offset, offset+length) (``posix_fallocate``), where supported.
+
+    For metadata that must be writable later even on a full file system; content
+    is unchanged (new blocks read as zero).
+    """
+    if length <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise AddCowIOError.wrap(f"{name}: allocate {length} bytes at {offset}", exc) from exc
+
+
 def open_file(path: str, flags: int) -> int:
     """``os.open`` that refuses anything but a regular file or a block device.
 
@@ -201,6 +216,23 @@ def sync_directory(directory: str) -> None:
         raise AddCowIOError.wrap(f"{directory}: fsync directory", exc) from exc
     finally:
         os.close(fd)
+
+
+def truncate(fd: int, size: int, name: str) -> None:
+    """Set a file's size (``ftruncate``)."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        raise AddCowIOError.wrap(f"{name}: truncate to {size} bytes", exc) from exc
+
+
+def unlink(path: str, what: str) -> None:
+    """Remove ``path``; the error names ``what`` and its directory."""
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        directory = os.path.dirname(path) or "."
+        raise AddCowIOError.wrap(f"{path}: cannot remove {what} (in {directory})", exc) from exc
 
 
 def file_size(fd: int, name: str) -> int:

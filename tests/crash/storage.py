@@ -1,7 +1,8 @@
 """An injected storage layer: records, and can fail, every I/O call on chosen files.
 
 Every system call addcow makes on a file goes through :mod:`addcow.sysio` (and a
-few direct ``os`` calls in :mod:`addcow.image`), which look up ``os.pwritev``,
+few direct ``os`` calls in :mod:`addcow.image`, the read fast path among them),
+which look up ``os.pwritev``,
 ``os.preadv``, ``os.pread``, ``os.ftruncate``, ``os.fdatasync``, ``os.fsync``,
 ``os.lseek``, ``os.copy_file_range`` at call time and call ``fallocate`` through
 ``sysio._fallocate``.
@@ -46,6 +47,8 @@ FAULT_KINDS: dict[str, tuple[str, ...]] = {
     "fallocate": (EIO, ENOSPC),
     "lseek": (EIO,),
     "copy_file_range": (EIO, ENOSPC, SHORT),
+    "rename": (EIO, ENOSPC),
+    "unlink": (EIO,),
 }
 ERRNO = {EIO: errno.EIO, ENOSPC: errno.ENOSPC}
 
@@ -70,14 +73,18 @@ class Layer:
     log: list[tuple[Any, ...]] = field(default_factory=list)
     calls: list[tuple[str, str]] = field(default_factory=list)  # (call, file name)
     record: bool = True
+    directory: Path | None = None
+    """Also watch every file in this directory, by its name there (files created
+    while the layer is active among them), and ``rename``/``unlink`` of names in it."""
     _ids: dict[tuple[int, int], str] = field(default_factory=dict)
 
     def refresh(self) -> None:
         """(Re)learn the inodes of the watched files (after they were recreated)."""
         self._ids = {}
         for name, path in self.files.items():
-            st = os.stat(path)
-            self._ids[(st.st_dev, st.st_ino)] = name
+            if os.path.exists(path) or self.directory is None:
+                st = os.stat(path)
+                self._ids[(st.st_dev, st.st_ino)] = name
 
     def snapshot(self) -> dict[str, bytes]:
         return {name: Path(path).read_bytes() for name, path in self.files.items()}
@@ -92,7 +99,42 @@ class Layer:
             st = _real["fstat"](fd)
         except OSError:
             return None
-        return self._ids.get((st.st_dev, st.st_ino))
+        name = self._ids.get((st.st_dev, st.st_ino))
+        if name is None and self.directory is not None:
+            try:
+                name = self._in_directory(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                return None
+        return name
+
+    def _in_directory(self, path: str) -> str | None:
+        """The watched name of ``path`` (a temporary name without its pid), or None."""
+        if self.directory is None:
+            return None
+        where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        if where != os.path.realpath(self.directory):
+            return None
+        base = os.path.basename(path)
+        return base.replace(f".{os.getpid()}.", ".") if base.startswith(".") else base
+
+    def _path_call(self, call: str, path: Any) -> None:
+        name = self._in_directory(os.fspath(path)) if isinstance(path, (str, Path)) else None
+        if name is not None:
+            kind = self._fail(call, name)
+            if kind in ERRNO:
+                raise OSError(ERRNO[kind], os.strerror(ERRNO[kind]), os.fspath(path))
+
+    def rename(self, src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        self._path_call("rename", dst)
+        _real["rename"](src, dst, *args, **kwargs)
+
+    def replace(self, src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        self._path_call("rename", dst)
+        _real["replace"](src, dst, *args, **kwargs)
+
+    def unlink(self, path: Any, *args: Any, **kwargs: Any) -> None:
+        self._path_call("unlink", path)
+        _real["unlink"](path, *args, **kwargs)
 
     def _fail(self, call: str, name: str) -> str | None:
         """Count a call; return the fault kind if this is the one to fail."""
@@ -144,7 +186,7 @@ class Layer:
             self.log.append(("write", name, offset_dst, data[:n]))
         return n  # type: ignore[no-any-return]
 
-    def preadv(self, fd: int, buffers: list[Any], offset: int) -> int:
+    def preadv(self, fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
         name = self._name(fd)
         if name is not None:
             kind = self._fail("preadv", name)
@@ -153,8 +195,8 @@ class Layer:
             if kind == SHORT:
                 view = memoryview(buffers[0]).cast("B")
                 if len(view) > 1:
-                    return _real["preadv"](fd, [view[: len(view) // 2]], offset)  # type: ignore[no-any-return]
-        return _real["preadv"](fd, buffers, offset)  # type: ignore[no-any-return]
+                    return _real["preadv"](fd, [view[: len(view) // 2]], offset, *flags)  # type: ignore[no-any-return]
+        return _real["preadv"](fd, buffers, offset, *flags)  # type: ignore[no-any-return]
 
     def pread(self, fd: int, length: int, offset: int) -> bytes:
         name = self._name(fd)
@@ -235,6 +277,9 @@ _OS_CALLS = (
     "fsync",
     "lseek",
     "copy_file_range",
+    "rename",
+    "replace",
+    "unlink",
 )
 _real: dict[str, Callable[..., Any]] = {n: getattr(os, n) for n in _OS_CALLS}
 _real["fstat"] = os.fstat
