@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from storage import ERRNO, FAULT_KINDS, SHORT, Fault, Layer
+from storage import EIO, ERRNO, FAULT_KINDS, SHORT, Fault, Layer
 from workload import CLUSTER, SIZE, Model, build
 
 import addcow
@@ -382,3 +382,24 @@ def test_a_short_read_of_the_header_is_not_corruption(
     with addcow.open(tmp_path / "d.add-cow", readonly=True) as img:
         assert img.size == SIZE
     assert check_image(tmp_path / "d.add-cow").exit_status == 0
+
+
+def test_an_eio_on_the_read_fast_path_is_one_error(tmp_path: Path) -> None:
+    """A read inside one cluster takes the fast path (one preadv, straight from the
+    image file or the raw backing); EIO there is one AddCowIOError naming that
+    file, and the read is not tried a second time."""
+    build(tmp_path)
+    with addcow.open(tmp_path / "d.add-cow") as img:
+        img.write(b"\x5a" * CLUSTER, 0)
+        img.flush()
+        layer = Layer({"image": tmp_path / "d.raw", "backing": tmp_path / "base.raw"},
+                      record=False)
+        with layer.active():
+            for cluster, name, file in ((0, "image", "d.raw"), (1, "backing", "base.raw")):
+                layer.calls.clear()
+                layer.fault = Fault(0, EIO)
+                with pytest.raises(AddCowIOError) as info:
+                    img.read(cluster * CLUSTER + 512, 1024)
+                assert info.value.errno == ERRNO[EIO]
+                assert f"{file}: read at offset" in str(info.value)
+                assert layer.calls == [("preadv", name)], layer.calls
