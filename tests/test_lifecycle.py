@@ -44,9 +44,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -104,6 +106,13 @@ LOCKED = "the image is in use by another process"
 
 # -- content --------------------------------------------------------------------
 
+
+
+def stale_bytes(raw: Path, length: int, byte: int = 0xEE) -> None:
+    """Fill an image file with old bytes after its image was created (every bit still
+    0, so none of them is read): the state a crash or an earlier use leaves."""
+    with open(raw, "r+b") as f:
+        f.write(bytes([byte]) * length)
 
 def fill(tag: int, offset: int, length: int) -> bytes:
     """Bytes for [offset, offset+length): 16-byte units of 8 x ``tag`` + the unit's offset.
@@ -529,9 +538,10 @@ def test_stream_punches_old_bytes_where_the_backing_reads_zero(tmp_path: Path) -
     zero ranges of the backing and the area past its end read zero and are holes."""
     t = make_twin(tmp_path, ops=[])
     t.img.unlink()
-    t.raw.write_bytes(b"\xee" * (SIZE + 5000))  # longer than the disk, too
+    t.raw.unlink()
     addcow.create(t.img, image_file="d.raw", backing_file="base.raw",
                   backing_format="raw", size=SIZE)
+    stale_bytes(t.raw, SIZE + 5000)  # longer than the disk, too
     apply_addcow(t.img, OPS[:2])  # whole and partial clusters over data
     t.ops = OPS[:2]
     apply_qemu(t.qcow2, OPS[:2])
@@ -654,10 +664,10 @@ def test_stream_zero_fills_past_the_backing_end(tmp_path: Path) -> None:
     content = build_base(base, {0: 0xC0, 1: 0xC1}, 2 * C + 777)
     size = 5 * C + 4321
     raw = tmp_path / "big.raw"
-    raw.write_bytes(b"\x5a" * size)
     img = tmp_path / "big.add-cow"
     addcow.create(img, image_file="big.raw", backing_file="base.raw",
                   backing_format="raw", size=size)
+    stale_bytes(raw, size, 0x5A)
     with untouched(base):
         addcow_cli("stream", img)
     assert raw.read_bytes() == content + bytes(size - len(content))
@@ -766,9 +776,10 @@ def test_detach_of_an_image_file_longer_than_the_disk(tmp_path: Path) -> None:
     the virtual size, not the longer file with old bytes at its end."""
     t = make_twin(tmp_path, ops=[])
     t.img.unlink()
-    t.raw.write_bytes(b"\xee" * (SIZE + 3 * C))
+    t.raw.unlink()
     addcow.create(t.img, image_file="d.raw", backing_file="base.raw",
                   backing_format="raw", size=SIZE)
+    stale_bytes(t.raw, SIZE + 3 * C)
     apply_addcow(t.img, OPS)
     apply_qemu(t.qcow2, OPS)
     t.ops = list(OPS)
@@ -1105,7 +1116,7 @@ def test_rebase_onto_the_same_image_file_under_another_name_is_a_loop(twin: Twin
     """Through a symlink, or through another add-cow whose image file is d.raw."""
     (twin.root / "a" / "link.raw").symlink_to("d.raw")
     shared = twin.root / "a" / "shared.add-cow"
-    addcow.create(shared, image_file="d.raw", size=SIZE)
+    addcow.create(shared, image_file="d.raw", size=SIZE, image_file_raw=True)
     for name, fmt in (("link.raw", "raw"), ("shared.add-cow", "add-cow")):
         for unsafe in ([], ["-u"]):
             with untouched(twin.img, twin.raw):
@@ -1132,9 +1143,32 @@ def test_rebase_onto_a_qcow2_looking_file_needs_the_format(twin: Twin) -> None:
             err = fails("rebase", *unsafe, "-b", "looks.raw", twin.img)
         assert "looks.raw: the backing file starts with a qcow2 header; refusing to guess" in err
         assert "Give the format explicitly with -F" in err
-    # with the format given it is accepted as the raw file it is
-    addcow_cli("rebase", "-u", "-b", "looks.raw", "-F", "raw", twin.img)
-    assert info(twin.img)["backing-filename-format"] == "raw"
+    # not even as raw when asked: a raw disk that starts with an image header is bogus
+    for unsafe in ([], ["-u"]):
+        with untouched(twin.img, twin.raw, fake):
+            err = fails("rebase", *unsafe, "-b", "looks.raw", "-F", "raw", twin.img)
+        assert err.strip().endswith(
+            "looks.raw starts with a qcow2 header; refusing to record it as raw "
+            "(a raw disk must not start with an image header)"
+        )
+    assert info(twin.img)["backing-filename"] == "base.raw"
+    twin.compare()
+
+
+def test_rebase_never_records_raw_for_a_real_image(twin: Twin) -> None:
+    """qemu-img's own qcow2 and an add-cow image, offered as raw backing files."""
+    qemu_img("create", "-q", "-f", "qcow2", twin.root / "a" / "new.qcow2", str(SIZE))
+    addcow.create(twin.root / "a" / "new.add-cow", image_file="new-data.raw", size=SIZE)
+    for name, fmt in (("new.qcow2", "a qcow2"), ("new.add-cow", "an add-cow")):
+        for unsafe in ([], ["-u"]):
+            with untouched(twin.img, twin.raw):
+                err = fails("rebase", *unsafe, "-b", name, "-F", "raw", twin.img)
+            assert f"{name} starts with {fmt} header; refusing to record it as raw" in err
+        with addcow.open(twin.img) as image, pytest.raises(addcow.AddCowError,
+                                                           match="refusing to record it as raw"):
+            image.set_backing(name, "raw")
+    assert info(twin.img)["backing-filename"] == "base.raw"
+    twin.compare()
 
 
 def test_rebase_onto_a_missing_file_fails(twin: Twin) -> None:
@@ -1258,9 +1292,10 @@ def test_resize_grow_hides_old_bytes_past_the_end(tmp_path: Path) -> None:
     must show zeros, not those bytes (in the last, partial cluster and beyond)."""
     t = make_twin(tmp_path, ops=[])
     t.img.unlink()
-    t.raw.write_bytes(b"\xee" * (SIZE + 3 * C))
+    t.raw.unlink()
     addcow.create(t.img, image_file="d.raw", backing_file="base.raw",
                   backing_format="raw", size=SIZE)
+    stale_bytes(t.raw, SIZE + 3 * C)
     apply_addcow(t.img, OPS)
     apply_qemu(t.qcow2, OPS)
     t.ops = list(OPS)
@@ -1517,3 +1552,55 @@ def test_chain_commit_of_a_grown_top_grows_the_add_cow_backing(chain: Chain) -> 
     out = to_raw(chain.mid, chain.root / "mid-out.raw")
     qemu_compare(out, "raw", chain.qmid, "qcow2")
     assert out.read_bytes() == model(chain.expected() + bytes(new_size - SIZE), new_size, tail)
+
+
+# -- what the commands say when they cannot -------------------------------------------
+
+
+def test_a_stream_refused_by_a_lock_does_not_suggest_force_share(tmp_path: Path) -> None:
+    """-U is for read-only inspection; stream rejects it, so its lock error must not
+    offer it."""
+    base = tmp_path / "base.raw"
+    build_base(base, {0: 0xC0}, 2 * C)
+    img = tmp_path / "d.add-cow"
+    addcow.create(img, image_file="d.raw", backing_file="base.raw", backing_format="raw")
+    with addcow.open(img):
+        proc = addcow_cli("stream", img, check=False)
+        assert proc.returncode == 1
+        assert proc.stderr == (
+            f"addcow: {img}: failed to get write lock: the image is in use by another process\n"
+        )
+        shown = addcow_cli("map", img, check=False)  # a read-only command: -U is offered
+        assert "-U" in shown.stderr and shown.returncode == 1
+        assert addcow_cli("map", "-U", img).returncode == 0
+
+
+def test_detach_in_a_read_only_directory_says_why(tmp_path: Path) -> None:
+    """Removing the .add-cow file needs write access to its directory; the message
+    says so instead of a bare "Permission denied". Run as nobody (root may write
+    anywhere)."""
+    require_tool("setpriv")
+    where = Path(tempfile.mkdtemp(prefix="addcow-ro-", dir="/tmp"))
+    try:
+        os.chmod(where, 0o755)
+        img = where / "d.add-cow"
+        addcow.create(img, image_file="d.raw", size=2 * C)
+        with addcow.open(img) as image:
+            image.write(b"\x11" * 2 * C, 0)
+        for p in (img, where / "d.raw"):
+            os.chown(p, 65534, 65534)
+        os.chmod(where, 0o555)
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-m", "addcow", "detach", str(img)],
+            capture_output=True, text=True, timeout=60, cwd="/",
+        )
+        assert proc.returncode == 1, proc
+        assert proc.stderr == (
+            f"addcow: {img}: cannot remove the .add-cow file (in {where}): Permission denied\n"
+        )
+        assert img.exists(), "nothing was removed"
+        assert addcow_cli("check", img).returncode == 0
+    finally:
+        os.chmod(where, 0o755)
+        shutil.rmtree(where)

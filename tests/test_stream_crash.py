@@ -111,13 +111,12 @@ def build(directory: Path, layout: Layout, seed: int) -> bytes:
             f.write(chunk)
             content[lo:hi] = chunk
     raw = directory / "d.raw"
-    with open(raw, "wb") as f:
-        f.truncate(layout.size)
-        f.seek(layout.garbage[0])
-        f.write(b"\xee" * (layout.garbage[1] - layout.garbage[0]))
     img = directory / "d.add-cow"
     addcow.create(img, image_file="d.raw", backing_file="base.raw", backing_format="raw",
                   size=layout.size)
+    with open(raw, "r+b") as f:  # old bytes under clear bits
+        f.seek(layout.garbage[0])
+        f.write(b"\xee" * (layout.garbage[1] - layout.garbage[0]))
     with addcow.open(img) as image:
         for kind, offset, length in layout.ops:
             if kind == "write":

@@ -34,6 +34,8 @@ from .errors import (
 )
 from .format import BACKING_FORMATS
 from .locking import lock_raw
+from .magic import article
+from .magic import sniff_format as sniff_format  # re-exported: image.py reads it here
 
 MAX_CHAIN_DEPTH = 16
 """Most backing files below one image (specification, "Backing chains")."""
@@ -229,41 +231,6 @@ def open_image_file(path: str, *, readonly: bool, what: str = "image file") -> i
         raise ImageFileError(f"{path}: cannot open {what}: {exc.strerror}") from exc
 
 
-KNOWN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"ADD_COW\xff", "add-cow"),
-    (0, b"QFI\xfb", "qcow2"),
-    (0, b"QED\0", "qed"),
-    (0, b"KDMV", "vmdk"),
-    (0, b"# Disk DescriptorFile", "vmdk"),
-    (0, b"conectix", "vpc"),
-    (0, b"vhdxfile", "vhdx"),
-    (0, b"LUKS\xba\xbe", "luks"),
-    (0, b"WithoutFreeSpace", "parallels"),
-    (0, b"WithouFreSpacExt", "parallels"),
-    (64, b"\x7f\x10\xda\xbe", "vdi"),
-)
-
-
-def sniff_format(path: str) -> str | None:
-    """The image format whose magic ``path`` starts with, or None for none known.
-
-    Used only by ``create`` to refuse recording ``raw`` for a file that looks
-    like an image (the user must say -F); opening an image never probes.
-    """
-    try:
-        fd = sysio.open_file(path, os.O_RDONLY)
-        try:
-            head = sysio.pread_upto(fd, 128, 0, path)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise BackingError(f"{path}: cannot open backing file: {exc.strerror}") from exc
-    for offset, magic, name in KNOWN_MAGICS:
-        if head[offset : offset + len(magic)] == magic:
-            return name
-    return None
-
-
 def open_backing(
     name: bytes,
     fmt: str,
@@ -282,27 +249,39 @@ def open_backing(
     return AddCowImage.open(path, readonly=True, force_share=force_share, guard=guard)
 
 
-def choose_backing_format(name: bytes, fmt: str | None, path: str, version: int) -> str:
+def choose_backing_format(
+    name: bytes, fmt: str | None, path: str, version: int, *, guard: ChainGuard | None = None
+) -> str:
     """The backing format to record for ``name`` (stored in the image at ``path``).
 
     Without ``fmt``, ``raw`` is chosen only if the file does not start with a
     known image magic; otherwise the caller must say (a guest can write such a
-    header into a raw disk). Version 1 can record only ``raw``.
+    header into a raw disk). ``raw`` is never recorded for a file that starts
+    with a known image magic, even when asked for: read as raw, it would be a
+    disk that starts with an image header. Version 1 can record only ``raw``.
+    With a ``guard``, its ``backing_root`` policy is applied before the file is read.
     """
-    if fmt is None:
-        backing_path = resolve_name(name, path)
-        found = sniff_format(backing_path)
-        if found is not None:
-            raise BackingFormatError(
-                f"{backing_path}: the backing file starts with a {found} header; refusing "
-                f"to guess its format (a guest can write such a header into a raw disk). "
-                f"Give the format explicitly with -F"
-            )
-        fmt = "raw"
-    if fmt not in BACKING_FORMATS:
+    if fmt is not None and fmt not in BACKING_FORMATS:
         raise BackingFormatError(
             f"unsupported backing format {fmt!r}: expected one of {', '.join(BACKING_FORMATS)}"
         )
+    if fmt in (None, "raw"):
+        backing_path = resolve_name(name, path)
+        if guard is not None:
+            guard.check_path(backing_path)
+        found = sniff_format(backing_path)
+        if found is not None and fmt is None:
+            raise BackingFormatError(
+                f"{backing_path}: the backing file starts with {article(found)} header; "
+                f"refusing to guess its format (a guest can write such a header into a raw "
+                f"disk). Give the format explicitly with -F"
+            )
+        if found is not None:
+            raise BackingFormatError(
+                f"{backing_path} starts with {article(found)} header; refusing to record it "
+                "as raw (a raw disk must not start with an image header)"
+            )
+        fmt = "raw"
     if version == 1 and fmt != "raw":
         raise BackingFormatError(
             f"a version 1 image can only record a raw backing file, not {fmt!r} (use compat=2)"

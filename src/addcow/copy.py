@@ -14,15 +14,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import sysio
-from .backing import BlockSource, ChainGuard, RawFile, sniff_format
-from .errors import AddCowError, ImageFileError
+from .backing import BlockSource, ChainGuard, RawFile
+from .errors import AddCowError, FormatChoiceError, ImageFileError
 from .image import AddCowImage
 from .locking import lock_raw
+from .magic import article, identify, read_head
 
 CHUNK = 4 << 20
 """Bytes read per request while copying or comparing."""
 
 _ZERO_CHUNK = bytes(CHUNK)
+
+
+def format_of_name(path: str) -> str:
+    """The format of a file named on the command line without ``-f``: by its name.
+
+    A name ending in ``.add-cow`` is an add-cow image; anything else is raw.
+    The content is never used to choose: a guest can write any header into a
+    raw disk.
+    """
+    return "add-cow" if os.fsdecode(path).endswith(".add-cow") else "raw"
 
 
 def open_source(
@@ -34,25 +45,33 @@ def open_source(
 ) -> BlockSource:
     """Open a file named on the command line as ``fmt`` (add-cow or raw).
 
-    Without ``fmt``, a file that starts with the add-cow magic is opened as
-    add-cow and anything else as raw: the user named this file, unlike a name
-    stored inside an image, which is never probed.
+    Without ``fmt``, the name decides (:func:`format_of_name`), and a file taken
+    as raw that starts with a known image header is refused: the user must say
+    which it is. With ``fmt="raw"`` the file is read as the raw disk it is,
+    whatever its first bytes.
     """
-    if fmt is None:
-        found = sniff_format(path)
-        if found not in (None, "add-cow"):
-            raise AddCowError(
-                f"{path}: this is a {found} image; addcow reads add-cow and raw images "
-                "(use qemu-img convert to make a raw copy first)"
-            )
-        fmt = found or "raw"
+    given = fmt is not None
+    fmt = fmt if fmt is not None else format_of_name(path)
     if fmt == "add-cow":
         return AddCowImage.open(
             path, readonly=True, force_share=force_share, backing_root=backing_root
         )
-    if fmt == "raw":
-        return RawFile(path, force_share=force_share, guard=ChainGuard())
-    raise AddCowError(f"unsupported format {fmt!r}: expected add-cow or raw")
+    if fmt != "raw":
+        raise AddCowError(f"unsupported format {fmt!r}: expected add-cow or raw")
+    try:
+        found = identify(read_head(path))
+    except OSError as exc:
+        raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
+    if found is not None and not given:
+        if found == "add-cow":
+            hint = ", or -f add-cow to open it as an image"
+        else:
+            hint = f" (addcow reads add-cow and raw images; qemu-img convert reads {found})"
+        raise FormatChoiceError(
+            f"{path} starts with {article(found)} header: give -f raw to copy it as a raw "
+            f"disk{hint}"
+        )
+    return RawFile(path, force_share=force_share, guard=ChainGuard())
 
 
 @dataclass

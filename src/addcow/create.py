@@ -1,27 +1,45 @@
 """Creating a new add-cow image over a new or existing raw image file.
 
-Order of work, so that a crash leaves either no image or a valid one:
+Order of work, so that a failure changes nothing a user had and a crash leaves
+either no image or a valid one:
 
 1. Validate everything and open the backing chain (read-only) before touching
    any file; refuse loops (the image file, the .add-cow file and the backing
    files must all be distinct files).
-2. Create the image file sparse, or extend an existing one sparse to the
-   virtual size; its existing content is left as it is (every bit starts at 0,
-   so none of it is read until written). Sync it.
-3. Write the .add-cow file (header, then a sparse all-zero bitmap) under a
-   temporary name, sync it, rename it into place and sync the directory.
+2. Check the .add-cow path: an existing file there is replaced only with
+   ``force`` (and only while nobody has it open: its lock is held until the
+   rename). Create the temporary .add-cow file next to it.
+3. Open the image file, creating it if missing (``O_EXCL`` tells whether this
+   call created it: only then does a failure remove it; an existing one only
+   loses again the sparse tail this call added). An existing image file
+   that holds data is refused unless ``image_file_raw`` accepts its content as
+   the disk; its data clusters then start allocated. Extend it sparse to the
+   virtual size and sync it, so that its data is durable before any bit says so.
+4. Write the .add-cow file (header, then the bitmap, sparse where zero) under
+   the temporary name, sync it, rename it into place and sync the directory.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
+import stat
+from contextlib import ExitStack, suppress
+from typing import NamedTuple
 
 from . import sysio
 from .backing import BlockSource, ChainGuard, choose_backing_format, open_backing, resolve_name
-from .errors import AddCowError, BackingFormatError, HeaderError, ImageFileError
+from .bitmap import Bitmap
+from .errors import (
+    AddCowError,
+    AddCowIOError,
+    BackingFormatError,
+    ExistingFileError,
+    HeaderError,
+    ImageFileError,
+)
 from .format import (
     MAX_CLUSTER_BITS,
+    MAX_CLUSTERS,
     MAX_HEADER_SIZE,
     MAX_IMAGE_SIZE,
     MIN_CLUSTER_BITS,
@@ -33,8 +51,18 @@ from .format import (
     Header,
     bitmap_length,
     cluster_count,
+    largest_image_size,
 )
 from .locking import lock_raw, lock_whole
+
+
+class Created(NamedTuple):
+    """What :func:`create` made: the image file's path, the clusters of the
+    disk, and how many start allocated (image_file_raw)."""
+
+    image_path: str
+    clusters: int
+    allocated: int
 
 
 def create(
@@ -46,7 +74,9 @@ def create(
     size: int | None = None,
     cluster_size: int = 65536,
     version: int = 2,
-) -> None:
+    force: bool = False,
+    image_file_raw: bool = False,
+) -> Created:
     """Create the add-cow image ``path`` whose data lives in ``image_file``.
 
     Relative ``image_file`` and ``backing_file`` names are stored as given and
@@ -55,6 +85,11 @@ def create(
     magic; if it does, the format must be given. ``size`` defaults to the
     backing file's virtual size (or, without a backing file, the size of an
     existing image file).
+
+    An existing file at ``path`` is replaced only with ``force``. An existing
+    image file that holds data is refused unless ``image_file_raw``: its content
+    is then part of the disk (every cluster holding data starts allocated;
+    holes stay unallocated and read from the backing file).
     """
     path = os.fspath(path)
     image_name = os.fsencode(os.fspath(image_file))
@@ -68,7 +103,9 @@ def create(
         if backing_name is not None:
             if not backing_name:
                 raise HeaderError("backing_filename", "a non-empty file name", "''")
-            backing_format = choose_backing_format(backing_name, backing_format, path, version)
+            backing_format = choose_backing_format(
+                backing_name, backing_format, path, version, guard=guard
+            )
             backing = open_backing(
                 backing_name, backing_format, path, guard=guard, force_share=False
             )
@@ -78,11 +115,7 @@ def create(
 
         for other in (path, image_path):
             _refuse_if_in_chain(other, guard)
-        if (
-            os.path.exists(path)
-            and os.path.exists(image_path)
-            and os.path.samefile(path, image_path)
-        ) or os.path.abspath(path) == os.path.abspath(image_path):
+        if _same_file(path, image_path):
             raise ImageFileError(f"{image_path}: the image file cannot be the .add-cow file itself")
 
         existing = _existing_size(image_path)
@@ -95,8 +128,7 @@ def create(
                 raise AddCowError("a size is needed when there is no backing file")
         if version == 1 and existing > size:
             size = existing  # a version 1 image's virtual size is its image file's size
-        if not 0 < size <= MAX_IMAGE_SIZE:
-            raise HeaderError("image_size", f"1..{MAX_IMAGE_SIZE}", size)
+        _check_size(size, cluster_bits)
 
         header = Header(
             version=version,
@@ -110,8 +142,234 @@ def create(
         raw_header = header.pack()
         Header.unpack(raw_header)  # everything we write must read back
 
-        _prepare_image_file(image_path, size)
-        _write_metadata(path, raw_header, header.header_size, size, cluster_bits)
+        old_fd = _claim_target(path, force)
+        if old_fd is not None:
+            stack.callback(os.close, old_fd)
+        return _write_image(path, image_path, raw_header, header, size, image_file_raw)
+
+
+def _check_size(size: int, cluster_bits: int) -> None:
+    if not 0 < size <= MAX_IMAGE_SIZE:
+        raise HeaderError("image_size", f"1..{MAX_IMAGE_SIZE}", size)
+    if cluster_count(size, cluster_bits) > MAX_CLUSTERS:
+        raise HeaderError(
+            "image_size",
+            f"at most {largest_image_size(cluster_bits)} bytes with {1 << cluster_bits}-byte "
+            f"clusters ({MAX_CLUSTERS} clusters, an implementation limit; larger clusters "
+            "allow larger images)",
+            f"{size} bytes",
+        )
+
+
+def _same_file(path: str, image_path: str) -> bool:
+    if os.path.abspath(path) == os.path.abspath(image_path):
+        return True
+    try:
+        return os.path.samefile(path, image_path)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def _claim_target(path: str, force: bool) -> int | None:
+    """Check the .add-cow path before any file is touched.
+
+    Returns the locked descriptor of an existing image to replace (``force``),
+    held until the rename, or None when the path is free.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ExistingFileError(
+                f"{path}: a dangling symbolic link is in the way of the new image"
+            ) from None
+        return None
+    except OSError as exc:
+        raise ImageFileError(f"{path}: cannot create: {exc.strerror}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ExistingFileError(f"{path}: is {kind}; cannot create an image there")
+    if not force:
+        raise ExistingFileError(
+            f"{path}: the file exists; refusing to replace it (give --force, or force=True, "
+            "to replace it; its image file stays as it is)"
+        )
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # an exclusive lock needs write access
+    except OSError as exc:
+        raise ImageFileError(f"{path}: cannot replace: {exc.strerror}") from exc
+    try:
+        lock_whole(fd, path, exclusive=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_image(
+    path: str,
+    image_path: str,
+    raw_header: bytes,
+    header: Header,
+    size: int,
+    image_file_raw: bool,
+) -> Created:
+    """Steps 2 to 4 of the module docstring; a failure removes only what it created."""
+    directory = os.path.dirname(path) or "."
+    tmp, tmp_fd = _create_temporary(directory, path)
+    image_fd = -1
+    created_image = renamed = False
+    grown_from: int | None = None
+    try:
+        image_fd, created_image = _open_image_file(image_path)
+        lock_raw(image_fd, image_path, writable=True)
+        clusters = cluster_count(size, header.cluster_bits)
+        bitmap = None
+        if not created_image:
+            bitmap = _existing_data(image_fd, image_path, size, header, image_file_raw)
+        grown_from = _extend(image_fd, image_path, size)
+        sysio.fdatasync(image_fd, image_path)  # its data is durable before any bit says so
+        _write_metadata(tmp_fd, path, raw_header, header.header_size, clusters, bitmap)
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            raise AddCowIOError.wrap(f"{path}: cannot create", exc) from exc
+        renamed = True
+        sysio.sync_directory(directory)
+    except BaseException:
+        if not renamed:  # once renamed, the image is complete: nothing is removed
+            _remove_quietly(tmp, tmp_fd)
+            if created_image:
+                _remove_quietly(image_path, image_fd)
+            elif grown_from is not None:  # give back only the sparse tail this call added
+                with suppress(OSError):
+                    os.ftruncate(image_fd, grown_from)
+        raise
+    finally:
+        _close_quietly(tmp_fd)
+        _close_quietly(image_fd)
+    return Created(image_path, clusters, 0 if bitmap is None else bitmap.allocated)
+
+
+def _create_temporary(directory: str, path: str) -> tuple[str, int]:
+    """A new temporary file next to ``path``: (name, fd). Errors name ``path``."""
+    stem = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}")
+    for attempt in range(100):
+        tmp = f"{stem}.tmp" if not attempt else f"{stem}.{attempt}.tmp"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            continue  # left by a process that had the same id: not ours to remove
+        except OSError as exc:
+            raise ImageFileError(f"{path}: cannot create: {exc.strerror}") from exc
+        return tmp, fd
+    raise ImageFileError(f"{path}: cannot create: no free temporary name in {directory}")
+
+
+def _open_image_file(image_path: str) -> tuple[int, bool]:
+    """Open the image file read-write, creating it if missing: (fd, created).
+
+    A name that is a dangling symlink creates the file it points to (as qemu-img
+    create does); O_EXCL alone would refuse the symlink itself.
+    """
+    target = image_path
+    for _ in range(3):  # a file removed or created between the two opens: try again
+        try:
+            fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            return fd, True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ImageFileError(f"{image_path}: cannot create image file: {exc.strerror}") from exc
+        try:
+            return sysio.open_file(image_path, os.O_RDWR), False
+        except FileNotFoundError:
+            if os.path.islink(image_path):
+                target = os.path.realpath(image_path)
+            continue
+        except OSError as exc:
+            raise ImageFileError(f"{image_path}: cannot open image file: {exc.strerror}") from exc
+    raise ImageFileError(f"{image_path}: cannot open image file: it keeps appearing and vanishing")
+
+
+def _existing_data(
+    fd: int, image_path: str, size: int, header: Header, image_file_raw: bool
+) -> Bitmap | None:
+    """Refuse an image file that holds data, unless its content is accepted as the
+    disk: then the bitmap with the clusters that hold data set, or None for none."""
+    end = sysio.file_size(fd, image_path)
+    runs = [(lo, hi) for lo, hi, data in sysio.data_runs(fd, 0, end) if data]
+    if not runs:
+        return None
+    if not image_file_raw:
+        raise ExistingFileError(
+            f"{image_path}: the image file holds data (at offset {runs[0][0]}); refusing to "
+            "use it, since every cluster would start unallocated and hide it. Use a new or "
+            "empty file, or accept its content as the disk with -o image_file=NAME,"
+            "image_file_raw=on (image_file_raw=True)"
+        )
+    clusters = cluster_count(size, header.cluster_bits)
+    bitmap = Bitmap(bytearray(bitmap_length(clusters)), clusters)
+    bits = header.cluster_bits
+    for lo, hi in runs:
+        if lo < size:
+            bitmap.set_range(lo >> bits, cluster_count(min(hi, size), bits))
+    return bitmap
+
+
+def _extend(fd: int, image_path: str, size: int) -> int | None:
+    """Grow the image file sparse to ``size`` (never shrink it); the old size, or None."""
+    old = sysio.file_size(fd, image_path)
+    if old >= size:
+        return None
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        raise ImageFileError(
+            f"{image_path}: cannot extend image file to {size} bytes: {exc.strerror}"
+        ) from exc
+    return old
+
+
+def _write_metadata(
+    fd: int, path: str, raw_header: bytes, header_size: int, clusters: int, bitmap: Bitmap | None
+) -> None:
+    """Header, bitmap (only its non-zero pages are written), full length, fsync.
+
+    Errors name ``path``, the file being created, not the temporary name.
+    """
+    sysio.pwrite_full(fd, [memoryview(raw_header)], 0, path)
+    if bitmap is not None:
+        for offset, chunk in bitmap.take_dirty():
+            sysio.pwrite_full(fd, [memoryview(chunk)], header_size + offset, path)
+    length = header_size + bitmap_length(clusters)
+    try:
+        os.ftruncate(fd, length)
+    except OSError as exc:
+        raise AddCowIOError.wrap(f"{path}: cannot write", exc) from exc
+    # The bitmap's blocks are reserved now, so that its bits can still be written
+    # when the image file later fills the file system.
+    sysio.allocate(fd, header_size, length - header_size, path)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise AddCowIOError.wrap(f"{path}: cannot write", exc) from exc
+
+
+def _remove_quietly(name: str, fd: int) -> None:
+    """Remove ``name`` if it is still the file open as ``fd`` (cleanup after a failure)."""
+    try:
+        st, now = os.fstat(fd), os.lstat(name)
+        if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+            os.unlink(name)
+    except OSError:
+        pass
+
+
+def _close_quietly(fd: int) -> None:
+    if fd >= 0:
+        with suppress(OSError):
+            os.close(fd)
 
 
 def _cluster_bits(cluster_size: int, version: int) -> int:
@@ -164,67 +422,3 @@ def _existing_size(image_path: str) -> int:
         return 0
     except OSError as exc:
         raise ImageFileError(f"{image_path}: {exc.strerror}") from exc
-
-
-def _prepare_image_file(image_path: str, size: int) -> None:
-    """Create the image file sparse, or grow an existing one to ``size``."""
-    try:
-        fd = os.open(image_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise ImageFileError(f"{image_path}: cannot create image file: {exc.strerror}") from exc
-    try:
-        lock_raw(fd, image_path, writable=True)
-        if sysio.file_size(fd, image_path) < size:
-            try:
-                os.ftruncate(fd, size)
-            except OSError as exc:
-                raise ImageFileError(
-                    f"{image_path}: cannot extend image file to {size} bytes: {exc.strerror}"
-                ) from exc
-        sysio.fdatasync(fd, image_path)
-    finally:
-        os.close(fd)
-
-
-def _write_metadata(
-    path: str, raw_header: bytes, header_size: int, size: int, cluster_bits: int
-) -> None:
-    """Write the .add-cow file under a temporary name, sync it, then rename it in place.
-
-    A crash leaves either the old file (or none) or the complete new one. An
-    existing image at ``path`` is replaced only if nobody has it open (its lock
-    is held until the rename).
-    """
-    length = header_size + bitmap_length(cluster_count(size, cluster_bits))
-    directory = os.path.dirname(path) or "."
-    old_fd = None
-    if os.path.lexists(path):
-        old_fd = _open_or_fail(path, os.O_RDWR)  # an exclusive lock needs write access
-    try:
-        if old_fd is not None:
-            lock_whole(old_fd, path, exclusive=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        fd = _open_or_fail(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-        try:
-            try:
-                sysio.pwrite_full(fd, [memoryview(raw_header)], 0, tmp)
-                os.ftruncate(fd, length)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-        except BaseException:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            raise
-    finally:
-        if old_fd is not None:
-            os.close(old_fd)
-    sysio.sync_directory(directory)
-
-
-def _open_or_fail(path: str, flags: int) -> int:
-    try:
-        return os.open(path, flags | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise ImageFileError(f"{path}: cannot create: {exc.strerror}") from exc

@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from typing import Any, NamedTuple
 
-from .errors import HeaderError, UnsupportedFeatureError
+from .errors import ForeignFormatError, HeaderError, UnsupportedFeatureError
 
 MAGIC = b"ADD_COW\xff"
 VERSIONS = (1, 2)
@@ -84,6 +84,11 @@ def cluster_count(image_size: int, cluster_bits: int) -> int:
     return (image_size + (1 << cluster_bits) - 1) >> cluster_bits
 
 
+def largest_image_size(cluster_bits: int) -> int:
+    """The largest virtual size, in bytes, that MAX_CLUSTERS clusters of this size hold."""
+    return min(MAX_CLUSTERS << cluster_bits, MAX_IMAGE_SIZE)
+
+
 def bitmap_length(clusters: int) -> int:
     """Bytes of bitmap that hold one bit per cluster."""
     return (clusters + 7) // 8
@@ -136,6 +141,11 @@ class Header(NamedTuple):
             raise HeaderError("length", f"at least {_COMMON.size} bytes", len(buf))
         magic, version, b_off, b_len, i_off, i_len, features = _COMMON.unpack_from(buf)
         if magic != MAGIC:
+            from .magic import HEAD_LENGTH, identify  # error path only: magic imports format
+
+            other = identify(bytes(buf[:HEAD_LENGTH]))
+            if other is not None:
+                raise ForeignFormatError(other, repr(magic))
             raise HeaderError("magic", repr(MAGIC), repr(magic))
         if version not in VERSIONS:
             raise UnsupportedFeatureError("version", "1 or 2", version)
@@ -210,9 +220,9 @@ class Header(NamedTuple):
         if cluster_count(image_size, cluster_bits) > MAX_CLUSTERS:
             raise HeaderError(
                 "image_size",
-                f"at most {MAX_CLUSTERS} clusters of {1 << cluster_bits} bytes "
-                "(implementation limit)",
-                image_size,
+                f"at most {MAX_CLUSTERS} clusters of {1 << cluster_bits} bytes, so at most "
+                f"{largest_image_size(cluster_bits)} bytes (implementation limit)",
+                f"{image_size} bytes",
             )
         image_name = _name(buf, "image_filename", i_off, i_len, V2_NAMES_START, header_size)
         backing_name = None

@@ -4,8 +4,8 @@ The image (4 KiB clusters)::
 
     base.raw   BASE_SIZE bytes: every cluster a distinct non-zero pattern, except
                clusters 5-7 (a hole) and 11 (explicit zero bytes)
-    d.raw      the image file, created over old bytes: 0xEE in clusters 16-24,
-               so that a bit set without its data would show garbage
+    d.raw      the image file, holding old bytes under clear bits: 0xEE in
+               clusters 16-24, so that a bit set without its data would show garbage
     d.add-cow  SIZE bytes (larger than the backing, the last cluster partial)
 
 Operations: writes (whole and partial clusters, across cluster boundaries),
@@ -20,6 +20,7 @@ byte that matches neither is a violation.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,12 +62,13 @@ def build(directory: Path) -> bytes:
             f.seek(c * CLUSTER)
             f.write(chunk)
         f.truncate(BASE_SIZE)
-    with open(directory / "d.raw", "wb") as f:
-        f.truncate(SIZE)
-        f.seek(GARBAGE[0])
-        f.write(b"\xee" * (GARBAGE[1] - GARBAGE[0]))
     addcow.create(directory / "d.add-cow", image_file="d.raw", backing_file="base.raw",
                   backing_format="raw", size=SIZE, cluster_size=CLUSTER)
+    with open(directory / "d.raw", "r+b") as f:  # old bytes under clear bits
+        f.seek(GARBAGE[0])
+        f.write(b"\xee" * (GARBAGE[1] - GARBAGE[0]))
+        f.flush()
+        os.fdatasync(f.fileno())
     return base + bytes(SIZE - BASE_SIZE)
 
 

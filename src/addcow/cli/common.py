@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 _SUFFIXES = {
@@ -47,11 +48,56 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def parse_options(values: list[str] | None, known: set[str]) -> dict[str, str]:
-    """Merge ``-o key=value,key=value`` options, refusing unknown keys."""
+OptionTable = Mapping[str, str]
+"""The -o options of a command: name -> what it sets (shown by ``-o help``)."""
+
+
+def split_options(value: str) -> list[str]:
+    """Split one -o argument at commas; ``,,`` is a literal comma (as in QEMU)."""
+    items: list[str] = []
+    current: list[str] = []
+    pos = 0
+    while pos < len(value):
+        char = value[pos]
+        if char == "," and value[pos + 1 : pos + 2] == ",":
+            current.append(",")
+            pos += 2
+            continue
+        if char == ",":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        pos += 1
+    items.append("".join(current))
+    return items
+
+
+def wants_help(values: list[str] | None) -> bool:
+    """True if an -o argument asks for the list of options (``help`` or ``?``)."""
+    return any(item in ("help", "?") for v in values or [] for item in split_options(v))
+
+
+def options_help(known: OptionTable | set[str]) -> str:
+    """The ``-o help`` text: one option a line, as qemu-img prints it."""
+    table = known if isinstance(known, Mapping) else dict.fromkeys(known, "")
+    width = max(len(name) for name in table) + 2
+    lines = ["Supported add-cow options:"]
+    for name in sorted(table):
+        text = table[name]
+        lines.append(f"  {name:<{width}}- {text}" if text else f"  {name}")
+    return "\n".join(lines)
+
+
+def parse_options(values: list[str] | None, known: OptionTable | set[str]) -> dict[str, str]:
+    """Merge ``-o key=value,key=value`` options, refusing unknown keys.
+
+    ``,,`` in a value is a literal comma (``-o help`` is answered while parsing
+    the command line: see :func:`add_options_arg`).
+    """
     options: dict[str, str] = {}
     for value in values or []:
-        for item in value.split(","):
+        for item in split_options(value):
             if not item:
                 continue
             key, sep, val = item.partition("=")
@@ -63,6 +109,45 @@ def parse_options(values: list[str] | None, known: set[str]) -> dict[str, str]:
                 )
             options[key] = val
     return options
+
+
+class _OptionsAction(argparse.Action):
+    """``-o``: collects its arguments; ``-o help`` lists the options and exits 0
+    at once (before argparse asks for the file names)."""
+
+    def __init__(self, *args: Any, table: OptionTable, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.table = table
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        value = str(values)
+        if wants_help([value]):
+            print(options_help(self.table))
+            parser.exit(0)
+        items = list(getattr(namespace, self.dest, None) or [])
+        items.append(value)
+        setattr(namespace, self.dest, items)
+
+
+def add_options_arg(
+    parser: argparse.ArgumentParser, table: OptionTable, *, required: bool = False
+) -> None:
+    """``-o key=value[,key=value...]`` (repeatable; ``-o help`` lists ``table``)."""
+    parser.add_argument(
+        "-o",
+        dest="options",
+        action=_OptionsAction,
+        table=table,
+        required=required,
+        metavar="OPTIONS",
+        help="key=value[,key=value...] (',,' is a comma in a value; -o help lists them)",
+    )
 
 
 def print_json(value: Any) -> None:

@@ -11,23 +11,40 @@ from ..backing import BlockSource
 from ..copy import copy_to_addcow, copy_to_raw, first_difference, open_source
 from ..create import create
 from ..image import AddCowImage
-from .common import CommandError, add_backing_root_arg, parse_options, parse_size
+from .common import (
+    CommandError,
+    add_backing_root_arg,
+    add_options_arg,
+    parse_options,
+    parse_size,
+)
 from .progress import progress_bar
 
 _FORMATS = ("add-cow", "raw")
+_FORMAT_RULE = (
+    "Without -f (and -F for compare's second image) a name ending in .add-cow is an "
+    "add-cow image and any other is raw; a raw file that starts with an image header "
+    "is refused until -f says which it is."
+)
+
+CONVERT_OPTIONS = {
+    "image_file": "-O add-cow: the new raw file that holds the data (required)",
+    "cluster_size": "-O add-cow: cluster size, a power of two from 4k to 1G (default 64k)",
+    "compat": "-O add-cow: header version, 1 or 2 (default 2)",
+}
+"""The -o options of ``convert`` (``-o help`` prints them)."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("convert", help="write an image's whole content to a raw file")
+    p = sub.add_parser(
+        "convert",
+        help="write an image's whole content to a raw file",
+        description=f"Copy the whole virtual disk of SOURCE to TARGET. {_FORMAT_RULE}",
+    )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-f", dest="src_fmt", choices=_FORMATS, help="source format")
     p.add_argument("-O", dest="dst_fmt", default="raw", choices=_FORMATS, help="output format")
-    p.add_argument(
-        "-o",
-        dest="options",
-        action="append",
-        help="add-cow output options: image_file=PATH,cluster_size=SIZE,compat=1|2",
-    )
+    add_options_arg(p, CONVERT_OPTIONS)
     p.add_argument("-U", "--force-share", action="store_true", help="open without locking")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("source")
@@ -35,7 +52,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("target")
     p.set_defaults(func=run_convert)
 
-    p = sub.add_parser("compare", help="compare the content of two images")
+    p = sub.add_parser(
+        "compare",
+        help="compare the content of two images",
+        description=f"Compare the virtual disks of two images. {_FORMAT_RULE}",
+    )
     p.add_argument("-s", dest="strict", action="store_true", help="strict: sizes must match")
     p.add_argument("-f", dest="fmt1", choices=_FORMATS, help="format of the first image")
     p.add_argument("-F", dest="fmt2", choices=_FORMATS, help="format of the second image")
@@ -49,7 +70,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    options = parse_options(args.options, {"image_file", "cluster_size", "compat"})
+    options = parse_options(args.options, CONVERT_OPTIONS)
     if args.dst_fmt == "raw" and options:
         raise CommandError("-o options apply to -O add-cow only")
     if args.dst_fmt == "add-cow" and "image_file" not in options:

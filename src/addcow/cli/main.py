@@ -74,8 +74,23 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
+def _negative_size_last(argv: list[str]) -> list[str]:
+    """``resize FILE -16M``: the last argument is the size, even when it starts with '-'.
+
+    qemu-img resize takes the size out of argv before parsing options, so that
+    a negative size is not read as an option; ending the options before it
+    does the same here.
+    """
+    last = argv[-1] if len(argv) >= 3 else ""
+    if last[:1] == "-" and last[1:2].isdigit() and "--" not in argv:
+        return [*argv[:-1], "--", last]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if _command_in(argv) == "resize":
+        argv = _negative_size_last(argv)
     if isinstance(sys.stdout, io.TextIOWrapper):
         # File names are bytes: print them as they are (as qemu-img does), even
         # when they are not valid in the locale's encoding.

@@ -6,8 +6,17 @@ import argparse
 
 from ..image import AddCowImage
 from ..lifecycle import amend, rebase
-from .common import CommandError, add_backing_root_arg, parse_options, parse_size
+from .common import (
+    CommandError,
+    add_backing_root_arg,
+    add_options_arg,
+    parse_options,
+    parse_size,
+)
 from .progress import progress_bar
+
+AMEND_OPTIONS = {"compat": "the header version to convert to, 1 or 2"}
+"""The -o options of ``amend`` (``-o help`` prints them)."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,7 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run_resize)
 
     p = sub.add_parser("amend", help="convert between header versions (-o compat=1|2)")
-    p.add_argument("-o", dest="options", action="append", required=True, help="compat=1|2")
+    add_options_arg(p, AMEND_OPTIONS, required=True)
     p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
     p.add_argument("filename")
     add_backing_root_arg(p)
@@ -76,7 +85,7 @@ def run_resize(args: argparse.Namespace) -> int:
 
 
 def run_amend(args: argparse.Namespace) -> int:
-    options = parse_options(args.options, {"compat"})
+    options = parse_options(args.options, AMEND_OPTIONS)
     if "compat" not in options:
         raise CommandError("amend needs -o compat=1 or -o compat=2")
     compat = options["compat"]

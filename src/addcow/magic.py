@@ -1,0 +1,72 @@
+"""The magics of known image formats, to refuse (never to choose) a format.
+
+A guest can write any bytes into a raw disk, including an image header. The
+first bytes of a file are therefore looked at only to refuse something: to
+record ``raw`` for a file that starts with an image header, to open such a file
+as raw without the user saying so, or to say what a non-add-cow file given as
+add-cow really is. No caller picks a format other than raw from them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import sysio
+from .errors import BackingError
+from .format import MAGIC
+
+KNOWN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
+    (0, MAGIC, "add-cow"),
+    (0, b"QFI\xfb", "qcow2"),
+    (0, b"QED\0", "qed"),
+    (0, b"KDMV", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"conectix", "vpc"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (64, b"\x7f\x10\xda\xbe", "vdi"),
+)
+"""(offset, magic, format name) of every format whose header is recognised."""
+
+HEAD_LENGTH = 128
+"""Bytes at the start of a file that hold every magic of :data:`KNOWN_MAGICS`."""
+
+
+def identify(head: bytes) -> str | None:
+    """The format whose magic ``head`` (the first bytes of a file) starts with, or None."""
+    for offset, magic, name in KNOWN_MAGICS:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def read_head(path: str) -> bytes:
+    """The first :data:`HEAD_LENGTH` bytes of ``path`` (fewer if it is shorter).
+
+    Raises OSError when the file cannot be opened (only regular files and block
+    devices are), AddCowIOError when it cannot be read.
+    """
+    fd = sysio.open_file(path, os.O_RDONLY)
+    try:
+        return sysio.pread_upto(fd, HEAD_LENGTH, 0, f"{path}: read")
+    finally:
+        os.close(fd)
+
+
+def sniff_format(path: str) -> str | None:
+    """The image format whose magic the backing file ``path`` starts with, or None.
+
+    Used to refuse recording ``raw`` for a file that starts with an image header;
+    opening an image never probes.
+    """
+    try:
+        return identify(read_head(path))
+    except OSError as exc:
+        raise BackingError(f"{path}: cannot open backing file: {exc.strerror}") from exc
+
+
+def article(name: str) -> str:
+    """``name`` with its indefinite article: "an add-cow", "a qcow2"."""
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
