@@ -8,7 +8,8 @@ set -euo pipefail
 out=demo-out
 rm -rf "$out" && mkdir -p "$out" && cd "$out"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
+# Echo a command quoted as the shell needs it, so it can be pasted, then run it.
+run() { printf '$'; printf ' %q' "$@"; printf '\n'; "$@"; }
 
 say "1. A 64 MiB base disk: 8 MiB of random data, the rest sparse"
 head -c 8M /dev/urandom > base.raw
@@ -54,7 +55,8 @@ run qemu-img compare "$uri" overlay.qcow2
 say "9. Stream while it is served; the server detaches it and goes on serving disk.raw alone"
 run kill "$(cat serve.pid)"
 for _ in $(seq 600); do test -e serve.pid || break; sleep 0.05; done
-printf '$ addcow serve --foreground --stream --detach-when-complete ... 2> serve.log &\n'
+printf '$ addcow serve --foreground --socket %q --pidfile %q --stream --detach-when-complete disk.add-cow > serve.out 2> serve.log &\n' \
+    "$sockdir/nbd.sock" "$PWD/serve.pid"
 addcow serve --foreground --socket "$sockdir/nbd.sock" --pidfile "$PWD/serve.pid" \
     --stream --detach-when-complete disk.add-cow > serve.out 2> serve.log &
 for _ in $(seq 600); do test -s serve.out && ! test -e disk.add-cow && break; sleep 0.05; done
