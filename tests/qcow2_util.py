@@ -18,7 +18,8 @@ from typing import Any
 
 from conftest import require_tool, run
 
-from addcow.backing import BlockSource, ChainGuard, Extent, RawFile, resolve_name
+from addcow.backing import BlockSource, Extent, RawFile
+from addcow.names import ChainGuard, resolve_name
 from addcow.qcow2 import Qcow2File
 
 

@@ -37,8 +37,8 @@ import pytest
 from conftest import CLUSTER
 
 import addcow
-from addcow.backing import ChainGuard
 from addcow.errors import PathPolicyError
+from addcow.names import ChainGuard
 
 CAMPAIGN = os.environ.get("ADDCOW_CAMPAIGN") == "1"
 ROUNDS = 5000 if CAMPAIGN else 400

@@ -42,13 +42,14 @@ from qcow2_util import (
     read_all,
 )
 
-from addcow.backing import ChainGuard, Extent, RawFile
+from addcow.backing import Extent, RawFile
 from addcow.errors import (
     BackingError,
     BackingLoopError,
     LockError,
     Qcow2UnsupportedError,
 )
+from addcow.names import ChainGuard
 from addcow.qcow2 import Qcow2File
 from addcow.qcow2 import store as qstore
 

@@ -42,7 +42,6 @@ from qcow2_util import (
     read_u64,
 )
 
-from addcow.backing import ChainGuard
 from addcow.errors import (
     AddCowError,
     BackingFormatError,
@@ -50,6 +49,7 @@ from addcow.errors import (
     Qcow2Error,
     Qcow2UnsupportedError,
 )
+from addcow.names import ChainGuard
 
 KiB = 1024
 MiB = 1 << 20

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from .backing import MAX_CHAIN_DEPTH, Extent
+from .backing import Extent
 from .create import create
 from .errors import (
     AddCowError,
@@ -33,6 +33,7 @@ from .errors import (
 )
 from .format import Header
 from .image import AddCowImage
+from .names import MAX_CHAIN_DEPTH
 
 __version__ = "0.1.0"
 

@@ -1,21 +1,17 @@
-"""Backing stores: what an unallocated cluster is read from.
+"""What a backing store is, and the raw one.
 
 A backing store is anything with a size that can fill a buffer and describe
-its allocation (:class:`BlockSource`). Two kinds exist:
+its allocation (:class:`BlockSource`): what an unallocated cluster is read from.
+The stores:
 
-* :class:`RawFile`, a plain file or block device. Bytes past its end read as
-  zero, so a raw image file larger than its backing reads zeros there.
-* another add-cow image (:class:`addcow.image.AddCowImage`), opened read-only,
-  which may itself have a backing: a chain.
+* :class:`RawFile` (here), a plain file or block device. Bytes past its end
+  read as zero, so a raw image file larger than its backing reads zeros there.
+* :class:`addcow.qcow2.Qcow2File`, a qcow2 file read natively.
+* another add-cow image (:class:`addcow.image.AddCowImage`), opened read-only.
 
-Names stored in a header are local file names taken literally: no URL, no
-``json:``, no protocol prefix. A relative name is relative to the directory
-holding the .add-cow file that names it, never to the current directory.
-
-:class:`ChainGuard` follows one open: it refuses a chain deeper than
-:data:`MAX_CHAIN_DEPTH` and any file (by device and inode) that appears twice,
-which catches an image file that is its own backing, a .add-cow naming itself,
-and loops through symlinks or hard links.
+The qcow2 and add-cow stores may have backings of their own: a chain, opened
+by :func:`addcow.image.open_backing`. A new kind of store implements
+:class:`BlockSource` in its own module and gets one branch there.
 """
 
 from __future__ import annotations
@@ -25,20 +21,9 @@ from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
 from . import sysio
-from .errors import (
-    BackingError,
-    BackingFormatError,
-    BackingLoopError,
-    ImageFileError,
-    PathPolicyError,
-)
-from .format import BACKING_FORMATS
+from .errors import BackingError
 from .locking import lock_raw
-from .magic import article
-from .magic import sniff_format as sniff_format  # re-exported: image.py reads it here
-
-MAX_CHAIN_DEPTH = 16
-"""Most backing files below one image (specification, "Backing chains")."""
+from .names import ChainGuard
 
 
 class Extent(NamedTuple):
@@ -79,82 +64,6 @@ class BlockSource(Protocol):
         """(device, inode) of every file this source reads, down the chain."""
 
     def close(self) -> None: ...
-
-
-class ChainGuard:
-    """Files already met while opening one chain, and how deep it goes.
-
-    With a ``root``, every file an image names must resolve inside that directory.
-    (A plain class: ``dataclasses`` would add 10 ms to every command's start.)
-    """
-
-    def __init__(self, root: str | None = None) -> None:
-        self.seen: dict[tuple[int, int], str] = {}
-        self.depth = 0
-        self.root = root
-
-    def check_path(self, path: str) -> None:
-        """Refuse a named file outside ``root`` before opening it."""
-        if self.root is not None:
-            _check_length(path)
-            _inside_root(self.root, os.path.realpath(path), path)
-
-    def check_open(self, fd: int, path: str) -> None:
-        """Refuse an opened named file outside ``root`` (catches symlink races)."""
-        if self.root is not None:
-            try:
-                real = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError as exc:  # ENAMETOOLONG: deeper than PATH_MAX
-                raise PathPolicyError(
-                    f"{_shown(path)}: cannot tell where the opened file is "
-                    f"({exc.strerror}), so it is refused (backing_root / --backing-root)"
-                ) from exc
-            _inside_root(self.root, real, path)
-
-    def add(self, fd: int, path: str) -> None:
-        """Record a file, refusing one that is already part of the chain."""
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
-        if key in self.seen:
-            raise BackingLoopError(
-                f"{path}: the file is already used as {self.seen[key]} in this chain "
-                "(a backing chain must not loop)"
-            )
-        self.seen[key] = path
-
-    def descend(self, path: str) -> None:
-        self.depth += 1
-        if self.depth > MAX_CHAIN_DEPTH:
-            raise BackingLoopError(
-                f"{path}: backing chain deeper than {MAX_CHAIN_DEPTH} levels (or it loops)"
-            )
-
-
-def _inside_root(root: str, real: str, path: str) -> None:
-    root = os.path.realpath(root)
-    if os.path.commonpath([real, root]) != root:
-        raise PathPolicyError(
-            f"{_shown(path)}: resolves to {_shown(real)}, outside the allowed directory "
-            f"{root} (backing_root / --backing-root)"
-        )
-
-
-PATH_MAX = 4096
-"""Longest path the kernel opens; a longer stored name can only fail (and
-resolving it, component by component, costs time that grows with its square)."""
-
-
-def _check_length(path: str) -> None:
-    if len(os.fsencode(path)) >= PATH_MAX:
-        raise PathPolicyError(
-            f"{_shown(path)}: name of {len(os.fsencode(path))} bytes, longer than "
-            f"PATH_MAX ({PATH_MAX}) (backing_root / --backing-root)"
-        )
-
-
-def _shown(path: str, limit: int = 200) -> str:
-    """A path for a message: at most ``limit`` characters."""
-    return path if len(path) <= limit else f"{path[: limit // 2]}...{path[-limit // 2 :]}"
 
 
 class RawFile:
@@ -210,80 +119,3 @@ def read_as_backing(source: BlockSource | None, view: memoryview, offset: int) -
         source.readinto(view[:inside], offset)
     if inside < len(view):
         sysio.fill_zero(view[inside:])
-
-
-def resolve_name(name: bytes, relative_to: str) -> str:
-    """The path a stored name refers to: relative names start at ``relative_to``'s dir."""
-    path = os.fsdecode(name)
-    if os.path.isabs(path):
-        return path
-    return os.path.join(os.path.dirname(relative_to), path)
-
-
-def open_image_file(path: str, *, readonly: bool, what: str = "image file") -> int:
-    """Open an image file, with a clear error when it is missing."""
-    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-    try:
-        return sysio.open_file(path, flags)
-    except FileNotFoundError as exc:
-        raise ImageFileError(f"{path}: {what} not found") from exc
-    except OSError as exc:
-        raise ImageFileError(f"{path}: cannot open {what}: {exc.strerror}") from exc
-
-
-def open_backing(
-    name: bytes,
-    fmt: str,
-    relative_to: str,
-    *,
-    guard: ChainGuard,
-    force_share: bool,
-) -> BlockSource:
-    """Open the backing file ``name`` of the image at ``relative_to`` as ``fmt``."""
-    path = resolve_name(name, relative_to)
-    guard.descend(path)
-    if fmt == "raw":
-        return RawFile(path, force_share=force_share, guard=guard)
-    from .image import AddCowImage  # an add-cow backing is an image itself
-
-    return AddCowImage.open(path, readonly=True, force_share=force_share, guard=guard)
-
-
-def choose_backing_format(
-    name: bytes, fmt: str | None, path: str, version: int, *, guard: ChainGuard | None = None
-) -> str:
-    """The backing format to record for ``name`` (stored in the image at ``path``).
-
-    Without ``fmt``, ``raw`` is chosen only if the file does not start with a
-    known image magic; otherwise the caller must say (a guest can write such a
-    header into a raw disk). ``raw`` is never recorded for a file that starts
-    with a known image magic, even when asked for: read as raw, it would be a
-    disk that starts with an image header. Version 1 can record only ``raw``.
-    With a ``guard``, its ``backing_root`` policy is applied before the file is read.
-    """
-    if fmt is not None and fmt not in BACKING_FORMATS:
-        raise BackingFormatError(
-            f"unsupported backing format {fmt!r}: expected one of {', '.join(BACKING_FORMATS)}"
-        )
-    if fmt in (None, "raw"):
-        backing_path = resolve_name(name, path)
-        if guard is not None:
-            guard.check_path(backing_path)
-        found = sniff_format(backing_path)
-        if found is not None and fmt is None:
-            raise BackingFormatError(
-                f"{backing_path}: the backing file starts with {article(found)} header; "
-                f"refusing to guess its format (a guest can write such a header into a raw "
-                f"disk). Give the format explicitly with -F"
-            )
-        if found is not None:
-            raise BackingFormatError(
-                f"{backing_path} starts with {article(found)} header; refusing to record it "
-                "as raw (a raw disk must not start with an image header)"
-            )
-        fmt = "raw"
-    if version == 1 and fmt != "raw":
-        raise BackingFormatError(
-            f"a version 1 image can only record a raw backing file, not {fmt!r} (use compat=2)"
-        )
-    return fmt

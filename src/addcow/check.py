@@ -46,22 +46,29 @@ checked again; the result describes that second pass, plus the counts fixed.
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import sysio
-from .backing import ChainGuard, open_backing, open_image_file, resolve_name
 from .bitmap import Bitmap
-from .errors import AddCowError, BackingLoopError, BitmapError, HeaderError, ImageFileError
+from .errors import AddCowError, BackingLoopError, BitmapError, HeaderError
 from .format import (
     V2_AUTOCLEAR_FEATURES,
     V2_COMPAT_ALL_ALLOCATED,
     Header,
     bitmap_length,
 )
-from .image import _probe_v1_backing, _virtual_size, read_bitmap, read_header, write_features
-from .locking import lock_raw, lock_whole
+from .image import open_backing
+from .metafile import (
+    backing_format,
+    open_image_files,
+    read_bitmap,
+    read_header,
+    write_bitmap_pages,
+    write_features,
+)
+from .names import ChainGuard
 
 REPAIR_MODES = ("leaks", "all")
 
@@ -171,35 +178,20 @@ def check_image(
     if repair is not None and force_share:
         raise ValueError("force_share cannot be combined with repair (it needs the write lock)")
     result = CheckResult(filename=path)
-    with ExitStack() as stack:
-        meta_fd = _open_meta(path, writable=repair is not None)
-        stack.callback(os.close, meta_fd)
-        guard = ChainGuard(root=backing_root)
-        guard.add(meta_fd, path)
-        if not force_share:
-            lock_whole(meta_fd, path, exclusive=repair is not None)
-        header = read_header(meta_fd, path)
-
-        image_path = resolve_name(header.image_name, path)
-        guard.check_path(image_path)
-        image_fd = open_image_file(image_path, readonly=True)
-        stack.callback(os.close, image_fd)
-        guard.check_open(image_fd, image_path)
-        file_findings: list[_Finding] = []
-        try:
-            guard.add(image_fd, image_path)
-        except AddCowError as exc:
-            # The image file is the .add-cow file itself: already locked above.
-            file_findings.append(_Finding(CORRUPTION, 1, f"image file: {exc}"))
-        else:
-            if not force_share:
-                lock_raw(image_fd, image_path, writable=False)
-        try:
-            size = _virtual_size(header, image_fd, image_path)
-        except ImageFileError as exc:
-            file_findings.append(_Finding(CORRUPTION, 1, f"image file: {exc}"))
-            size = header.image_size or 0
-        bitmap = read_bitmap(meta_fd, path, header, size)
+    guard = ChainGuard(root=backing_root)
+    problems: list[AddCowError] = []
+    files = open_image_files(
+        path,
+        meta_writable=repair is not None,
+        image_writable=False,
+        lock=not force_share,
+        guard=guard,
+        findings=problems,
+    )
+    with closing(files):
+        meta_fd, image_fd, image_path = files.meta_fd, files.image_fd, files.image_path
+        header, bitmap, size = files.header, files.bitmap, files.size
+        file_findings = [_Finding(CORRUPTION, 1, f"image file: {exc}") for exc in problems]
 
         findings = _check_metadata(header, bitmap)
         fixes = [f for f in findings if f.fixable_by(repair)]
@@ -226,13 +218,6 @@ def check_image(
         result.total_clusters = bitmap.clusters
         result.image_end_offset = header.header_size + bitmap_length(bitmap.clusters)
     return result
-
-
-def _open_meta(path: str, *, writable: bool) -> int:
-    try:
-        return sysio.open_file(path, os.O_RDWR if writable else os.O_RDONLY)
-    except OSError as exc:
-        raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
 
 
 def _check_metadata(header: Header, bitmap: Bitmap) -> list[_Finding]:
@@ -300,7 +285,7 @@ def _check_backing_chain(
     if header.backing_name is None or header.all_allocated:
         return []
     try:
-        fmt = header.backing_format or _probe_v1_backing(header.backing_name, path, False)
+        fmt = backing_format(header, path)
         backing = open_backing(header.backing_name, fmt, path, guard=guard, force_share=force_share)
     except (HeaderError, BitmapError, BackingLoopError) as exc:
         # What the chain's own files say is wrong: they were read, and are invalid.
@@ -332,8 +317,7 @@ def _repair(
         # The data behind every bit is already in the image file (readers
         # honoured ALL_ALLOCATED); make sure it is durable before the bits are.
         sysio.fdatasync(image_fd, image_path)
-        for offset, chunk in chunks:
-            sysio.pwrite_full(meta_fd, [memoryview(chunk)], header.header_size + offset, path)
+        write_bitmap_pages(meta_fd, path, header.header_size, chunks)
         sysio.fdatasync(meta_fd, path)
     compat = header.compatible_features
     autoclear = header.autoclear_features

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import sysio
-from .backing import BlockSource, ChainGuard, RawFile
+from .backing import BlockSource, RawFile
 from .errors import AddCowError, FormatChoiceError, ImageFileError
 from .image import AddCowImage
 from .locking import lock_raw
 from .magic import article, identify, read_head
+from .names import ChainGuard
 
 CHUNK = 4 << 20
 """Bytes read per request while copying or comparing."""

@@ -27,7 +27,7 @@ from contextlib import ExitStack, suppress
 from typing import NamedTuple
 
 from . import sysio
-from .backing import BlockSource, ChainGuard, choose_backing_format, open_backing, resolve_name
+from .backing import BlockSource
 from .bitmap import Bitmap
 from .errors import (
     AddCowError,
@@ -53,7 +53,10 @@ from .format import (
     cluster_count,
     largest_image_size,
 )
+from .image import open_backing
 from .locking import lock_raw, lock_whole
+from .magic import choose_backing_format
+from .names import ChainGuard, resolve_name
 
 
 class Created(NamedTuple):

@@ -50,6 +50,7 @@ MAX_CLUSTERS = 1 << 32
 V1_F_BACKING_FILE = 0x01
 V1_F_BACKING_FORMAT_NO_PROBE = 0x02
 V1_KNOWN_FEATURES = V1_F_BACKING_FILE | V1_F_BACKING_FORMAT_NO_PROBE
+V1_FEATURES = {V1_F_BACKING_FILE: "backing-file", V1_F_BACKING_FORMAT_NO_PROBE: "no-probe"}
 
 # Version 2 feature bits (specification, "Feature bits").
 V2_INCOMPATIBLE_FEATURES: dict[int, str] = {}
@@ -74,9 +75,29 @@ _V2_FIELDS = struct.Struct("<QQIIQ16s")
 _FEATURE_WORDS = struct.Struct("<QQ")
 FEATURE_WORDS_OFFSET = _COMMON.size  # 36
 
+_VERSION = struct.Struct("<I")  # bytes 8-11
+_HEADER_SIZE = struct.Struct("<I")  # bytes 52-55 of version 2
+_HEADER_SIZE_OFFSET = FEATURE_WORDS_OFFSET + _FEATURE_WORDS.size
+
 V1_HEADER_SIZE = PAGE
 V1_NAMES_START = _COMMON.size  # 36
 V2_NAMES_START = _COMMON.size + _V2_FIELDS.size  # 84
+
+
+def header_length(head: bytes) -> int:
+    """How many bytes the header starting with ``head`` (its first page) spans.
+
+    A version 2 header may be longer than a page (``header_size``); anything
+    else, or a ``header_size`` that :meth:`Header.unpack` will refuse, needs
+    only the first page read, which is then refused with the right message.
+    """
+    if len(head) < _COMMON.size + _V2_FIELDS.size:
+        return PAGE
+    version = _VERSION.unpack_from(head, len(MAGIC))[0]
+    header_size = _HEADER_SIZE.unpack_from(head, _HEADER_SIZE_OFFSET)[0]
+    if version == 2 and PAGE < header_size <= MAX_HEADER_SIZE and header_size % PAGE == 0:
+        return int(header_size)
+    return PAGE
 
 
 def cluster_count(image_size: int, cluster_bits: int) -> int:

@@ -94,27 +94,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import sysio
-from .backing import (
-    BlockSource,
-    ChainGuard,
-    Extent,
-    RawFile,
-    choose_backing_format,
-    open_backing,
-    open_image_file,
-    read_as_backing,
-    resolve_name,
-    sniff_format,
-)
+from .backing import BlockSource, Extent, RawFile, read_as_backing
 from .bitmap import Bitmap
 from .errors import (
     AddCowError,
     AddCowIOError,
     BackingError,
     BackingFormatError,
-    BitmapError,
     ClosedImageError,
-    HeaderError,
     ImageFileError,
     LockError,
     RangeError,
@@ -122,16 +109,25 @@ from .errors import (
     SlowZeroError,
 )
 from .format import (
+    BACKING_FORMATS,
     MAX_CLUSTERS,
-    MAX_HEADER_SIZE,
     MAX_IMAGE_SIZE,
-    PAGE,
     V2_COMPAT_ALL_ALLOCATED,
     Header,
     bitmap_length,
     cluster_count,
 )
-from .locking import lock_raw, lock_whole
+from .magic import choose_backing_format
+from .metafile import (
+    ImageFiles,
+    backing_format,
+    open_image_files,
+    write_bitmap_pages,
+    write_features,
+    write_header,
+)
+from .names import ChainGuard, resolve_name
+from .qcow2 import Qcow2File
 
 Buffer = bytes | bytearray | memoryview
 
@@ -147,29 +143,21 @@ class AddCowImage:
     """
 
     def __init__(
-        self,
-        path: str,
-        meta_fd: int,
-        header: Header,
-        image_path: str,
-        image_fd: int,
-        size: int,
-        bitmap: Bitmap,
-        backing: BlockSource | None,
-        readonly: bool,
+        self, path: str, files: ImageFiles, backing: BlockSource | None, readonly: bool
     ) -> None:
+        header = files.header
         self.path = path
         self.header = header
-        self.image_path = image_path
-        self.size = size
+        self.image_path = files.image_path
+        self.size = files.size
         self.readonly = readonly
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
-        self.bitmap = bitmap
+        self.bitmap = files.bitmap
         self.backing = backing
-        self._meta_fd = meta_fd
-        self._image_fd = image_fd
-        self._all_allocated = header.all_allocated or bitmap.full
+        self._meta_fd = files.meta_fd
+        self._image_fd = files.image_fd
+        self._all_allocated = header.all_allocated or files.bitmap.full
         self._closed = False
         self._lock = threading.Lock()
         self._claims_done = threading.Condition(self._lock)
@@ -204,48 +192,30 @@ class AddCowImage:
         if force_share and not readonly:
             raise LockError(f"{path}: force_share (-U) is only allowed for read-only opens")
         guard = guard if guard is not None else ChainGuard(root=backing_root)
-        if guard.depth:  # a backing: its name comes from an image
-            guard.check_path(path)
+        files = open_image_files(
+            path,
+            meta_writable=not readonly,
+            image_writable=not readonly,
+            lock=not force_share,
+            guard=guard,
+        )
+        header, bitmap = files.header, files.bitmap
         try:
-            meta_fd = sysio.open_file(path, os.O_RDONLY if readonly else os.O_RDWR)
-        except OSError as exc:
-            raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
-        opened: list[int] = [meta_fd]
-        try:
-            guard.add(meta_fd, path)
-            if guard.depth:
-                guard.check_open(meta_fd, path)
-            if not force_share:
-                lock_whole(meta_fd, path, exclusive=not readonly)
-            header = read_header(meta_fd, path)
-            image_path = resolve_name(header.image_name, path)
-            guard.check_path(image_path)
-            image_fd = open_image_file(image_path, readonly=readonly)
-            opened.append(image_fd)
-            guard.add(image_fd, image_path)
-            guard.check_open(image_fd, image_path)
-            if not force_share:
-                lock_raw(image_fd, image_path, writable=not readonly)
-            size = _virtual_size(header, image_fd, image_path)
-            bitmap = read_bitmap(meta_fd, path, header, size)
-            backing = None
+            backing: BlockSource | None = None
             # A complete image (flag set, or every bit set) never reads its backing:
             # it is not opened, so it may already have been removed.
             complete = header.all_allocated or bitmap.full
             if with_backing and header.backing_name is not None and not complete:
-                fmt = header.backing_format or _probe_v1_backing(
-                    header.backing_name, path, probe_backing
-                )
+                fmt = backing_format(header, path, probe=probe_backing)
                 backing = open_backing(
                     header.backing_name, fmt, path, guard=guard, force_share=force_share
                 )
-            image = cls(
-                path, meta_fd, header, image_path, image_fd, size, bitmap, backing, readonly
-            )
+            image = cls(path, files, backing, readonly)
             image.backing_root = guard.root
         except BaseException:
-            for fd in opened:
-                os.close(fd)
+            if backing is not None:
+                backing.close()
+            files.close()
             raise
         if not readonly and header.version >= 2:
             flags = header.compatible_features
@@ -824,13 +794,7 @@ class AddCowImage:
                 raise
             if chunks:
                 try:
-                    for offset, chunk in chunks:
-                        sysio.pwrite_full(
-                            self._meta_fd,
-                            [memoryview(chunk)],
-                            self.header.header_size + offset,
-                            self.path,
-                        )
+                    write_bitmap_pages(self._meta_fd, self.path, self.header.header_size, chunks)
                     sysio.fdatasync(self._meta_fd, self.path)
                 except AddCowError:
                     with self._lock:
@@ -1031,15 +995,11 @@ class AddCowImage:
         backing_size = self.backing.size if self.backing is not None else 0
         if self._all_allocated or backing_size > old_size:
             bitmap.set_range(old_clusters, new_clusters)
-        chunks = bitmap.take_dirty()
         meta_end = self.header.header_size + len(data)
         sysio.truncate(self._meta_fd, meta_end, self.path)
         old_end = self.header.header_size + len(self.bitmap.data)
         sysio.allocate(self._meta_fd, old_end, meta_end - old_end, self.path)  # as create does
-        for offset, chunk in chunks:
-            sysio.pwrite_full(
-                self._meta_fd, [memoryview(chunk)], self.header.header_size + offset, self.path
-            )
+        write_bitmap_pages(self._meta_fd, self.path, self.header.header_size, bitmap.take_dirty())
         sysio.fdatasync(self._meta_fd, self.path)
         # Image file: anything past the old cluster end up to the new size reads zero.
         aligned_old = min(-(-old_size >> bits) << bits, new_size)
@@ -1066,10 +1026,7 @@ class AddCowImage:
             sysio.fdatasync(self._image_fd, self.image_path)
         bitmap = Bitmap(bytearray(self.bitmap.data[: bitmap_length(new_clusters)]), new_clusters)
         bitmap.clear_padding()
-        for offset, chunk in bitmap.take_dirty():
-            sysio.pwrite_full(
-                self._meta_fd, [memoryview(chunk)], self.header.header_size + offset, self.path
-            )
+        write_bitmap_pages(self._meta_fd, self.path, self.header.header_size, bitmap.take_dirty())
         sysio.truncate(self._meta_fd, self.header.header_size + len(bitmap.data), self.path)
         sysio.fdatasync(self._meta_fd, self.path)
         if self.header.version >= 2:
@@ -1192,92 +1149,37 @@ class ImageFile(io.RawIOBase):
             self._image.flush()
 
 
-# -- reading the two parts of an .add-cow file --------------------------------------
+# -- opening a backing chain ----------------------------------------------------------
 
 
-def read_header(fd: int, path: str) -> Header:
-    """Read and validate the header of an open .add-cow file."""
-    head = sysio.pread_upto(fd, PAGE, 0, f"{path}: read header")
-    if len(head) >= 56 and head[8:12] == b"\x02\x00\x00\x00":
-        header_size = int.from_bytes(head[52:56], "little")
-        if PAGE < header_size <= MAX_HEADER_SIZE and header_size % PAGE == 0:
-            head = sysio.pread_upto(fd, header_size, 0, f"{path}: read header")
-    try:
-        return Header.unpack(head)
-    except HeaderError as exc:
-        exc.path = path
-        raise
+def open_backing(
+    name: bytes,
+    fmt: str,
+    relative_to: str,
+    *,
+    guard: ChainGuard,
+    force_share: bool,
+) -> BlockSource:
+    """Open the backing file ``name``, stored in the file at ``relative_to``, as ``fmt``.
 
+    Every store of :data:`addcow.format.BACKING_FORMATS` has its branch here;
+    stores that have backings of their own (add-cow, qcow2) open them through
+    this same function, under the same guard: one depth limit, one loop check
+    and one ``backing_root`` policy for the whole chain.
+    """
+    path = resolve_name(name, relative_to)
+    guard.descend(path)
+    if fmt == "raw":
+        return RawFile(path, force_share=force_share, guard=guard)
+    if fmt == "qcow2":
 
-def write_header(fd: int, path: str, header: Header, header_size: int) -> None:
-    """Rewrite a header in place (its size cannot change: the bitmap follows it)."""
-    raw = header.pack()
-    if len(raw) != header_size:
-        raise HeaderError("header_size", f"{header_size} (the bitmap cannot move)", len(raw))
-    sysio.pwrite_full(fd, [memoryview(raw)], 0, path)
-    sysio.fdatasync(fd, path)
+        def below(child: bytes, child_fmt: str) -> BlockSource:
+            return open_backing(child, child_fmt, path, guard=guard, force_share=force_share)
 
-
-def write_features(fd: int, path: str, header: Header) -> None:
-    """Rewrite only a version 2 header's feature fields (bytes 36-51), durably."""
-    offset, raw = header.feature_words()
-    sysio.pwrite_full(fd, [memoryview(raw)], offset, path)
-    sysio.fdatasync(fd, path)
-
-
-def read_bitmap(fd: int, path: str, header: Header, size: int) -> Bitmap:
-    """Read the bitmap for an image of ``size`` bytes, checking the file holds it."""
-    clusters = cluster_count(size, header.cluster_bits)
-    length = bitmap_length(clusters)
-    file_size = sysio.file_size(fd, path)
-    if file_size < header.header_size + length:
-        raise BitmapError(
-            f"{path}: bitmap truncated: expected {header.header_size + length} bytes "
-            f"({clusters} clusters), found a file of {file_size} bytes"
-        )
-    data = bytearray(length)
-    if length:
-        sysio.pread_full(fd, memoryview(data), header.header_size, path)
-    return Bitmap(data, clusters)
-
-
-def _virtual_size(header: Header, image_fd: int, image_path: str) -> int:
-    return virtual_size(header, sysio.file_size(image_fd, image_path), image_path)
-
-
-def virtual_size(header: Header, actual: int, image_path: str) -> int:
-    """The virtual size, given the image file's size, checked against the limits."""
-    if header.image_size is None:
-        if actual == 0:
-            raise ImageFileError(
-                f"{image_path}: image file is empty (a version 1 image's size is "
-                "its image file's size)"
-            )
-        if actual > MAX_IMAGE_SIZE or cluster_count(actual, header.cluster_bits) > MAX_CLUSTERS:
-            raise ImageFileError(
-                f"{image_path}: image file of {actual} bytes is larger than a version 1 "
-                f"image may be (at most {MAX_CLUSTERS} clusters of {header.cluster_size} bytes)"
-            )
-        return actual
-    if actual < header.image_size:
-        raise ImageFileError(
-            f"{image_path}: image file too small: expected at least {header.image_size} "
-            f"bytes (image_size), found {actual}"
-        )
-    return header.image_size
-
-
-def _probe_v1_backing(name: bytes, path: str, probe: bool) -> str:
-    """The format of a version 1 backing file that did not record it."""
-    backing = resolve_name(name, path)
-    if not probe:
-        raise BackingFormatError(
-            f"{path}: backing file format not recorded (version 1 image without the "
-            f"BACKING_FORMAT_NO_PROBE bit); addcow does not probe formats. Record it "
-            f"with: addcow rebase -u -b {os.fsdecode(name)} -F raw {path} (library "
-            "callers may pass probe_backing=True to trust the backing file's first bytes)"
-        )
-    found = sniff_format(backing)
-    if found in (None, "add-cow"):
-        return found or "raw"
-    raise BackingFormatError(f"{backing}: backing file is {found}, which addcow cannot read")
+        return Qcow2File(path, guard=guard, force_share=force_share, open_backing=below)
+    if fmt == "add-cow":
+        return AddCowImage.open(path, readonly=True, force_share=force_share, guard=guard)
+    raise BackingFormatError(
+        f"{relative_to}: unsupported backing format {fmt!r} for {path}: expected one of "
+        f"{', '.join(BACKING_FORMATS)}"
+    )

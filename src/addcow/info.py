@@ -11,21 +11,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import sysio
-from .backing import MAX_CHAIN_DEPTH, ChainGuard, resolve_name
 from .errors import BackingLoopError, ImageFileError
 from .format import (
-    V1_F_BACKING_FILE,
-    V1_F_BACKING_FORMAT_NO_PROBE,
+    V1_FEATURES,
     V2_AUTOCLEAR_FEATURES,
     V2_COMPATIBLE_FEATURES,
     V2_INCOMPATIBLE_FEATURES,
     Header,
 )
-from .image import read_bitmap, read_header, virtual_size
 from .locking import lock_whole
-
-_V1_FEATURES = {V1_F_BACKING_FILE: "backing-file", V1_F_BACKING_FORMAT_NO_PROBE: "no-probe"}
+from .metafile import open_metafile, read_bitmap, read_header, virtual_size
+from .names import MAX_CHAIN_DEPTH, ChainGuard, resolve_name
 
 
 def image_info(
@@ -37,10 +33,7 @@ def image_info(
     directory is refused (PathPolicyError) before it is even stat'ed.
     """
     guard = ChainGuard(root=backing_root)
-    try:
-        fd = sysio.open_file(path, os.O_RDONLY)
-    except OSError as exc:
-        raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
+    fd = open_metafile(path, writable=False)
     try:
         if not force_share:
             lock_whole(fd, path, exclusive=False)
@@ -67,7 +60,7 @@ def image_info(
         "complete": complete,
     }
     if header.version == 1:
-        data["features"] = _names(header.incompatible_features, _V1_FEATURES)
+        data["features"] = _names(header.incompatible_features, V1_FEATURES)
     else:
         data["incompatible-features"] = _names(
             header.incompatible_features, V2_INCOMPATIBLE_FEATURES

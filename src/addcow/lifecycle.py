@@ -28,15 +28,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from . import sysio
-from .backing import (
-    BlockSource,
-    ChainGuard,
-    choose_backing_format,
-    open_backing,
-    open_image_file,
-    read_as_backing,
-    resolve_name,
-)
+from .backing import BlockSource, read_as_backing
 from .errors import (
     AddCowError,
     AmendError,
@@ -44,8 +36,11 @@ from .errors import (
     IncompleteImageError,
 )
 from .format import V1_CLUSTER_BITS, V1_HEADER_SIZE, Header
-from .image import AddCowImage
+from .image import AddCowImage, open_backing
 from .locking import lock_raw
+from .magic import choose_backing_format
+from .metafile import open_image_file
+from .names import ChainGuard, resolve_name
 
 STREAM_SPAN = 32 << 20
 """Most bytes copied per populate call while streaming."""

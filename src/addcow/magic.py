@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 
 from . import sysio
-from .errors import BackingError
-from .format import MAGIC
+from .errors import BackingError, BackingFormatError
+from .format import BACKING_FORMATS, MAGIC
+from .names import ChainGuard, resolve_name
 
 KNOWN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
     (0, MAGIC, "add-cow"),
@@ -70,3 +71,43 @@ def sniff_format(path: str) -> str | None:
 def article(name: str) -> str:
     """``name`` with its indefinite article: "an add-cow", "a qcow2"."""
     return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
+def choose_backing_format(
+    name: bytes, fmt: str | None, path: str, version: int, *, guard: ChainGuard | None = None
+) -> str:
+    """The backing format to record for ``name`` (stored in the image at ``path``).
+
+    Without ``fmt``, ``raw`` is chosen only if the file does not start with a
+    known image magic; otherwise the caller must say (a guest can write such a
+    header into a raw disk). ``raw`` is never recorded for a file that starts
+    with a known image magic, even when asked for: read as raw, it would be a
+    disk that starts with an image header. Version 1 can record only ``raw``.
+    With a ``guard``, its ``backing_root`` policy is applied before the file is read.
+    """
+    if fmt is not None and fmt not in BACKING_FORMATS:
+        raise BackingFormatError(
+            f"unsupported backing format {fmt!r}: expected one of {', '.join(BACKING_FORMATS)}"
+        )
+    if fmt in (None, "raw"):
+        backing_path = resolve_name(name, path)
+        if guard is not None:
+            guard.check_path(backing_path)
+        found = sniff_format(backing_path)
+        if found is not None and fmt is None:
+            raise BackingFormatError(
+                f"{backing_path}: the backing file starts with {article(found)} header; "
+                f"refusing to guess its format (a guest can write such a header into a raw "
+                f"disk). Give the format explicitly with -F"
+            )
+        if found is not None:
+            raise BackingFormatError(
+                f"{backing_path} starts with {article(found)} header; refusing to record it "
+                "as raw (a raw disk must not start with an image header)"
+            )
+        fmt = "raw"
+    if version == 1 and fmt != "raw":
+        raise BackingFormatError(
+            f"a version 1 image can only record a raw backing file, not {fmt!r} (use compat=2)"
+        )
+    return fmt

@@ -66,7 +66,7 @@ from types import ModuleType
 from typing import NamedTuple
 
 from .. import sysio
-from ..backing import BlockSource, ChainGuard, Extent, read_as_backing
+from ..backing import BlockSource, Extent, read_as_backing
 from ..errors import (
     BackingError,
     BackingFormatError,
@@ -75,6 +75,7 @@ from ..errors import (
     Qcow2UnsupportedError,
 )
 from ..locking import lock_raw
+from ..names import ChainGuard
 from . import format as fmt
 from .format import Header
 
