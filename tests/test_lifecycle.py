@@ -61,7 +61,7 @@ from conftest import CLUSTER, require_tool, run
 from conftest import addcow as addcow_cli
 
 import addcow
-from addcow import lifecycle, sysio
+from addcow import lifecycle, streaming, sysio
 from addcow.errors import AddCowIOError
 from addcow.image import AddCowImage
 
@@ -585,9 +585,9 @@ def test_stream_in_several_threads_gives_the_same_image(
 ) -> None:
     """Spans of two clusters handed to three threads: the same bytes, holes and bits."""
     monkeypatch.setattr(lifecycle, "STREAM_SPAN", 2 * C)
-    monkeypatch.setattr(lifecycle, "COMMIT_BYTES", 3 * C)  # flushes while others copy
+    monkeypatch.setattr(streaming, "COMMIT_BYTES", 3 * C)  # flushes while others copy
     with addcow.open(twin.img) as img:
-        missing = lifecycle.unallocated_bytes(img)
+        missing = img.unallocated_bytes
         stats = lifecycle.stream(img, threads=3)
         assert img.complete
     content = twin.expected()

@@ -55,9 +55,9 @@ KILLS = 20
 DRIVER = """
 import sys
 import addcow
-from addcow import lifecycle
+from addcow import lifecycle, streaming
 
-lifecycle.COMMIT_BYTES = int(sys.argv[2])
+streaming.COMMIT_BYTES = int(sys.argv[2])
 lifecycle.STREAM_SPAN = int(sys.argv[3])
 with addcow.open(sys.argv[1]) as img:
     print("streaming", img.allocated_clusters, flush=True)

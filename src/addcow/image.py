@@ -242,6 +242,18 @@ class AddCowImage:
         return self.bitmap.clusters
 
     @property
+    def unallocated_bytes(self) -> int:
+        """Bytes of the virtual disk still read from the backing chain."""
+        if self.complete:
+            return 0
+        missing = self.total_clusters - self.allocated_clusters
+        last = self.total_clusters - 1
+        if self.bitmap.is_set(last):
+            return missing * self.cluster_size
+        # the last cluster may be partial
+        return (missing - 1) * self.cluster_size + self.size - (last << self.cluster_bits)
+
+    @property
     def complete(self) -> bool:
         """True when every cluster lives in the image file."""
         return self._all_allocated or self.bitmap.full
@@ -836,9 +848,9 @@ class AddCowImage:
         """
         self._check_write(0, 0)
         if not self.complete:
-            missing = self.total_clusters - self.allocated_clusters
             raise BackingError(
-                f"{self.path}: {missing} clusters are still read from the backing file"
+                f"{self.path}: {self.total_clusters - self.allocated_clusters} clusters "
+                "are still read from the backing file"
             )
         self.flush()
         self._all_allocated = True  # version 1: the full bitmap is durable, same meaning

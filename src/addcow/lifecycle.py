@@ -3,14 +3,13 @@
 Streaming copies every unallocated cluster from the backing chain into the
 image file with :meth:`AddCowImage.populate`, in spans of up to
 :data:`STREAM_SPAN` bytes, :data:`STREAM_THREADS` spans at once. Its progress
-is durable as it goes: the image is flushed after every :data:`COMMIT_BYTES`
-bytes written or :data:`COMMIT_SECONDS` seconds, and flush writes data before
-bits (see :mod:`addcow.image`). A stream killed at any moment (Ctrl-C, kill -9,
-power loss) therefore leaves an image that reads correctly, and running it
-again skips every cluster whose bit reached the disk and copies the rest: the
-result is the same as an uninterrupted run. Spans finish in any order; their
-writeback is started in file order, so the file system lays the file out as
-one thread would.
+is durable as it goes (:mod:`addcow.streaming` says when it commits), and
+flush writes data before bits (see :mod:`addcow.image`). A stream killed at
+any moment (Ctrl-C, kill -9, power loss) therefore leaves an image that reads
+correctly, and running it again skips every cluster whose bit reached the disk
+and copies the rest: the result is the same as an uninterrupted run. Spans
+finish in any order; their writeback is started in file order, so the file
+system lays the file out as one thread would.
 
 Detaching removes the .add-cow file of a complete image (every bit set, or
 ALL_ALLOCATED), leaving the image file as a plain raw disk. It happens while
@@ -41,22 +40,18 @@ from .locking import lock_raw
 from .magic import choose_backing_format
 from .metafile import open_image_file
 from .names import ChainGuard, resolve_name
+from .streaming import CommitPolicy, RateLimit, next_span
 
 STREAM_SPAN = 32 << 20
 """Most bytes copied per populate call while streaming."""
-
-COMMIT_BYTES = 256 << 20
-"""Streaming flushes after writing this many bytes..."""
-
-COMMIT_SECONDS = 5.0
-"""...or this many seconds, whichever comes first."""
 
 WRITEBACK_BYTES = 8 << 20
 """Commit starts writeback of the raw backing after copying this many bytes."""
 
 STREAM_THREADS = min(4, os.cpu_count() or 1)
 """Spans streamed at once: reading the backing, scanning it for zeros and writing
-overlap across cores (``preadv``, ``copy_file_range`` and ``fdatasync`` release the GIL)."""
+overlap across cores (``preadv``, ``copy_file_range``, ``fdatasync``, zlib and zstd
+release the GIL)."""
 
 
 class StreamStats:
@@ -70,19 +65,6 @@ class StreamStats:
     @property
     def total(self) -> int:
         return self.copied + self.zero
-
-
-def unallocated_bytes(image: AddCowImage) -> int:
-    """Bytes of the virtual disk still read from the backing chain."""
-    if image.complete:
-        return 0
-    missing = image.total_clusters - image.allocated_clusters
-    last = image.total_clusters - 1
-    if not image.bitmap.is_set(last):
-        # the last cluster may be partial
-        missing -= 1
-        return missing * image.cluster_size + (image.size - (last << image.cluster_bits))
-    return missing * image.cluster_size
 
 
 def stream(
@@ -131,7 +113,7 @@ def stream(
         _keep_progress(image)
         raise
     image.flush()
-    run.stats.seconds = time.monotonic() - run.started
+    run.stats.seconds = time.monotonic() - run.rate.started
     return run.stats
 
 
@@ -160,12 +142,11 @@ class _StreamRun:
         self, image: AddCowImage, rate: int | None, progress: Callable[[int], None] | None
     ) -> None:
         self.image = image
-        self.rate = rate
+        self.rate = RateLimit(rate)
+        self.commits = CommitPolicy()
         self.progress = progress
         self.stats = StreamStats()
         self.lock = threading.Lock()
-        self.started = self.last_commit = time.monotonic()
-        self.since_commit = 0
         self.pos = 0
         self.stopping = threading.Event()
         self.error: BaseException | None = None
@@ -173,17 +154,13 @@ class _StreamRun:
         self.writeback_queue: collections.deque[list[int]] = collections.deque()
 
     def next_span(self) -> tuple[int, int] | None:
-        """The next run of unallocated clusters, at most STREAM_SPAN bytes (lock held)."""
+        """The next span to copy (lock held), or None when the stream is over."""
         if self.stopping.is_set() or self.error is not None or self.image.complete:
             return None
-        image = self.image
-        bitmap, clusters, bits = image.bitmap, image.total_clusters, image.cluster_bits
-        first = bitmap.find(self.pos, clusters, False)
-        if first >= clusters:
+        span = next_span(self.image, self.pos, STREAM_SPAN)
+        if span is None:
             return None
-        end = bitmap.find(first, min(clusters, first + max(1, STREAM_SPAN >> bits)), True)
-        self.pos = end
-        lo, hi = first << bits, min(end << bits, image.size)
+        lo, hi, self.pos = span
         self.writeback_queue.append([lo, hi, 0, 0])
         return lo, hi
 
@@ -218,16 +195,10 @@ class _StreamRun:
                 self.span_done(lo, written)
                 self.stats.copied += written
                 self.stats.zero += zero
-                self.since_commit += written
                 if self.progress is not None:
                     self.progress(hi - lo)
-                now = time.monotonic()
-                commit = (
-                    self.since_commit >= COMMIT_BYTES or now - self.last_commit >= COMMIT_SECONDS
-                )
-                if commit:
-                    self.since_commit, self.last_commit = 0, now
-                ahead = self.stats.total / self.rate - (now - self.started) if self.rate else 0.0
+                commit = self.commits.copied(written)
+                ahead = self.rate.delay(self.stats.total)
             if commit:
                 image.flush()
             if ahead > 0:
@@ -259,11 +230,10 @@ def detach(image: AddCowImage, *, dry_run: bool = False) -> str:
     image.flush()
     if dry_run:
         return image.image_path
-    image.trim_image_file()
-    sysio.unlink(image.path, "the .add-cow file")
-    sysio.sync_directory(os.path.dirname(image.path) or ".")
+    image.release_backing()
+    path = image.detach_in_place()
     image.close()
-    return image.image_path
+    return path
 
 
 def rebase(
@@ -298,18 +268,15 @@ def rebase(
 def _copy_differences(
     image: AddCowImage, new: BlockSource | None, progress: Callable[[int], None] | None
 ) -> int:
-    bits, cluster = image.cluster_bits, image.cluster_size
-    span = max(1, STREAM_SPAN >> bits)
-    old_buf, new_buf = bytearray(span << bits), bytearray(span << bits)
+    cluster = image.cluster_size
+    old_buf, new_buf = bytearray(STREAM_SPAN), bytearray(STREAM_SPAN)
     copied = 0
     pos = 0
-    clusters = image.total_clusters
-    while not image.complete and pos < clusters:
-        first = image.bitmap.find(pos, clusters, False)
-        if first >= clusters:
+    while not image.complete:
+        span = next_span(image, pos, STREAM_SPAN)
+        if span is None:
             break
-        end = image.bitmap.find(first, min(clusters, first + span), True)
-        lo, hi = first << bits, min(end << bits, image.size)
+        lo, hi, pos = span
         length = hi - lo
         image.readinto(memoryview(old_buf)[:length], lo)
         read_as_backing(new, memoryview(new_buf)[:length], lo)
@@ -320,7 +287,6 @@ def _copy_differences(
                     copied += image.populate(lo + c, stop - c)[0]
         if progress is not None:
             progress(length)
-        pos = end
     image.flush()
     return copied
 

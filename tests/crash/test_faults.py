@@ -38,7 +38,7 @@ from storage import EIO, ERRNO, FAULT_KINDS, SHORT, Fault, Layer
 from workload import CLUSTER, SIZE, Model, build
 
 import addcow
-from addcow import AddCowError, AddCowIOError, lifecycle
+from addcow import AddCowError, AddCowIOError, lifecycle, streaming
 from addcow.check import check_image
 from addcow.cli.main import main as cli_main
 from addcow.cli.mapping import map_entries
@@ -70,14 +70,12 @@ def _close(s: State) -> None:
 
 
 def _stream(s: State) -> None:
-    from addcow import lifecycle
-
-    saved = lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES
-    lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES = 3 * CLUSTER, 5 * CLUSTER
+    saved = lifecycle.STREAM_SPAN, streaming.COMMIT_BYTES
+    lifecycle.STREAM_SPAN, streaming.COMMIT_BYTES = 3 * CLUSTER, 5 * CLUSTER
     try:
         lifecycle.stream(_img(s), threads=1)  # one thread: call numbers must repeat run to run
     finally:
-        lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES = saved
+        lifecycle.STREAM_SPAN, streaming.COMMIT_BYTES = saved
 
 
 def _read(s: State) -> None:

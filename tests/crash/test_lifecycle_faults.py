@@ -30,7 +30,7 @@ from storage import ERRNO, FAULT_KINDS, SHORT, Fault, Layer
 from workload import CLUSTER, SIZE, build
 
 import addcow
-from addcow import AddCowError, AddCowIOError, lifecycle
+from addcow import AddCowError, AddCowIOError, lifecycle, streaming
 from addcow.check import check_image
 
 CAMPAIGN = os.environ.get("ADDCOW_CAMPAIGN") == "1"
@@ -100,13 +100,13 @@ def _judge_create(d: Path, content: bytes) -> list[str]:
 
 
 def _stream(d: Path) -> None:
-    saved = lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES
-    lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES = 3 * CLUSTER, 5 * CLUSTER
+    saved = lifecycle.STREAM_SPAN, streaming.COMMIT_BYTES
+    lifecycle.STREAM_SPAN, streaming.COMMIT_BYTES = 3 * CLUSTER, 5 * CLUSTER
     try:
         with addcow.open(d / "d.add-cow") as img:
             lifecycle.stream(img, threads=1)  # one thread: call numbers repeat run to run
     finally:
-        lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES = saved
+        lifecycle.STREAM_SPAN, streaming.COMMIT_BYTES = saved
 
 
 def _prepare_complete(d: Path) -> bytes:

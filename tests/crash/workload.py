@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import addcow
-from addcow import lifecycle
+from addcow import lifecycle, streaming
 from addcow.check import check_image
 
 CLUSTER = 4096
@@ -115,12 +115,12 @@ def run_op(img: addcow.AddCowImage, op: Op) -> None:
     elif kind == "populate":
         img.populate(op[1], op[2])
     elif kind == "stream":
-        saved = lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES
-        lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES = 3 * CLUSTER, 5 * CLUSTER
+        saved = lifecycle.STREAM_SPAN, streaming.COMMIT_BYTES
+        lifecycle.STREAM_SPAN, streaming.COMMIT_BYTES = 3 * CLUSTER, 5 * CLUSTER
         try:
             lifecycle.stream(img, threads=1)  # one thread: crash points in call order
         finally:
-            lifecycle.STREAM_SPAN, lifecycle.COMMIT_BYTES = saved
+            lifecycle.STREAM_SPAN, streaming.COMMIT_BYTES = saved
     else:
         raise ValueError(op)
 

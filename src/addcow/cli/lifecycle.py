@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..image import AddCowImage
-from ..lifecycle import commit, detach, stream, unallocated_bytes
+from ..lifecycle import commit, detach, stream
 from .common import add_backing_root_arg, size_arg
 from .info import human_size
 from .progress import progress_bar
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run_stream(args: argparse.Namespace) -> int:
     with (
         AddCowImage.open(args.filename, backing_root=args.backing_root) as image,
-        progress_bar(unallocated_bytes(image), args.progress, "stream") as update,
+        progress_bar(image.unallocated_bytes, args.progress, "stream") as update,
     ):
         stats = stream(image, rate=args.rate, progress=update)
     if not args.quiet:

@@ -12,14 +12,15 @@
     reply keeps the read's latency that of a plain read.
 
 ``addcow serve --stream [--stream-rate BYTES/S]``
-    A task per export walks the bitmap and populates the unallocated clusters
-    in spans (:data:`SPAN_IDLE` bytes, :data:`SPAN_BUSY` while clients are
-    active) in the thread pool. It yields to client I/O: before each span it
-    waits, up to :data:`MAX_YIELD` seconds, until no client call is in the
-    pool and no request arrived for :data:`BUSY_WINDOW` seconds, so a busy
-    client slows the stream down without ever stopping it. Progress is made
-    durable by a flush every :data:`COMMIT_BYTES` or :data:`COMMIT_SECONDS`,
-    and logged every :data:`PROGRESS_SECONDS` (logger ``addcow.serve.live``).
+    A task per export populates the unallocated clusters in spans
+    (:data:`SPAN_IDLE` bytes, :data:`SPAN_BUSY` while clients are active) in
+    the thread pool; spans, commits and the rate limit are
+    :mod:`addcow.streaming`'s, as for ``addcow stream``. It yields to client
+    I/O: before each span it waits, up to :data:`MAX_YIELD` seconds, until no
+    client call is in the pool and no request arrived for :data:`BUSY_WINDOW`
+    seconds, so a busy client slows the stream down without ever stopping it.
+    Progress is logged every :data:`PROGRESS_SECONDS` (logger
+    ``addcow.serve.live``).
 
 Completion (always, for writable exports)
     When every bit is set (by streaming, copy on read or client writes) the
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import AddCowError
+from ..streaming import CommitPolicy, RateLimit, next_span
 
 if TYPE_CHECKING:
     from .server import Export, NBDServer
@@ -60,10 +62,6 @@ BUSY_WINDOW = 0.02
 """A client that sent a request this recently (seconds) counts as active."""
 MAX_YIELD = 0.2
 """Longest wait (seconds) for clients to go quiet before the next span."""
-COMMIT_BYTES = 256 << 20
-"""The stream flushes after this many bytes..."""
-COMMIT_SECONDS = 5.0
-"""...or this many seconds, whichever comes first."""
 PROGRESS_SECONDS = 2.0
 """Seconds between progress lines."""
 
@@ -105,12 +103,6 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def missing_bytes(export: Export) -> int:
-    image = export.image
-    missing = image.total_clusters - image.allocated_clusters
-    return max(0, min(image.size, missing << image.cluster_bits))
-
-
 async def copy_on_read_worker(server: NBDServer, export: Export) -> None:
     """Populate the ranges clients read from the backing, one after the other."""
     state, image = export.live, export.image
@@ -150,43 +142,38 @@ async def _populate(
 async def stream(server: NBDServer, export: Export) -> None:
     """Copy every unallocated cluster in the background, yielding to clients."""
     state, image = export.live, export.image
-    rate = state.options.stream_rate
-    bits, clusters = image.cluster_bits, image.total_clusters
-    total = missing_bytes(export)
+    rate = RateLimit(state.options.stream_rate)
+    commits = CommitPolicy()
+    total = image.unallocated_bytes
     log.info("%s: streaming %s from the backing file", image.path, _mib(total))
     buffer = bytearray(4 << 20)
-    started = last_flush = last_log = time.monotonic()
-    done = since_flush = copied = zero = 0
+    last_log = time.monotonic()
+    done = copied = zero = 0
     pos = 0
     wrapped = False
     while not image.complete:
         busy = await _yield_to_clients(server, state)
-        first = image.bitmap.find(pos, clusters, False)
-        if first >= clusters:
+        span_bytes = SPAN_BUSY if busy else SPAN_IDLE
+        if rate.rate:  # about ten steps a second, so the rate holds over short times too
+            span_bytes = min(span_bytes, rate.rate // 10)
+        span = next_span(image, pos, span_bytes)
+        if span is None:
             if wrapped:
                 # The rest is being allocated by client writes right now.
                 await asyncio.sleep(0.01)
             pos, wrapped = 0, True
             continue
         wrapped = False
-        span_bytes = SPAN_BUSY if busy else SPAN_IDLE
-        if rate:  # about ten steps a second, so the rate holds over short times too
-            span_bytes = min(span_bytes, rate // 10)
-        span = max(1, span_bytes >> bits)
-        end = image.bitmap.find(first, min(clusters, first + span), True)
-        lo, hi = first << bits, min(end << bits, image.size)
+        lo, hi, pos = span
         w, z = await server.call(image.populate, lo, hi - lo, buffer)
         copied, zero = copied + w, zero + z
         done += hi - lo
-        since_flush += hi - lo
-        pos = end
-        now = time.monotonic()
-        if since_flush >= COMMIT_BYTES or now - last_flush >= COMMIT_SECONDS:
+        if commits.copied(w):
             await server.call(image.flush)
-            since_flush, last_flush = 0, time.monotonic()
+        now = time.monotonic()
         if now - last_log >= PROGRESS_SECONDS:
             last_log = now
-            left = missing_bytes(export)
+            left = image.unallocated_bytes
             percent = 100.0 * (total - left) / total if total else 100.0
             log.info(
                 "%s: stream progress: %s of %s (%.0f%%), %.1f MiB/s",
@@ -194,19 +181,17 @@ async def stream(server: NBDServer, export: Export) -> None:
                 _mib(total - left),
                 _mib(total),
                 percent,
-                done / (1 << 20) / max(now - started, 1e-9),
+                done / (1 << 20) / max(now - rate.started, 1e-9),
             )
-        if rate:
-            ahead = done / rate - (time.monotonic() - started)
-            if ahead > 0:
-                await asyncio.sleep(ahead)
-    seconds = time.monotonic() - started
+        ahead = rate.delay(done)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
     log.info(
         "%s: stream complete: %s copied, %s left as zero, %.2f s",
         image.path,
         _mib(copied),
         _mib(zero),
-        seconds,
+        time.monotonic() - rate.started,
     )
     server.check_complete(export)
 
