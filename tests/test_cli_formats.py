@@ -144,14 +144,14 @@ def test_a_damaged_add_cow_image_is_refused_not_copied_as_raw(tmp_path: Path) ->
         open_source(str(image))
 
 
-def test_a_qcow2_source_needs_f_raw(tmp_path: Path) -> None:
+def test_a_qcow2_source_needs_f(tmp_path: Path) -> None:
     q = tmp_path / "x.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", q, "1M")
     out = tmp_path / "out.raw"
     err = fails("convert", q, out)
     assert err == (
-        f"addcow: {q} starts with a qcow2 header: give -f raw to copy it as a raw disk "
-        "(addcow reads add-cow and raw images; qemu-img convert reads qcow2)"
+        f"addcow: {q} starts with a qcow2 header: give -f raw to copy it as a raw disk, "
+        "or -f qcow2 to open it as an image"
     )
     assert not out.exists()
     # convert -O add-cow is refused the same way, and with -f raw records no format
@@ -207,7 +207,11 @@ def test_raw_is_never_recorded_for_an_image_file(tmp_path: Path, fmt: str) -> No
         "refusing to record it as raw (a raw disk must not start with an image header)"
     )
     err = fails("create", "-b", "base.img", "-o", "image_file=t.raw", made[0])
-    assert "refusing to guess its format" in err and "Give the format explicitly with -F" in err
+    assert "refusing to guess its format" in err
+    if fmt == "qcow2":
+        assert err.endswith("if it is a qcow2 image, give -F qcow2")
+    else:
+        assert err.endswith(f"addcow reads raw, add-cow, qcow2 backing files, not {fmt}")
     assert not any(p.exists() for p in made)
     with pytest.raises(AddCowError, match="refusing to record it as raw"):
         addcow.create(made[0], image_file="t.raw", backing_file="base.img", backing_format="raw")

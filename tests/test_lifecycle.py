@@ -1142,7 +1142,7 @@ def test_rebase_onto_a_qcow2_looking_file_needs_the_format(twin: Twin) -> None:
         with untouched(twin.img, twin.raw, fake):
             err = fails("rebase", *unsafe, "-b", "looks.raw", twin.img)
         assert "looks.raw: the backing file starts with a qcow2 header; refusing to guess" in err
-        assert "Give the format explicitly with -F" in err
+        assert err.endswith("if it is a qcow2 image, give -F qcow2\n")
     # not even as raw when asked: a raw disk that starts with an image header is bogus
     for unsafe in ([], ["-u"]):
         with untouched(twin.img, twin.raw, fake):
@@ -1463,8 +1463,8 @@ def chain(tmp_path: Path) -> Chain:
 def test_chain_create_needs_the_format(chain: Chain) -> None:
     err = fails("create", "-b", "mid.add-cow", "-o", "image_file=x.raw",
                 chain.root / "a" / "x.add-cow")
-    assert "starts with a add-cow header" in err or "starts with an add-cow header" in err
-    assert "Give the format explicitly with -F" in err
+    assert "starts with an add-cow header" in err
+    assert err.endswith("if it is an add-cow image, give -F add-cow\n")
     assert info(chain.top)["virtual-size"] == SIZE
     assert info(chain.top)["backing-filename-format"] == "add-cow"
 

@@ -21,11 +21,14 @@ exit statuses of ``qemu-img check``)::
     every bit set, ALL_ALLOCATED clear (v2)   leak         leaks, all: set the flag
     unknown autoclear bits set (v2)           leak         leaks, all: clear them
     backing chain broken: a loop, too deep,   corruption   none
-      an invalid add-cow in the chain
+      an invalid add-cow layer, a qcow2
+      layer with an invalid header, L1 or
+      L2 entry (every table is read)
     backing chain not checkable: a file       check error  none
       missing, locked or unreadable, its
       format not recorded (v1), outside
-      --backing-root
+      --backing-root, a qcow2 feature
+      addcow does not read
 
 A "leak" here is what qemu-img means by one: no harm to data, only something
 out of date. Counts are per cluster for bitmap bits (per bit for padding) and
@@ -51,8 +54,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import sysio
+from .backing import BlockSource
 from .bitmap import Bitmap
-from .errors import AddCowError, BackingLoopError, BitmapError, HeaderError
+from .errors import (
+    AddCowError,
+    BackingLoopError,
+    BitmapError,
+    HeaderError,
+    Qcow2Error,
+    Qcow2UnsupportedError,
+)
 from .format import (
     V2_AUTOCLEAR_FEATURES,
     V2_COMPAT_ALL_ALLOCATED,
@@ -69,6 +80,7 @@ from .metafile import (
     write_features,
 )
 from .names import ChainGuard
+from .qcow2 import Qcow2File
 
 REPAIR_MODES = ("leaks", "all")
 
@@ -287,15 +299,34 @@ def _check_backing_chain(
     try:
         fmt = backing_format(header, path)
         backing = open_backing(header.backing_name, fmt, path, guard=guard, force_share=force_share)
-    except (HeaderError, BitmapError, BackingLoopError) as exc:
+        try:
+            _walk_tables(backing)
+        finally:
+            backing.close()
+    except Qcow2UnsupportedError as exc:
+        return [_Finding(CHECK_ERROR, 1, f"backing chain: {exc}")]
+    except (HeaderError, BitmapError, BackingLoopError, Qcow2Error) as exc:
         # What the chain's own files say is wrong: they were read, and are invalid.
         return [_Finding(CORRUPTION, 1, f"backing chain: {exc}")]
     except AddCowError as exc:
         # A file that could not be read (missing, locked, I/O error, not allowed)
         # is a check that could not be done, as qemu-img check reports it.
         return [_Finding(CHECK_ERROR, 1, f"backing chain: {exc}")]
-    backing.close()
     return []
+
+
+def _walk_tables(backing: BlockSource) -> None:
+    """Read every mapping table of the qcow2 layers of a chain (not their data).
+
+    Opening a qcow2 file checks its header and L1 table; this also checks every
+    L2 entry, by asking the whole chain for its block status.
+    """
+    layer: object = backing
+    while layer is not None:
+        if isinstance(layer, Qcow2File):
+            for _extent in layer.block_status_at(0, layer.size, 1):
+                pass
+        layer = getattr(layer, "backing", None)
 
 
 def _repair(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from . import sysio
 from .backing import BlockSource, RawFile
 from .errors import AddCowError, FormatChoiceError, ImageFileError
-from .image import AddCowImage
+from .image import AddCowImage, open_store
 from .locking import lock_raw
 from .magic import article, identify, read_head
 from .names import ChainGuard
@@ -44,7 +44,7 @@ def open_source(
     force_share: bool = False,
     backing_root: str | None = None,
 ) -> BlockSource:
-    """Open a file named on the command line as ``fmt`` (add-cow or raw).
+    """Open a file named on the command line as ``fmt`` (add-cow, qcow2 or raw).
 
     Without ``fmt``, the name decides (:func:`format_of_name`), and a file taken
     as raw that starts with a known image header is refused: the user must say
@@ -57,17 +57,20 @@ def open_source(
         return AddCowImage.open(
             path, readonly=True, force_share=force_share, backing_root=backing_root
         )
+    if fmt == "qcow2":
+        guard = ChainGuard(root=backing_root)
+        return open_store(path, "qcow2", guard=guard, force_share=force_share)
     if fmt != "raw":
-        raise AddCowError(f"unsupported format {fmt!r}: expected add-cow or raw")
+        raise AddCowError(f"unsupported format {fmt!r}: expected add-cow, qcow2 or raw")
     try:
         found = identify(read_head(path))
     except OSError as exc:
         raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
     if found is not None and not given:
-        if found == "add-cow":
-            hint = ", or -f add-cow to open it as an image"
+        if found in ("add-cow", "qcow2"):
+            hint = f", or -f {found} to open it as an image"
         else:
-            hint = f" (addcow reads add-cow and raw images; qemu-img convert reads {found})"
+            hint = f" (addcow reads add-cow, qcow2 and raw images; qemu-img reads {found})"
         raise FormatChoiceError(
             f"{path} starts with {article(found)} header: give -f raw to copy it as a raw "
             f"disk{hint}"

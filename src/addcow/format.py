@@ -58,7 +58,8 @@ V2_COMPAT_ALL_ALLOCATED = 0x01
 V2_COMPATIBLE_FEATURES = {V2_COMPAT_ALL_ALLOCATED: "all_allocated"}
 V2_AUTOCLEAR_FEATURES: dict[int, str] = {}
 
-BACKING_FORMATS = ("raw", "add-cow")
+BACKING_FORMATS = ("raw", "add-cow", "qcow2")
+"""Formats a version 2 header may record (specification, "Backing formats")."""
 FORMAT_FIELD_SIZE = 16
 
 # Bytes 0-35, common to both versions (specification, "Version 1 header"):

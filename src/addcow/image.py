@@ -1181,6 +1181,15 @@ def open_backing(
     """
     path = resolve_name(name, relative_to)
     guard.descend(path)
+    return open_store(path, fmt, guard=guard, force_share=force_share)
+
+
+def open_store(path: str, fmt: str, *, guard: ChainGuard, force_share: bool) -> BlockSource:
+    """Open the file at ``path`` as a read-only store of format ``fmt``.
+
+    ``guard.depth`` 0 means the user named the file (``convert -f qcow2 x``);
+    the guard's root then applies to the files it names, not to it.
+    """
     if fmt == "raw":
         return RawFile(path, force_share=force_share, guard=guard)
     if fmt == "qcow2":
@@ -1188,10 +1197,10 @@ def open_backing(
         def below(child: bytes, child_fmt: str) -> BlockSource:
             return open_backing(child, child_fmt, path, guard=guard, force_share=force_share)
 
+
         return Qcow2File(path, guard=guard, force_share=force_share, open_backing=below)
     if fmt == "add-cow":
         return AddCowImage.open(path, readonly=True, force_share=force_share, guard=guard)
     raise BackingFormatError(
-        f"{relative_to}: unsupported backing format {fmt!r} for {path}: expected one of "
-        f"{', '.join(BACKING_FORMATS)}"
+        f"{path}: unsupported format {fmt!r}: expected one of {', '.join(BACKING_FORMATS)}"
     )

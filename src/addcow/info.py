@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from . import sysio
 from .errors import BackingLoopError, ImageFileError
 from .format import (
     V1_FEATURES,
@@ -22,6 +23,10 @@ from .format import (
 from .locking import lock_whole
 from .metafile import open_metafile, read_bitmap, read_header, virtual_size
 from .names import MAX_CHAIN_DEPTH, ChainGuard, resolve_name
+from .qcow2.format import COMPAT_LAZY_REFCOUNTS as QCOW2_COMPAT_LAZY_REFCOUNTS
+from .qcow2.format import INCOMPAT_CORRUPT as QCOW2_INCOMPAT_CORRUPT
+from .qcow2.format import INCOMPAT_DIRTY as QCOW2_INCOMPAT_DIRTY
+from .qcow2.store import read_header as read_qcow2_header
 
 
 def image_info(
@@ -87,7 +92,8 @@ def image_info(
 def backing_chain_info(
     path: str, *, force_share: bool = False, backing_root: str | None = None
 ) -> list[dict[str, Any]]:
-    """``image_info`` for the image and each add-cow below it, then the raw base.
+    """``image_info`` for the image and each add-cow below it, qcow2 layers as
+    ``qemu-img info`` describes them, then the raw base.
 
     The chain stops at a backing file whose format is not recorded (a version 1
     image without NO_PROBE): its format is never guessed.
@@ -116,11 +122,55 @@ def backing_chain_info(
                 }
             )
             break
-        entry = image_info(current, force_share=force_share, backing_root=backing_root)
+        if fmt == "qcow2":
+            entry = qcow2_info(current, st, backing_root=backing_root)
+        else:
+            entry = image_info(current, force_share=force_share, backing_root=backing_root)
         chain.append(entry)
         current = entry.get("full-backing-filename")
         fmt = entry.get("backing-filename-format")
     return chain
+
+
+def qcow2_info(
+    path: str, st: os.stat_result, *, backing_root: str | None = None
+) -> dict[str, Any]:
+    """What ``qemu-img info`` says of a qcow2 layer, from its header alone."""
+    try:
+        fd = sysio.open_file(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        header = read_qcow2_header(fd, path, sysio.file_size(fd, path))
+    finally:
+        os.close(fd)
+    info: dict[str, Any] = {
+        "filename": path,
+        "format": "qcow2",
+        "virtual-size": header.virtual_size,
+        "actual-size": st.st_blocks * 512,
+        "cluster-size": header.cluster_size,
+        "dirty-flag": bool(header.incompatible_features & QCOW2_INCOMPAT_DIRTY),
+    }
+    if header.backing_name is not None:
+        full = resolve_name(header.backing_name, path)
+        ChainGuard(root=backing_root).check_path(full)
+        info["backing-filename"] = os.fsdecode(header.backing_name)
+        info["full-backing-filename"] = full
+        if header.backing_format is not None:
+            info["backing-filename-format"] = header.backing_format
+    info["format-specific"] = {
+        "type": "qcow2",
+        "data": {
+            "compat": "0.10" if header.version == 2 else "1.1",
+            "compression-type": header.compression,
+            "lazy-refcounts": bool(header.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS),
+            "refcount-bits": 1 << header.refcount_order,
+            "corrupt": bool(header.incompatible_features & QCOW2_INCOMPAT_CORRUPT),
+            "extended-l2": header.extended_l2,
+        },
+    }
+    return info
 
 
 def _stat(path: str) -> os.stat_result | None:

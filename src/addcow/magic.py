@@ -95,10 +95,14 @@ def choose_backing_format(
             guard.check_path(backing_path)
         found = sniff_format(backing_path)
         if found is not None and fmt is None:
+            if found in BACKING_FORMATS:
+                advice = f"if it is {article(found)} image, give -F {found}"
+            else:
+                advice = f"addcow reads {', '.join(BACKING_FORMATS)} backing files, not {found}"
             raise BackingFormatError(
                 f"{backing_path}: the backing file starts with {article(found)} header; "
                 f"refusing to guess its format (a guest can write such a header into a raw "
-                f"disk). Give the format explicitly with -F"
+                f"disk): {advice}"
             )
         if found is not None:
             raise BackingFormatError(

@@ -20,7 +20,8 @@ from .common import (
 )
 from .progress import progress_bar
 
-_FORMATS = ("add-cow", "raw")
+_FORMATS = ("add-cow", "qcow2", "raw")
+_OUTPUT_FORMATS = ("add-cow", "raw")
 _FORMAT_RULE = (
     "Without -f (and -F for compare's second image) a name ending in .add-cow is an "
     "add-cow image and any other is raw; a raw file that starts with an image header "
@@ -43,7 +44,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-f", dest="src_fmt", choices=_FORMATS, help="source format")
-    p.add_argument("-O", dest="dst_fmt", default="raw", choices=_FORMATS, help="output format")
+    p.add_argument(
+        "-O", dest="dst_fmt", default="raw", choices=_OUTPUT_FORMATS, help="output format"
+    )
     add_options_arg(p, CONVERT_OPTIONS)
     p.add_argument("-U", "--force-share", action="store_true", help="open without locking")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")

@@ -69,7 +69,12 @@ def human(info: dict[str, Any]) -> str:
             f"backing file format: {info.get('backing-filename-format', '(not recorded)')}"
         )
     specific = info.get("format-specific")
-    if specific:
+    if specific and specific["type"] == "qcow2":
+        lines.append("Format specific information:")
+        for key, value in specific["data"].items():
+            shown = str(value).lower() if isinstance(value, bool) else value
+            lines.append(f"    {key.replace('-', ' ')}: {shown}")
+    elif specific:
         data = specific["data"]
         lines.append("Format specific information:")
         allocated, total = data["allocated-clusters"], data["total-clusters"]

@@ -76,13 +76,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _layer_files(image: AddCowImage) -> list[str]:
-    """The raw file that holds each depth's data: image file, then backings."""
+    """The file that holds each depth's data: image file, then each backing's."""
     files: list[str] = []
     layer: object = image
-    while isinstance(layer, AddCowImage):
-        files.append(layer.image_path)
-        layer = layer.backing
-    path = getattr(layer, "path", None)
-    if path is not None:
-        files.append(path)
+    while layer is not None:
+        if isinstance(layer, AddCowImage):
+            files.append(layer.image_path)
+        else:
+            files.append(str(getattr(layer, "path", "?")))
+        layer = getattr(layer, "backing", None)
     return files

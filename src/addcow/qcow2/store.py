@@ -122,13 +122,28 @@ def _zstd() -> ModuleType | None:
     return zstandard
 
 
+def read_header(fd: int, path: str, file_size: int) -> Header:
+    """Read and validate the header (and extensions) of an open qcow2 file."""
+    what = f"{path}: read qcow2 header"
+    prefix = sysio.pread_upto(fd, fmt.V3_MIN_HEADER_LENGTH, 0, what)
+    try:
+        cluster = fmt.cluster0_size(prefix)
+        buf = sysio.pread_upto(fd, min(cluster, file_size), 0, what)
+        return Header.unpack(buf, file_size)
+    except Qcow2Error as exc:
+        exc.path = path
+        raise
+
+
 class Qcow2File:
     """A qcow2 file read as a backing store: a :class:`~addcow.backing.BlockSource`.
 
     ``open_backing(name, format)`` opens this file's own backing file (the
     caller resolves the stored name, applies its path policy and the chain
     guard); it may be None for a file without one. ``guard`` records this
-    file in the chain as :class:`~addcow.backing.RawFile` does. Closes only
+    file in the chain as :class:`~addcow.backing.RawFile` does, and applies
+    its ``backing_root`` when the file is a backing (``guard.depth`` > 0), not
+    a file the user named. Closes only
     what it opened: its own descriptor and the backing it got from
     ``open_backing``.
     """
@@ -143,14 +158,18 @@ class Qcow2File:
     ) -> None:
         self.path = path
         self.backing: BlockSource | None = None
-        guard.check_path(path)
+        named = guard.depth > 0  # a file an image names, not one the user gave
+        if named:
+            guard.check_path(path)
         try:
             self.fd = sysio.open_file(path, os.O_RDONLY)
         except OSError as exc:
-            raise BackingError(f"{path}: cannot open backing file: {exc.strerror}") from exc
+            what = "backing file" if named else "qcow2 image"
+            raise BackingError(f"{path}: cannot open {what}: {exc.strerror}") from exc
         try:
             guard.add(self.fd, path)
-            guard.check_open(self.fd, path)
+            if named:
+                guard.check_open(self.fd, path)
             if not force_share:
                 lock_raw(self.fd, path, writable=False)
             self._file_size = sysio.file_size(self.fd, path)
@@ -167,15 +186,7 @@ class Qcow2File:
     # -- opening ----------------------------------------------------------------
 
     def _read_header(self) -> Header:
-        what = f"{self.path}: read qcow2 header"
-        prefix = sysio.pread_upto(self.fd, fmt.V3_MIN_HEADER_LENGTH, 0, what)
-        try:
-            cluster = fmt.cluster0_size(prefix)
-            buf = sysio.pread_upto(self.fd, min(cluster, self._file_size), 0, what)
-            return Header.unpack(buf, self._file_size)
-        except Qcow2Error as exc:
-            exc.path = self.path
-            raise
+        return read_header(self.fd, self.path, self._file_size)
 
     def _setup(self) -> None:
         h = self.header
