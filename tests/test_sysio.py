@@ -14,9 +14,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from addcow import sysio
+from addcow import sysio, zeros
 
-G = sysio.ZERO_GRANULE
+G = zeros.GRANULE
 
 
 def expected_counts(data: bytes) -> tuple[int, int]:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import sysio
+from . import sysio, zeros
 from .backing import BlockSource, RawFile
 from .errors import AddCowError, FormatChoiceError, ImageFileError
 from .image import AddCowImage, open_store
@@ -23,8 +23,6 @@ from .names import ChainGuard
 
 CHUNK = 4 << 20
 """Bytes read per request while copying or comparing."""
-
-_ZERO_CHUNK = bytes(CHUNK)
 
 
 def format_of_name(path: str) -> str:
@@ -175,7 +173,7 @@ def first_difference(
     while pos < longer.size:
         step = min(CHUNK, longer.size - pos)
         longer.readinto(view[:step], pos)
-        if sysio.any_nonzero(buf, step):
+        if not zeros.is_zero(buf, 0, step):
             return pos + _first_mismatch(buf, bytearray(step), step)
         pos += step
     return None
@@ -216,7 +214,7 @@ def copy_to_addcow(
             src.readinto(view, ext.offset)
             for lo in range(0, ext.length, cluster):
                 hi = min(lo + cluster, ext.length)
-                if buf.startswith(_ZERO_CHUNK[: hi - lo], lo):  # compared in place, no copy
+                if zeros.is_zero(buf, lo, hi):
                     stats.skipped_zero += hi - lo
                 else:
                     dst.write(view[lo:hi], ext.offset + lo)

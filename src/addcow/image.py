@@ -1197,7 +1197,6 @@ def open_store(path: str, fmt: str, *, guard: ChainGuard, force_share: bool) -> 
         def below(child: bytes, child_fmt: str) -> BlockSource:
             return open_backing(child, child_fmt, path, guard=guard, force_share=force_share)
 
-
         return Qcow2File(path, guard=guard, force_share=force_share, open_backing=below)
     if fmt == "add-cow":
         return AddCowImage.open(path, readonly=True, force_share=force_share, guard=guard)

@@ -132,9 +132,7 @@ def backing_chain_info(
     return chain
 
 
-def qcow2_info(
-    path: str, st: os.stat_result, *, backing_root: str | None = None
-) -> dict[str, Any]:
+def qcow2_info(path: str, st: os.stat_result, *, backing_root: str | None = None) -> dict[str, Any]:
     """What ``qemu-img info`` says of a qcow2 layer, from its header alone."""
     try:
         fd = sysio.open_file(path, os.O_RDONLY)

@@ -18,6 +18,7 @@ import os
 import stat
 from collections.abc import Iterator
 
+from . import zeros
 from .errors import AddCowIOError
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -34,7 +35,6 @@ _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE = 2
 
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY)
-_ZEROS = bytes(1 << 20)
 
 
 def pread_full(fd: int, view: memoryview, offset: int, name: str) -> None:
@@ -120,17 +120,17 @@ def fill_zero(view: memoryview) -> None:
     """Set every byte of ``view`` to zero."""
     pos = 0
     while pos < len(view):
-        step = min(len(view) - pos, len(_ZEROS))
-        view[pos : pos + step] = _ZEROS[:step]
+        step = min(len(view) - pos, len(zeros.ZEROS))
+        view[pos : pos + step] = zeros.ZEROS[:step]
         pos += step
 
 
 def write_zeros(fd: int, offset: int, length: int, name: str) -> None:
     """Write explicit zero bytes over [offset, offset+length)."""
-    zeros = memoryview(_ZEROS)
+    source = memoryview(zeros.ZEROS)
     while length:
-        step = min(length, len(_ZEROS))
-        pwrite_full(fd, [zeros[:step]], offset, name)
+        step = min(length, len(source))
+        pwrite_full(fd, [source[:step]], offset, name)
         offset += step
         length -= step
 
@@ -284,12 +284,6 @@ def is_hole(fd: int, offset: int, length: int) -> bool:
         return exc.errno == errno.ENXIO  # no data at or after offset
 
 
-ZERO_GRANULE = 4096
-"""Runs of zero bytes this large and aligned are left as holes by write_sparse."""
-
-_ZERO_GRANULE = bytes(ZERO_GRANULE)
-
-
 def write_sparse(
     fd: int,
     buf: bytearray,
@@ -311,19 +305,19 @@ def write_sparse(
     bytearray so that zero checks are memcmp calls.
     """
     view = memoryview(buf)
-    if not any_nonzero(buf, length):
+    if zeros.is_zero(buf, 0, length):
         _zero_run(fd, offset, length, name, punch)
         return 0, length
     written = 0
     pos = 0
     while pos < length:
-        zero = _zero_block(buf, pos, length)
-        stop = min(pos + ZERO_GRANULE, length)
+        zero = zeros.is_zero_block(buf, pos, length)
+        stop = min(pos + zeros.GRANULE, length)
         if zero:
-            stop = _zero_run_end(buf, stop, length)
+            stop = zeros.zero_run_end(buf, stop, length)
         else:
-            while stop < length and not _zero_block(buf, stop, length):
-                stop = min(stop + ZERO_GRANULE, length)
+            while stop < length and not zeros.is_zero_block(buf, stop, length):
+                stop = min(stop + zeros.GRANULE, length)
         if zero:
             _zero_run(fd, offset + pos, stop - pos, name, punch)
         else:
@@ -332,37 +326,6 @@ def write_sparse(
             written += stop - pos
         pos = stop
     return written, length - written
-
-
-def _zero_run_end(buf: bytearray, pos: int, length: int) -> int:
-    """Where the run of zero granules continuing at ``pos`` ends (``pos`` granule-aligned).
-
-    Galloping: steps double while they are all zero and halve when not, so a
-    long run costs a few dozen memcmp calls instead of one per granule.
-    """
-    zeros = memoryview(_ZEROS)
-    step = ZERO_GRANULE
-    while pos < length:
-        n = min(step, length - pos)
-        if buf.startswith(zeros[:n], pos):
-            pos += n
-            step = min(step << 1, len(_ZEROS))
-        elif step > ZERO_GRANULE:
-            step >>= 1
-        else:
-            break
-    return pos
-
-
-def _zero_block(buf: bytearray, pos: int, length: int) -> bool:
-    # startswith compares in place (memcmp), where a slice would copy the block first
-    return buf.startswith(_ZERO_GRANULE[: length - pos], pos)
-
-
-def any_nonzero(buf: bytearray, length: int) -> bool:
-    """True if ``buf[:length]`` holds a non-zero byte (memcmp in 1 MiB steps)."""
-    step = len(_ZEROS)
-    return any(not buf.startswith(_ZEROS[: length - lo], lo) for lo in range(0, length, step))
 
 
 def copy_range(src: int, dst: int, offset: int, length: int, name: str) -> bool:

@@ -63,6 +63,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .. import zeros
 from ..errors import AddCowError
 
 # -- constants (proto.md, "Values") -------------------------------------------------
@@ -215,9 +216,6 @@ DEFAULT_MAX_BLOCK = 1 << 25
 # Bytes before the data in a buffer for reply_read_into: a structured chunk
 # header and its offset (a simple reply's header fits in it as well).
 READ_HEADROOM = 28
-# Reads at least this long are searched for zero runs of this granularity, sent
-# as OFFSET_HOLE chunks instead of data.
-HOLE_GRANULARITY = 4096
 
 # -- wire records ----------------------------------------------------------------------
 
@@ -252,8 +250,6 @@ _HOLE = struct.Struct(">QI")
 _ERROR = struct.Struct(">IH")
 # BLOCK_STATUS descriptor: "32 bits, length of the extent, 32 bits, status flags"
 _DESCRIPTOR = struct.Struct(">II")
-
-_ZERO_RUN = bytes(HOLE_GRANULARITY)
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -916,7 +912,7 @@ class ServerConnection:
     ) -> list[bytes | memoryview]:
         """The reply to a successful READ of ``data`` at ``offset``, as buffers.
 
-        With structured replies, runs of zeros (at :data:`HOLE_GRANULARITY`)
+        With structured replies, runs of zeros (:func:`addcow.zeros.segments`)
         become OFFSET_HOLE chunks; with ``df`` (NBD_CMD_FLAG_DF) at most one
         content chunk is sent.
         """
@@ -928,15 +924,15 @@ class ServerConnection:
             return [
                 _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
             ]
-        if df or length < HOLE_GRANULARITY:
+        if df or length < zeros.GRANULE:
             # "If the area being read contains both data and a hole, the server MUST
             # use NBD_REPLY_TYPE_OFFSET_DATA with the zeroes explicitly present."
-            runs = [(0, length, _is_zero(data, 0, length))]
+            runs = [(0, length, zeros.is_zero(_whole(data), 0, length))]
         elif base is not None:
             # data is base[READ_HEADROOM:][:length]: scan it there, without a copy.
-            runs = _zero_runs_in(base, READ_HEADROOM, length, offset)
+            runs = zeros.segments(base, READ_HEADROOM, length, offset)
         else:
-            runs = _zero_runs(data, offset)
+            runs = zeros.segments(_whole(data), 0, length, offset)
         out: list[bytes | memoryview] = []
         last = len(runs) - 1
         for i, (lo, hi, zero) in enumerate(runs):
@@ -976,7 +972,9 @@ class ServerConnection:
             start = READ_HEADROOM - _SIMPLE_REPLY.size
             _SIMPLE_REPLY.pack_into(buf, start, SIMPLE_REPLY_MAGIC, 0, cookie)
             return [view[start:end]]
-        if length >= HOLE_GRANULARITY and not _has_zero_segment(buf, READ_HEADROOM, length, offset):
+        if length >= zeros.GRANULE and not zeros.has_zero_segment(
+            buf, READ_HEADROOM, length, offset
+        ):
             # No zero segment: one data chunk (as reply_read would send).
             _CHUNK.pack_into(
                 buf, 0, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
@@ -1101,66 +1099,3 @@ def _whole(data: memoryview) -> bytes | bytearray:
     if isinstance(obj, (bytes, bytearray)) and len(obj) == data.nbytes:
         return obj
     return data.tobytes()
-
-
-def _is_zero(data: memoryview, lo: int, hi: int) -> bool:
-    """True if data[lo:hi] is all zero bytes (memcmp speed, no copy)."""
-    obj = _whole(data)
-    pos = lo
-    while pos < hi:
-        step = min(hi - pos, HOLE_GRANULARITY)
-        if not obj.startswith(_ZERO_RUN[:step], pos):
-            return False
-        pos += step
-    return True
-
-
-def _zero_runs(data: memoryview, offset: int) -> list[tuple[int, int, bool]]:
-    """Split data into (lo, hi, is_zero) runs at HOLE_GRANULARITY boundaries of the disk."""
-    return _zero_runs_in(_whole(data), 0, len(data), offset)
-
-
-def _has_zero_segment(obj: bytes | bytearray, start: int, length: int, offset: int) -> bool:
-    """Whether a segment of :func:`_zero_runs_in` (disk-aligned) is all zero.
-
-    Looks at the first byte of each segment with one strided slice and
-    compares whole segments only where that byte is zero.
-    """
-    end = start + length
-    gran = HOLE_GRANULARITY
-    first = min(end, start + (-offset) % gran)  # the first disk-aligned segment
-    if first > start and not obj[start] and obj.startswith(_ZERO_RUN[: first - start], start):
-        return True
-    samples = obj[first:end:gran]
-    i = samples.find(0)
-    while i >= 0:
-        pos = first + i * gran
-        if obj.startswith(_ZERO_RUN[: min(gran, end - pos)], pos):
-            return True
-        i = samples.find(0, i + 1)
-    return False
-
-
-def _zero_runs_in(
-    obj: bytes | bytearray, start: int, length: int, offset: int
-) -> list[tuple[int, int, bool]]:
-    """:func:`_zero_runs` of ``obj[start:start+length]`` (positions from ``start``)."""
-    if obj.find(_ZERO_RUN, start, start + length) < 0:
-        # No zero block anywhere (the common case for data): one data chunk, found
-        # by one C-level search instead of a comparison per block. At most a
-        # partial block at either end is then sent as data, which is allowed.
-        return [(0, length, False)]
-    runs: list[tuple[int, int, bool]] = []
-    gran = HOLE_GRANULARITY
-    pos = 0
-    while pos < length:
-        # Segments end on absolute multiples of the granularity, so holes line up
-        # with the disk's blocks even for an unaligned read.
-        end = min(length, (offset + pos) // gran * gran + gran - offset)
-        zero = obj.startswith(_ZERO_RUN[: end - pos], start + pos)
-        if runs and runs[-1][2] == zero:
-            runs[-1] = (runs[-1][0], end, zero)
-        else:
-            runs.append((pos, end, zero))
-        pos = end
-    return runs
