@@ -682,9 +682,11 @@ class AddCowImage:
         )
         if backing_end < hi:
             extents.append(Extent(backing_end, hi - backing_end, 1, False, True, None))
-        # A raw backing holds the bytes at the same offsets: its data runs are
-        # copied file to file (a reflink where the file system shares extents).
-        copy_from = self.backing.fd if type(self.backing) is RawFile else -1
+        # Data stored plainly in the backing file itself (a raw file, a qcow2
+        # file's normal clusters: depth 1 with a host offset) is copied file to
+        # file (a reflink where the file system shares extents).
+        direct = type(self.backing) in (RawFile, Qcow2File)
+        backing_fd: int = getattr(self.backing, "fd", -1) if direct else -1
         # Zero ranges must read as zero in the image file: punched, in case it holds
         # old bytes there (a crash between data and bit, a shrink). Where the file
         # has no data in [lo, hi) at all (a fresh image file), nothing needs punching;
@@ -700,6 +702,8 @@ class AddCowImage:
                 zero += ext.length
                 reached[0] = ext.offset + ext.length
                 continue
+            copy_from = backing_fd if ext.depth == 1 and ext.host_offset is not None else -1
+            delta = ext.host_offset - ext.offset if ext.host_offset is not None else 0
             pos, stop = ext.offset, ext.offset + ext.length
             while pos < stop:
                 step = min(stop - pos, _POPULATE_CHUNK)
@@ -714,6 +718,7 @@ class AddCowImage:
                     self.image_path,
                     punch=punch,
                     copy_from=copy_from,
+                    copy_delta=delta,
                 )
                 written += w
                 zero += z

@@ -293,15 +293,16 @@ def write_sparse(
     *,
     punch: bool,
     copy_from: int = -1,
+    copy_delta: int = 0,
 ) -> tuple[int, int]:
     """Write ``buf[:length]`` at ``offset``, leaving 4 KiB blocks of zeros as holes.
 
     With ``punch`` the zero blocks are punched (the file may hold old bytes
     there; where punching is unsupported zeros are written); without it they are
     skipped, for a file known to be a hole there. With ``copy_from``, a file
-    holding the same bytes at the same offsets, the data runs are copied from
-    it with ``copy_file_range`` (a reflink on XFS and btrfs), falling back to
-    writing the buffer. Returns (bytes written, bytes left as zero). ``buf`` is a
+    holding the same bytes at ``copy_delta`` bytes further on, the data runs are
+    copied from it with ``copy_file_range`` (a reflink on XFS and btrfs),
+    falling back to writing the buffer. Returns (bytes written, bytes left as zero). ``buf`` is a
     bytearray so that zero checks are memcmp calls.
     """
     view = memoryview(buf)
@@ -321,23 +322,29 @@ def write_sparse(
         if zero:
             _zero_run(fd, offset + pos, stop - pos, name, punch)
         else:
-            if copy_from < 0 or not copy_range(copy_from, fd, offset + pos, stop - pos, name):
+            if copy_from < 0 or not copy_range(
+                copy_from, fd, offset + pos, stop - pos, name, copy_delta
+            ):
                 pwrite_full(fd, [view[pos:stop]], offset + pos, name)
             written += stop - pos
         pos = stop
     return written, length - written
 
 
-def copy_range(src: int, dst: int, offset: int, length: int, name: str) -> bool:
+def copy_range(src: int, dst: int, offset: int, length: int, name: str, src_delta: int = 0) -> bool:
     """copy_file_range [offset, offset+length) between two files; False if unsupported.
 
-    Where the kernel or file system cannot copy (EXDEV, EINVAL, ENOSYS, ...) the
-    caller writes the same bytes itself; a real I/O error (EIO, ENOSPC) is raised.
+    The bytes are read at ``offset + src_delta`` of ``src`` (0: the same
+    offsets). Where the kernel or file system cannot copy (EXDEV, EINVAL,
+    ENOSYS, ...) the caller writes the same bytes itself; a real I/O error
+    (EIO, ENOSPC) is raised.
     """
     done = 0
     while done < length:
         try:
-            n = os.copy_file_range(src, dst, length - done, offset + done, offset + done)
+            n = os.copy_file_range(
+                src, dst, length - done, offset + src_delta + done, offset + done
+            )
         except OSError as exc:
             if exc.errno in _UNSUPPORTED or exc.errno in (errno.EXDEV, errno.EBADF):
                 return False
