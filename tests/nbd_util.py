@@ -12,12 +12,13 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,3 +234,128 @@ class RawClient:
                 raise AssertionError(f"read error {payload!r}")
             if flags & 1:
                 return bytes(out)
+
+
+# -- start-up tests: what a failed start must leave alone ------------------------------------
+
+
+def snapshot(*paths: Path) -> dict[str, object]:
+    """What each path is: kind, inode, mtime, size, and the content of files and folders.
+
+    A missing path maps to None. Folders are described down to their files, so a
+    file removed from inside one shows as a change.
+    """
+    out: dict[str, object] = {}
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            out[str(path)] = None
+            continue
+        entry: dict[str, object] = {
+            "mode": st.st_mode, "dev": st.st_dev, "ino": st.st_ino,
+            "mtime_ns": st.st_mtime_ns, "size": st.st_size,
+        }  # fmt: skip
+        if stat.S_ISREG(st.st_mode):
+            entry["content"] = path.read_bytes()
+        elif stat.S_ISDIR(st.st_mode):
+            entry["children"] = snapshot(*sorted(path.iterdir()))
+        out[str(path)] = entry
+    return out
+
+
+@dataclass
+class Daemon:
+    pid: int
+    socket: Path
+    pidfile: Path
+
+
+@contextmanager
+def served_daemon(
+    socket_path: Path, pidfile: Path, *files: Path | str, args: tuple[str, ...] = ()
+) -> Iterator[Daemon]:
+    """Run ``addcow serve`` detached (the default mode) with a pidfile until the block ends.
+
+    On exit the daemon gets SIGTERM and must remove its socket and pidfile.
+    """
+    cmd = [ADDCOW, "serve", "--socket", str(socket_path), "--pidfile", str(pidfile), *args,
+           *map(str, files)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env_with_addcow())
+    if proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stderr}")
+    pid = int(pidfile.read_text())
+    try:
+        yield Daemon(pid, socket_path, pidfile)
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if _alive(pid):
+        raise AssertionError(f"daemon {pid} did not stop on SIGTERM")
+    if socket_path.exists() or pidfile.exists():
+        raise AssertionError(f"daemon {pid} left {socket_path} or {pidfile} behind")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+ACTIVATE = """\
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = sys.argv[2]
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+def activation_cmd(fd: int, *args: str, listen_fds: str = "1") -> list[str]:
+    """A command that execs ``addcow ARGS`` with ``fd`` on fd 3 and LISTEN_PID/LISTEN_FDS set.
+
+    Run it with ``pass_fds=(fd,)``: the process keeps its pid across the exec, so
+    LISTEN_PID names the addcow process, as a socket-activating launcher does it.
+    """
+    return [sys.executable, "-c", ACTIVATE, str(fd), listen_fds, ADDCOW, *args]
+
+
+class PipeChannel:
+    """Two pipe descriptors that look like a socket to ``RawClient``."""
+
+    def __init__(self, read_fd: int, write_fd: int, timeout: float = 10) -> None:
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.timeout = timeout
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.write_fd, view) :]
+
+    def recv(self, n: int) -> bytes:
+        sel = selectors.DefaultSelector()
+        sel.register(self.read_fd, selectors.EVENT_READ)
+        try:
+            if not sel.select(self.timeout):
+                raise TimeoutError(f"nothing to read within {self.timeout}s")
+        finally:
+            sel.close()
+        return os.read(self.read_fd, n)
+
+    def close(self) -> None:
+        for fd in (self.write_fd, self.read_fd):
+            with suppress(OSError):
+                os.close(fd)
+
+
+def raw_client_over(channel: PipeChannel) -> RawClient:
+    """A ``RawClient`` speaking over ``channel`` instead of a Unix socket."""
+    client = RawClient.__new__(RawClient)
+    client.sock = channel  # type: ignore[assignment]
+    return client

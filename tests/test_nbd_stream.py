@@ -129,7 +129,8 @@ def test_stream_while_nbdsh_and_qemu_io_write(setup: tuple[Path, Path, bytearray
     model[5000000:5070000] = b"\x77" * 70000
     model[6291456 : 6291456 + 131072] = bytes(131072)
 
-    with served(tmp_path, image, args=("--stream", "--stream-rate", "2M")) as srv:
+    # About 4 MiB left to stream at 1 MiB/s: long enough for a progress line (every 2 s).
+    with served(tmp_path, image, args=("--stream", "--stream-rate", "1M")) as srv:
         result = nbdsh(f"""
 import json, time
 h.connect_uri({srv.uri!r})
@@ -155,7 +156,7 @@ print(json.dumps({{"backing_left": 2 in depths}}))
         out = run(args).stdout
         assert "Pattern verification failed" not in out
         log = wait_for_log(srv.log, "complete: every cluster is in")
-        assert "stream complete" in log and "stream progress" in log
+        assert "stream complete" in log and "stream progress" in log, log
         expected = tmp_path / "expected.raw"
         expected.write_bytes(model)
         run([require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", srv.uri,

@@ -9,8 +9,32 @@ When the server listens it prints one flushed line on stdout::
 Without ``--foreground`` the server then detaches (the line is printed by
 the process that was started, which exits 0 once the daemon listens), with
 ``--pidfile`` naming the daemon; a detached server keeps no log.
-``--stdio`` serves one connection on stdin/stdout and exits when it ends
-(for ``nbdsh``'s ``connect_command`` and inetd); logs then go to stderr only.
+``--stdio`` serves one connection on stdin/stdout, which must be a socket or
+pipes, and exits when it ends (for ``nbdsh``'s ``connect_command`` and
+inetd); logs then go to stderr only.
+
+Socket activation (systemd, libnbd's ``[ CMD ]``): when ``LISTEN_PID`` is this
+process and ``LISTEN_FDS`` is set, the server serves the one socket on fd 3:
+a listening socket (Unix or TCP) until SIGTERM, or a connected one
+(``Accept=yes``) for that one connection. It stays in the foreground, logs
+and prints its ready line on stderr (stdout is often the launching client's
+own, as with ``nbdinfo --size -- [ addcow serve disk.add-cow ]``), and
+refuses ``--socket``, ``--bind``, ``--port`` and ``--pidfile`` (and
+``--stdio`` with a listening socket): the launcher owns the socket and
+knows the pid.
+
+Files: a process removes only what it created itself, after it created it.
+It records what it made: the socket it bound (its ``st_dev`` and ``st_ino``,
+unlinked at exit only while the path still names that inode), the pidfile
+(unlinked only if this process created it or wrote its pid into it, and
+the path still names the file it locked) and its private directory. A start
+that fails therefore leaves every existing file as it was: a file or a
+directory at the socket path, another server's live socket, another
+server's pidfile. The one file replaced is a stale socket nobody listens
+on (it holds no data). The pidfile is locked with a POSIX record lock while
+the server runs, as qemu-nbd locks its own: a second server naming it is
+refused before it opens anything, and the pid is written only once the
+server listens.
 """
 
 from __future__ import annotations
@@ -18,18 +42,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
+import fcntl
 import importlib
 import logging
 import os
-import shutil
+import socket
+import stat
+import struct
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import AddCowError
 from ..image import AddCowImage
 from ..nbd.live import LiveOptions
-from ..nbd.server import Export, NBDServer
+from ..nbd.server import Export, NBDServer, file_kind, stdio_problem
 from .common import CommandError, add_backing_root_arg, size_arg
 
 DEFAULT_PORT = 10809
@@ -46,7 +75,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH", help="listen on this Unix socket")
-    where.add_argument("--stdio", action="store_true", help="serve one connection on stdin/stdout")
+    where.add_argument(
+        "--stdio",
+        action="store_true",
+        help="serve one connection on stdin/stdout (a socket or pipes)",
+    )
     p.add_argument("--bind", metavar="ADDR", help="listen on TCP at ADDR (default 127.0.0.1)")
     p.add_argument(
         "--port", type=int, metavar="N", help=f"TCP port (default {DEFAULT_PORT}; 0 picks one)"
@@ -66,7 +99,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="serve at most N connections at once (0: no limit; default 16)",
     )
-    p.add_argument("--pidfile", metavar="F", help="write the server's process id to F")
+    p.add_argument(
+        "--pidfile",
+        metavar="F",
+        help="lock F while serving and write the server's process id to it",
+    )
     p.add_argument("--foreground", action="store_true", help="do not detach once listening")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     live = p.add_argument_group("finishing the images while serving them")
@@ -97,6 +134,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    activation = _socket_activation()
+    if activation is not None:
+        _refuse_with_activation(args, activation)
     if args.stdio and (args.bind is not None or args.port is not None):
         raise CommandError("--stdio cannot be combined with --bind or --port")
     if args.socket is not None and (args.bind is not None or args.port is not None):
@@ -123,6 +163,12 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"export names must be unique, got {names} (use --export-name)")
     if any(len(n.encode()) > 4096 or "\0" in n for n in names):
         raise CommandError("export names must be at most 4096 bytes, without NUL")
+    if args.stdio and activation is None:
+        if args.pidfile is not None:
+            raise CommandError("--pidfile cannot be used with --stdio")
+        problem = stdio_problem()
+        if problem is not None:
+            raise CommandError(f"--stdio needs a socket or pipe on stdin/stdout, found {problem}")
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -130,41 +176,111 @@ def run(args: argparse.Namespace) -> int:
     )
     # Streaming progress and completion are always reported (on stderr).
     logging.getLogger("addcow.serve.live").setLevel(logging.INFO)
+    if activation is not None:
+        return _serve(args, names, _print_ready_to_stderr, activation)
     if args.stdio or args.foreground:
-        return _serve(args, names, _print_ready)
-    return _daemonize(lambda ready: _serve(args, names, ready))
+        return _serve(args, names, _print_ready, None)
+    return _daemonize(lambda ready: _serve(args, names, ready, None))
 
 
 def _print_ready(line: str) -> None:
     print(line, flush=True)
 
 
-def _serve(args: argparse.Namespace, names: list[str], ready: Callable[[str], None]) -> int:
-    images: list[AddCowImage] = []
-    try:
-        for path in args.files:
-            images.append(
-                AddCowImage.open(path, readonly=args.read_only, backing_root=args.backing_root)
-            )
-        options = LiveOptions(
-            copy_on_read=args.copy_on_read,
-            stream=args.stream,
-            stream_rate=args.stream_rate,
-            detach_when_complete=args.detach_when_complete,
+def _print_ready_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Activation:
+    """The socket a socket-activating launcher passed on fd 3."""
+
+    sock: socket.socket
+    listening: bool
+
+
+def _socket_activation() -> _Activation | None:
+    """The socket passed by socket activation (LISTEN_PID, LISTEN_FDS), or None.
+
+    The variables count only when LISTEN_PID is this process; they are then
+    removed from the environment and fd 3 is made close-on-exec, so that
+    nothing this process starts takes them for its own.
+    """
+    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
+    if pid is None or count is None or pid.strip() != str(os.getpid()):
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count.strip() != "1":
+        raise CommandError(
+            f"socket activation passed LISTEN_FDS={count}: addcow serve takes exactly 1 socket"
         )
-        exports = [
-            Export.from_image(image, name, read_only=args.read_only, live=options)
-            for image, name in zip(images, names, strict=True)
-        ]
-    except BaseException:
-        for image in images:
-            image.close()
-        raise
-    if args.stdio:
-        # stdout is the protocol channel now: nothing else may be written to it.
-        sys.stdout = sys.stderr
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(_main(args, exports, ready))
+    try:
+        os.set_inheritable(3, False)
+        sock = socket.socket(fileno=3)
+    except OSError as exc:
+        what = "is not open" if exc.errno == errno.EBADF else "is not a socket"
+        raise CommandError(f"socket activation: fd 3 {what}") from None
+    if sock.type != socket.SOCK_STREAM or sock.family not in (
+        socket.AF_UNIX, socket.AF_INET, socket.AF_INET6
+    ):  # fmt: skip
+        raise CommandError("socket activation: fd 3 is not a Unix or TCP stream socket")
+    listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    return _Activation(sock, listening)
+
+
+def _refuse_with_activation(args: argparse.Namespace, activation: _Activation) -> None:
+    """One line for the first option that socket activation leaves no sense in."""
+    given = (
+        ("--socket", args.socket is not None),
+        ("--bind", args.bind is not None),
+        ("--port", args.port is not None),
+        ("--pidfile", args.pidfile is not None),
+        # A connected socket (Accept=yes) is the stdio connection itself.
+        ("--stdio", args.stdio and activation.listening),
+    )
+    for option, present in given:
+        if present:
+            raise CommandError(f"{option} cannot be used with socket activation (LISTEN_FDS)")
+
+
+def _serve(
+    args: argparse.Namespace,
+    names: list[str],
+    ready: Callable[[str], None],
+    activation: _Activation | None,
+) -> int:
+    pidfile = _Pidfile.acquire(args.pidfile) if args.pidfile is not None else None
+    try:
+        images: list[AddCowImage] = []
+        try:
+            for path in args.files:
+                images.append(
+                    AddCowImage.open(path, readonly=args.read_only, backing_root=args.backing_root)
+                )
+            options = LiveOptions(
+                copy_on_read=args.copy_on_read,
+                stream=args.stream,
+                stream_rate=args.stream_rate,
+                detach_when_complete=args.detach_when_complete,
+            )
+            exports = [
+                Export.from_image(image, name, read_only=args.read_only, live=options)
+                for image, name in zip(images, names, strict=True)
+            ]
+        except BaseException:
+            for image in images:
+                image.close()
+            raise
+        if args.stdio or activation is not None:
+            # stdout is the protocol channel, or the launching client's own:
+            # nothing else may be written to it.
+            sys.stdout = sys.stderr
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_main(args, exports, ready, pidfile, activation))
+    finally:
+        if pidfile is not None:
+            pidfile.release()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -183,19 +299,26 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _main(
-    args: argparse.Namespace, exports: list[Export], ready: Callable[[str], None]
+    args: argparse.Namespace,
+    exports: list[Export],
+    ready: Callable[[str], None],
+    pidfile: _Pidfile | None,
+    activation: _Activation | None,
 ) -> int:
     server = NBDServer(exports, max_connections=args.shared)
     server.install_signal_handlers()
     tempdir: str | None = None
-    socket_path: str | None = None
     try:
-        if args.stdio:
+        if activation is not None and not activation.listening:
+            server.start_live()
+            await server.serve_connection(activation.sock)
+        elif args.stdio:
             server.start_live()
             await server.serve_stdio()
-            server.stop()
         else:
-            if args.bind is not None or args.port is not None:
+            if activation is not None:
+                uri = await server.listen_socket(activation.sock)
+            elif args.bind is not None or args.port is not None:
                 host = args.bind if args.bind is not None else "127.0.0.1"
                 port = args.port if args.port is not None else DEFAULT_PORT
                 uri = await server.listen_tcp(host, port)
@@ -206,38 +329,122 @@ async def _main(
                 else:
                     socket_path = os.path.abspath(args.socket)
                 uri = await server.listen_unix(socket_path)
-            if args.pidfile:
-                _write_pidfile(args.pidfile)
+            if pidfile is not None:
+                pidfile.write(os.getpid())
             files = ", ".join(args.files)
             ready(f"addcow: serving {files} on {uri}")
             server.start_live()
             await server.wait_stopped()
-    except BaseException:
+    finally:
         server.stop()
         await server.close()
-        _cleanup(args, socket_path, tempdir)
-        raise
-    await server.close()
-    _cleanup(args, socket_path, tempdir)
+        server.remove_sockets()
+        if tempdir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(tempdir)
     return 0
 
 
-def _write_pidfile(path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+# struct flock: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad).
+_FLOCK = struct.Struct("hhqqi4x" if struct.calcsize("l") == 8 else "hhqqi")
 
 
-def _cleanup(args: argparse.Namespace, socket_path: str | None, tempdir: str | None) -> None:
-    if socket_path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)
-    if tempdir is not None:
-        shutil.rmtree(tempdir, ignore_errors=True)
-    if args.pidfile:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(args.pidfile)
+class _Pidfile:
+    """A pidfile locked (POSIX record lock, as qemu-nbd's) while the server runs.
+
+    :meth:`acquire` opens it, creating it if missing, and locks it before
+    anything else happens; :meth:`write` puts the pid in once the server
+    listens; :meth:`release` unlinks it only if this process created or wrote
+    it and the path still names the file locked.
+    """
+
+    def __init__(self, path: str, fd: int, st: os.stat_result, created: bool) -> None:
+        self.path = path
+        self.fd = fd
+        self.identity = (st.st_dev, st.st_ino)
+        self.created = created
+        self.written = False
+
+    @classmethod
+    def acquire(cls, path: str) -> _Pidfile:
+        """Open and lock ``path``, or raise CommandError if another process holds it."""
+        for _ in range(10):
+            created = True
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                created = False
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue  # removed since: try to create it again
+                except OSError as exc:
+                    raise CommandError(f"{path}: cannot open the pidfile: {exc.strerror}") from None
+            except OSError as exc:
+                raise CommandError(f"{path}: cannot create the pidfile: {exc.strerror}") from None
+            try:
+                pidfile = cls._lock(path, fd, created)
+            except BaseException:
+                os.close(fd)
+                raise
+            if pidfile is not None:
+                return pidfile
+            os.close(fd)
+        raise CommandError(f"{path}: the pidfile keeps being replaced")
+
+    @classmethod
+    def _lock(cls, path: str, fd: int, created: bool) -> _Pidfile | None:
+        """Lock the open ``fd``; None if ``path`` no longer names it (open again)."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CommandError(f"{path}: the pidfile is {file_kind(st.st_mode)}, not a file")
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise CommandError(f"{path}: cannot lock the pidfile: {exc.strerror}") from None
+            holder = _lock_holder(fd)
+            who = f"another server (pid {holder})" if holder else "another process"
+            raise CommandError(f"{who} holds the pidfile {path}") from None
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            return None  # its holder removed it as it exited, after we opened it
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return None
+        return cls(path, fd, st, created)
+
+    def write(self, pid: int) -> None:
+        """Put ``pid`` in the locked file (once the server listens)."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{pid}\n".encode(), 0)
+        self.written = True
+
+    def release(self) -> None:
+        """Unlink the pidfile if it is this process's and still at its path; unlock it."""
+        try:
+            if self.created or self.written:
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self.identity:
+                    os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self.fd)
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid of the process whose lock conflicts with ours on ``fd``, if known."""
+    with contextlib.suppress(OSError, struct.error):
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        kind, _whence, _start, _length, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
+        if kind != fcntl.F_UNLCK and pid > 0:
+            return int(pid)
+    # An open-file-description lock names no pid: the holder wrote its own.
+    with contextlib.suppress(OSError, ValueError):
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text.isdigit() and int(text) > 0 else None
+    return None
 
 
 def _daemonize(serve: Callable[[Callable[[str], None]], int]) -> int:

@@ -63,6 +63,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -306,6 +307,7 @@ class NBDServer:
         self.max_connections = max_connections
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="addcow-io")
         self._servers: list[asyncio.Server] = []
+        self._bound: list[BoundSocket] = []
         self._clients: set[_Client] = set()
         self._requests: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -363,42 +365,93 @@ class NBDServer:
     # -- listening ------------------------------------------------------------------
 
     async def listen_unix(self, path: str) -> str:
-        """Listen on a Unix socket; returns the NBD URI."""
-        _remove_stale_socket(path)
-        server = await asyncio.start_unix_server(self._accept, path=path, limit=READ_SIZE)
-        self._servers.append(server)
-        return f"nbd+unix:///?socket={path}"
+        """Listen on a new Unix socket at ``path``; returns the NBD URI.
+
+        A socket file nobody listens on is replaced (it holds no data); anything
+        else at ``path`` is refused and left as it is. The socket bound is
+        remembered by inode, for :meth:`remove_sockets`.
+        """
+        sock, bound = bind_unix(path)
+        try:
+            uri = await self.listen_socket(sock)
+        except BaseException:
+            bound.remove()
+            sock.close()
+            raise
+        self._bound.append(bound)
+        return uri
 
     async def listen_tcp(self, host: str, port: int) -> str:
         """Listen on TCP (``port`` 0 picks a free one); returns the NBD URI."""
-        server = await asyncio.start_server(
-            self._accept, host=host, port=port, limit=READ_SIZE, reuse_address=True
-        )
+        try:
+            server = await asyncio.start_server(
+                self._accept, host=host, port=port, limit=READ_SIZE, reuse_address=True
+            )
+        except OSError as exc:
+            raise AddCowIOError(
+                f"cannot listen on {host} port {port}: {_strerror(exc)}", exc.errno
+            ) from exc
         self._servers.append(server)
-        sockname = server.sockets[0].getsockname()
-        host_part = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
-        return f"nbd://{host_part}:{sockname[1]}/"
+        return socket_uri(server.sockets[0])
+
+    async def listen_socket(self, sock: socket.socket) -> str:
+        """Serve on a stream socket that already listens (Unix or TCP); returns the NBD URI.
+
+        The socket's path, if it has one, stays where it is: whoever bound it
+        removes it.
+        """
+        sock.setblocking(False)
+        if sock.family == socket.AF_UNIX:
+            extra: dict[str, Any] = {}
+            if sys.version_info >= (3, 13) and isinstance(
+                asyncio.get_running_loop(), asyncio.BaseEventLoop
+            ):
+                extra["cleanup_socket"] = False
+            server = await asyncio.start_unix_server(
+                self._accept, sock=sock, limit=READ_SIZE, **extra
+            )
+        else:
+            server = await asyncio.start_server(self._accept, sock=sock, limit=READ_SIZE)
+        self._servers.append(server)
+        return socket_uri(sock)
+
+    def remove_sockets(self) -> None:
+        """Unlink each socket :meth:`listen_unix` bound, if its path still names it."""
+        for bound in self._bound:
+            bound.remove()
+        self._bound.clear()
+
+    async def serve_connection(self, sock: socket.socket) -> None:
+        """Serve one connection on a connected stream socket until it ends."""
+        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+        # A task of its own, so that stop() can cancel it without cancelling us.
+        await asyncio.create_task(self._accept(reader, writer))
 
     async def serve_stdio(self) -> None:
-        """Serve one connection on stdin/stdout (inetd style, libnbd connect_command)."""
+        """Serve one connection on stdin/stdout (inetd style, libnbd connect_command).
+
+        Both must be sockets or pipes (:func:`stdio_problem`). When they are one
+        socket (a socketpair, an inetd connection) it is served as a socket,
+        so large reads can leave with ``sendfile``; otherwise through pipe
+        transports.
+        """
+        problem = stdio_problem()
+        if problem is not None:
+            raise AddCowError(f"stdin/stdout must be a socket or pipe, found {problem}")
+        st_in, st_out = os.fstat(0), os.fstat(1)
+        if stat.S_ISSOCK(st_in.st_mode) and _same_file(st_in, st_out):
+            await self.serve_connection(socket.socket(fileno=os.dup(0)))
+            return
         loop = asyncio.get_running_loop()
-        try:
-            sock = socket.socket(fileno=os.dup(0))
-        except OSError:
-            sock = None
-        if sock is not None:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
-        else:
-            reader = asyncio.StreamReader(limit=READ_SIZE)
-            await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(0), "rb", 0)
-            )
-            transport, proto = await loop.connect_write_pipe(
-                lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
-                os.fdopen(os.dup(1), "wb", 0),
-            )
-            writer = asyncio.StreamWriter(transport, proto, reader, loop)
-        # A task of its own, so that stop() can cancel it without cancelling us.
+        reader = asyncio.StreamReader(limit=READ_SIZE)
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(0), "rb", 0)
+        )
+        transport, proto = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
+            os.fdopen(os.dup(1), "wb", 0),
+        )
+        writer = asyncio.StreamWriter(transport, proto, reader, loop)
         await asyncio.create_task(self._accept(reader, writer))
 
     def install_signal_handlers(self) -> None:
@@ -848,6 +901,126 @@ def _describe(req: Request) -> str:
     return f"{name} of {req.length} bytes at {req.offset}"
 
 
+# -- sockets and stdio at start-up -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoundSocket:
+    """A Unix socket this process bound: its path, and the inode it created there."""
+
+    path: str
+    dev: int
+    ino: int
+
+    def remove(self) -> None:
+        """Unlink the path if it still names this socket (else someone else's file is there)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == (self.dev, self.ino):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def bind_unix(path: str) -> tuple[socket.socket, BoundSocket]:
+    """A new Unix socket listening at ``path``, and what it created there.
+
+    Only a stale socket (one nobody listens on) is replaced; a live socket, a
+    file, a folder or anything else at ``path`` is refused and left alone.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise _listen_error(path, exc) from exc
+            _remove_stale_socket(path)
+            try:
+                sock.bind(path)
+            except OSError as again:
+                raise _listen_error(path, again) from again
+        st = os.lstat(path)
+        bound = BoundSocket(path, st.st_dev, st.st_ino)
+        try:
+            sock.listen(socket.SOMAXCONN)
+        except OSError as exc:
+            bound.remove()
+            raise _listen_error(path, exc) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock, bound
+
+
+def socket_uri(sock: socket.socket) -> str:
+    """The NBD URI of a listening Unix or TCP socket."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        path = name.decode(errors="surrogateescape") if isinstance(name, bytes) else name
+        return f"nbd+unix:///?socket={path}"
+    host, port = name[0], name[1]
+    host_part = f"[{host}]" if ":" in host else host
+    return f"nbd://{host_part}:{port}/"
+
+
+def stdio_problem() -> str | None:
+    """What keeps stdin/stdout from carrying an NBD connection, or None if nothing does.
+
+    Each must be a connected stream socket or a pipe; otherwise this names
+    what it is: ``"a regular file"``, ``"a terminal"``, ... stdout is looked at
+    first: in ``addcow serve --stdio img > file`` typed at a terminal, the file
+    is the mistake.
+    """
+    for fd in (1, 0):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return "a closed descriptor"
+        if stat.S_ISFIFO(st.st_mode):
+            continue
+        if stat.S_ISSOCK(st.st_mode):
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if sock.type != socket.SOCK_STREAM:
+                    return "a socket that is not a stream socket"
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    return "a listening socket"
+            continue
+        if os.isatty(fd):
+            return "a terminal"
+        return file_kind(st.st_mode)
+    return None
+
+
+def file_kind(mode: int) -> str:
+    """``"a regular file"``, ``"a directory"``, ... for an ``st_mode``."""
+    kinds = (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _strerror(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return str(exc.strerror or exc)
+    return os.strerror(exc.errno)
+
+
+def _listen_error(path: str, exc: OSError) -> AddCowIOError:
+    return AddCowIOError(f"{path}: cannot listen: {_strerror(exc)}", exc.errno)
+
+
 def _remove_stale_socket(path: str) -> None:
     """Remove a Unix socket nobody listens on; refuse to replace anything else."""
     try:
@@ -855,13 +1028,26 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise AddCowError(f"{path}: exists and is not a socket")
+        raise AddCowError(f"{path}: exists and is {file_kind(st.st_mode)}, not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(5)
     try:
         probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
+    except ConnectionRefusedError:
+        # Nobody listens: the socket file holds no data. Unlink it only while
+        # it is still the file examined.
+        with contextlib.suppress(FileNotFoundError):
+            if _same_file(os.lstat(path), st):
+                os.unlink(path)
         return
+    except FileNotFoundError:
+        return
+    except (TimeoutError, BlockingIOError):
+        pass  # a listener whose backlog is full: it is alive
+    except OSError as exc:
+        raise AddCowIOError(
+            f"{path}: cannot tell whether a server listens there: {_strerror(exc)}", exc.errno
+        ) from exc
     finally:
         probe.close()
     raise AddCowError(f"{path}: another server is listening on this socket")
