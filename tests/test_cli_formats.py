@@ -292,3 +292,12 @@ def test_o_help_lists_the_options_and_exits_0(tmp_path: Path) -> None:
         assert lines[0] == "Supported add-cow options:"
         assert sorted(line.split()[0] for line in lines[1:]) == sorted(names)
     assert not (tmp_path / "x.add-cow").exists()
+
+
+def test_a_convert_target_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\x12" * 65536)
+    fifo = tmp_path / "out.raw"
+    os.mkfifo(fifo)
+    err = fails("convert", "-f", "raw", src, fifo)
+    assert err == f"addcow: {fifo}: the target is a named pipe, not a regular file or block device"

@@ -177,6 +177,20 @@ def allocate(fd: int, offset: int, length: int, name: str) -> None:
             raise AddCowIOError.wrap(f"{name}: allocate {length} bytes at {offset}", exc) from exc
 
 
+def file_kind(mode: int) -> str:
+    """``"a regular file"``, ``"a directory"``, ... for an ``st_mode``."""
+    kinds = (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
 def open_file(path: str, flags: int) -> int:
     """``os.open`` that refuses anything but a regular file or a block device.
 

@@ -55,10 +55,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import sysio
 from ..errors import AddCowError
 from ..image import AddCowImage
 from ..nbd.live import LiveOptions
-from ..nbd.server import Export, NBDServer, file_kind, stdio_problem
+from ..nbd.server import Export, NBDServer, stdio_problem
 from .common import CommandError, add_backing_root_arg, size_arg
 
 DEFAULT_PORT = 10809
@@ -397,7 +398,7 @@ class _Pidfile:
         """Lock the open ``fd``; None if ``path`` no longer names it (open again)."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise CommandError(f"{path}: the pidfile is {file_kind(st.st_mode)}, not a file")
+            raise CommandError(f"{path}: the pidfile is {sysio.file_kind(st.st_mode)}, not a file")
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

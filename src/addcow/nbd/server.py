@@ -70,6 +70,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .. import sysio
 from ..errors import (
     AddCowError,
     AddCowIOError,
@@ -989,22 +990,8 @@ def stdio_problem() -> str | None:
             continue
         if os.isatty(fd):
             return "a terminal"
-        return file_kind(st.st_mode)
+        return sysio.file_kind(st.st_mode)
     return None
-
-
-def file_kind(mode: int) -> str:
-    """``"a regular file"``, ``"a directory"``, ... for an ``st_mode``."""
-    kinds = (
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISFIFO, "a named pipe"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    )
-    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -1028,7 +1015,7 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise AddCowError(f"{path}: exists and is {file_kind(st.st_mode)}, not a socket")
+        raise AddCowError(f"{path}: exists and is {sysio.file_kind(st.st_mode)}, not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(5)
     try:
