@@ -1083,3 +1083,23 @@ def test_write_nowait_copies_several_unallocated_clusters_on_write(img_path: Pat
         with open(img.image_path, "rb") as f:  # head and tail copied from the backing
             f.seek(2 * CLUSTER)
             assert f.read(3 * CLUSTER) == bytes(expected[2 * CLUSTER : 5 * CLUSTER])
+
+
+def test_reads_in_place_only_where_no_store_has_work_to_do(tmp_path: Path) -> None:
+    """The NBD server reads in its event loop only what is a plain copy from files:
+    allocated clusters, a raw backing; never a compressed qcow2 cluster."""
+    qemu_img = require_tool("qemu-img")
+    raw = tmp_path / "g.raw"
+    raw.write_bytes(bytes(range(1, 256)) * (4 * CLUSTER // 255 + 1))
+    run([qemu_img, "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", str(raw),
+         str(tmp_path / "g.qcow2")])  # fmt: skip
+    for backing, fmt, in_place in (("g.raw", "raw", True), ("g.qcow2", "qcow2", False)):
+        path = tmp_path / f"over-{fmt}.add-cow"
+        addcow.create(path, image_file=f"over-{fmt}.raw", backing_file=backing,
+                      backing_format=fmt)  # fmt: skip
+        with addcow.open(path) as img:
+            img.write(b"\x01" * CLUSTER, 0)
+            assert img.reads_in_place(100, 4096), "allocated: the image file"
+            assert img.reads_in_place(CLUSTER + 100, 4096) is in_place
+            assert img.reads_in_place(CLUSTER - 100, 200) is in_place  # mixed
+            assert img.read(CLUSTER + 100, 4096) == raw.read_bytes()[CLUSTER + 100 : CLUSTER + 4196]

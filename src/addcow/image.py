@@ -364,6 +364,21 @@ class AddCowImage:
                 self._read_backing(part, lo)
         return length
 
+    def reads_in_place(self, offset: int, length: int) -> bool:
+        """Whether reading the range only copies bytes from files (``preadv``, zeros).
+
+        False where a store must work to produce them (decompressing a qcow2
+        cluster, walking an add-cow chain): an event loop hands such reads to a
+        thread instead of doing them itself.
+        """
+        if self._all_allocated or offset < 0 or length <= 0 or offset + length > self.size:
+            return True
+        backing = self.backing
+        if backing is None or type(backing) is RawFile:
+            return True
+        bits = self.cluster_bits
+        return self.bitmap.state(offset >> bits, ((offset + length - 1) >> bits) + 1) == 1
+
     def source_fd(self, offset: int, length: int) -> int:
         """The descriptor holding all ``length`` bytes at ``offset`` at that same offset, or -1.
 

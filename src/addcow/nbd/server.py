@@ -584,7 +584,12 @@ class NBDServer:
                     if reply is not None:
                         client.hold(reply)
                         continue
-                if event.command == nbd.CMD_READ and event.length <= INLINE_READ_MAX:
+                if (
+                    event.command == nbd.CMD_READ
+                    and event.length <= INLINE_READ_MAX
+                    and export is not None
+                    and export.image.reads_in_place(event.offset, event.length)
+                ):
                     queued = client.writer.transport.get_write_buffer_size()
                     if queued and event.length >= SENDFILE_MIN:
                         # The socket is full: wait until the client has taken what is
