@@ -82,6 +82,8 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 
+import golden as golden_image
+
 import addcow
 
 KiB = 1 << 10
@@ -434,35 +436,8 @@ class Bench:
     # -- a golden qcow2 image
 
     def make_golden(self) -> str:
-        """An ext4 file system GOLDEN_FILL% full, as a zlib-compressed qcow2."""
-        tree, fs, golden = self.path("tree"), self.path("golden-fs.raw"), self.path("golden.qcow2")
         log(f"building the golden qcow2 ({size_text(self.size)}, {GOLDEN_FILL}% full)")
-        rng = random.Random(SEED)
-        words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-                 for _ in range(5000)]  # fmt: skip
-        target, total, i = self.size * GOLDEN_FILL // 100, 0, 0
-        while total < target:
-            n = min(rng.randint(4 * KiB, 4 * MiB), target - total + 4 * KiB)
-            if i % 2:
-                data = os.urandom(n // 2) + bytes(n - n // 2)
-            else:
-                text = bytearray()
-                while len(text) < n:
-                    text += rng.choice(words) + b" "
-                data = bytes(text[:n])
-            directory = os.path.join(tree, f"d{i % 37}")
-            os.makedirs(directory, exist_ok=True)
-            with open(os.path.join(directory, f"f{i}"), "wb") as f:
-                f.write(data)
-            total, i = total + n, i + 1
-        remove(fs, golden)
-        with open(fs, "wb") as f:
-            f.truncate(self.size)
-        run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", tree, fs])
-        run(["qemu-img", "convert", "-q", "-c", "-O", "qcow2", "-o", "cluster_size=64k",
-             fs, golden])  # fmt: skip
-        shutil.rmtree(tree)
-        self.golden_fs = fs
+        self.golden_fs, golden = golden_image.build(self.dir, self.size, fill=GOLDEN_FILL)
         return golden
 
     def golden_case(self) -> tuple[Row, dict[str, float]]:

@@ -25,6 +25,12 @@ randwrite ``fio --ioengine=nbd --rw=randwrite --bs=4k --iodepth=32`` into
         fresh half-allocated images, IOPS;
 randwrite128k  the same with ``--bs=128k`` (writes over several clusters; no
         target in the issue, informational);
+qcow2read  ``fio --rw=randread --bs=4k --iodepth=32`` of an add-cow image over a
+        golden qcow2 built like a cloud image (ext4 40% full, zlib,
+        benchmarks/golden.py), half of its clusters allocated (every other
+        MiB, interleaved with the golden image's files), against
+        ``qemu-nbd`` serving a qcow2 overlay over the same golden image with
+        the same half written, IOPS;
 rss     ``addcow serve`` of a 1 TiB image: resident memory after random reads.
 """
 
@@ -44,9 +50,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import golden as golden_image
+
 ROOT = Path(__file__).resolve().parent.parent
 ADDCOW = str(Path(sys.executable).parent / "addcow")
-CASES = ("copy", "copy1", "randread", "randwrite", "randwrite128k", "rss")
+CASES = ("copy", "copy1", "randread", "randwrite", "randwrite128k", "qcow2read", "rss")
 
 
 def sh(*cmd: str) -> str:
@@ -87,6 +95,27 @@ def make_images(work: Path, base: Path, size: int) -> tuple[Path, Path]:
     for name in ("a.raw", "q.raw", "base.raw"):
         warm(work / name)
     return work / "a.add-cow", work / "q.qcow2"
+
+
+def make_golden_images(work: Path, size: int) -> tuple[Path, Path]:
+    """An add-cow image and a qcow2 overlay over one golden qcow2, first half written."""
+    golden = work / "golden.qcow2"
+    if not golden.exists():
+        golden_image.build(str(work), size)
+    for name in ("g.add-cow", "g.raw", "gov.qcow2"):
+        (work / name).unlink(missing_ok=True)
+    sh(ADDCOW, "create", "-b", str(golden), "-F", "qcow2", "-o", "image_file=g.raw",
+       str(work / "g.add-cow"))  # fmt: skip
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(golden), "-F", "qcow2",
+       str(work / "gov.qcow2"))  # fmt: skip
+    # Every other MiB written: half the clusters, interleaved with the golden
+    # image's files, so that reads of unallocated clusters meet compressed data.
+    writes = [arg for mib in range(0, size >> 20, 2) for arg in ("-c", f"write -P 0x5a {mib}M 1M")]
+    sh(ADDCOW, "io", *writes, str(work / "g.add-cow"))
+    sh("qemu-io", "-f", "qcow2", *writes, str(work / "gov.qcow2"))
+    for name in ("g.raw", "gov.qcow2", "golden.qcow2"):
+        warm(work / name)
+    return work / "g.add-cow", work / "gov.qcow2"
 
 
 @contextmanager
@@ -221,6 +250,17 @@ def main() -> int:
             True,
         )
         results["fio 128k randwrite QD32, half allocated (IOPS)"] = r
+    if "qcow2read" in cases:
+        golden_images = dict(zip(("addcow", "qemu-nbd"), make_golden_images(work, size),
+                                 strict=True))  # fmt: skip
+
+        def qcow2_read(kind: str) -> float:
+            with server(kind, golden_images[kind], sock, extra if kind == "addcow" else ()):
+                return fio(sock, "randread", args.seconds)
+
+        results["fio 4k randread QD32 over a golden qcow2 (IOPS)"] = compare(
+            args.runs, qcow2_read, True
+        )
     if "rss" in cases:
         rss = statistics.median(rss_case(work, args.seconds) for _ in range(args.runs))
         results["addcow serve RSS, 1 TiB image (MiB, peak)"] = {"addcow": rss}

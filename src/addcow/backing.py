@@ -63,6 +63,10 @@ class BlockSource(Protocol):
     def file_ids(self) -> set[tuple[int, int]]:
         """(device, inode) of every file this source reads, down the chain."""
 
+    def reads_in_place(self, offset: int, length: int) -> bool:
+        """Whether reading the range only copies bytes from files (or zeros): no
+        decompressing, nothing an event loop should not wait for."""
+
     def close(self) -> None: ...
 
 
@@ -104,6 +108,9 @@ class RawFile:
     def file_ids(self) -> set[tuple[int, int]]:
         st = os.fstat(self.fd)
         return {(st.st_dev, st.st_ino)}
+
+    def reads_in_place(self, offset: int, length: int) -> bool:
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:

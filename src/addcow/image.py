@@ -368,8 +368,8 @@ class AddCowImage:
         """Whether reading the range only copies bytes from files (``preadv``, zeros).
 
         False where a store must work to produce them (decompressing a qcow2
-        cluster, walking an add-cow chain): an event loop hands such reads to a
-        thread instead of doing them itself.
+        cluster, here or further down the chain): an event loop hands such reads
+        to a thread instead of doing them itself.
         """
         if self._all_allocated or offset < 0 or length <= 0 or offset + length > self.size:
             return True
@@ -377,7 +377,10 @@ class AddCowImage:
         if backing is None or type(backing) is RawFile:
             return True
         bits = self.cluster_bits
-        return self.bitmap.state(offset >> bits, ((offset + length - 1) >> bits) + 1) == 1
+        if self.bitmap.state(offset >> bits, ((offset + length - 1) >> bits) + 1) == 1:
+            return True
+        covered = max(0, min(length, backing.size - offset))
+        return not covered or backing.reads_in_place(offset, covered)
 
     def source_fd(self, offset: int, length: int) -> int:
         """The descriptor holding all ``length`` bytes at ``offset`` at that same offset, or -1.

@@ -258,7 +258,9 @@ class Qcow2File:
         """Fill ``buffer`` with the guest bytes at ``offset`` (zeros past the end)."""
         n = len(buffer)
         inside = max(0, min(n, self.size - offset))
-        for run in self._runs(offset, offset + inside):
+        single = self._single_piece(offset, offset + inside)
+        runs: Iterable[_Run] = self._runs(offset, offset + inside) if single is None else (single,)
+        for run in runs:
             lo = run.start - offset
             part = buffer[lo : lo + run.length]
             if run.kind == NORMAL:
@@ -304,6 +306,19 @@ class Qcow2File:
         if covered < length:
             yield Extent(start + covered, length - covered, depth, False, True, None)
 
+    def reads_in_place(self, offset: int, length: int) -> bool:
+        """False if the range holds a compressed cluster, here or in the backing."""
+        inside = max(offset, min(offset + length, self.size))
+        single = self._single_piece(offset, inside)
+        for run in self._runs(offset, inside) if single is None else (single,):
+            if run.kind == COMPRESSED:
+                return False
+            if run.kind == UNALLOCATED and self.backing is not None:
+                covered = max(0, min(run.length, self.backing.size - run.start))
+                if covered and not self.backing.reads_in_place(run.start, covered):
+                    return False
+        return True
+
     def file_ids(self) -> set[tuple[int, int]]:
         st = os.fstat(self.fd)
         ids = {(st.st_dev, st.st_ino)}
@@ -341,6 +356,22 @@ class Qcow2File:
                 pending = piece
         if pending is not None:
             yield pending
+
+    def _single_piece(self, pos: int, end: int) -> _Run | None:
+        """The one piece of [pos, end) inside one standard cluster, else None.
+
+        The common request of random I/O, mapped without the generators of
+        :meth:`_runs` (the same checks, through :meth:`_standard_piece`).
+        """
+        bits = self._cluster_bits
+        if self._extended or pos >= end or pos >> bits != (end - 1) >> bits:
+            return None
+        l1_index = pos >> self._l1_bits
+        table = self._l2_table(l1_index)
+        if table is None:
+            return _Run(UNALLOCATED, pos, end - pos, 0)
+        l2_index = (pos >> bits) & ((1 << self._l2_bits) - 1)
+        return self._standard_piece(table[l2_index], pos, end, l1_index, l2_index)
 
     def _pieces(self, pos: int, end: int) -> Iterator[_Run]:
         """Pieces of [pos, end): at most one cluster (or subcluster run) each."""
