@@ -359,3 +359,24 @@ def raw_client_over(channel: PipeChannel) -> RawClient:
     client = RawClient.__new__(RawClient)
     client.sock = channel  # type: ignore[assignment]
     return client
+
+
+@contextmanager
+def killable_server(sock: Path, image: Path, args: tuple[str, ...],
+                    program: tuple[str, ...] = (ADDCOW,)) -> Iterator[subprocess.Popen[bytes]]:
+    """An ``addcow serve`` the caller kills; always gone when the block ends."""
+    sock.unlink(missing_ok=True)  # left behind by the previous kill -9
+    log = sock.with_suffix(".log")
+    cmd = [*program, "serve", "--foreground", "-v", "--socket", str(sock), *args, str(image)]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env_with_addcow())
+    try:
+        _ready_line(proc, log)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        sock.unlink(missing_ok=True)

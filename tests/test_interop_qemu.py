@@ -45,7 +45,7 @@ from typing import Any
 import pytest
 from conftest import CLUSTER, require_tool, run
 from conftest import addcow as addcow_cli
-from test_io import filter_timing
+from helpers import filter_timing
 
 Key = tuple[int, bool, bool]  # (depth, present, zero)
 Run = tuple[int, int, Key]  # [start, end) and its key

@@ -15,30 +15,16 @@ from __future__ import annotations
 
 import errno
 import io as stdio
-import re
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import CLUSTER, run
 from conftest import addcow as addcow_cli
+from helpers import T, filter_timing
 
 from addcow.cli.io import Session, cvtnum, cvtstr, getopt, parse_pattern, timestr
 from addcow.errors import AddCowIOError
-
-T = "XX:XX:XX.X (XXX YYY/sec and XXX ops/sec)"
-_TIMING = re.compile(
-    r"^(?P<size>\S+ \S+), (?P<ops>\d+) ops; (?:\d\d\.\d\d sec|\d+:\d\d:\d\d\.\d\d) "
-    r"\(\S+ \S+/sec and \S+ ops/sec\)$",
-    re.M,
-)
-_TIMING_C = re.compile(r"^(?P<n>\d+),(?P<ops>\d+),\d+:\d\d:\d\d\.\d\d,\S+,\S+$", re.M)
-
-
-def filter_timing(text: str) -> str:
-    """Replace the measured part of qemu-io's timing lines, keep the byte counts."""
-    text = _TIMING.sub(rf"\g<size>, \g<ops> ops; {T}", text)
-    return _TIMING_C.sub(r"\g<n>,\g<ops>,X:XX:XX.X,XXX,XXX", text)
 
 
 def report(op: str, n: int, offset: int, size_text: str) -> str:

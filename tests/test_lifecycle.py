@@ -625,6 +625,20 @@ def test_stream_error_in_a_helper_thread_is_raised_and_leaves_the_image_consiste
     twin.compare("resumed")
 
 
+def _has_data_at(path: Path, offset: int) -> bool:
+    """True if the file holds data (not a hole) at ``offset``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) == offset
+    except OSError:  # ENXIO: no data from offset on
+        return False
+    finally:
+        os.close(fd)
+
+
 def test_stream_ctrl_c_stops_every_thread_promptly_and_resumes(tmp_path: Path) -> None:
     """SIGINT while two threads sit in the rate limit: exit 130 at once, then resume."""
     size = 4 * (32 << 20)  # four spans of the command's STREAM_SPAN: both threads get one
@@ -640,7 +654,13 @@ def test_stream_ctrl_c_stops_every_thread_promptly_and_resumes(tmp_path: Path) -
         [sys.executable, "-m", "addcow", "stream", "--rate", "1M", str(img)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1.5)  # each thread copied one span and waits ~32 s in the rate limit
+    # Wait until both threads have written their span's last data cluster (30 MiB
+    # and 60 MiB): each then sits in the rate limit for about 32 s.
+    raw = tmp_path / "big-img.raw"
+    deadline = time.monotonic() + 60
+    while not all(_has_data_at(raw, mib << 20) for mib in (30, 60)):
+        assert time.monotonic() < deadline and proc.poll() is None, "the spans were not copied"
+        time.sleep(0.02)
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)

@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from test_format import MiB, poke, v1_header, v2_header  # noqa: E402
+from helpers import MiB, poke, v1_header, v2_header  # noqa: E402
 
 
 def cases() -> dict[str, bytes]:

@@ -42,11 +42,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from nbd_util import ADDCOW, RawClient, _ready_line, env_with_addcow, served
+from nbd_util import ADDCOW, RawClient, env_with_addcow, killable_server, served
 from workload import SIZE, Model, Op, build, gen_ops, replay, verify
 
 import addcow
@@ -90,27 +88,6 @@ def library_content(path: Path) -> bytes:
 
 
 # -- addcow serve ------------------------------------------------------------------------
-
-
-@contextmanager
-def killable_server(sock: Path, image: Path, args: tuple[str, ...],
-                    program: tuple[str, ...] = (ADDCOW,)) -> Iterator[subprocess.Popen[bytes]]:
-    """An ``addcow serve`` the caller kills; always gone when the block ends."""
-    sock.unlink(missing_ok=True)  # left behind by the previous kill -9
-    log = sock.with_suffix(".log")
-    cmd = [*program, "serve", "--foreground", "-v", "--socket", str(sock), *args, str(image)]
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env_with_addcow())
-    try:
-        _ready_line(proc, log)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=60)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        sock.unlink(missing_ok=True)
 
 
 def drive(sock: Path, ops: list[Op], events: list[tuple[object, ...]], errors: list[str]) -> None:

@@ -42,8 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nbd_util import RawClient
-from test_cli_kill import killable_server
+from nbd_util import RawClient, killable_server
 
 import addcow
 from addcow.check import check_image
