@@ -122,8 +122,8 @@ class Header(NamedTuple):
     ``image_size`` is None for version 1, whose virtual size is the size of
     the image file. ``backing_format`` is None when a version 1 image has a
     backing file but does not record its format (no NO_PROBE bit). (A named
-    tuple, not a dataclass: ``dataclasses`` would add 10 ms to every command's
-    start.)
+    tuple, not a dataclass: importing ``dataclasses`` would slow every
+    command's start.)
     """
 
     version: int

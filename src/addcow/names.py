@@ -37,7 +37,7 @@ class ChainGuard:
     """Files already met while opening one chain, and how deep it goes.
 
     With a ``root``, every file an image names must resolve inside that directory.
-    (A plain class: ``dataclasses`` would add 10 ms to every command's start.)
+    (A plain class: importing ``dataclasses`` would slow every command's start.)
     """
 
     def __init__(self, root: str | None = None) -> None:

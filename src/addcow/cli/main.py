@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (AddCowError, CommandError, OSError) as exc:
         if args.debug:
-            import traceback  # only here: it costs every command's start 3 ms
+            import traceback  # only here: importing it slows every command's start
 
             traceback.print_exc()
         message = str(exc) if not isinstance(exc, OSError) else _os_message(exc)
