@@ -229,3 +229,60 @@ def test_private_folder_is_removed_at_exit(tmp_path: Path, image: Path) -> None:
     while os.listdir(tmp_path / "tmp") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert os.listdir(tmp_path / "tmp") == []
+
+
+# -- exposure: TCP beyond loopback ---------------------------------------------------
+
+
+def test_a_writable_export_on_every_address_without_tls_is_refused(
+    image: Path, mode: tuple[str, ...]
+) -> None:
+    before = snapshot(image, image.with_name("d.raw"))
+    line = failed_start(*mode, "--bind", "0.0.0.0", "--port", "0", image)
+    assert line == (
+        "addcow: refusing to export a writable disk on 0.0.0.0 without TLS: anyone who can "
+        "reach the port could write it. Listen on 127.0.0.1 or a Unix socket, serve "
+        "--read-only, or give --allow-insecure to accept that"
+    )
+    assert snapshot(image, image.with_name("d.raw")) == before
+    # The image was not even opened: it is not locked.
+    with addcow.open(image):
+        pass
+
+
+def _start_tcp(*args: str | Path) -> tuple[subprocess.Popen[str], str, str]:
+    """``addcow serve --foreground ARGS``; its ready line and what it said before it."""
+    proc = subprocess.Popen([ADDCOW, "serve", "--foreground", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_with_addcow())  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    ready = proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return proc, ready, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "warning"),
+    [
+        (("--read-only",), "serving on 0.0.0.0 without TLS: anyone who can reach it can read "
+                           "the disk"),
+        (("--allow-insecure",), "INSECURE: serving a writable disk on 0.0.0.0 without TLS "
+                                "(--allow-insecure)"),
+    ],
+    ids=["read-only", "allow-insecure"],
+)  # fmt: skip
+def test_what_the_network_can_reach_is_said_loudly(
+    image: Path, extra: tuple[str, ...], warning: str
+) -> None:
+    _proc, ready, err = _start_tcp(*extra, "--bind", "0.0.0.0", "--port", "0", image)
+    assert ready.startswith("addcow: serving ") and " on nbd://0.0.0.0:" in ready
+    assert err.splitlines()[0].startswith(f"addcow serve: {warning}"), err
+
+
+def test_loopback_needs_no_warning(image: Path) -> None:
+    for host in ("127.0.0.1", "localhost"):
+        _proc, ready, err = _start_tcp("--bind", host, "--port", "0", image)
+        assert " on nbd://127.0.0.1:" in ready
+        assert "TLS" not in err, err

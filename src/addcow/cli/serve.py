@@ -45,6 +45,7 @@ import contextlib
 import errno
 import fcntl
 import importlib
+import ipaddress
 import logging
 import os
 import socket
@@ -86,6 +87,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--port", type=int, metavar="N", help=f"TCP port (default {DEFAULT_PORT}; 0 picks one)"
     )
     p.add_argument("--read-only", action="store_true", help="export read-only")
+    p.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="export a writable disk on a TCP address other than loopback without TLS "
+        "(anyone who can reach the port can then write it)",
+    )
     add_backing_root_arg(p)
     p.add_argument(
         "--export-name",
@@ -177,11 +184,60 @@ def run(args: argparse.Namespace) -> int:
     )
     # Streaming progress and completion are always reported (on stderr).
     logging.getLogger("addcow.serve.live").setLevel(logging.INFO)
+    _check_exposure(args, activation)
     if activation is not None:
         return _serve(args, names, _print_ready_to_stderr, activation)
     if args.stdio or args.foreground:
         return _serve(args, names, _print_ready, None)
     return _daemonize(lambda ready: _serve(args, names, ready, None))
+
+
+def _check_exposure(args: argparse.Namespace, activation: _Activation | None) -> None:
+    """Refuse a writable export that the network can reach without TLS; warn for the rest.
+
+    A TCP address other than loopback (``--bind 0.0.0.0``, a host's address, a
+    socket passed by socket activation) lets anyone who reaches the port read
+    the disk, and write it unless it is read-only. Writable needs
+    ``--allow-insecure``, said explicitly; both are logged as warnings.
+    """
+    if activation is not None:
+        if activation.sock.family == socket.AF_UNIX:
+            return
+        host = str(activation.sock.getsockname()[0])
+    elif args.bind is not None or args.port is not None:
+        host = args.bind if args.bind is not None else "127.0.0.1"
+    else:
+        return
+    if not _reachable_from_outside(host):
+        return
+    log = logging.getLogger("addcow.serve")
+    if args.read_only:
+        log.warning("serving on %s without TLS: anyone who can reach it can read the disk", host)
+        return
+    if not args.allow_insecure:
+        raise CommandError(
+            f"refusing to export a writable disk on {host} without TLS: anyone who can reach "
+            "the port could write it. Listen on 127.0.0.1 or a Unix socket, serve --read-only, "
+            "or give --allow-insecure to accept that"
+        )
+    log.warning(
+        "INSECURE: serving a writable disk on %s without TLS (--allow-insecure): anyone who "
+        "can reach it can read and write the disk",
+        host,
+    )
+
+
+def _reachable_from_outside(host: str) -> bool:
+    """Whether a listening address accepts connections from other machines."""
+    try:
+        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return True  # cannot tell: assume the worst (listening fails anyway)
+    for *_rest, address in infos:
+        ip = ipaddress.ip_address(str(address[0]).split("%")[0])
+        if not ip.is_loopback:
+            return True
+    return not infos
 
 
 def _print_ready(line: str) -> None:
