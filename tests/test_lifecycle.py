@@ -1624,3 +1624,24 @@ def test_detach_in_a_read_only_directory_says_why(tmp_path: Path) -> None:
     finally:
         os.chmod(where, 0o755)
         shutil.rmtree(where)
+
+
+def test_commit_refuses_a_qcow2_backing_and_leaves_it_intact(tmp_path: Path) -> None:
+    """qcow2 backings are read, never written: commit refuses, nothing changes."""
+    qemu_img = require_tool("qemu-img")
+    golden = tmp_path / "b.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", str(golden), "1M"])
+    img = tmp_path / "d.add-cow"
+    addcow.create(img, image_file="d.raw", backing_file="b.qcow2", backing_format="qcow2")
+    with addcow.open(img) as image:
+        image.write(b"\x42" * C, 0)
+    before = golden.read_bytes()
+    proc = addcow_cli("commit", img, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"addcow: {img}: the backing file is qcow2, which addcow only reads; commit writes "
+        "into raw or add-cow backing files\n"
+    )
+    assert golden.read_bytes() == before
+    info = json.loads(run([qemu_img, "info", "--output=json", str(golden)]).stdout)
+    assert info["format"] == "qcow2"

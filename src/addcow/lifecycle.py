@@ -48,6 +48,9 @@ STREAM_SPAN = 32 << 20
 WRITEBACK_BYTES = 8 << 20
 """Commit starts writeback of the raw backing after copying this many bytes."""
 
+COMMIT_FORMATS = ("raw", "add-cow")
+"""Backing formats commit writes into (qcow2 backings are read-only stores)."""
+
 STREAM_THREADS = min(4, os.cpu_count() or 1)
 """Spans streamed at once: reading the backing, scanning it for zeros and writing
 overlap across cores (``preadv``, ``copy_file_range``, ``fdatasync``, zlib and zstd
@@ -355,6 +358,11 @@ def commit(image: AddCowImage, *, progress: Callable[[int], None] | None = None)
         raise BackingFormatError(
             f"{image.path}: the backing format is not recorded; record it first with "
             f"'addcow rebase -u -b {os.fsdecode(header.backing_name)} -F raw {image.path}'"
+        )
+    if header.backing_format not in COMMIT_FORMATS:
+        raise BackingFormatError(
+            f"{image.path}: the backing file is {header.backing_format}, which addcow only "
+            f"reads; commit writes into {' or '.join(COMMIT_FORMATS)} backing files"
         )
     path = resolve_name(header.backing_name, image.path)
     guard = image.chain_guard()

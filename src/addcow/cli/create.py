@@ -13,7 +13,7 @@ OPTIONS = {
     "image_file_raw": "on: the named image_file's content is the disk (its data clusters "
     "start allocated); needed for an image file that holds data",
     "backing_file": "file name of the backing image (as -b)",
-    "backing_fmt": "format of the backing image, raw or add-cow (as -F)",
+    "backing_fmt": "format of the backing image, raw, add-cow or qcow2 (as -F)",
     "cluster_size": "cluster size, a power of two from 4k to 1G (default 64k)",
     "compat": "header version, 1 or 2 (default 2)",
 }
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-f", dest="fmt", default="add-cow", help="image format (only add-cow)")
     p.add_argument("-b", dest="backing", help="backing file")
-    p.add_argument("-F", dest="backing_fmt", help="backing file format: raw or add-cow")
+    p.add_argument("-F", dest="backing_fmt", help="backing file format: raw, add-cow or qcow2")
     add_options_arg(p, OPTIONS)
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument(

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-u", dest="unsafe", action="store_true", help="only change the name")
     p.add_argument("-b", dest="backing", required=True, help="new backing file ('' for none)")
-    p.add_argument("-F", dest="backing_fmt", help="new backing format: raw or add-cow")
+    p.add_argument("-F", dest="backing_fmt", help="new backing format: raw, add-cow or qcow2")
     p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("filename")
