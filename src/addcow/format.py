@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from typing import Any, NamedTuple
 
-from .errors import ForeignFormatError, HeaderError, UnsupportedFeatureError
+from .errors import HeaderError, UnsupportedFeatureError
 
 MAGIC = b"ADD_COW\xff"
 VERSIONS = (1, 2)
@@ -163,11 +163,6 @@ class Header(NamedTuple):
             raise HeaderError("length", f"at least {_COMMON.size} bytes", len(buf))
         magic, version, b_off, b_len, i_off, i_len, features = _COMMON.unpack_from(buf)
         if magic != MAGIC:
-            from .magic import HEAD_LENGTH, identify  # error path only: magic imports format
-
-            other = identify(bytes(buf[:HEAD_LENGTH]))
-            if other is not None:
-                raise ForeignFormatError(other, repr(magic))
             raise HeaderError("magic", repr(MAGIC), repr(magic))
         if version not in VERSIONS:
             raise UnsupportedFeatureError("version", "1 or 2", version)

@@ -29,6 +29,7 @@ from .errors import (
     BackingFormatError,
     BackingLoopError,
     BitmapError,
+    ForeignFormatError,
     HeaderError,
     ImageFileError,
 )
@@ -42,7 +43,7 @@ from .format import (
     header_length,
 )
 from .locking import lock_raw, lock_whole
-from .magic import sniff_format
+from .magic import HEAD_LENGTH, identify, sniff_format
 from .names import ChainGuard, resolve_name
 
 
@@ -73,6 +74,10 @@ def read_header(fd: int, path: str) -> Header:
     try:
         return Header.unpack(head)
     except HeaderError as exc:
+        if exc.field == "magic":
+            other = identify(head[:HEAD_LENGTH])
+            if other is not None:
+                raise ForeignFormatError(other, exc.found, path) from None
         exc.path = path
         raise
 

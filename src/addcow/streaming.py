@@ -29,10 +29,8 @@ Rate
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .image import AddCowImage
+from .image import AddCowImage
 
 COMMIT_BYTES = 256 << 20
 """A stream flushes after writing this many bytes..."""
