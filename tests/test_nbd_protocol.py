@@ -10,11 +10,13 @@ The export table used throughout::
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
 
 from addcow.nbd import protocol as p
+from addcow.nbd import wire
 from addcow.nbd.protocol import (
     NEED_DATA,
     AbortRequested,
@@ -29,6 +31,7 @@ from addcow.nbd.protocol import (
     ServerConnection,
     TransmissionStarted,
 )
+from addcow.nbd.state import TRANSITIONS, State, Trigger
 
 MiB = 1 << 20
 DISK = ExportInfo("disk", MiB, description="a test disk")
@@ -271,6 +274,26 @@ def test_oversized_option_payload_is_skipped_unbuffered_and_refused_too_big() ->
     ]  # fmt: skip
 
 
+def test_oversized_option_arriving_whole_is_refused_at_once() -> None:
+    conn = negotiating()
+    size = p.MAX_OPTION_DATA + 1
+    conn.receive_data(struct.pack(">QII", p.IHAVEOPT, 99, size) + bytes(size) + option(p.OPT_LIST))
+    refused, *rest = events(conn)
+    assert isinstance(refused, OptionRefused) and refused.reply == p.REP_ERR_TOO_BIG
+    assert rest == [] and conn.buffered == 0
+    assert [r for _, r, _ in parse_replies(conn.data_to_send())][-1] == p.REP_ACK
+
+
+def test_eof_while_skipping_an_oversized_option_is_not_clean() -> None:
+    conn = negotiating()
+    conn.receive_data(struct.pack(">QII", p.IHAVEOPT, p.OPT_GO, p.MAX_OPTION_DATA + 1) + b"x")
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"")
+    closed = conn.next_event()
+    assert isinstance(closed, ConnectionClosed) and not closed.clean
+    assert conn.state is State.DONE and conn.buffered == 0
+
+
 def test_endless_options_are_a_denial_of_service() -> None:
     conn = negotiating()
     conn.receive_data(option(99) * p.MAX_OPTIONS + option(99))
@@ -461,6 +484,19 @@ def test_oversized_write_payload_is_skipped_without_buffering() -> None:
     assert isinstance(following, Request) and following.cookie == 9
 
 
+def test_oversized_write_arriving_whole_is_refused_then_the_next_request_parsed() -> None:
+    # "The server SHOULD report an NBD_EINVAL error if ... [the length] is larger
+    # than the advertised maximum block size."
+    conn = transmitting()
+    length = 32 * MiB + 1
+    flush = request(p.CMD_FLUSH, cookie=9)
+    conn.receive_data(request(p.CMD_WRITE, 0, length) + bytes(length) + flush)
+    refused, following = events(conn)
+    assert isinstance(refused, RequestError) and refused.error == p.EINVAL
+    assert following == Request(9, p.CMD_FLUSH, 0, 0, 0)
+    assert conn.buffered == 0
+
+
 def test_bad_request_magic_drops_the_connection() -> None:
     conn = transmitting()
     conn.receive_data(struct.pack(">I", 0x12560953) + request(p.CMD_READ)[4:])
@@ -577,3 +613,105 @@ def test_read_around_caller_sent_data() -> None:
     head, tail = simple.reply_read_around(9, 0, 65536)
     assert struct.unpack(">IIQ", head) == (p.SIMPLE_REPLY_MAGIC, 0, 9)
     assert tail == b""
+
+
+# -- States (addcow.nbd.state) ------------------------------------------------------------
+
+
+def test_a_session_moves_only_along_the_transition_table() -> None:
+    conn = ServerConnection([DISK])
+    seen = [conn.state]
+    steps = [
+        b"\0\0\0\3",
+        option(p.OPT_STRUCTURED_REPLY) + option(p.OPT_LIST),
+        option(p.OPT_GO, go_data("disk")),
+        request(p.CMD_READ, 0, 512),
+        request(p.CMD_DISC),
+    ]
+    conn.initiate()
+    seen.append(conn.state)
+    for data in steps:
+        conn.receive_data(data)
+        events(conn)
+        seen.append(conn.state)
+    assert seen == [
+        State.GREETING, State.CLIENT_FLAGS, State.OPTIONS, State.OPTIONS,
+        State.TRANSMISSION, State.TRANSMISSION, State.DONE,
+    ]  # fmt: skip
+    moves = {(a, b) for a, b in itertools.pairwise(seen) if a is not b}
+    assert moves <= {(a, b) for a, table in TRANSITIONS.items() for b in table.values()}
+
+
+def test_the_peer_can_end_every_state_that_reads_and_nothing_leaves_done() -> None:
+    # "If either the client or the server detects a violation of a mandatory
+    # condition ('MUST' etc.) by the other party, it MAY initiate a hard disconnect."
+    for state in (State.CLIENT_FLAGS, State.OPTIONS, State.TRANSMISSION):
+        assert TRANSITIONS[state][Trigger.PEER_ERROR] is State.DONE
+        assert TRANSITIONS[state][Trigger.CLOSED] is State.DONE
+    assert TRANSITIONS[State.DONE] == {}
+    entering = {t for table in TRANSITIONS.values() for t, b in table.items()
+                if b is State.TRANSMISSION}  # fmt: skip
+    assert entering == {Trigger.EXPORT_NAME, Trigger.GO}
+
+
+def test_state_changes_only_through_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = negotiating()
+    with pytest.raises(AttributeError):
+        conn.state = State.TRANSMISSION  # type: ignore[misc]
+    # Take ABORT out of the table: the connection must now refuse to take it.
+    monkeypatch.delitem(TRANSITIONS[State.OPTIONS], Trigger.ABORT)
+    conn.receive_data(option(p.OPT_ABORT))
+    with pytest.raises(LocalProtocolError, match="NBD_OPT_ABORT in state options"):
+        conn.next_event()
+
+
+def test_entering_done_drops_what_is_buffered() -> None:
+    conn = transmitting()
+    conn.receive_data(request(p.CMD_DISC) + request(p.CMD_READ, 0, 512) + b"tail")
+    assert events(conn) == [Disconnect()]
+    assert conn.state is State.DONE and conn.buffered == 0
+    conn = negotiating()
+    conn.receive_data(option(p.OPT_LIST).replace(b"IHAVEOPT", b"IHAVEOPX") + bytes(100))
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+    assert conn.state is State.DONE and conn.buffered == 0
+
+
+# -- Layout (addcow.nbd.wire) -------------------------------------------------------------
+
+
+def test_wire_records_have_the_sizes_of_proto_md() -> None:
+    sizes = {
+        wire.GREETING: 8 + 8 + 2,  # NBDMAGIC, IHAVEOPT, handshake flags
+        wire.CLIENT_FLAGS: 4,
+        wire.OPTION_HEADER: 8 + 4 + 4,  # IHAVEOPT, option, length
+        wire.OPTION_REPLY_HEADER: 8 + 4 + 4 + 4,  # magic, option, reply type, length
+        wire.EXPORT_NAME_REPLY: 8 + 2,  # size, transmission flags
+        wire.INFO_EXPORT_PAYLOAD: 12,  # "length MUST be 12"
+        wire.INFO_BLOCK_SIZE_PAYLOAD: 14,  # "length MUST be 14"
+        wire.REQUEST_HEADER: 4 + 2 + 2 + 8 + 8 + 4,
+        wire.SIMPLE_REPLY_HEADER: 4 + 4 + 8,
+        wire.CHUNK_HEADER: 4 + 2 + 2 + 8 + 4,
+        wire.OFFSET_DATA_PAYLOAD: 8,
+        wire.OFFSET_HOLE_PAYLOAD: 12,  # OFFSET_HOLE: "length MUST be exactly 12"
+        wire.ERROR_PAYLOAD: 4 + 2,
+        wire.BLOCK_STATUS_DESCRIPTOR: 4 + 4,
+    }
+    assert {record.format: record.size for record in sizes} == {
+        record.format: size for record, size in sizes.items()
+    }
+    assert len(wire.EXPORT_NAME_ZEROES) == 124 and not any(wire.EXPORT_NAME_ZEROES)
+    # The headroom of reply_read_into holds a chunk header and its offset, and a
+    # simple reply's header fits in it too.
+    assert p.READ_HEADROOM == 28 >= wire.SIMPLE_REPLY_HEADER.size
+
+
+def test_protocol_re_exports_every_wire_constant() -> None:
+    names = [
+        name for name, value in vars(wire).items()
+        if name.isupper() and not isinstance(value, (struct.Struct, bytes))
+    ]  # fmt: skip
+    assert len(names) > 80
+    for name in names:
+        assert getattr(p, name) is getattr(wire, name), name
+        assert name in p.__all__, name

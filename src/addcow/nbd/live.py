@@ -33,6 +33,17 @@ Completion (always, for writable exports)
     calls :meth:`~addcow.image.AddCowImage.detach_in_place`: the .add-cow file
     is removed and the connected clients go on using the raw file through the
     same open descriptor; from then on a FLUSH only syncs that file.
+
+What this module needs of the server
+    :class:`LivePool`, and nothing else: a way to run library calls in the
+    server's thread pool (:meth:`LivePool.call`), how many of the calls in it
+    serve clients (:attr:`LivePool.busy`, which streaming yields to), the calls
+    in it at a given moment (:meth:`LivePool.pending`, which completion waits
+    for) and whether the server is shutting down (:attr:`LivePool.stopping`;
+    completion does not begin then). The server implements it, keeps the
+    dispatch of requests, and tells this module what each one did:
+    :func:`check_complete` after a request that allocates, :func:`copy_on_read`
+    after a read whose reply has been sent.
 """
 
 from __future__ import annotations
@@ -41,14 +52,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..errors import AddCowError
 from ..streaming import CommitPolicy, RateLimit, next_span
 
 if TYPE_CHECKING:
-    from .server import Export, NBDServer
+    from .server import Export
 
 log = logging.getLogger("addcow.serve.live")
 
@@ -64,6 +76,27 @@ MAX_YIELD = 0.2
 """Longest wait (seconds) for clients to go quiet before the next span."""
 PROGRESS_SECONDS = 2.0
 """Seconds between progress lines."""
+
+
+_T = TypeVar("_T")
+
+
+class LivePool(Protocol):
+    """The server's thread pool, as the live features use it."""
+
+    def call(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run ``fn(*args)`` in the pool; :meth:`pending` includes it until it is done."""
+
+    @property
+    def busy(self) -> int:
+        """Library calls in the pool on behalf of clients right now."""
+
+    def pending(self) -> set[asyncio.Future[Any]]:
+        """The calls in the pool right now (a new set)."""
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the server is shutting down."""
 
 
 @dataclass
@@ -86,6 +119,42 @@ class LiveState:
     cor_queue: asyncio.Queue[tuple[int, int]] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
+    @property
+    def copies_on_read(self) -> bool:
+        """Whether reads of this export are followed by :func:`copy_on_read`."""
+        return self.cor_queue is not None
+
+
+def start(pool: LivePool, export: Export) -> None:
+    """Start copy on read and streaming for a writable export; finish it if it is complete."""
+    state = export.live
+    if export.info.read_only:
+        return
+    if state.options.copy_on_read:
+        state.cor_queue = asyncio.Queue(COR_QUEUE)
+        state.tasks.append(asyncio.create_task(copy_on_read_worker(pool, export)))
+    if state.options.stream and not export.image.complete:
+        state.tasks.append(asyncio.create_task(stream(pool, export)))
+    check_complete(pool, export)
+
+
+def check_complete(pool: LivePool, export: Export) -> None:
+    """Once every cluster is allocated, release the backing (and detach) once."""
+    state = export.live
+    if state.finishing or export.info.read_only or not export.image.complete:
+        return
+    if export.image.closed or pool.stopping:
+        return
+    state.finishing = True
+    state.tasks.append(asyncio.create_task(finish(pool, export)))
+
+
+async def copy_on_read(export: Export, offset: int, length: int) -> None:
+    """After a read's reply: queue its range if it touched the backing (waits if full)."""
+    queue = export.live.cor_queue
+    if queue is not None and has_unallocated(export, offset, length):
+        await queue.put((offset, length))
+
 
 def has_unallocated(export: Export, offset: int, length: int) -> bool:
     """Whether [offset, offset+length) touches a cluster still read from the backing."""
@@ -103,7 +172,7 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-async def copy_on_read_worker(server: NBDServer, export: Export) -> None:
+async def copy_on_read_worker(pool: LivePool, export: Export) -> None:
     """Populate the ranges clients read from the backing, one after the other."""
     state, image = export.live, export.image
     queue = state.cor_queue
@@ -120,26 +189,26 @@ async def copy_on_read_worker(server: NBDServer, export: Export) -> None:
                 if nxt_off == offset + length:
                     length += nxt_len
                 else:
-                    await _populate(server, export, offset, length, buffer)
+                    await _populate(pool, export, offset, length, buffer)
                     offset, length = nxt_off, nxt_len
-            await _populate(server, export, offset, length, buffer)
+            await _populate(pool, export, offset, length, buffer)
         except AddCowError as exc:
             failures += 1
             if failures <= 3:
                 log.warning("%s: copy on read failed: %s", image.path, exc)
         finally:
             queue.task_done()
-        server.check_complete(export)
+        check_complete(pool, export)
 
 
 async def _populate(
-    server: NBDServer, export: Export, offset: int, length: int, buffer: bytearray
+    pool: LivePool, export: Export, offset: int, length: int, buffer: bytearray
 ) -> None:
     if has_unallocated(export, offset, length):
-        await server.call(export.image.populate, offset, length, buffer)
+        await pool.call(export.image.populate, offset, length, buffer)
 
 
-async def stream(server: NBDServer, export: Export) -> None:
+async def stream(pool: LivePool, export: Export) -> None:
     """Copy every unallocated cluster in the background, yielding to clients."""
     state, image = export.live, export.image
     rate = RateLimit(state.options.stream_rate)
@@ -152,7 +221,7 @@ async def stream(server: NBDServer, export: Export) -> None:
     pos = 0
     wrapped = False
     while not image.complete:
-        busy = await _yield_to_clients(server, state)
+        busy = await _yield_to_clients(pool, state)
         span_bytes = SPAN_BUSY if busy else SPAN_IDLE
         if rate.rate:  # about ten steps a second, so the rate holds over short times too
             span_bytes = min(span_bytes, rate.rate // 10)
@@ -165,11 +234,11 @@ async def stream(server: NBDServer, export: Export) -> None:
             continue
         wrapped = False
         lo, hi, pos = span
-        w, z = await server.call(image.populate, lo, hi - lo, buffer)
+        w, z = await pool.call(image.populate, lo, hi - lo, buffer)
         copied, zero = copied + w, zero + z
         done += hi - lo
         if commits.copied(w):
-            await server.call(image.flush)
+            await pool.call(image.flush)
         now = time.monotonic()
         if now - last_log >= PROGRESS_SECONDS:
             last_log = now
@@ -193,32 +262,32 @@ async def stream(server: NBDServer, export: Export) -> None:
         _mib(zero),
         time.monotonic() - rate.started,
     )
-    server.check_complete(export)
+    check_complete(pool, export)
 
 
-async def _yield_to_clients(server: NBDServer, state: LiveState) -> bool:
+async def _yield_to_clients(pool: LivePool, state: LiveState) -> bool:
     """Wait (bounded) for clients to be quiet; True if they were active."""
     deadline = time.monotonic() + MAX_YIELD
     busy = False
     while time.monotonic() < deadline:
         quiet = time.monotonic() - state.last_request >= BUSY_WINDOW
-        if quiet and not server.client_calls:
+        if quiet and not pool.busy:
             return busy
         busy = True
         await asyncio.sleep(BUSY_WINDOW / 2)
     return busy
 
 
-async def finish(server: NBDServer, export: Export) -> None:
+async def finish(pool: LivePool, export: Export) -> None:
     """The image is complete: release the backing, then detach if asked."""
     image = export.image
     # Only calls already in the pool may still be reading the backing file.
-    pending = set(server.calls)
+    pending = pool.pending()
     if pending:
         await asyncio.wait(pending)
     try:
         had_backing = image.backing is not None
-        await server.call(image.release_backing)
+        await pool.call(image.release_backing)
         log.info(
             "%s: complete: every cluster is in %s, ALL_ALLOCATED is durable%s; "
             "serving the raw file directly",
@@ -227,7 +296,7 @@ async def finish(server: NBDServer, export: Export) -> None:
             ", backing file closed" if had_backing else "",
         )
         if export.live.options.detach_when_complete:
-            raw = await server.call(image.detach_in_place)
+            raw = await pool.call(image.detach_in_place)
             log.info("%s: detached: removed the .add-cow file; serving %s", image.path, raw)
     except AddCowError as exc:
         log.error("%s: finishing the image failed: %s", image.path, exc)

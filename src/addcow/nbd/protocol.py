@@ -33,6 +33,15 @@ States
         OPTIONS --EXPORT_NAME / GO ack--> TRANSMISSION --NBD_CMD_DISC--> DONE
         OPTIONS --ABORT--> DONE        any state --peer error / EOF--> DONE
 
+    The table of these moves is :data:`addcow.nbd.state.TRANSITIONS`; every
+    change of :attr:`ServerConnection.state` goes through it
+    (:meth:`ServerConnection._enter`), and entering DONE drops whatever was
+    buffered or still to be skipped.
+
+Layout
+    Magics, numbers, limits and the struct of every record are in
+    :mod:`addcow.nbd.wire`; this module builds and parses messages with them.
+
 Errors
     ::
 
@@ -51,13 +60,13 @@ Errors
 Memory
     Option payloads over :data:`MAX_OPTION_DATA` and write payloads over the
     export's maximum block size are skipped as they arrive, never buffered,
-    and answered with an error; so the buffer holds at most one option or one
-    request with its payload, plus what the server read beyond it.
+    and answered with an error (both by :meth:`ServerConnection._skip_payload`);
+    so the buffer holds at most one option or one request with its payload,
+    plus what the server read beyond it.
 """
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,192 +74,227 @@ from typing import NamedTuple
 
 from .. import zeros
 from ..errors import AddCowError
+from .state import TRANSITIONS, State, Trigger
+from .wire import (
+    BLOCK_STATUS_DESCRIPTOR,
+    CHUNK_HEADER,
+    CLIENT_FLAGS,
+    CMD_BLOCK_STATUS,
+    CMD_CACHE,
+    CMD_DISC,
+    CMD_FLAG_DF,
+    CMD_FLAG_FAST_ZERO,
+    CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE,
+    CMD_FLAG_REQ_ONE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    COMMAND_NAMES,
+    CONTEXT_ALLOCATION_DEPTH,
+    CONTEXT_BASE_ALLOCATION,
+    CONTEXT_IDS,
+    DEFAULT_MAX_BLOCK,
+    DEFAULT_MIN_BLOCK,
+    DEFAULT_PREFERRED_BLOCK,
+    EINVAL,
+    EIO,
+    ENOMEM,
+    ENOSPC,
+    ENOTSUP,
+    EOVERFLOW,
+    EPERM,
+    ERROR_PAYLOAD,
+    ESHUTDOWN,
+    EXPORT_NAME_REPLY,
+    EXPORT_NAME_ZEROES,
+    FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES,
+    FLAG_CAN_MULTI_CONN,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_HAS_FLAGS,
+    FLAG_NO_ZEROES,
+    FLAG_READ_ONLY,
+    FLAG_ROTATIONAL,
+    FLAG_SEND_CACHE,
+    FLAG_SEND_DF,
+    FLAG_SEND_FAST_ZERO,
+    FLAG_SEND_FLUSH,
+    FLAG_SEND_FUA,
+    FLAG_SEND_RESIZE,
+    FLAG_SEND_TRIM,
+    FLAG_SEND_WRITE_ZEROES,
+    GREETING,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_BLOCK_SIZE_PAYLOAD,
+    INFO_DESCRIPTION,
+    INFO_EXPORT,
+    INFO_EXPORT_PAYLOAD,
+    INFO_NAME,
+    MAX_OPTION_DATA,
+    MAX_OPTIONS,
+    MAX_STRING,
+    NBDMAGIC,
+    OFFSET_DATA_PAYLOAD,
+    OFFSET_HOLE_PAYLOAD,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    OPT_LIST_META_CONTEXT,
+    OPT_PEEK_EXPORT,
+    OPT_REPLY_MAGIC,
+    OPT_SET_META_CONTEXT,
+    OPT_STARTTLS,
+    OPT_STRUCTURED_REPLY,
+    OPTION_HEADER,
+    OPTION_REPLY_HEADER,
+    READ_HEADROOM,
+    REP_ACK,
+    REP_ERR_BLOCK_SIZE_REQD,
+    REP_ERR_INVALID,
+    REP_ERR_PLATFORM,
+    REP_ERR_POLICY,
+    REP_ERR_SHUTDOWN,
+    REP_ERR_TLS_REQD,
+    REP_ERR_TOO_BIG,
+    REP_ERR_UNKNOWN,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REP_META_CONTEXT,
+    REP_SERVER,
+    REPLY_FLAG_DONE,
+    REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR,
+    REPLY_TYPE_ERROR_OFFSET,
+    REPLY_TYPE_NONE,
+    REPLY_TYPE_OFFSET_DATA,
+    REPLY_TYPE_OFFSET_HOLE,
+    REQUEST_HEADER,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_HEADER,
+    SIMPLE_REPLY_MAGIC,
+    STATE_HOLE,
+    STATE_ZERO,
+    STRUCTURED_REPLY_MAGIC,
+    U16,
+    U32,
+)
 
-# -- constants (proto.md, "Values") -------------------------------------------------
-
-# "S: 64 bits, 0x4e42444d41474943 (ASCII 'NBDMAGIC') (also known as the INIT_PASSWD)"
-NBDMAGIC = 0x4E42444D41474943
-# "S: 64 bits, 0x49484156454F5054 (ASCII 'IHAVEOPT')"; the client repeats it before
-# every option.
-IHAVEOPT = 0x49484156454F5054
-# "S: 64 bits, 0x3e889045565a9 (magic number for replies)"
-OPT_REPLY_MAGIC = 0x3E889045565A9
-# "C: 32 bits, 0x25609513, magic (NBD_REQUEST_MAGIC)"
-REQUEST_MAGIC = 0x25609513
-# "S: 32 bits, 0x67446698, magic (NBD_SIMPLE_REPLY_MAGIC ...)"
-SIMPLE_REPLY_MAGIC = 0x67446698
-# "S: 32 bits, 0x668e33ef, magic (NBD_STRUCTURED_REPLY_MAGIC)"
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-# Handshake flags (server, 16 bits) and client flags (32 bits).
-FLAG_FIXED_NEWSTYLE = 1 << 0
-FLAG_NO_ZEROES = 1 << 1
-FLAG_C_FIXED_NEWSTYLE = 1 << 0
-FLAG_C_NO_ZEROES = 1 << 1
-
-# Transmission flags (16 bits).
-FLAG_HAS_FLAGS = 1 << 0
-FLAG_READ_ONLY = 1 << 1
-FLAG_SEND_FLUSH = 1 << 2
-FLAG_SEND_FUA = 1 << 3
-FLAG_ROTATIONAL = 1 << 4
-FLAG_SEND_TRIM = 1 << 5
-FLAG_SEND_WRITE_ZEROES = 1 << 6
-FLAG_SEND_DF = 1 << 7
-FLAG_CAN_MULTI_CONN = 1 << 8
-FLAG_SEND_RESIZE = 1 << 9
-FLAG_SEND_CACHE = 1 << 10
-FLAG_SEND_FAST_ZERO = 1 << 11
-
-# Option types.
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_PEEK_EXPORT = 4
-OPT_STARTTLS = 5
-OPT_INFO = 6
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
-OPT_LIST_META_CONTEXT = 9
-OPT_SET_META_CONTEXT = 10
-
-# Option reply types; errors have bit 31 set.
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_META_CONTEXT = 4
-REP_ERR_UNSUP = (1 << 31) + 1
-REP_ERR_POLICY = (1 << 31) + 2
-REP_ERR_INVALID = (1 << 31) + 3
-REP_ERR_PLATFORM = (1 << 31) + 4
-REP_ERR_TLS_REQD = (1 << 31) + 5
-REP_ERR_UNKNOWN = (1 << 31) + 6
-REP_ERR_SHUTDOWN = (1 << 31) + 7
-REP_ERR_BLOCK_SIZE_REQD = (1 << 31) + 8
-REP_ERR_TOO_BIG = (1 << 31) + 9
-
-# NBD_REP_INFO information types.
-INFO_EXPORT = 0
-INFO_NAME = 1
-INFO_DESCRIPTION = 2
-INFO_BLOCK_SIZE = 3
-
-# Commands ("Request types").
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_CACHE = 5
-CMD_WRITE_ZEROES = 6
-CMD_BLOCK_STATUS = 7
-
-COMMAND_NAMES = {
-    CMD_READ: "READ",
-    CMD_WRITE: "WRITE",
-    CMD_DISC: "DISC",
-    CMD_FLUSH: "FLUSH",
-    CMD_TRIM: "TRIM",
-    CMD_CACHE: "CACHE",
-    CMD_WRITE_ZEROES: "WRITE_ZEROES",
-    CMD_BLOCK_STATUS: "BLOCK_STATUS",
-}
-
-# Command flags (16 bits).
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
-CMD_FLAG_DF = 1 << 2
-CMD_FLAG_REQ_ONE = 1 << 3
-CMD_FLAG_FAST_ZERO = 1 << 4
-
-# Structured reply flags and chunk types.
-REPLY_FLAG_DONE = 1 << 0
-REPLY_TYPE_NONE = 0
-REPLY_TYPE_OFFSET_DATA = 1
-REPLY_TYPE_OFFSET_HOLE = 2
-REPLY_TYPE_BLOCK_STATUS = 5
-REPLY_TYPE_ERROR = (1 << 15) + 1
-REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
-
-# Error values ("The following error values are defined").
-EPERM = 1
-EIO = 5
-ENOMEM = 12
-EINVAL = 22
-ENOSPC = 28
-EOVERFLOW = 75
-ENOTSUP = 95
-ESHUTDOWN = 108
-
-# base:allocation flags: "NBD_STATE_HOLE (bit 0)", "NBD_STATE_ZERO (bit 1)".
-STATE_HOLE = 1 << 0
-STATE_ZERO = 1 << 1
-
-# The metadata contexts this server offers, with the ids it hands out for them.
-# qemu:allocation-depth (QEMU docs/interop/nbd.txt): "the entire 32-bit value
-# represents a depth of which layer in a thin-provisioned backing chain provided
-# the data (0 for unallocated, 1 for the active layer, 2 for the first backing
-# layer, and so forth)."
-CONTEXT_BASE_ALLOCATION = "base:allocation"
-CONTEXT_ALLOCATION_DEPTH = "qemu:allocation-depth"
-CONTEXT_IDS = {CONTEXT_BASE_ALLOCATION: 1, CONTEXT_ALLOCATION_DEPTH: 2}
-
-# -- limits --------------------------------------------------------------------------
-
-# "that string ... SHOULD be no longer than 256 bytes and MUST be no longer than
-# 4096 bytes. This applies to export names and error messages (amongst others)."
-MAX_STRING = 4096
-# The largest option payload we buffer. GO needs 4 + 4096 + 2 + 2n bytes; a
-# SET_META_CONTEXT with a few dozen full-length queries fits as well.
-MAX_OPTION_DATA = 64 * 1024
-# Options one connection may send before it is deemed a denial of service
-# ("if a server believes a client's behaviour constitutes a denial of service,
-# it MAY initiate a hard disconnect").
-MAX_OPTIONS = 4096
-# Block size constraints we advertise by default. "a client desiring maximum
-# interoperability SHOULD ... limit NBD_CMD_READ and NBD_CMD_WRITE commands to a
-# maximum block size of 2^25 (33,554,432)."
-DEFAULT_MIN_BLOCK = 1
-DEFAULT_PREFERRED_BLOCK = 4096
-DEFAULT_MAX_BLOCK = 1 << 25
-# Bytes before the data in a buffer for reply_read_into: a structured chunk
-# header and its offset (a simple reply's header fits in it as well).
-READ_HEADROOM = 28
-
-# -- wire records ----------------------------------------------------------------------
-
-# "S: 64 bits NBDMAGIC, S: 64 bits IHAVEOPT, S: 16 bits, handshake flags"
-_GREETING = struct.Struct(">QQH")
-# "C: 32 bits, client flags"
-_CLIENT_FLAGS = struct.Struct(">I")
-# "C: 64 bits IHAVEOPT, C: 32 bits, option, C: 32 bits, length of option data"
-_OPTION_HEADER = struct.Struct(">QII")
-# "S: 64 bits magic, S: 32 bits option, S: 32 bits reply type, S: 32 bits length"
-_OPTION_REPLY = struct.Struct(">QIII")
-# NBD_OPT_EXPORT_NAME reply: "64 bits, size of the export; 16 bits, transmission flags"
-_EXPORT_NAME_REPLY = struct.Struct(">QH")
-_ZEROES = bytes(124)
-# NBD_INFO_EXPORT payload: type, size, transmission flags ("length MUST be 12").
-_INFO_EXPORT = struct.Struct(">HQH")
-# NBD_INFO_BLOCK_SIZE payload: type, minimum, preferred, maximum ("length MUST be 14").
-_INFO_BLOCK_SIZE = struct.Struct(">HIII")
-# "C: 32 bits magic, 16 bits command flags, 16 bits type, 64 bits handle,
-#  64 bits offset (unsigned), 32 bits length (unsigned)"
-_REQUEST = struct.Struct(">IHHQQI")
-# "S: 32 bits magic, S: 32 bits error, S: 64 bits handle"
-_SIMPLE_REPLY = struct.Struct(">IIQ")
-# "S: 32 bits magic, 16 bits flags, 16 bits type, 64 bits handle, 32 bits length"
-_CHUNK = struct.Struct(">IHHQI")
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-# OFFSET_HOLE payload: "64 bits: offset, 32 bits: hole size"
-_HOLE = struct.Struct(">QI")
-# ERROR payload: "32 bits: error, 16 bits: message length"
-_ERROR = struct.Struct(">IH")
-# BLOCK_STATUS descriptor: "32 bits, length of the extent, 32 bits, status flags"
-_DESCRIPTOR = struct.Struct(">II")
-
+__all__ = [
+    "NEED_DATA",
+    "AbortRequested",
+    "ConnectionClosed",
+    "Disconnect",
+    "Event",
+    "ExportInfo",
+    "LocalProtocolError",
+    "OptionRefused",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Request",
+    "RequestError",
+    "ServerConnection",
+    "State",
+    "TransmissionStarted",
+]
+# The wire constants, importable from here as well as from addcow.nbd.wire.
+__all__ += [
+    "CMD_BLOCK_STATUS",
+    "CMD_CACHE",
+    "CMD_DISC",
+    "CMD_FLAG_DF",
+    "CMD_FLAG_FAST_ZERO",
+    "CMD_FLAG_FUA",
+    "CMD_FLAG_NO_HOLE",
+    "CMD_FLAG_REQ_ONE",
+    "CMD_FLUSH",
+    "CMD_READ",
+    "CMD_TRIM",
+    "CMD_WRITE",
+    "CMD_WRITE_ZEROES",
+    "COMMAND_NAMES",
+    "CONTEXT_ALLOCATION_DEPTH",
+    "CONTEXT_BASE_ALLOCATION",
+    "CONTEXT_IDS",
+    "DEFAULT_MAX_BLOCK",
+    "DEFAULT_MIN_BLOCK",
+    "DEFAULT_PREFERRED_BLOCK",
+    "EINVAL",
+    "EIO",
+    "ENOMEM",
+    "ENOSPC",
+    "ENOTSUP",
+    "EOVERFLOW",
+    "EPERM",
+    "ESHUTDOWN",
+    "FLAG_CAN_MULTI_CONN",
+    "FLAG_C_FIXED_NEWSTYLE",
+    "FLAG_C_NO_ZEROES",
+    "FLAG_FIXED_NEWSTYLE",
+    "FLAG_HAS_FLAGS",
+    "FLAG_NO_ZEROES",
+    "FLAG_READ_ONLY",
+    "FLAG_ROTATIONAL",
+    "FLAG_SEND_CACHE",
+    "FLAG_SEND_DF",
+    "FLAG_SEND_FAST_ZERO",
+    "FLAG_SEND_FLUSH",
+    "FLAG_SEND_FUA",
+    "FLAG_SEND_RESIZE",
+    "FLAG_SEND_TRIM",
+    "FLAG_SEND_WRITE_ZEROES",
+    "IHAVEOPT",
+    "INFO_BLOCK_SIZE",
+    "INFO_DESCRIPTION",
+    "INFO_EXPORT",
+    "INFO_NAME",
+    "MAX_OPTIONS",
+    "MAX_OPTION_DATA",
+    "MAX_STRING",
+    "NBDMAGIC",
+    "OPT_ABORT",
+    "OPT_EXPORT_NAME",
+    "OPT_GO",
+    "OPT_INFO",
+    "OPT_LIST",
+    "OPT_LIST_META_CONTEXT",
+    "OPT_PEEK_EXPORT",
+    "OPT_REPLY_MAGIC",
+    "OPT_SET_META_CONTEXT",
+    "OPT_STARTTLS",
+    "OPT_STRUCTURED_REPLY",
+    "READ_HEADROOM",
+    "REPLY_FLAG_DONE",
+    "REPLY_TYPE_BLOCK_STATUS",
+    "REPLY_TYPE_ERROR",
+    "REPLY_TYPE_ERROR_OFFSET",
+    "REPLY_TYPE_NONE",
+    "REPLY_TYPE_OFFSET_DATA",
+    "REPLY_TYPE_OFFSET_HOLE",
+    "REP_ACK",
+    "REP_ERR_BLOCK_SIZE_REQD",
+    "REP_ERR_INVALID",
+    "REP_ERR_PLATFORM",
+    "REP_ERR_POLICY",
+    "REP_ERR_SHUTDOWN",
+    "REP_ERR_TLS_REQD",
+    "REP_ERR_TOO_BIG",
+    "REP_ERR_UNKNOWN",
+    "REP_ERR_UNSUP",
+    "REP_INFO",
+    "REP_META_CONTEXT",
+    "REP_SERVER",
+    "REQUEST_MAGIC",
+    "SIMPLE_REPLY_MAGIC",
+    "STATE_HOLE",
+    "STATE_ZERO",
+    "STRUCTURED_REPLY_MAGIC",
+]
 
 # -- errors ----------------------------------------------------------------------------
 
@@ -335,8 +379,8 @@ class TransmissionStarted:
 class Request(NamedTuple):
     """A valid command. ``data`` is the payload of a WRITE, else None.
 
-    Immutable like the other events, but a NamedTuple: one is built per request,
-    in a third of a frozen dataclass's time.
+    Immutable like the other events, but a NamedTuple: one is built for every
+    request, and a tuple is the cheapest immutable record to build.
     """
 
     cookie: int
@@ -391,14 +435,6 @@ Event = (
 )
 
 
-class State(enum.Enum):
-    GREETING = "greeting"
-    CLIENT_FLAGS = "client flags"
-    OPTIONS = "options"
-    TRANSMISSION = "transmission"
-    DONE = "done"
-
-
 # Command flags each command accepts. "NBD_CMD_FLAG_FUA; This flag is valid for
 # all commands, provided NBD_FLAG_SEND_FUA has been negotiated".
 _ALLOWED_FLAGS = {
@@ -430,7 +466,7 @@ class ServerConnection:
         if not exports:
             raise LocalProtocolError("a server needs at least one export")
         self.exports = tuple(exports)
-        self.state = State.GREETING
+        self._state = State.GREETING
         self.no_zeroes = False
         self.structured = False
         self.export: ExportInfo | None = None
@@ -446,14 +482,35 @@ class ServerConnection:
         self._skip = 0
         self._after_skip: Event | None = None
 
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """Where the connection is; it moves only as :data:`~addcow.nbd.state.TRANSITIONS` says."""
+        return self._state
+
+    def _enter(self, trigger: Trigger) -> None:
+        """Take the move the table gives for ``trigger``; one it lacks is a bug of the caller.
+
+        Entering DONE drops what is buffered and what was still to be skipped:
+        nothing more is read.
+        """
+        target = TRANSITIONS[self._state].get(trigger)
+        if target is None:
+            raise LocalProtocolError(
+                f"{trigger.value} in state {self._state.value}: no such transition"
+            )
+        self._state = target
+        if target is State.DONE:
+            self._buf.clear()
+            self._skip = 0
+
     # -- input -------------------------------------------------------------------------
 
     def initiate(self) -> bytes:
         """The server's greeting: fixed newstyle, with NO_ZEROES offered."""
-        if self.state is not State.GREETING:
-            raise LocalProtocolError(f"initiate() in state {self.state.value}")
-        self.state = State.CLIENT_FLAGS
-        return _GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        self._enter(Trigger.GREETING)
+        return GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the peer; an empty ``data`` means it closed its end."""
@@ -466,7 +523,7 @@ class ServerConnection:
             data = data[n:]
             if not data:
                 return
-        if self.state is State.DONE:
+        if self._state is State.DONE:
             return  # after DISC or ABORT nothing more is read
         self._buf += data
 
@@ -488,13 +545,13 @@ class ServerConnection:
         if self._after_skip is not None:
             event, self._after_skip = self._after_skip, None
             return event
-        if self.state is State.TRANSMISSION:
+        if self._state is State.TRANSMISSION:
             return self._next_request()
-        if self.state is State.OPTIONS:
+        if self._state is State.OPTIONS:
             return self._next_option()
-        if self.state is State.CLIENT_FLAGS:
+        if self._state is State.CLIENT_FLAGS:
             return self._client_flags()
-        if self.state is State.DONE:
+        if self._state is State.DONE:
             return NEED_DATA if not self._eof else ConnectionClosed(True, "connection closed")
         raise LocalProtocolError("next_event() before initiate()")
 
@@ -505,15 +562,27 @@ class ServerConnection:
         detail = "client closed the connection"
         if not clean:
             detail += f" in the middle of {what or 'a message'}"
-        self.state = State.DONE
-        self._buf.clear()
-        self._skip = 0
+        self._enter(Trigger.CLOSED)
         return ConnectionClosed(clean, detail)
 
     def _fail(self, message: str) -> RemoteProtocolError:
-        self.state = State.DONE
-        self._buf.clear()
+        self._enter(Trigger.PEER_ERROR)
         return RemoteProtocolError(message)
+
+    def _skip_payload(self, header: int, length: int, event: Event, what: str) -> Event | _NeedData:
+        """Drop a refused message: its ``header`` bytes, then its ``length``-byte payload.
+
+        The payload is discarded as it arrives (:meth:`receive_data`), never
+        buffered; ``event`` is returned once the last of it is gone.
+        """
+        del self._buf[:header]
+        skipped = min(length, len(self._buf))
+        del self._buf[:skipped]
+        self._skip = length - skipped
+        if self._skip:
+            self._after_skip = event
+            return self._need(what)
+        return event
 
     def _take(self, n: int) -> bytes:
         with memoryview(self._buf) as view:  # one copy (a bytearray slice would be two)
@@ -524,22 +593,22 @@ class ServerConnection:
     # -- handshake ----------------------------------------------------------------------
 
     def _client_flags(self) -> Event | _NeedData:
-        if len(self._buf) < _CLIENT_FLAGS.size:
+        if len(self._buf) < CLIENT_FLAGS.size:
             return self._need("the client flags" if self._buf else "")
-        (flags,) = _CLIENT_FLAGS.unpack(self._take(_CLIENT_FLAGS.size))
+        (flags,) = CLIENT_FLAGS.unpack(self._take(CLIENT_FLAGS.size))
         # "the server MUST drop the TCP connection if the client sets an unknown
         # flag, or a flag that does not match something advertised by the server."
         unknown = flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
         if unknown:
             raise self._fail(f"client flags {flags:#x} set unknown bits {unknown:#x}")
         self.no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
-        self.state = State.OPTIONS
+        self._enter(Trigger.CLIENT_FLAGS)
         return self.next_event()
 
     def _next_option(self) -> Event | _NeedData:
-        if len(self._buf) < _OPTION_HEADER.size:
+        if len(self._buf) < OPTION_HEADER.size:
             return self._need("an option header" if self._buf else "")
-        magic, option, length = _OPTION_HEADER.unpack_from(self._buf)
+        magic, option, length = OPTION_HEADER.unpack_from(self._buf)
         if magic != IHAVEOPT:
             raise self._fail(f"option magic {magic:#018x}, expected IHAVEOPT {IHAVEOPT:#018x}")
         if self._options_seen >= MAX_OPTIONS:
@@ -553,20 +622,15 @@ class ServerConnection:
             self._options_seen += 1
             # Skip the payload as it arrives; "NBD_REP_ERR_TOO_BIG: The request or
             # the reply is too large to process."
-            del self._buf[: _OPTION_HEADER.size]
-            skipped = min(length, len(self._buf))
-            del self._buf[:skipped]
-            self._skip = length - skipped
             message = f"option {option} carries {length} bytes; the limit is {MAX_OPTION_DATA}"
             self._reply(option, REP_ERR_TOO_BIG, message.encode())
             event = OptionRefused(option, REP_ERR_TOO_BIG, message)
-            if self._skip:
-                self._after_skip = event
-                return self._need("an oversized option payload")
-            return event
-        if len(self._buf) < _OPTION_HEADER.size + length:
+            return self._skip_payload(
+                OPTION_HEADER.size, length, event, "an oversized option payload"
+            )
+        if len(self._buf) < OPTION_HEADER.size + length:
             return self._need("an option payload")
-        del self._buf[: _OPTION_HEADER.size]
+        del self._buf[: OPTION_HEADER.size]
         data = self._take(length)
         self._options_seen += 1
         try:
@@ -576,7 +640,7 @@ class ServerConnection:
             return OptionRefused(option, refusal.reply, refusal.message)
 
     def _reply(self, option: int, reply: int, data: bytes = b"") -> None:
-        self._out += _OPTION_REPLY.pack(OPT_REPLY_MAGIC, option, reply, len(data))
+        self._out += OPTION_REPLY_HEADER.pack(OPT_REPLY_MAGIC, option, reply, len(data))
         self._out += data
 
     def _option(self, option: int, data: bytes) -> Event | _NeedData:
@@ -586,8 +650,7 @@ class ServerConnection:
             # "The server MUST reply with NBD_REP_ACK." "a server SHOULD ignore any
             # data sent by the client rather than rejecting the request".
             self._reply(option, REP_ACK)
-            self.state = State.DONE
-            self._buf.clear()
+            self._enter(Trigger.ABORT)
             return AbortRequested()
         if option == OPT_LIST:
             # "The client MUST NOT send any additional data with the option, and
@@ -601,7 +664,7 @@ class ServerConnection:
                 # ... [is] a string suitable for direct display to a human being."
                 name = export.name.encode()
                 text = _truncate_utf8(export.description, MAX_STRING)
-                self._reply(option, REP_SERVER, _U32.pack(len(name)) + name + text)
+                self._reply(option, REP_SERVER, U32.pack(len(name)) + name + text)
             self._reply(option, REP_ACK)
             return self.next_event()
         if option in (OPT_INFO, OPT_GO):
@@ -641,13 +704,13 @@ class ServerConnection:
         flags = export.transmission_flags(self.structured)
         # "S: 64 bits, size ... S: 16 bits, transmission flags, S: 124 bytes, zeroes
         # (reserved) (unless NBD_FLAG_C_NO_ZEROES was negotiated by the client)"
-        self._out += _EXPORT_NAME_REPLY.pack(export.size, flags)
+        self._out += EXPORT_NAME_REPLY.pack(export.size, flags)
         if not self.no_zeroes:
-            self._out += _ZEROES
-        return self._start(export, flags)
+            self._out += EXPORT_NAME_ZEROES
+        return self._start(Trigger.EXPORT_NAME, export, flags)
 
-    def _start(self, export: ExportInfo, flags: int) -> Event:
-        self.state = State.TRANSMISSION
+    def _start(self, trigger: Trigger, export: ExportInfo, flags: int) -> Event:
+        self._enter(trigger)
         self.export = export
         self.flags = flags
         # Contexts count only if "the final time it was sent, it referred to the
@@ -671,25 +734,25 @@ class ServerConnection:
             # "NBD_REP_ERR_UNKNOWN: The chosen export does not exist on this server."
             raise _Option(REP_ERR_UNKNOWN, f"no export named {name!r}")
         flags = export.transmission_flags(self.structured)
-        self._reply(option, REP_INFO, _INFO_EXPORT.pack(INFO_EXPORT, export.size, flags))
+        self._reply(option, REP_INFO, INFO_EXPORT_PAYLOAD.pack(INFO_EXPORT, export.size, flags))
         if INFO_NAME in requests:
-            self._reply(option, REP_INFO, _U16.pack(INFO_NAME) + export.name.encode())
+            self._reply(option, REP_INFO, U16.pack(INFO_NAME) + export.name.encode())
         if INFO_DESCRIPTION in requests and export.description:
             text = export.description.encode()[:MAX_STRING]
-            self._reply(option, REP_INFO, _U16.pack(INFO_DESCRIPTION) + text)
+            self._reply(option, REP_INFO, U16.pack(INFO_DESCRIPTION) + text)
         # Sent whether asked or not: our maximum is below the default "effectively
         # unlimited", so "The server MUST send this info if it is requested and it
         # intends to enforce block size constraints other than the defaults".
         self._reply(
             option,
             REP_INFO,
-            _INFO_BLOCK_SIZE.pack(
+            INFO_BLOCK_SIZE_PAYLOAD.pack(
                 INFO_BLOCK_SIZE, export.min_block, export.preferred_block, export.max_block
             ),
         )
         self._reply(option, REP_ACK)
         if option == OPT_GO:
-            return self._start(export, flags)
+            return self._start(Trigger.GO, export, flags)
         return self.next_event()
 
     def _opt_meta_context(self, option: int, data: bytes) -> Event | _NeedData:
@@ -740,7 +803,7 @@ class ServerConnection:
                     found.append(context)
         for context in found:
             context_id = CONTEXT_IDS[context] if setting else 0
-            self._reply(option, REP_META_CONTEXT, _U32.pack(context_id) + context.encode())
+            self._reply(option, REP_META_CONTEXT, U32.pack(context_id) + context.encode())
         self._reply(option, REP_ACK)
         if setting:
             self.contexts = tuple(found)
@@ -750,9 +813,9 @@ class ServerConnection:
     # -- transmission -----------------------------------------------------------------------
 
     def _next_request(self) -> Event | _NeedData:
-        if len(self._buf) < _REQUEST.size:
+        if len(self._buf) < REQUEST_HEADER.size:
             return self._need("a request header" if self._buf else "")
-        magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(self._buf)
+        magic, flags, command, cookie, offset, length = REQUEST_HEADER.unpack_from(self._buf)
         if magic != REQUEST_MAGIC:
             # No length to skip by: the stream cannot be resynchronised.
             raise self._fail(f"request magic {magic:#010x}, expected {REQUEST_MAGIC:#010x}")
@@ -763,26 +826,20 @@ class ServerConnection:
         if command == CMD_WRITE:
             if length > export.max_block:
                 # Refused, but the payload still follows: skip it without buffering.
-                del self._buf[: _REQUEST.size]
-                skipped = min(length, len(self._buf))
-                del self._buf[:skipped]
-                self._skip = length - skipped
                 message = f"{length} bytes is over the maximum block size {export.max_block}"
                 event = self._refuse(cookie, command, flags, offset, length, EINVAL, message)
-                if self._skip:
-                    self._after_skip = event
-                    return self._need("an oversized write payload")
-                return event
-            if len(self._buf) < _REQUEST.size + length:
+                return self._skip_payload(
+                    REQUEST_HEADER.size, length, event, "an oversized write payload"
+                )
+            if len(self._buf) < REQUEST_HEADER.size + length:
                 return self._need("a write payload")
-            del self._buf[: _REQUEST.size]
+            del self._buf[: REQUEST_HEADER.size]
             data = self._take(length)
         else:
-            del self._buf[: _REQUEST.size]
+            del self._buf[: REQUEST_HEADER.size]
         if command == CMD_DISC:
             # "The server MUST handle all outstanding requests ... and close".
-            self.state = State.DONE
-            self._buf.clear()
+            self._enter(Trigger.DISC)
             return Disconnect()
         problem = self._check(export, command, flags, offset, length)
         if problem is not None:
@@ -877,7 +934,7 @@ class ServerConnection:
         # "If structured replies have been negotiated, a simple reply MAY be used
         # as a reply to any request other than NBD_CMD_READ, but only if the reply
         # has no data payload."
-        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        return SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
 
     def reply_error(self, cookie: int, error: int, message: str = "") -> bytes:
         """An error reply; with structured replies it carries ``message``."""
@@ -887,15 +944,15 @@ class ServerConnection:
         if not self.structured:
             # Simple reply: "If it chooses not to [disconnect], it MUST NOT send any
             # payload for this request."
-            return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+            return SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, cookie)
         # "The server SHOULD prefer sending errors via a structured reply, as the
         # error can then be accompanied by a string payload"; "MUST NOT use a
         # simple reply for NBD_CMD_READ (even for the case of an early NBD_EINVAL)".
         # "message length MUST NOT exceed the 4096 bytes string length limit".
         text = _truncate_utf8(message, MAX_STRING)
-        payload = _ERROR.pack(error, len(text)) + text
+        payload = ERROR_PAYLOAD.pack(error, len(text)) + text
         return (
-            _CHUNK.pack(
+            CHUNK_HEADER.pack(
                 STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, len(payload)
             )
             + payload
@@ -918,11 +975,13 @@ class ServerConnection:
         """
         self._check_transmission()
         if not self.structured:
-            return [_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie), data]
+            return [SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, 0, cookie), data]
         length = len(data)
         if length == 0:
             return [
-                _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
+                CHUNK_HEADER.pack(
+                    STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0
+                )
             ]
         if df or length < zeros.GRANULE:
             # "If the area being read contains both data and a hole, the server MUST
@@ -942,17 +1001,21 @@ class ServerConnection:
             flags = REPLY_FLAG_DONE if i == last else 0
             if zero:
                 out.append(
-                    _CHUNK.pack(
-                        STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_HOLE, cookie, _HOLE.size
+                    CHUNK_HEADER.pack(
+                        STRUCTURED_REPLY_MAGIC,
+                        flags,
+                        REPLY_TYPE_OFFSET_HOLE,
+                        cookie,
+                        OFFSET_HOLE_PAYLOAD.size,
                     )
-                    + _HOLE.pack(offset + lo, hi - lo)
+                    + OFFSET_HOLE_PAYLOAD.pack(offset + lo, hi - lo)
                 )
             else:
                 out.append(
-                    _CHUNK.pack(
+                    CHUNK_HEADER.pack(
                         STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_DATA, cookie, 8 + hi - lo
                     )
-                    + _U64.pack(offset + lo)
+                    + OFFSET_DATA_PAYLOAD.pack(offset + lo)
                 )
                 out.append(data[lo:hi])
         return out
@@ -969,18 +1032,18 @@ class ServerConnection:
         end = READ_HEADROOM + length
         view = memoryview(buf)
         if not self.structured:
-            start = READ_HEADROOM - _SIMPLE_REPLY.size
-            _SIMPLE_REPLY.pack_into(buf, start, SIMPLE_REPLY_MAGIC, 0, cookie)
+            start = READ_HEADROOM - SIMPLE_REPLY_HEADER.size
+            SIMPLE_REPLY_HEADER.pack_into(buf, start, SIMPLE_REPLY_MAGIC, 0, cookie)
             return [view[start:end]]
         if length >= zeros.GRANULE and not zeros.has_zero_segment(
             buf, READ_HEADROOM, length, offset
         ):
             # No zero segment: one data chunk (as reply_read would send).
-            _CHUNK.pack_into(
+            CHUNK_HEADER.pack_into(
                 buf, 0, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
                 cookie, 8 + length,
             )  # fmt: skip
-            _U64.pack_into(buf, _CHUNK.size, offset)
+            OFFSET_DATA_PAYLOAD.pack_into(buf, CHUNK_HEADER.size, offset)
             return [view[:end]]
         return self.reply_read(cookie, offset, view[READ_HEADROOM:end], df=df, base=buf)
 
@@ -997,11 +1060,13 @@ class ServerConnection:
         """
         self._check_transmission()
         if not self.structured:
-            return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie), b""
-        head = _CHUNK.pack(
+            return SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, 0, cookie), b""
+        head = CHUNK_HEADER.pack(
             STRUCTURED_REPLY_MAGIC, 0, REPLY_TYPE_OFFSET_DATA, cookie, 8 + length
-        ) + _U64.pack(offset)
-        tail = _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
+        ) + OFFSET_DATA_PAYLOAD.pack(offset)
+        tail = CHUNK_HEADER.pack(
+            STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0
+        )
         return head, tail
 
     def reply_block_status(
@@ -1021,13 +1086,13 @@ class ServerConnection:
         for i, (name, descriptors) in enumerate(extents):
             if not descriptors:
                 raise LocalProtocolError(f"no extent for {name} (at least one is required)")
-            payload = bytearray(_U32.pack(CONTEXT_IDS[name]))
+            payload = bytearray(U32.pack(CONTEXT_IDS[name]))
             for length, status in descriptors:
                 if not 0 < length <= 0xFFFFFFFF:
                     raise LocalProtocolError(f"extent length {length} (must be 1..2^32-1)")
-                payload += _DESCRIPTOR.pack(length, status)
+                payload += BLOCK_STATUS_DESCRIPTOR.pack(length, status)
             flags = REPLY_FLAG_DONE if i == len(extents) - 1 else 0
-            out += _CHUNK.pack(
+            out += CHUNK_HEADER.pack(
                 STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_BLOCK_STATUS, cookie, len(payload)
             )
             out += payload
@@ -1056,14 +1121,14 @@ class _Reader:
         return int(value)
 
     def u16(self) -> int:
-        return self._get(_U16, "a 16-bit field")
+        return self._get(U16, "a 16-bit field")
 
     def u32(self) -> int:
-        return self._get(_U32, "a 32-bit field")
+        return self._get(U32, "a 32-bit field")
 
     def string(self, what: str, min_rest: int = 0) -> str:
         """A 32-bit length then that many bytes of UTF-8, leaving ``min_rest`` bytes."""
-        length = self._get(_U32, f"the length of the {what}")
+        length = self._get(U32, f"the length of the {what}")
         if length > MAX_STRING:
             raise _Option(REP_ERR_INVALID, f"{what} of {length} bytes (limit {MAX_STRING})")
         if length > self.left - min_rest:

@@ -31,6 +31,17 @@ Design
     queued has reached the socket, which is also when the next large read can
     leave with ``sendfile`` again.
 
+    In the code: :meth:`NBDServer._session` is the dispatch loop over the
+    connection's events; :meth:`NBDServer._request` decides where a request
+    runs, with one small function per policy decision (``_writes_inline``,
+    ``_reads_inline``, ``_wait_for_sendfile``, ``_bound_inline_replies``).
+
+Live features
+    The server is the :class:`~addcow.nbd.live.LivePool` of
+    :mod:`addcow.nbd.live` (its thread pool, the client calls in it, whether
+    it stops) and tells it what requests did: ``live.check_complete`` after
+    one that allocates, ``live.copy_on_read`` after a read's reply.
+
 Bounds (per connection)
     At most :data:`MAX_REQUESTS` requests in flight and :data:`MAX_PAYLOAD`
     bytes of read/write payload held by them; the reading task waits for room
@@ -80,8 +91,7 @@ from ..errors import (
     SlowZeroError,
 )
 from ..image import AddCowImage
-from . import live
-from . import protocol as nbd
+from . import live, wire
 from .live import LiveOptions, LiveState
 from .protocol import (
     NEED_DATA,
@@ -169,19 +179,19 @@ _T = TypeVar("_T")
 def nbd_errno(exc: BaseException) -> int:
     """The NBD error value for a failed request (proto.md "Error values")."""
     if isinstance(exc, ReadOnlyError):
-        return nbd.EPERM
+        return wire.EPERM
     if isinstance(exc, RangeError):
-        return nbd.EINVAL
+        return wire.EINVAL
     if isinstance(exc, ClosedImageError):
-        return nbd.ESHUTDOWN
+        return wire.ESHUTDOWN
     code = exc.errno if isinstance(exc, (AddCowIOError, OSError)) else None
     # "It also SHOULD map the EDQUOT and EFBIG errors to NBD_ENOSPC."
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return nbd.ENOSPC
+        return wire.ENOSPC
     if code in (errno.EPERM, errno.EACCES, errno.EROFS):
-        return nbd.EPERM
+        return wire.EPERM
     # "The server SHOULD NOT return NBD_ENOMEM if at all possible."
-    return nbd.EIO
+    return wire.EIO
 
 
 class _Budget:
@@ -314,54 +324,45 @@ class NBDServer:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._count = 0
-        # Library calls in the pool (live.finish waits for them) and how many
-        # of them serve clients (streaming yields to those).
-        self.calls: set[asyncio.Future[Any]] = set()
-        self.client_calls = 0
+        # Library calls in the pool (completion waits for them) and how many of
+        # them serve clients (streaming yields to those).
+        self._calls: set[asyncio.Future[Any]] = set()
+        self._client_calls = 0
 
-    # -- the thread pool and the live features ----------------------------------------
+    # -- the thread pool, as live.LivePool ---------------------------------------------
 
     def call(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
-        """Run a library call in the pool, tracked in :attr:`calls`."""
+        """Run a library call in the pool, tracked in :meth:`pending` until it is done."""
         future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        self.calls.add(future)
-        future.add_done_callback(self.calls.discard)
+        self._calls.add(future)
+        future.add_done_callback(self._calls.discard)
         return future
 
+    @property
+    def busy(self) -> int:
+        """Library calls in the pool on behalf of clients right now."""
+        return self._client_calls
+
+    def pending(self) -> set[asyncio.Future[Any]]:
+        """The library calls in the pool right now (a new set)."""
+        return set(self._calls)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` has been called."""
+        return self._stopping
+
     async def _client_call(self, fn: Callable[..., _T], *args: Any) -> _T:
-        self.client_calls += 1
+        self._client_calls += 1
         try:
             return await self.call(fn, *args)
         finally:
-            self.client_calls -= 1
+            self._client_calls -= 1
 
     def start_live(self) -> None:
         """Start copy on read and streaming tasks; finish exports already complete."""
         for export in self.exports:
-            state = export.live
-            if export.info.read_only:
-                continue
-            if state.options.copy_on_read:
-                state.cor_queue = asyncio.Queue(live.COR_QUEUE)
-                state.tasks.append(asyncio.create_task(live.copy_on_read_worker(self, export)))
-            if state.options.stream and not export.image.complete:
-                state.tasks.append(asyncio.create_task(live.stream(self, export)))
-            self.check_complete(export)
-
-    def check_complete(self, export: Export) -> None:
-        """Once every cluster is allocated, release the backing (and detach) once."""
-        state = export.live
-        if state.finishing or export.info.read_only or not export.image.complete:
-            return
-        if export.image.closed or self._stopping:
-            return
-        state.finishing = True
-        state.tasks.append(asyncio.create_task(live.finish(self, export)))
-
-    async def _copy_on_read(self, export: Export, offset: int, length: int) -> None:
-        queue = export.live.cor_queue
-        if queue is not None and live.has_unallocated(export, offset, length):
-            await queue.put((offset, length))
+            live.start(self, export)
 
     # -- listening ------------------------------------------------------------------
 
@@ -552,6 +553,7 @@ class NBDServer:
         log.debug("%s closed", client.label)
 
     async def _session(self, client: _Client, reader: asyncio.StreamReader) -> None:
+        """Feed the connection what the peer sends and act on each event, until one ends it."""
         conn = ServerConnection(self._infos)
         client.conn = conn
         client.send(conn.initiate())
@@ -565,56 +567,12 @@ class NBDServer:
                     return
                 await client.writer.drain()
                 conn.receive_data(await reader.read(READ_SIZE))
-                continue
-            if isinstance(event, Request):
+            elif isinstance(event, Request):
                 if client.writer.is_closing():
                     # The peer is gone: nobody will read the replies of what it
                     # still had in the pipe, so do not run them.
                     return
-                export = client.export
-                if export is not None:
-                    export.live.last_request = time.monotonic()
-                if (
-                    event.command == nbd.CMD_WRITE
-                    and export is not None
-                    and event.length <= INLINE_WRITE_MAX
-                    and not event.flags & nbd.CMD_FLAG_FUA
-                ):
-                    reply = self._inline_write(client, conn, export, event)
-                    if reply is not None:
-                        client.hold(reply)
-                        continue
-                if (
-                    event.command == nbd.CMD_READ
-                    and event.length <= INLINE_READ_MAX
-                    and export is not None
-                    and export.image.reads_in_place(event.offset, event.length)
-                ):
-                    queued = client.writer.transport.get_write_buffer_size()
-                    if queued and event.length >= SENDFILE_MIN:
-                        # The socket is full: wait until the client has taken what is
-                        # queued, so that this reply can leave with sendfile.
-                        client.flush()
-                        await _drain(client.writer)
-                    self._inline_read(client, conn, event)
-                    # Inline replies skip the payload budget: bound them by the
-                    # transport's buffer instead (a client that never reads its
-                    # replies stops being read from).
-                    if client.writer.transport.get_write_buffer_size() > MAX_PAYLOAD:
-                        client.flush()
-                        await _drain(client.writer)
-                    if export is not None and export.live.cor_queue is not None:
-                        client.flush()
-                        await self._copy_on_read(export, event.offset, event.length)
-                    continue
-                cost = event.length if event.command in _PAYLOAD_COMMANDS else 0
-                client.flush()
-                await client.budget.acquire(cost)
-                task = asyncio.create_task(self._execute(client, event, cost))
-                client.tasks.add(task)
-                task.add_done_callback(client.tasks.discard)
-                self._requests.add(task)
-                task.add_done_callback(self._requests.discard)
+                await self._request(client, conn, event)
             elif isinstance(event, RequestError):
                 log.info("%s: refused %s", client.label, event.message)
                 client.send(conn.reply_error(event.cookie, event.error, event.message))
@@ -642,21 +600,63 @@ class NBDServer:
 
     # -- requests -----------------------------------------------------------------------
 
-    def _inline_read(self, client: _Client, conn: ServerConnection, req: Request) -> None:
+    async def _request(self, client: _Client, conn: ServerConnection, req: Request) -> None:
+        """Serve one request: in the event loop where the policy allows, else in the pool.
+
+        Returns once the session may read on: an inline request has been
+        answered (or its reply held), a pool request has its task and budget.
+        """
+        export = client.export
+        if export is None:  # pragma: no cover - set by TransmissionStarted
+            raise RuntimeError("request before the export is known")
+        export.live.last_request = time.monotonic()
+        if _writes_inline(req):
+            reply = self._inline_write(client, conn, export, req)
+            if reply is not None:
+                client.hold(reply)
+                return
+        if _reads_inline(export, req):
+            await self._serve_inline_read(client, conn, export, req)
+            return
+        await self._submit(client, req)
+
+    async def _serve_inline_read(
+        self, client: _Client, conn: ServerConnection, export: Export, req: Request
+    ) -> None:
+        """An inline read with the waits around it: for sendfile, for room, for copy on read."""
+        await _wait_for_sendfile(client, req)
+        self._inline_read(client, conn, export, req)
+        await _bound_inline_replies(client)
+        if export.live.copies_on_read:
+            client.flush()
+            await live.copy_on_read(export, req.offset, req.length)
+
+    async def _submit(self, client: _Client, req: Request) -> None:
+        """Hand a request to the pool once the budget has room; its task sends the reply."""
+        cost = req.length if req.command in _PAYLOAD_COMMANDS else 0
+        client.flush()
+        await client.budget.acquire(cost)
+        task = asyncio.create_task(self._execute(client, req, cost))
+        client.tasks.add(task)
+        task.add_done_callback(client.tasks.discard)
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    def _inline_read(
+        self, client: _Client, conn: ServerConnection, export: Export, req: Request
+    ) -> None:
         """A read done in the event loop, and its reply sent: no task, no thread hand-off.
 
         The data is read into the connection's reply buffer after room for the
         chunk header, so a reply of one data chunk leaves in one ``writev`` of
         one buffer; the buffer is reused when the socket took it all at once.
-        Measured with ``fio --ioengine=nbd`` 4 KiB random reads at iodepth 32 on a
-        warm page cache: about 2.7 times the IOPS of sending them to the pool.
+        A small read from the page cache is a copy that takes less time than
+        the hand-off of a request to a worker thread and back, so the loop
+        does it itself.
         """
-        export = client.export
-        if export is None:  # pragma: no cover - set before requests
-            raise RuntimeError("request before the export is known")
         if req.length >= SENDFILE_MIN and self._sendfile_read(client, conn, export, req):
             return
-        end = nbd.READ_HEADROOM + req.length
+        end = wire.READ_HEADROOM + req.length
         free = client.free_buffers
         if client.lent_buffers and not client.writer.transport.get_write_buffer_size():
             # Every byte queued in the transport has reached the socket: the
@@ -667,13 +667,13 @@ class NBDServer:
         if len(buf) < end:
             buf = bytearray(end)
         try:
-            export.image.readinto(memoryview(buf)[nbd.READ_HEADROOM : end], req.offset)
+            export.image.readinto(memoryview(buf)[wire.READ_HEADROOM : end], req.offset)
         except (AddCowError, OSError) as exc:
             log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
             client.send(conn.reply_error(req.cookie, nbd_errno(exc), str(exc)))
             free.append(buf)
             return
-        df = bool(req.flags & nbd.CMD_FLAG_DF)
+        df = bool(req.flags & wire.CMD_FLAG_DF)
         if client.send(conn.reply_read_into(buf, req.cookie, req.offset, req.length, df=df)):
             if len(free) < MAX_FREE_BUFFERS:
                 free.append(buf)
@@ -740,9 +740,9 @@ class NBDServer:
 
         Into allocated clusters: one ``pwrite``. Inside one unallocated cluster:
         its copy on write when nothing needs waiting for (no other writer's claim,
-        backing bytes in the page cache); cheaper than a round trip through the
-        pool, where the loop and the workers contend for the GIL (128 KiB random
-        writes: about 0.7x qemu-nbd's IOPS through the pool, 1.07x inline).
+        backing bytes in the page cache). Either is cheaper than a round trip
+        through the pool, where the loop and the workers contend for the GIL and
+        the request waits for a thread to be scheduled.
         """
         try:
             data = req.data if req.data is not None else b""
@@ -751,7 +751,7 @@ class NBDServer:
         except (AddCowError, OSError) as exc:
             log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
             return conn.reply_error(req.cookie, nbd_errno(exc), str(exc))
-        self.check_complete(export)
+        live.check_complete(self, export)
         return conn.reply_ok(req.cookie)
 
     async def _execute(self, client: _Client, req: Request, cost: int) -> None:
@@ -767,13 +767,13 @@ class NBDServer:
                 reply = conn.reply_error(req.cookie, code, str(exc))
             except Exception as exc:
                 log.exception("%s: %s failed unexpectedly", client.label, _describe(req))
-                reply = conn.reply_error(req.cookie, nbd.EIO, f"internal error: {exc}")
+                reply = conn.reply_error(req.cookie, wire.EIO, f"internal error: {exc}")
             client.send(reply)
             command = req.command
             if command in _ALLOCATING_COMMANDS:
-                self.check_complete(export)
-            elif command in _PAYLOAD_COMMANDS and export.live.cor_queue is not None:
-                await self._copy_on_read(export, req.offset, req.length)
+                live.check_complete(self, export)
+            elif command in _PAYLOAD_COMMANDS and export.live.copies_on_read:
+                await live.copy_on_read(export, req.offset, req.length)
             await _drain(client.writer)
         finally:
             await client.budget.release(cost)
@@ -784,23 +784,23 @@ class NBDServer:
         image = export.image
         call = self._client_call
         command, flags, offset, length = req.command, req.flags, req.offset, req.length
-        fua = bool(flags & nbd.CMD_FLAG_FUA)
-        if command == nbd.CMD_READ:
+        fua = bool(flags & wire.CMD_FLAG_FUA)
+        if command == wire.CMD_READ:
             buf = bytearray(length)
             await call(image.readinto, buf, offset)
             return conn.reply_read(
-                req.cookie, offset, memoryview(buf), df=bool(flags & nbd.CMD_FLAG_DF)
+                req.cookie, offset, memoryview(buf), df=bool(flags & wire.CMD_FLAG_DF)
             )
-        if command == nbd.CMD_WRITE:
+        if command == wire.CMD_WRITE:
             data = req.data if req.data is not None else b""
             await call(_write, image, data, offset, fua)
-        elif command == nbd.CMD_FLUSH:
+        elif command == wire.CMD_FLUSH:
             await call(image.flush)
-        elif command == nbd.CMD_TRIM:
+        elif command == wire.CMD_TRIM:
             await call(_then_flush(image, fua, image.discard), offset, length)
-        elif command == nbd.CMD_WRITE_ZEROES:
-            may_unmap = not flags & nbd.CMD_FLAG_NO_HOLE
-            fast = bool(flags & nbd.CMD_FLAG_FAST_ZERO)
+        elif command == wire.CMD_WRITE_ZEROES:
+            may_unmap = not flags & wire.CMD_FLAG_NO_HOLE
+            fast = bool(flags & wire.CMD_FLAG_FAST_ZERO)
 
             def zero() -> None:
                 image.write_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
@@ -816,14 +816,14 @@ class NBDServer:
                 # library refuses before changing anything when zeroing would mean
                 # writing zero bytes (partial clusters, or a file system that can
                 # neither punch holes nor zero ranges in place).
-                return conn.reply_error(req.cookie, nbd.ENOTSUP, str(exc))
-        elif command == nbd.CMD_CACHE:
+                return conn.reply_error(req.cookie, wire.ENOTSUP, str(exc))
+        elif command == wire.CMD_CACHE:
             # "performing the actions of NBD_CMD_READ but replying with just status":
             # the bytes land in the page cache (and, with copy-on-read, the image).
             await call(image.readinto, bytearray(length), offset)
-        elif command == nbd.CMD_BLOCK_STATUS:
+        elif command == wire.CMD_BLOCK_STATUS:
             contexts = conn.contexts
-            req_one = bool(flags & nbd.CMD_FLAG_REQ_ONE)
+            req_one = bool(flags & wire.CMD_FLAG_REQ_ONE)
             extents = await call(block_status, image, offset, length, contexts, req_one)
             return conn.reply_block_status(req.cookie, extents)
         return conn.reply_ok(req.cookie)
@@ -833,8 +833,56 @@ def _write(image: AddCowImage, data: bytes, offset: int, fua: bool) -> None:
     image.write(data, offset, fua=fua)
 
 
-_PAYLOAD_COMMANDS = (nbd.CMD_READ, nbd.CMD_WRITE, nbd.CMD_CACHE)
-_ALLOCATING_COMMANDS = (nbd.CMD_WRITE, nbd.CMD_WRITE_ZEROES, nbd.CMD_TRIM)
+_PAYLOAD_COMMANDS = (wire.CMD_READ, wire.CMD_WRITE, wire.CMD_CACHE)
+_ALLOCATING_COMMANDS = (wire.CMD_WRITE, wire.CMD_WRITE_ZEROES, wire.CMD_TRIM)
+
+
+# -- where a request runs: the policy of the event loop's fast paths ------------------
+
+
+def _writes_inline(req: Request) -> bool:
+    """Whether a write may be tried in the event loop (the image may still refuse).
+
+    Only small ones, so the loop is not held for long, and none with FUA, whose
+    reply waits for the disk.
+    """
+    return (
+        req.command == wire.CMD_WRITE
+        and req.length <= INLINE_WRITE_MAX
+        and not req.flags & wire.CMD_FLAG_FUA
+    )
+
+
+def _reads_inline(export: Export, req: Request) -> bool:
+    """Whether a read runs in the event loop: a small one that only copies from files."""
+    return (
+        req.command == wire.CMD_READ
+        and req.length <= INLINE_READ_MAX
+        and export.image.reads_in_place(req.offset, req.length)
+    )
+
+
+async def _wait_for_sendfile(client: _Client, req: Request) -> None:
+    """Before an inline read that may leave with ``sendfile``: let the socket drain.
+
+    ``sendfile`` needs the transport empty (its bytes go straight to the
+    socket), so when replies are queued, wait until the client has taken them.
+    """
+    if client.writer.transport.get_write_buffer_size() and req.length >= SENDFILE_MIN:
+        client.flush()
+        await _drain(client.writer)
+
+
+async def _bound_inline_replies(client: _Client) -> None:
+    """After an inline read: bound what it queued, as the budget bounds pool requests.
+
+    Inline replies skip the payload budget; past :data:`MAX_PAYLOAD` queued in
+    the transport, the session waits for the client to read, so a client that
+    never reads its replies stops being read from.
+    """
+    if client.writer.transport.get_write_buffer_size() > MAX_PAYLOAD:
+        client.flush()
+        await _drain(client.writer)
 
 
 async def _drain(writer: asyncio.StreamWriter) -> None:
@@ -879,8 +927,8 @@ def block_status(
     out: dict[str, list[list[int]]] = {name: [] for name in wanted}
     for count, ext in enumerate(image.block_status(offset, length)):
         for name in wanted:
-            if name == nbd.CONTEXT_BASE_ALLOCATION:
-                status = (0 if ext.data else nbd.STATE_HOLE) | (nbd.STATE_ZERO if ext.zero else 0)
+            if name == wire.CONTEXT_BASE_ALLOCATION:
+                status = (0 if ext.data else wire.STATE_HOLE) | (wire.STATE_ZERO if ext.zero else 0)
             else:
                 status = ext.depth + 1 if ext.present else 0
             descs = out[name]
@@ -903,7 +951,7 @@ def block_status(
 
 
 def _describe(req: Request) -> str:
-    name = nbd.COMMAND_NAMES.get(req.command, str(req.command))
+    name = wire.COMMAND_NAMES.get(req.command, str(req.command))
     return f"{name} of {req.length} bytes at {req.offset}"
 
 
