@@ -12,7 +12,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +150,158 @@ def l2_entry(path: Path, l1_index: int, l2_index: int, entry_size: int = 8
     _, l1 = l1_entry(path, l1_index)
     at = (l1 & 0x00FFFFFFFFFFFE00) + entry_size * l2_index
     return at, read_u64(path, at)
+
+
+# -- images of every variant, made by qemu-img and qemu-io ----------------------------
+
+KiB = 1024
+MiB = 1 << 20
+
+
+def source_raw(path: Path, size: int, seed: int) -> Path:
+    """A raw disk of mixed blocks: random (incompressible), text, a byte pattern,
+    zeros, with a zero region from 2 MiB to 6 MiB (unallocated after convert)."""
+    rng = random.Random(seed)
+    buf = bytearray(size)
+    pos = 0
+    while pos < size:
+        n = min(rng.choice([512, 4 * KiB, 64 * KiB, 200 * KiB]), size - pos)
+        kind = rng.randrange(4)
+        if kind == 0:
+            chunk = rng.randbytes(n)
+        elif kind == 1:
+            chunk = (b"qcow2 text block %d " % pos * (n // 16 + 1))[:n]
+        elif kind == 2:
+            chunk = bytes([rng.randrange(1, 256)]) * n
+        else:
+            chunk = bytes(n)
+        buf[pos : pos + n] = chunk
+        pos += n
+    buf[2 * MiB : 6 * MiB] = bytes(len(buf[2 * MiB : 6 * MiB]))
+    path.write_bytes(buf)
+    return path
+
+
+def base_raw(path: Path, size: int = 2 * MiB) -> Path:
+    """A raw backing: 64 KiB blocks of byte 0x60 + i, a hole at [1 MiB, 1 MiB + 256 KiB)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(size // (64 * KiB)):
+            if MiB <= i * 64 * KiB < MiB + 256 * KiB:
+                continue
+            f.seek(i * 64 * KiB)
+            f.write(bytes([0x60 + i % 128]) * (64 * KiB))
+    return path
+
+
+def converted(d: Path, name: str, *options: str, compress: bool = False,
+              size: int = 6 * MiB + 12800, seed: int = 1) -> Path:
+    src = source_raw(d / f"{name}.src", size, seed)
+    out = d / f"{name}.qcow2"
+    args = ["convert", "-q", "-O", "qcow2"]
+    if compress:
+        args.append("-c")
+    if options:
+        args += ["-o", ",".join(options)]
+    qemu_img(*args, src, out)
+    src.unlink()
+    return out
+
+
+def _v3_zero_clusters(d: Path) -> Path:
+    p = create(d / "v3_zero_clusters.qcow2", "4M", "compat=1.1")
+    qemu_io(p, "write -P 0x11 0 192k", "write -z 64k 64k", "write -z 1M 128k",
+            "write -P 0x22 1536k 4k", "discard 128k 64k", "write -P 0x33 3000k 100k",
+            "write -P 0x34 4095k 1k")
+    return p
+
+
+def _v2_written(d: Path) -> Path:
+    p = create(d / "v2_written.qcow2", "3M", "compat=0.10")
+    qemu_io(p, "write -P 0x11 0 100k", "write -z 512k 64k", "write -P 0x12 1000k 3k")
+    return p
+
+
+def _size_unaligned(d: Path) -> Path:
+    p = create(d / "size_unaligned.qcow2", 1000448)
+    qemu_io(p, "write -P 0x5a 999424 1024", "write -P 0x5b 0 512")
+    return p
+
+
+def _qemu_io_compressed(d: Path) -> Path:
+    p = create(d / "qemu_io_compressed.qcow2", "1M")
+    qemu_io(p, "write -c -P 0x41 0 64k", "write -c -P 0x42 64k 64k",
+            "write -c -P 0x43 512k 64k")
+    return p
+
+
+def _over_raw(d: Path) -> Path:
+    base = base_raw(d / "over_raw_base.raw")
+    p = create(d / "over_raw.qcow2", "4M", backing=base)
+    qemu_io(p, "write -P 0x44 64k 64k", "write -z 192k 64k", "write -P 0x45 1100k 10k",
+            "write -P 0x46 2000k 100k")
+    return p
+
+
+def _over_qcow2(d: Path) -> Path:
+    base = base_raw(d / "chain_base.raw")
+    mid = create(d / "chain_mid.qcow2", "4M", backing=base)
+    qemu_io(mid, "write -P 0x44 64k 64k", "write -z 192k 64k")
+    top = create(d / "over_qcow2.qcow2", "4M", backing=mid, backing_fmt="qcow2")
+    qemu_io(top, "write -P 0x55 256k 64k", "write -z 64k 4k")
+    return top
+
+
+def _over_compressed(d: Path) -> Path:
+    low = converted(d, "chain_zlib", compress=True, size=3 * MiB + 4096, seed=7)
+    top = create(d / "over_compressed.qcow2", "4M", backing=low, backing_fmt="qcow2")
+    qemu_io(top, "write -P 0x66 1M 64k")
+    return top
+
+
+def _extl2(d: Path) -> Path:
+    base = base_raw(d / "extl2_base.raw")
+    p = create(d / "extl2.qcow2", "3M", "extended_l2=on", backing=base)
+    qemu_io(p, "write -P 0x11 4k 4k", "write -z 16k 4k", "write -P 0x12 64k 64k",
+            "discard 72k 8k", "write -P 0x13 128k 8k", "write -z 128k 2k",
+            "write -P 0x14 2040k 16k", "write -P 0x15 192k 64k", "discard 192k 64k",
+            "write -z 320k 64k", "write -P 0x16 2500k 3k")
+    return p
+
+
+def _extl2_16k(d: Path) -> Path:
+    p = create(d / "extl2_16k.qcow2", "1M", "extended_l2=on", "cluster_size=16k")
+    qemu_io(p, "write -P 0x21 0 512", "write -z 1k 512", "write -P 0x22 8k 1k",
+            "write -P 0x23 33k 20k", "discard 48k 16k", "write -P 0x24 1040384 8k")
+    return p
+
+
+IMAGES: dict[str, Callable[[Path], Path]] = {
+    "v2_64k": lambda d: converted(d, "v2_64k", "compat=0.10"),
+    "v3_64k": lambda d: converted(d, "v3_64k", "compat=1.1"),
+    "c512": lambda d: converted(d, "c512", "cluster_size=512", size=1536 * KiB),
+    "c4k": lambda d: converted(d, "c4k", "cluster_size=4k"),
+    "c2m": lambda d: converted(d, "c2m", "cluster_size=2M"),
+    "v2_written": _v2_written,
+    "v3_zero_clusters": _v3_zero_clusters,
+    "size_unaligned": _size_unaligned,
+    "zlib": lambda d: converted(d, "zlib", compress=True),
+    "zlib_v2": lambda d: converted(d, "zlib_v2", "compat=0.10", compress=True),
+    "zlib_c512": lambda d: converted(d, "zlib_c512", "cluster_size=512", compress=True,
+                                     size=1536 * KiB),
+    "zlib_c4k": lambda d: converted(d, "zlib_c4k", "cluster_size=4k", compress=True),
+    "zlib_c2m": lambda d: converted(d, "zlib_c2m", "cluster_size=2M", compress=True),
+    "zstd": lambda d: converted(d, "zstd", "compression_type=zstd", compress=True),
+    "zstd_c4k": lambda d: converted(d, "zstd_c4k", "compression_type=zstd", "cluster_size=4k",
+                                    compress=True),
+    "zstd_c2m": lambda d: converted(d, "zstd_c2m", "compression_type=zstd",
+                                    "cluster_size=2M", compress=True),
+    "qemu_io_compressed": _qemu_io_compressed,
+    "extl2_zlib": lambda d: converted(d, "extl2_zlib", "extended_l2=on", compress=True),
+    "extl2_converted": lambda d: converted(d, "extl2_converted", "extended_l2=on"),
+    "extl2": _extl2,
+    "extl2_16k": _extl2_16k,
+    "over_raw": _over_raw,
+    "over_qcow2": _over_qcow2,
+    "over_compressed": _over_compressed,
+}

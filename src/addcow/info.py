@@ -157,17 +157,17 @@ def qcow2_info(path: str, st: os.stat_result, *, backing_root: str | None = None
         info["full-backing-filename"] = full
         if header.backing_format is not None:
             info["backing-filename-format"] = header.backing_format
-    info["format-specific"] = {
-        "type": "qcow2",
-        "data": {
-            "compat": "0.10" if header.version == 2 else "1.1",
-            "compression-type": header.compression,
-            "lazy-refcounts": bool(header.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS),
-            "refcount-bits": 1 << header.refcount_order,
-            "corrupt": bool(header.incompatible_features & QCOW2_INCOMPAT_CORRUPT),
-            "extended-l2": header.extended_l2,
-        },
+    data: dict[str, Any] = {
+        "compat": "0.10" if header.version == 2 else "1.1",
+        "compression-type": header.compression,
     }
+    if header.version >= 3:  # version 2 has no feature bits, and qemu-img shows none
+        data["lazy-refcounts"] = bool(header.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
+    data["refcount-bits"] = 1 << header.refcount_order
+    if header.version >= 3:
+        data["corrupt"] = bool(header.incompatible_features & QCOW2_INCOMPAT_CORRUPT)
+        data["extended-l2"] = header.extended_l2
+    info["format-specific"] = {"type": "qcow2", "data": data}
     return info
 
 
