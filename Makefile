@@ -4,7 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the test suite drives as real peers: program -> package.
 TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
-          nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdcopy:libnbd-bin fio:fio
+          nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdcopy:libnbd-bin fio:fio \
+          mke2fs:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs
+# The Linux guest of tests/test_guest.py (program or file -> package), installed
+# without their recommends (no GUI, no firmware): QEMU's PC emulator, a static
+# busybox for its initramfs, and Debian's cloud kernel.
+GUEST  := qemu-system-x86_64:qemu-system-x86 busybox:busybox-static \
+          /boot/vmlinuz-*-cloud-amd64:linux-image-cloud-amd64
 
 .PHONY: test demo lint venv system-deps bench bench-lifecycle bench-nbd clean campaign
 
@@ -18,11 +24,20 @@ venv: $(BIN)/.installed
 
 # Install the apt packages whose programs are missing (needs root, as in CI).
 system-deps:
-	@missing=""; for pair in $(TOOLS); do \
+	@set -e; missing=""; for pair in $(TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	guest=""; for pair in $(GUEST); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || ls $${pair%%:*} >/dev/null 2>&1 || \
+	    guest="$$guest $${pair#*:}"; done; \
+	if [ -n "$$missing$$guest" ]; then \
+	  echo "installing:$$missing$$guest"; apt-get update -qq; \
+	fi; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi; \
+	if [ -n "$$guest" ]; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $$guest >/dev/null; \
 	fi
 
 lint: venv
@@ -30,8 +45,9 @@ lint: venv
 	$(BIN)/ruff format --check src
 	$(BIN)/mypy --strict src
 
+# Two workers: most tests wait on real peers (qemu-img, nbdcopy, a guest), not on a core.
 test: venv system-deps lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 # The long reliability campaigns (docs/reliability.md): power loss, kill -9,
 # faults at every I/O call site, hostile images and names, and (tests/crash/test_nbd_*,

@@ -1,43 +1,66 @@
 #!/usr/bin/env bash
 # The main job end to end on generated sample images (run by `make demo`):
-# a base disk, an add-cow image over it, writes through it, then map, check,
-# convert, compare, with QEMU doing the same job on a qcow2 overlay as referee;
-# then the image served over NBD, streamed while served and detached by the
-# server, leaving a standalone raw disk.
+# a golden image built the way cloud images are built (an ext4 file system made
+# from a tree of files, converted to a compressed qcow2), an add-cow image over
+# it, writes through it, then map, check, convert, compare, with QEMU doing the
+# same job on a qcow2 overlay as referee; then the image served over NBD,
+# streamed while served and detached by the server, leaving a standalone raw
+# disk that e2fsck finds clean.
 set -euo pipefail
 out=demo-out
 rm -rf "$out" && mkdir -p "$out" && cd "$out"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # Echo a command quoted as the shell needs it, so it can be pasted, then run it.
 run() { printf '$'; printf ' %q' "$@"; printf '\n'; "$@"; }
+# The first byte of a file of the ext4 file system in rootfs.raw (4 KiB blocks).
+offset_of() { echo $(( $(debugfs -R "bmap $1 0" rootfs.raw 2>/dev/null) * 4096 )); }
 
-say "1. A 64 MiB base disk: 8 MiB of random data, the rest sparse"
-head -c 8M /dev/urandom > base.raw
-truncate -s 64M base.raw
-run ls -ls base.raw
+say "1. A golden image, as cloud images are built: ext4 from a tree of files, then compressed qcow2"
+mkdir -p tree/etc tree/usr/share/doc tree/usr/lib tree/data
+echo golden > tree/etc/hostname
+for i in $(seq 40); do seq "$((i * 300))" > "tree/usr/share/doc/file$i.txt"; done
+head -c 4M /dev/urandom > tree/usr/lib/blob.bin
+head -c 64k /dev/urandom > tree/data/pattern.bin      # rewritten with 0xab below
+seq 4000 > tree/data/notes.txt                        # 5000 bytes of it become 0xcd
+head -c 128k /dev/urandom > tree/data/zeroed.bin      # zeroed (write -z)
+head -c 256k /dev/urandom > tree/data/discarded.bin   # one cluster of it discarded
+head -c 64k /dev/urandom > tree/data/served.bin       # rewritten with 0xef over NBD
+run mke2fs -q -t ext4 -b 4096 -L golden -d tree rootfs.raw 64M
+# where those files' blocks are: the writes below change file contents, as a guest would
+pattern=$(offset_of /data/pattern.bin); notes=$(offset_of /data/notes.txt)
+zeroed=$(offset_of /data/zeroed.bin); served=$(offset_of /data/served.bin)
+discarded=$(( ($(offset_of /data/discarded.bin) + 65535) / 65536 * 65536 ))  # a whole cluster
+printf 'data/pattern.bin at %d, notes.txt at %d, zeroed.bin at %d, discarded.bin has a cluster at %d, served.bin at %d\n' \
+    "$pattern" "$notes" "$zeroed" "$discarded" "$served"
+run qemu-img convert -c -f raw -O qcow2 rootfs.raw golden.qcow2
+rm rootfs.raw
+run ls -ls golden.qcow2
+run qemu-img info golden.qcow2
 
 say "2. An add-cow image over it (the seed's command line): raw image file + .add-cow"
-run addcow create -f add-cow -o backing_file=base.raw,backing_fmt=raw,image_file=disk.raw disk.add-cow
-run addcow info disk.add-cow
+run addcow create -b golden.qcow2 disk.add-cow || true  # the format is never guessed
+run addcow create -f add-cow -o backing_file=golden.qcow2,backing_fmt=qcow2,image_file=disk.raw disk.add-cow
+run addcow info --backing-chain disk.add-cow
 
 say "3. Write through it (qemu-io style commands), read back with pattern checks"
-script=(-c "write -P 0xab 1M 64k" -c "write -P 0xcd 3000 5000" -c "write -z 16M 128k"
-        -c "discard 20M 64k" -c "flush" -c "read -P 0xab 1M 64k" -c "read -P 0xcd 3000 5000")
+script=(-c "write -P 0xab $pattern 64k" -c "write -P 0xcd $((notes + 3000)) 5000"
+        -c "write -z $zeroed 128k" -c "discard $discarded 64k" -c "flush"
+        -c "read -P 0xab $pattern 64k" -c "read -P 0xcd $((notes + 3000)) 5000")
 run addcow io "${script[@]}" disk.add-cow
 
-say "4. Where each range lives: depth 0 = disk.raw, depth 1 = base.raw"
+say "4. Where each range lives: depth 0 = disk.raw, depth 1 = golden.qcow2 (compressed clusters have no offset)"
 run addcow map disk.add-cow
-run addcow map --output=json --max-length=4M disk.add-cow
+run addcow map --output=json --start-offset="$pattern" --max-length=256k disk.add-cow
 
-say "5. Consistency check"
+say "5. Consistency check (every L2 table of golden.qcow2 too)"
 run addcow check disk.add-cow
 
 say "6. The whole virtual disk as a standalone raw file"
 run addcow convert -p disk.add-cow full.raw
 run addcow compare disk.add-cow full.raw
 
-say "7. Referee: QEMU does the same job on a qcow2 overlay"
-run qemu-img create -q -f qcow2 -b base.raw -F raw -o cluster_size=64k overlay.qcow2
+say "7. Referee: QEMU does the same job on a qcow2 overlay over the same golden image"
+run qemu-img create -q -f qcow2 -b golden.qcow2 -F qcow2 -o cluster_size=64k overlay.qcow2
 run qemu-io -f qcow2 "${script[@]}" overlay.qcow2 > /dev/null
 run qemu-img compare full.raw overlay.qcow2
 
@@ -48,8 +71,8 @@ uri="nbd+unix:///?socket=$sockdir/nbd.sock"
 run addcow serve --socket "$sockdir/nbd.sock" --pidfile "$PWD/serve.pid" disk.add-cow
 run qemu-img info "$uri"
 run nbdinfo --map=qemu:allocation-depth "$uri"
-run qemu-io -f raw -c "write -P 0xef 40M 64k" "$uri"
-run qemu-io -f qcow2 -c "write -P 0xef 40M 64k" overlay.qcow2 > /dev/null
+run qemu-io -f raw -c "write -P 0xef $served 64k" "$uri"
+run qemu-io -f qcow2 -c "write -P 0xef $served 64k" overlay.qcow2 > /dev/null
 run qemu-img compare "$uri" overlay.qcow2
 
 say "9. Stream while it is served; the server detaches it and goes on serving disk.raw alone"
@@ -65,7 +88,14 @@ run ls disk.add-cow disk.raw 2>&1 || true
 run qemu-img compare "$uri" overlay.qcow2
 run kill "$(cat serve.pid)"
 wait
+
+say "10. disk.raw stands alone: QEMU's overlay's disk, a clean file system, the files as written"
 run qemu-img compare -f raw disk.raw overlay.qcow2
 run qemu-img info -f raw disk.raw
+run ls -ls disk.raw
+run e2fsck -fn disk.raw
+run debugfs -R "dump /data/served.bin served.bin" disk.raw
+run od -An -tx1 -N16 served.bin
+run debugfs -R "cat /etc/hostname" disk.raw
 
 say "Done: the add-cow image and QEMU's overlay hold the same disk; disk.raw now stands alone."
