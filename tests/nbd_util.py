@@ -40,6 +40,16 @@ def env_with_addcow() -> dict[str, str]:
     return env
 
 
+def wait_for_log(log: Path, text: str, timeout: float = 10) -> bool:
+    """Whether ``text`` appears in ``log`` within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 @dataclass
 class Server:
     proc: subprocess.Popen[bytes]
@@ -49,6 +59,10 @@ class Server:
 
     def stderr(self) -> str:
         return self.log.read_text()
+
+    def logged(self, text: str, timeout: float = 10) -> bool:
+        """Whether the server logs ``text`` within ``timeout`` seconds."""
+        return wait_for_log(self.log, text, timeout)
 
 
 @contextmanager
@@ -83,6 +97,53 @@ def served(
         raise AssertionError(f"server exited {status}\n{log.read_text()}")
     if sock.exists():
         raise AssertionError(f"server left its socket {sock} behind")
+
+
+@dataclass
+class TCPServer:
+    proc: subprocess.Popen[bytes]
+    uri: str
+    port: int
+    log: Path
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def logged(self, text: str, timeout: float = 10) -> bool:
+        """Whether the server logs ``text`` within ``timeout`` seconds."""
+        return wait_for_log(self.log, text, timeout)
+
+
+@contextmanager
+def served_tcp(
+    tmp_path: Path, *files: Path | str, args: tuple[str, ...] = (), name: str = "tcp"
+) -> Iterator[TCPServer]:
+    """Run ``addcow serve --foreground --port 0`` (127.0.0.1) until the block ends.
+
+    On exit the server gets SIGTERM and must exit 0.
+    """
+    log = tmp_path / f"{name}.log"
+    cmd = [ADDCOW, "serve", "--foreground", "-v", "--port", "0", *args, *map(str, files)]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env_with_addcow())
+    try:
+        line = _ready_line(proc, log)
+        uri = line.rsplit(" on ", 1)[1]
+        port = int(uri.rsplit(":", 1)[1].rstrip("/"))
+        yield TCPServer(proc, uri, port, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            status = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"server did not stop on SIGTERM\n{log.read_text()}") from None
+        if proc.stdout is not None:
+            proc.stdout.close()
+    if status != 0:
+        raise AssertionError(f"server exited {status}\n{log.read_text()}")
 
 
 def _ready_line(proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> str:
@@ -380,3 +441,10 @@ def killable_server(sock: Path, image: Path, args: tuple[str, ...],
         if proc.stdout is not None:
             proc.stdout.close()
         sock.unlink(missing_ok=True)
+
+
+class TCPRawClient(RawClient):
+    """:class:`RawClient` over TCP to 127.0.0.1."""
+
+    def __init__(self, port: int, timeout: float = 10) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)

@@ -312,6 +312,156 @@ def test_handshake_fed_one_byte_at_a_time() -> None:
     assert [type(e) for e in found] == [TransmissionStarted]
 
 
+# -- TLS: NBD_OPT_STARTTLS ----------------------------------------------------------------
+
+
+def tls_negotiating(mode: str, flags: int = p.FLAG_C_FIXED_NEWSTYLE) -> ServerConnection:
+    conn = ServerConnection([DISK, RO], tls=mode)
+    conn.initiate()
+    conn.receive_data(struct.pack(">I", flags))
+    assert events(conn) == []
+    return conn
+
+
+def start_tls(conn: ServerConnection) -> None:
+    """STARTTLS, its ACK, then the end of the handshake as the server reports it."""
+    conn.receive_data(option(p.OPT_STARTTLS))
+    assert events(conn) == [p.StartTLS()]
+    assert parse_replies(conn.data_to_send()) == [(p.OPT_STARTTLS, p.REP_ACK, b"")]
+    assert conn.state is p.State.TLS_HANDSHAKE
+    conn.tls_started()
+    assert conn.state is p.State.OPTIONS and conn.tls_active
+
+
+def test_forcedtls_refuses_every_option_but_starttls_and_abort_with_tls_reqd() -> None:
+    # "If the server receives any other option, including NBD_OPT_INFO and
+    # unsupported options, it MUST reply with NBD_REP_ERR_TLS_REQD if TLS has
+    # not been initiated".
+    conn = tls_negotiating(p.TLS_REQUIRE)
+    refused = (p.OPT_LIST, p.OPT_INFO, p.OPT_GO, p.OPT_STRUCTURED_REPLY, 99)
+    conn.receive_data(
+        b"".join(option(o, go_data("") if o in (p.OPT_INFO, p.OPT_GO) else b"") for o in refused)
+    )
+    found = events(conn)
+    assert [e.reply for e in found if isinstance(e, OptionRefused)] == [p.REP_ERR_TLS_REQD] * 5
+    replies = parse_replies(conn.data_to_send())
+    assert [(o, r) for o, r, _ in replies] == [(o, p.REP_ERR_TLS_REQD) for o in refused]
+    assert not conn.structured and conn.state is p.State.OPTIONS
+    conn.receive_data(option(p.OPT_ABORT))
+    assert events(conn) == [AbortRequested()]
+
+
+def test_forcedtls_refuses_an_oversized_option_with_tls_reqd_and_skips_it() -> None:
+    conn = tls_negotiating(p.TLS_REQUIRE)
+    big = p.MAX_OPTION_DATA + 1
+    conn.receive_data(struct.pack(">QII", p.IHAVEOPT, p.OPT_LIST, big) + bytes(big))
+    (event,) = events(conn)
+    assert isinstance(event, OptionRefused) and event.reply == p.REP_ERR_TLS_REQD
+    conn.receive_data(option(p.OPT_STARTTLS))
+    assert events(conn) == [p.StartTLS()]
+
+
+def test_forcedtls_export_name_before_starttls_terminates_the_session() -> None:
+    # "If the server receives a request to enter transmission mode via
+    # NBD_OPT_EXPORT_NAME when TLS has not been initiated, then as this request
+    # cannot error, it MUST terminate the session."
+    conn = tls_negotiating(p.TLS_REQUIRE)
+    conn.receive_data(option(p.OPT_EXPORT_NAME, b"disk"))
+    with pytest.raises(RemoteProtocolError, match="before NBD_OPT_STARTTLS"):
+        conn.next_event()
+    assert conn.state is p.State.DONE and conn.data_to_send() == b""
+
+
+def test_after_the_handshake_negotiation_starts_from_nothing() -> None:
+    # "the server MUST NOT preserve any negotiation state (such as a request for
+    # NBD_OPT_STRUCTURED_REPLY, or metadata contexts from
+    # NBD_OPT_SET_META_CONTEXT) issued before this command."
+    conn = tls_negotiating(p.TLS_ON)
+    conn.receive_data(
+        option(p.OPT_STRUCTURED_REPLY)
+        + option(p.OPT_SET_META_CONTEXT, meta_data("", "base:allocation"))
+    )
+    events(conn)
+    conn.data_to_send()
+    assert conn.structured and conn.contexts
+    start_tls(conn)
+    assert not conn.structured and conn.contexts == ()
+    conn.receive_data(option(p.OPT_GO, go_data("")))
+    (started,) = events(conn)
+    assert isinstance(started, TransmissionStarted)
+    assert not started.structured and started.contexts == ()
+
+
+def test_forcedtls_serves_once_tls_is_up() -> None:
+    conn = tls_negotiating(p.TLS_REQUIRE)
+    start_tls(conn)
+    conn.receive_data(option(p.OPT_STRUCTURED_REPLY) + option(p.OPT_GO, go_data("ro")))
+    found = events(conn)
+    assert isinstance(found[-1], TransmissionStarted) and found[-1].export is RO
+
+
+def test_tls_on_serves_a_client_that_never_asks() -> None:
+    conn = tls_negotiating(p.TLS_ON)
+    conn.receive_data(option(p.OPT_EXPORT_NAME, b"disk"))
+    (event,) = events(conn)
+    assert isinstance(event, TransmissionStarted) and not conn.tls_active
+
+
+def test_starttls_twice_is_invalid() -> None:
+    # "If the server receives NBD_OPT_STARTTLS when TLS has already been
+    # negotiated, it MUST reply with NBD_REP_ERR_INVALID."
+    conn = tls_negotiating(p.TLS_REQUIRE)
+    start_tls(conn)
+    conn.receive_data(option(p.OPT_STARTTLS))
+    (event,) = events(conn)
+    assert isinstance(event, OptionRefused) and event.reply == p.REP_ERR_INVALID
+
+
+def test_starttls_with_data_is_invalid() -> None:
+    # "The client MUST NOT send any additional data with the option."
+    conn = tls_negotiating(p.TLS_REQUIRE)
+    conn.receive_data(option(p.OPT_STARTTLS, b"x"))
+    (event,) = events(conn)
+    assert isinstance(event, OptionRefused) and event.reply == p.REP_ERR_INVALID
+    assert conn.state is p.State.OPTIONS
+
+
+def test_plain_bytes_after_starttls_drop_the_connection() -> None:
+    # "all further data MUST be sent and received over TLS": anything already
+    # sent in clear behind the option is not the start of a handshake.
+    conn = tls_negotiating(p.TLS_REQUIRE)
+    conn.receive_data(option(p.OPT_STARTTLS) + option(p.OPT_GO, go_data("")))
+    with pytest.raises(RemoteProtocolError, match="data after NBD_OPT_STARTTLS"):
+        conn.next_event()
+    assert conn.state is p.State.DONE
+
+
+def test_nothing_is_parsed_during_the_handshake() -> None:
+    conn = tls_negotiating(p.TLS_ON)
+    conn.receive_data(option(p.OPT_STARTTLS))
+    assert events(conn) == [p.StartTLS()]
+    assert conn.next_event() is NEED_DATA and conn.state is p.State.TLS_HANDSHAKE
+
+
+@pytest.mark.parametrize(
+    ("mode", "flags"),
+    [(p.TLS_OFF, p.FLAG_C_FIXED_NEWSTYLE), (p.TLS_ON, 0)],
+    ids=["tls-off", "not-fixed-newstyle"],
+)
+def test_starttls_is_unsupported_without_tls_or_fixed_newstyle(mode: str, flags: int) -> None:
+    # NOTLS: "The server MUST operate in NOTLS mode unless ... the client
+    # replied with NBD_FLAG_C_FIXED_NEWSTYLE".
+    conn = tls_negotiating(mode, flags)
+    conn.receive_data(option(p.OPT_STARTTLS))
+    (event,) = events(conn)
+    assert isinstance(event, OptionRefused) and event.reply == p.REP_ERR_UNSUP
+
+
+def test_an_unknown_tls_mode_is_the_callers_bug() -> None:
+    with pytest.raises(LocalProtocolError, match="tls must be one of"):
+        ServerConnection([DISK], tls="maybe")
+
+
 # -- Metadata contexts ----------------------------------------------------------------
 
 

@@ -241,8 +241,8 @@ def test_a_writable_export_on_every_address_without_tls_is_refused(
     line = failed_start(*mode, "--bind", "0.0.0.0", "--port", "0", image)
     assert line == (
         "addcow: refusing to export a writable disk on 0.0.0.0 without TLS: anyone who can "
-        "reach the port could write it. Listen on 127.0.0.1 or a Unix socket, serve "
-        "--read-only, or give --allow-insecure to accept that"
+        "reach the port could write it. Give --tls-creds DIR (TLS required), listen on "
+        "127.0.0.1 or a Unix socket, serve --read-only, or give --allow-insecure to accept that"
     )
     assert snapshot(image, image.with_name("d.raw")) == before
     # The image was not even opened: it is not locked.

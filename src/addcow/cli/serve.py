@@ -49,6 +49,7 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -60,7 +61,9 @@ from .. import sysio
 from ..errors import AddCowError
 from ..image import AddCowImage
 from ..nbd.live import LiveOptions
+from ..nbd.protocol import TLS_MODES, TLS_OFF, TLS_REQUIRE
 from ..nbd.server import Export, NBDServer, stdio_problem
+from ..nbd.tls import TLSConfig, load_credentials, parse_allowed
 from .common import CommandError, add_backing_root_arg, size_arg
 
 DEFAULT_PORT = 10809
@@ -113,6 +116,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="lock F while serving and write the server's process id to it",
     )
     p.add_argument("--foreground", action="store_true", help="do not detach once listening")
+    tls = p.add_argument_group("TLS (x509 certificates, as qemu-nbd's tls-creds-x509)")
+    tls.add_argument(
+        "--tls",
+        choices=TLS_MODES,
+        help="off; on (offered); require (default with --tls-creds: nothing served in clear)",
+    )
+    tls.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="directory with server-cert.pem, server-key.pem, and ca-cert.pem (and "
+        "optionally ca-crl.pem) to check clients",
+    )
+    tls.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="require a client certificate signed by DIR/ca-cert.pem",
+    )
+    tls.add_argument(
+        "--tls-authz",
+        action="append",
+        metavar="ID",
+        help="allow only this client: its distinguished name (CN=...,O=..., RFC 4514 order) "
+        "or sha256:FINGERPRINT of its certificate; repeat for more (implies --tls-verify-peer)",
+    )
+    tls.add_argument(
+        "--tls-psk",
+        metavar="FILE",
+        help="pre-shared keys (user:hexkey lines); needs Python 3.13 or later",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     live = p.add_argument_group("finishing the images while serving them")
     live.add_argument(
@@ -184,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
     )
     # Streaming progress and completion are always reported (on stderr).
     logging.getLogger("addcow.serve.live").setLevel(logging.INFO)
+    args.tls_config = _tls_config(args)
     _check_exposure(args, activation)
     if activation is not None:
         return _serve(args, names, _print_ready_to_stderr, activation)
@@ -211,20 +244,55 @@ def _check_exposure(args: argparse.Namespace, activation: _Activation | None) ->
     if not _reachable_from_outside(host):
         return
     log = logging.getLogger("addcow.serve")
+    tls: TLSConfig | None = args.tls_config
+    if tls is not None and tls.mode == TLS_REQUIRE:
+        if not tls.verify_peer:
+            log.warning(
+                "serving on %s with TLS but without --tls-verify-peer: any client can "
+                "connect, encrypted",
+                host,
+            )
+        return
     if args.read_only:
         log.warning("serving on %s without TLS: anyone who can reach it can read the disk", host)
         return
     if not args.allow_insecure:
         raise CommandError(
             f"refusing to export a writable disk on {host} without TLS: anyone who can reach "
-            "the port could write it. Listen on 127.0.0.1 or a Unix socket, serve --read-only, "
-            "or give --allow-insecure to accept that"
+            "the port could write it. Give --tls-creds DIR (TLS required), listen on 127.0.0.1 "
+            "or a Unix socket, serve --read-only, or give --allow-insecure to accept that"
         )
     log.warning(
         "INSECURE: serving a writable disk on %s without TLS (--allow-insecure): anyone who "
         "can reach it can read and write the disk",
         host,
     )
+
+
+def _tls_config(args: argparse.Namespace) -> TLSConfig | None:
+    """The TLS settings from --tls, --tls-creds, --tls-verify-peer and --tls-authz."""
+    if args.tls_psk is not None:
+        if not getattr(ssl, "HAS_PSK", False) or sys.version_info < (3, 13):
+            raise CommandError(
+                f"--tls-psk needs Python 3.13 or later with TLS-PSK in its ssl module (this is "
+                f"Python {sys.version.split()[0]}); use --tls-creds with x509 certificates"
+            )
+        raise CommandError("--tls-psk is not offered by this addcow; use --tls-creds")
+    mode = args.tls or (TLS_REQUIRE if args.tls_creds is not None else TLS_OFF)
+    verify = args.tls_verify_peer or bool(args.tls_authz)
+    if mode == TLS_OFF:
+        if args.tls_creds is not None or verify:
+            raise CommandError("--tls=off cannot be combined with --tls-creds, "
+                               "--tls-verify-peer or --tls-authz")  # fmt: skip
+        return None
+    if args.tls_creds is None:
+        raise CommandError(f"--tls={mode} needs --tls-creds DIR")
+    try:
+        context = load_credentials(args.tls_creds, verify_peer=verify)
+        allowed = parse_allowed(args.tls_authz or [])
+    except AddCowError as exc:
+        raise CommandError(str(exc)) from exc
+    return TLSConfig(mode, context, verify, allowed)
 
 
 def _reachable_from_outside(host: str) -> bool:
@@ -362,7 +430,7 @@ async def _main(
     pidfile: _Pidfile | None,
     activation: _Activation | None,
 ) -> int:
-    server = NBDServer(exports, max_connections=args.shared)
+    server = NBDServer(exports, max_connections=args.shared, tls=args.tls_config)
     server.install_signal_handlers()
     tempdir: str | None = None
     try:
@@ -388,6 +456,8 @@ async def _main(
                 uri = await server.listen_unix(socket_path)
             if pidfile is not None:
                 pidfile.write(os.getpid())
+            if args.tls_config is not None and args.tls_config.mode == TLS_REQUIRE:
+                uri = uri.replace("nbd://", "nbds://", 1).replace("nbd+unix://", "nbds+unix://", 1)
             files = ", ".join(args.files)
             ready(f"addcow: serving {files} on {uri}")
             server.start_live()

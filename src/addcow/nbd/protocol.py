@@ -367,6 +367,12 @@ class AbortRequested:
 
 
 @dataclass(frozen=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS was acknowledged: send what is queued, run the TLS handshake
+    on the socket, then call :meth:`ServerConnection.tls_started`."""
+
+
+@dataclass(frozen=True)
 class TransmissionStarted:
     """The handshake is over; requests for ``export`` follow."""
 
@@ -427,6 +433,7 @@ class ConnectionClosed:
 Event = (
     OptionRefused
     | AbortRequested
+    | StartTLS
     | TransmissionStarted
     | Request
     | RequestError
@@ -450,6 +457,13 @@ _ALLOWED_FLAGS = {
 _WRITING = (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES)
 
 
+TLS_OFF, TLS_ON, TLS_REQUIRE = "off", "on", "require"
+TLS_MODES = (TLS_OFF, TLS_ON, TLS_REQUIRE)
+"""``off``: no STARTTLS (NOTLS); ``on``: offered, not needed; ``require``: FORCEDTLS."""
+
+_TLS_REQUIRED = "TLS is required: send NBD_OPT_STARTTLS first"
+
+
 class _Option(Exception):
     """Internal: end an option with an error reply."""
 
@@ -462,10 +476,15 @@ class _Option(Exception):
 class ServerConnection:
     """One NBD connection, server side, without I/O."""
 
-    def __init__(self, exports: Sequence[ExportInfo]) -> None:
+    def __init__(self, exports: Sequence[ExportInfo], *, tls: str = TLS_OFF) -> None:
         if not exports:
             raise LocalProtocolError("a server needs at least one export")
+        if tls not in TLS_MODES:
+            raise LocalProtocolError(f"tls must be one of {TLS_MODES}, not {tls!r}")
         self.exports = tuple(exports)
+        self.tls_mode = tls
+        self.tls_active = False
+        self.fixed_newstyle = False
         self._state = State.GREETING
         self.no_zeroes = False
         self.structured = False
@@ -551,6 +570,8 @@ class ServerConnection:
             return self._next_option()
         if self._state is State.CLIENT_FLAGS:
             return self._client_flags()
+        if self._state is State.TLS_HANDSHAKE:
+            return NEED_DATA  # the TLS layer reads the socket until tls_started()
         if self._state is State.DONE:
             return NEED_DATA if not self._eof else ConnectionClosed(True, "connection closed")
         raise LocalProtocolError("next_event() before initiate()")
@@ -602,6 +623,7 @@ class ServerConnection:
         if unknown:
             raise self._fail(f"client flags {flags:#x} set unknown bits {unknown:#x}")
         self.no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
+        self.fixed_newstyle = bool(flags & FLAG_C_FIXED_NEWSTYLE)
         self._enter(Trigger.CLIENT_FLAGS)
         return self.next_event()
 
@@ -613,6 +635,11 @@ class ServerConnection:
             raise self._fail(f"option magic {magic:#018x}, expected IHAVEOPT {IHAVEOPT:#018x}")
         if self._options_seen >= MAX_OPTIONS:
             raise self._fail(f"more than {MAX_OPTIONS} options without entering transmission")
+        if option == OPT_EXPORT_NAME and self._tls_required():
+            # "If the server receives a request to enter transmission mode via
+            # NBD_OPT_EXPORT_NAME when TLS has not been initiated, then as this
+            # request cannot error, it MUST terminate the session."
+            raise self._fail("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS (TLS is required)")
         if option == OPT_EXPORT_NAME and length > MAX_STRING:
             # EXPORT_NAME cannot be answered with an error: "If the chosen export
             # does not exist or requirements ... are not met ..., the server MUST
@@ -622,9 +649,12 @@ class ServerConnection:
             self._options_seen += 1
             # Skip the payload as it arrives; "NBD_REP_ERR_TOO_BIG: The request or
             # the reply is too large to process."
+            reply = REP_ERR_TOO_BIG
             message = f"option {option} carries {length} bytes; the limit is {MAX_OPTION_DATA}"
-            self._reply(option, REP_ERR_TOO_BIG, message.encode())
-            event = OptionRefused(option, REP_ERR_TOO_BIG, message)
+            if self._tls_required() and option not in (OPT_STARTTLS, OPT_ABORT):
+                reply, message = REP_ERR_TLS_REQD, _TLS_REQUIRED
+            self._reply(option, reply, message.encode())
+            event = OptionRefused(option, reply, message)
             return self._skip_payload(
                 OPTION_HEADER.size, length, event, "an oversized option payload"
             )
@@ -643,7 +673,18 @@ class ServerConnection:
         self._out += OPTION_REPLY_HEADER.pack(OPT_REPLY_MAGIC, option, reply, len(data))
         self._out += data
 
+    def _tls_required(self) -> bool:
+        return self.tls_mode == TLS_REQUIRE and not self.tls_active
+
     def _option(self, option: int, data: bytes) -> Event | _NeedData:
+        # FORCEDTLS: "If the server receives any other option, including
+        # NBD_OPT_INFO and unsupported options, it MUST reply with
+        # NBD_REP_ERR_TLS_REQD if TLS has not been initiated" (other than
+        # STARTTLS and ABORT; EXPORT_NAME, which cannot error, is handled before).
+        if self._tls_required() and option not in (OPT_STARTTLS, OPT_ABORT):
+            raise _Option(REP_ERR_TLS_REQD, _TLS_REQUIRED)
+        if option == OPT_STARTTLS:
+            return self._opt_starttls(data)
         if option == OPT_EXPORT_NAME:
             return self._opt_export_name(data)
         if option == OPT_ABORT:
@@ -677,12 +718,47 @@ class ServerConnection:
             return self.next_event()
         if option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
             return self._opt_meta_context(option, data)
-        # STARTTLS included: "If the server receives NBD_OPT_STARTTLS it MUST
-        # respond with ... NBD_REP_ERR_UNSUP (if it does not support the
-        # NBD_OPT_STARTTLS option at all)". Baseline: "Servers that receive
-        # messages which they do not implement MUST reply to them with
-        # NBD_REP_ERR_UNSUP, and MUST NOT fail to parse the next message".
+        # "Servers that receive messages which they do not implement MUST reply
+        # to them with NBD_REP_ERR_UNSUP, and MUST NOT fail to parse the next
+        # message".
         raise _Option(REP_ERR_UNSUP, f"option {option} is not supported")
+
+    def _opt_starttls(self, data: bytes) -> Event | _NeedData:
+        if self.tls_mode == TLS_OFF or not self.fixed_newstyle:
+            # NOTLS ("The server MUST operate in NOTLS mode unless ... the client
+            # replied with NBD_FLAG_C_FIXED_NEWSTYLE"): "If the server receives
+            # NBD_OPT_STARTTLS it MUST respond with ... NBD_REP_ERR_UNSUP (if it
+            # does not support the NBD_OPT_STARTTLS option at all)".
+            raise _Option(REP_ERR_UNSUP, "TLS is not offered on this connection")
+        if self.tls_active:
+            # "If the server receives NBD_OPT_STARTTLS when TLS has already been
+            # negotiated, it MUST reply with NBD_REP_ERR_INVALID."
+            raise _Option(REP_ERR_INVALID, "TLS is already active")
+        if data:
+            # "The client MUST NOT send any additional data with the option."
+            raise _Option(REP_ERR_INVALID, "NBD_OPT_STARTTLS carries no data")
+        if self._buf:
+            # "After an NBD_REP_ACK reply has been sent, ... all further data MUST
+            # be sent and received over TLS": plain bytes already sent after the
+            # option can only be a broken client (or an attacker's injection).
+            raise self._fail("data after NBD_OPT_STARTTLS before the TLS handshake")
+        self._reply(OPT_STARTTLS, REP_ACK)
+        self._enter(Trigger.STARTTLS)
+        return StartTLS()
+
+    def tls_started(self) -> None:
+        """The TLS handshake is done: negotiation starts again, from nothing.
+
+        "When this command succeeds, the server MUST NOT preserve any
+        negotiation state (such as a request for NBD_OPT_STRUCTURED_REPLY, or
+        metadata contexts from NBD_OPT_SET_META_CONTEXT) issued before this
+        command."
+        """
+        self._enter(Trigger.TLS_STARTED)
+        self.tls_active = True
+        self.structured = False
+        self.contexts = ()
+        self._meta_export = None
 
     def _find_export(self, name: str) -> ExportInfo | None:
         # 'A special, "empty", name ... is reserved for a "default" export'.

@@ -73,6 +73,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 import sys
 import time
@@ -95,6 +96,7 @@ from . import live, wire
 from .live import LiveOptions, LiveState
 from .protocol import (
     NEED_DATA,
+    TLS_OFF,
     AbortRequested,
     ConnectionClosed,
     Disconnect,
@@ -104,8 +106,10 @@ from .protocol import (
     Request,
     RequestError,
     ServerConnection,
+    StartTLS,
     TransmissionStarted,
 )
+from .tls import Identity, TLSConfig, peer_identity
 
 log = logging.getLogger("addcow.serve")
 
@@ -119,6 +123,8 @@ MAX_EXTENTS = 1 << 16
 """Most extents examined for one BLOCK_STATUS (the spec lets a reply fall short)."""
 SHUTDOWN_GRACE = 10.0
 """Seconds a connection's requests get to finish at shutdown."""
+SHARED_WAIT = 60.0
+"""Seconds a client over the ``--shared`` limit waits for a turn before it is closed."""
 INLINE_READ_MAX = 1 << 20
 """Reads up to this size run in the event loop instead of the pool (0: never).
 
@@ -250,6 +256,7 @@ class _Client:
         self.budget = _Budget(MAX_REQUESTS, MAX_PAYLOAD)
         self.task: asyncio.Task[Any] | None = None
         self.finishing = False
+        self.identity: Identity | None = None  # the TLS client's certificate, once up
 
     def send(self, data: bytes | Sequence[bytes | memoryview]) -> bool:
         """Send one reply whole, after those before it.
@@ -305,7 +312,12 @@ class NBDServer:
     """Serves a list of exports (the first is the default) until stopped."""
 
     def __init__(
-        self, exports: Sequence[Export], *, max_connections: int = 0, workers: int = 8
+        self,
+        exports: Sequence[Export],
+        *,
+        max_connections: int = 0,
+        workers: int = 8,
+        tls: TLSConfig | None = None,
     ) -> None:
         if not exports:
             raise ValueError("at least one export is needed")
@@ -316,6 +328,8 @@ class NBDServer:
         self._infos = [e.info for e in exports]
         self._by_info = {id(e.info): e for e in exports}
         self.max_connections = max_connections
+        self.tls = tls
+        self._slot_freed = asyncio.Condition()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="addcow-io")
         self._servers: list[asyncio.Server] = []
         self._bound: list[BoundSocket] = []
@@ -506,8 +520,7 @@ class NBDServer:
         if self._stopping:
             writer.close()
             return
-        if self.max_connections and len(self._clients) >= self.max_connections:
-            log.warning("%s refused: already %d connections (--shared)", label, len(self._clients))
+        if not await self._wait_for_slot(label):
             writer.close()
             return
         client.task = asyncio.current_task()
@@ -527,6 +540,36 @@ class NBDServer:
         finally:
             await self._finish(client)
             self._clients.discard(client)
+            async with self._slot_freed:
+                self._slot_freed.notify()
+
+    async def _wait_for_slot(self, label: str) -> bool:
+        """Wait (at most :data:`SHARED_WAIT` seconds) until fewer than ``--shared`` clients.
+
+        As with qemu-nbd, a client over the limit waits for a turn before it is
+        greeted, instead of being dropped; one that waits too long is closed
+        with a log line. False if it was closed (or the server is stopping).
+        """
+        if not self.max_connections or len(self._clients) < self.max_connections:
+            return True
+        log.info("%s waits: already %d connections (--shared)", label, len(self._clients))
+        try:
+            async with self._slot_freed:
+                await asyncio.wait_for(
+                    self._slot_freed.wait_for(
+                        lambda: self._stopping or len(self._clients) < self.max_connections
+                    ),
+                    SHARED_WAIT,
+                )
+        except TimeoutError:
+            log.warning(
+                "%s refused: still %d connections after %.0f s (--shared)",
+                label,
+                len(self._clients),
+                SHARED_WAIT,
+            )
+            return False
+        return not self._stopping
 
     async def _finish(self, client: _Client) -> None:
         """Let requests in flight reply, then close the connection."""
@@ -554,7 +597,7 @@ class NBDServer:
 
     async def _session(self, client: _Client, reader: asyncio.StreamReader) -> None:
         """Feed the connection what the peer sends and act on each event, until one ends it."""
-        conn = ServerConnection(self._infos)
+        conn = ServerConnection(self._infos, tls=self.tls.mode if self.tls else TLS_OFF)
         client.conn = conn
         client.send(conn.initiate())
         while True:
@@ -590,6 +633,9 @@ class NBDServer:
             elif isinstance(event, Disconnect):
                 log.debug("%s: client disconnected (NBD_CMD_DISC)", client.label)
                 return
+            elif isinstance(event, StartTLS):
+                if not await self._start_tls(client, conn):
+                    return
             elif isinstance(event, AbortRequested):
                 log.debug("%s: client aborted the handshake", client.label)
                 return
@@ -597,6 +643,37 @@ class NBDServer:
                 if not event.clean:
                     log.warning("%s: %s", client.label, event.detail)
                 return
+
+    async def _start_tls(self, client: _Client, conn: ServerConnection) -> bool:
+        """Upgrade the connection after STARTTLS's ACK; False closes it.
+
+        The ACK has been queued by the protocol and is sent first; then the
+        handshake runs on the stream, with a deadline. A client whose
+        certificate is not on the allow list is closed after the handshake.
+        Replies then go through the TLS transport only: no more ``writev`` or
+        ``sendfile`` straight to the socket.
+        """
+        tls = self.tls
+        if tls is None:  # pragma: no cover - the protocol offers STARTTLS only with TLS
+            return False
+        client.flush()
+        await _drain(client.writer)
+        try:
+            await client.writer.start_tls(tls.context, ssl_handshake_timeout=tls.handshake_timeout)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            log.warning("%s: TLS handshake failed: %s", client.label, exc)
+            return False
+        client.fd = -1
+        identity = peer_identity(client.writer.get_extra_info("ssl_object"))
+        client.identity = identity
+        if not tls.allows(identity):
+            log.warning("%s: refused: %s is not on the --tls-authz list", client.label, identity)
+            return False
+        conn.tls_started()
+        ssl_object = client.writer.get_extra_info("ssl_object")
+        version = ssl_object.version() if ssl_object is not None else "?"
+        log.info("%s: TLS started (%s), client %s", client.label, version, identity)
+        return True
 
     # -- requests -----------------------------------------------------------------------
 

@@ -17,9 +17,13 @@ Transitions (quotes from proto.md)
         OPTIONS        EXPORT_NAME   an export was found    TRANSMISSION
         OPTIONS        GO            NBD_REP_ACK was sent   TRANSMISSION
         OPTIONS        ABORT         NBD_REP_ACK was sent   DONE
+        OPTIONS        STARTTLS      NBD_REP_ACK was sent   TLS_HANDSHAKE
+        TLS_HANDSHAKE  TLS_STARTED   the server's handshake OPTIONS
+                                     is done
         TRANSMISSION   DISC          NBD_CMD_DISC           DONE
         CLIENT_FLAGS,
         OPTIONS,
+        TLS_HANDSHAKE,
         TRANSMISSION   PEER_ERROR    the peer broke a MUST  DONE
                        CLOSED        end of the peer's data DONE
         DONE           (none)
@@ -32,6 +36,12 @@ Transitions (quotes from proto.md)
     PEER_ERROR: "If either the client or the server detects a violation of a
     mandatory condition ('MUST' etc.) by the other party, it MAY initiate a
     hard disconnect." Nothing is read in DONE.
+    STARTTLS: "After an NBD_REP_ACK reply has been sent, the server MUST be
+    prepared for a TLS handshake, and all further data MUST be sent and
+    received over TLS"; in TLS_HANDSHAKE the protocol reads nothing (the TLS
+    layer has the socket), and once the server reports the handshake done,
+    negotiation starts again: "the server MUST NOT preserve any negotiation
+    state".
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ class State(enum.Enum):
     GREETING = "greeting"  # nothing sent yet
     CLIENT_FLAGS = "client flags"  # greeting sent, waiting for the 32 client flags
     OPTIONS = "options"  # option haggling
+    TLS_HANDSHAKE = "TLS handshake"  # STARTTLS acknowledged, the TLS layer has the socket
     TRANSMISSION = "transmission"  # requests and replies
     DONE = "done"  # nothing more is read
 
@@ -58,6 +69,8 @@ class Trigger(enum.Enum):
     EXPORT_NAME = "NBD_OPT_EXPORT_NAME"
     GO = "NBD_OPT_GO"
     ABORT = "NBD_OPT_ABORT"
+    STARTTLS = "NBD_OPT_STARTTLS"
+    TLS_STARTED = "the end of the TLS handshake"
     DISC = "NBD_CMD_DISC"
     PEER_ERROR = "a protocol violation by the peer"
     CLOSED = "the end of the peer's data"
@@ -73,8 +86,10 @@ TRANSITIONS: Final[dict[State, dict[Trigger, State]]] = {
         Trigger.EXPORT_NAME: State.TRANSMISSION,
         Trigger.GO: State.TRANSMISSION,
         Trigger.ABORT: State.DONE,
+        Trigger.STARTTLS: State.TLS_HANDSHAKE,
         **_ENDINGS,
     },
+    State.TLS_HANDSHAKE: {Trigger.TLS_STARTED: State.OPTIONS, **_ENDINGS},
     State.TRANSMISSION: {Trigger.DISC: State.DONE, **_ENDINGS},
     State.DONE: {},
 }

@@ -1,0 +1,350 @@
+"""``addcow serve`` with TLS: real clients in, the wrong ones kept out.
+
+Certificates are made here with ``openssl``: a CA, the server's (CN and SAN
+localhost, 127.0.0.1), a client's, a client from another CA, an expired
+client. Clients: nbdinfo, nbdcopy and nbdsh with ``nbds://`` URIs and
+``tls-certificates=``; qemu-img and qemu-io with ``tls-creds-x509`` (QEMU
+checks the server's certificate against the host name); and a raw socket for
+what no well-behaved client does. After each refusal the same server must go
+on serving a good client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import ssl
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import CLUSTER, pattern, require_tool, run
+from conftest import addcow as addcow_cli
+from nbd_util import ADDCOW, IHAVEOPT, TCPRawClient, TCPServer, env_with_addcow, served_tcp
+
+import addcow
+from addcow.nbd import protocol as nbd
+
+SIZE = 64 * CLUSTER
+OPT_STARTTLS, OPT_GO, OPT_INFO, OPT_ABORT, OPT_EXPORT_NAME = 5, 7, 6, 2, 1
+
+
+# -- certificates ------------------------------------------------------------------------
+
+
+def _openssl(*args: str | Path, cwd: Path) -> None:
+    run([require_tool("openssl"), *map(str, args)], cwd=cwd)
+
+
+def _key_and_csr(where: Path, name: str, subject: str) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-subj", subject, "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", cwd=where)
+
+
+def _ca(where: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-days", "30", "-subj", f"/CN={name}", "-keyout", f"{name}-key.pem",
+             "-out", f"{name}.pem", cwd=where)  # fmt: skip
+
+
+def _sign(where: Path, ca: str, name: str, ext: str, *, expired: bool = False) -> None:
+    (where / f"{name}.ext").write_text(ext)
+    if not expired:
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey",
+                 f"{ca}-key.pem", "-CAcreateserial", "-days", "30", "-extfile", f"{name}.ext",
+                 "-out", f"{name}-cert.pem", cwd=where)  # fmt: skip
+        return
+    # openssl ca can give a certificate validity in the past.
+    db = where / f"{ca}-db"
+    db.mkdir(exist_ok=True)
+    (db / "index.txt").write_text("")
+    (db / "serial").write_text("1000\n")
+    (where / f"{ca}.cnf").write_text(
+        f"[ca]\ndefault_ca=d\n[d]\ndir={db}\ndatabase=$dir/index.txt\nserial=$dir/serial\n"
+        f"new_certs_dir=$dir\ndefault_md=sha256\npolicy=p\nunique_subject=no\n"
+        f"[p]\ncommonName=supplied\norganizationName=optional\n"
+    )
+    _openssl("ca", "-batch", "-config", f"{ca}.cnf", "-cert", f"{ca}.pem", "-keyfile",
+             f"{ca}-key.pem", "-in", f"{name}.csr", "-startdate", "20200101000000Z",
+             "-enddate", "20200201000000Z", "-extfile", f"{name}.ext",
+             "-out", f"{name}-cert.pem", cwd=where)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Credential directories: srv (the server), cli, other (another CA), expired, nocert."""
+    work = tmp_path_factory.mktemp("certs")
+    _ca(work, "ca")
+    _ca(work, "otherca")
+    _key_and_csr(work, "server", "/O=Example Org/CN=localhost")
+    _sign(work, "ca", "server", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                               "extendedKeyUsage=serverAuth\n")  # fmt: skip
+    for name, ca, cn, expired in (("client", "ca", "client.example.com", False),
+                                  ("other", "otherca", "client.example.com", False),
+                                  ("expired", "ca", "old.example.com", True)):  # fmt: skip
+        _key_and_csr(work, name, f"/O=Example Org/CN={cn}")
+        _sign(work, ca, name, "extendedKeyUsage=clientAuth\n", expired=expired)
+    dirs: dict[str, Path] = {}
+    srv = work / "srv"
+    srv.mkdir()
+    for src, dst in (("ca.pem", "ca-cert.pem"), ("server-cert.pem", "server-cert.pem"),
+                     ("server-key.pem", "server-key.pem")):  # fmt: skip
+        (srv / dst).write_bytes((work / src).read_bytes())
+    dirs["srv"] = srv
+    for name in ("client", "other", "expired", "nocert"):
+        d = work / name
+        d.mkdir()
+        (d / "ca-cert.pem").write_bytes((work / "ca.pem").read_bytes())
+        if name != "nocert":
+            (d / "client-cert.pem").write_bytes((work / f"{name}-cert.pem").read_bytes())
+            (d / "client-key.pem").write_bytes((work / f"{name}-key.pem").read_bytes())
+        dirs[name] = d
+    return dirs
+
+
+def fingerprint(cert: Path) -> str:
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+
+
+# -- the image ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"".join(pattern(0x30 + c, CLUSTER) for c in range(SIZE // CLUSTER)))
+    path = tmp_path / "d.add-cow"
+    addcow.create(path, image_file="d.raw", backing_file="base.raw", backing_format="raw")
+    with addcow.open(path) as img:
+        img.write(pattern(0xA5, CLUSTER), 2 * CLUSTER)
+    return path
+
+
+def content(path: Path) -> bytes:
+    with addcow.open(path, readonly=True, force_share=True) as img:
+        return img.read(0, img.size)
+
+
+def tls_uri(srv: TCPServer, creds: Path) -> str:
+    return f"nbds://localhost:{srv.port}/?tls-certificates={creds}"
+
+
+@pytest.fixture
+def tls_server(
+    tmp_path: Path, image: Path, certs: dict[str, Path], request: pytest.FixtureRequest
+) -> Iterator[TCPServer]:
+    extra = tuple(getattr(request, "param", ()))
+    with served_tcp(tmp_path, image, args=("--tls-creds", str(certs["srv"]), *extra)) as srv:
+        yield srv
+
+
+def nbdinfo_size(uri: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([require_tool("nbdinfo"), "--size", uri], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def a_good_client_is_still_served(srv: TCPServer, certs: dict[str, Path]) -> None:
+    proc = nbdinfo_size(tls_uri(srv, certs["client"]))
+    assert proc.returncode == 0 and proc.stdout.strip() == str(SIZE), proc.stderr
+
+
+# -- real clients through TLS ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls_server", [("--tls-verify-peer",)], indirect=True)
+def test_libnbd_clients_read_and_write_through_tls(
+    tls_server: TCPServer, certs: dict[str, Path], image: Path, tmp_path: Path
+) -> None:
+    uri = tls_uri(tls_server, certs["client"])
+    assert tls_server.uri == f"nbds://127.0.0.1:{tls_server.port}/"
+    a_good_client_is_still_served(tls_server, certs)
+    out = run([require_tool("nbdinfo"), "--map", uri]).stdout
+    assert out.strip(), "nbdinfo --map answered through TLS"
+    copy = tmp_path / "copy.raw"
+    run([require_tool("nbdcopy"), uri, str(copy)])
+    assert copy.read_bytes() == content(image)
+    nbdsh = require_tool("nbdsh")
+    script = (
+        f"h.set_uri_allow_local_file(True); h.connect_uri({uri!r}); "
+        f"h.pwrite(b'\\x5e' * 8192, 5 * {CLUSTER} + 100); h.flush(); "
+        f"print(h.pread(8192, 5 * {CLUSTER} + 100) == b'\\x5e' * 8192, h.get_size())"
+    )
+    env = env_with_addcow()
+    env["PATH"] = f"{os.path.dirname(nbdsh)}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run([nbdsh, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=env)  # fmt: skip
+    assert proc.stdout.split() == ["True", str(SIZE)], proc.stderr
+    assert content(image)[5 * CLUSTER + 100 : 5 * CLUSTER + 8292] == b"\x5e" * 8192
+    log = tls_server.stderr()
+    assert "TLS started (TLSv1.3), client CN=client.example.com,O=Example Org" in log
+
+
+@pytest.mark.parametrize("tls_server", [("--tls-verify-peer",)], indirect=True)
+def test_qemu_reads_and_writes_through_tls(
+    tls_server: TCPServer, certs: dict[str, Path], image: Path, tmp_path: Path
+) -> None:
+    obj = f"tls-creds-x509,id=tls0,dir={certs['client']},endpoint=client"
+    opts = f"driver=raw,file.driver=nbd,file.host=localhost,file.port={tls_server.port}," \
+           "file.tls-creds=tls0"  # fmt: skip
+    run([require_tool("qemu-io"), "--object", obj, "--image-opts", opts,
+         "-c", f"write -P 0x6b {7 * CLUSTER + 512} 4096", "-c", "flush"])  # fmt: skip
+    expected = bytearray(content(image))
+    assert expected[7 * CLUSTER + 512 : 7 * CLUSTER + 4608] == b"\x6b" * 4096
+    out = tmp_path / "out.raw"
+    run([require_tool("qemu-img"), "convert", "--object", obj, "--image-opts", opts,
+         "-O", "raw", str(out)])  # fmt: skip
+    assert out.read_bytes() == bytes(expected)
+
+
+def test_tls_on_serves_plain_and_tls_clients(
+    tmp_path: Path, image: Path, certs: dict[str, Path]
+) -> None:
+    with served_tcp(tmp_path, image, args=("--tls", "on", "--tls-creds", str(certs["srv"]))) as srv:
+        assert srv.uri.startswith("nbd://")
+        plain = nbdinfo_size(f"nbd://127.0.0.1:{srv.port}/")
+        assert plain.returncode == 0 and plain.stdout.strip() == str(SIZE), plain.stderr
+        a_good_client_is_still_served(srv, certs)
+
+
+# -- refusals ----------------------------------------------------------------------------
+
+
+def test_a_plain_client_gets_tls_required_and_nothing_is_served(
+    tls_server: TCPServer, certs: dict[str, Path]
+) -> None:
+    proc = nbdinfo_size(f"nbd://127.0.0.1:{tls_server.port}/")
+    assert proc.returncode != 0
+    assert "requires TLS" in proc.stderr
+    with TCPRawClient(tls_server.port) as c:
+        c.greeting()
+        c.client_flags()
+        # "If the server receives any other option, including NBD_OPT_INFO and
+        # unsupported options, it MUST reply with NBD_REP_ERR_TLS_REQD"
+        for option in (OPT_INFO, OPT_GO, 8, 9, 4242):
+            payload = struct.pack(">I", 0) + struct.pack(">H", 0)
+            c.option(option, payload if option in (OPT_INFO, OPT_GO) else b"")
+            got, reply, data = c.option_reply()
+            assert (got, reply) == (option, nbd.REP_ERR_TLS_REQD), (option, reply, data)
+        # "it MUST terminate the session" on EXPORT_NAME before TLS
+        c.option(OPT_EXPORT_NAME, b"")
+        assert c.closed_by_server()
+    with TCPRawClient(tls_server.port) as c:
+        c.greeting()
+        c.client_flags()
+        c.option(OPT_ABORT)  # ABORT is honoured before TLS
+        assert c.option_reply()[:2] == (OPT_ABORT, nbd.REP_ACK)
+    a_good_client_is_still_served(tls_server, certs)
+
+
+@pytest.mark.parametrize("tls_server", [("--tls-verify-peer",)], indirect=True)
+@pytest.mark.parametrize("who", ["other", "expired", "nocert"])
+def test_a_client_the_ca_does_not_vouch_for_is_refused(
+    tls_server: TCPServer, certs: dict[str, Path], who: str
+) -> None:
+    proc = nbdinfo_size(tls_uri(tls_server, certs[who]))
+    assert proc.returncode != 0, proc.stdout
+    assert tls_server.logged("TLS handshake failed"), tls_server.stderr()
+    a_good_client_is_still_served(tls_server, certs)
+
+
+def test_the_allow_list_by_name_and_by_fingerprint(
+    tmp_path: Path, image: Path, certs: dict[str, Path]
+) -> None:
+    client_fp = fingerprint(certs["client"] / "client-cert.pem")
+    colons = ":".join(client_fp[i : i + 2] for i in range(0, 64, 2)).upper()
+    for allowed, ok in (("CN=client.example.com,O=Example Org", True),
+                        (f"sha256:{colons}", True),
+                        ("CN=someone.else,O=Example Org", False),
+                        (f"sha256:{'00' * 32}", False)):  # fmt: skip
+        args = ("--tls-creds", str(certs["srv"]), "--tls-authz", allowed)
+        with served_tcp(tmp_path, image, args=args) as srv:
+            proc = nbdinfo_size(tls_uri(srv, certs["client"]))
+            assert (proc.returncode == 0) is ok, (allowed, proc.stderr)
+            if not ok:
+                assert srv.logged("is not on the --tls-authz list"), srv.stderr()
+
+
+def test_garbage_instead_of_a_handshake_and_data_after_starttls(
+    tls_server: TCPServer, certs: dict[str, Path]
+) -> None:
+    with TCPRawClient(tls_server.port) as c:
+        c.greeting()
+        c.client_flags()
+        c.option(OPT_STARTTLS)
+        assert c.option_reply()[:2] == (OPT_STARTTLS, nbd.REP_ACK)
+        c.sock.sendall(b"this is not a TLS ClientHello" * 10)
+        assert c.closed_by_server()
+    with TCPRawClient(tls_server.port) as c:
+        c.greeting()
+        c.client_flags()
+        # STARTTLS and, before its ACK, another option in clear: refused, closed.
+        header = struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0)
+        c.sock.sendall(header + struct.pack(">QII", IHAVEOPT, 8, 0))
+        assert c.closed_by_server()
+    assert tls_server.logged("data after NBD_OPT_STARTTLS before the TLS handshake")
+    a_good_client_is_still_served(tls_server, certs)
+
+
+def test_negotiation_before_tls_is_forgotten(tls_server: TCPServer, certs: dict[str, Path]) -> None:
+    """A TLS client that asks for structured replies after the handshake gets them; the
+    server's protocol state from before STARTTLS is not kept (protocol tests check
+    that it is cleared); here a real TLS session runs through, python's ssl as client."""
+    context = ssl.create_default_context(cafile=str(certs["client"] / "ca-cert.pem"))
+    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=10) as raw:
+        raw.recv(18)
+        raw.sendall(struct.pack(">I", 3))
+        raw.sendall(struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0))
+        _magic, option, reply, length = struct.unpack(">QIII", raw.recv(20))
+        assert (option, reply, length) == (OPT_STARTTLS, nbd.REP_ACK, 0)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0))
+            _m, option, reply, length = struct.unpack(">QIII", tls.recv(20))
+            message = tls.recv(length) if length else b""
+            # "If the server receives NBD_OPT_STARTTLS when TLS has already been
+            # negotiated, it MUST reply with NBD_REP_ERR_INVALID."
+            assert (option, reply) == (OPT_STARTTLS, nbd.REP_ERR_INVALID), message
+    a_good_client_is_still_served(tls_server, certs)
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+def test_tls_configuration_mistakes_are_one_line(
+    tmp_path: Path, image: Path, certs: dict[str, Path]
+) -> None:
+    cases = [
+        (("--tls", "require"), "--tls=require needs --tls-creds DIR"),
+        (("--tls-creds", str(tmp_path / "nowhere")), "TLS credentials directory not found"),
+        (("--tls-creds", str(certs["client"])), "server-cert.pem: not found"),
+        (("--tls-creds", str(certs["srv"]), "--tls-authz", "nobody"),
+         "invalid --tls-authz 'nobody'"),
+        (("--tls", "off", "--tls-creds", str(certs["srv"])), "--tls=off cannot be combined"),
+        (("--tls-psk", str(tmp_path / "keys.psk")), "--tls-psk needs Python 3.13 or later"),
+    ]  # fmt: skip
+    for args, message in cases:
+        proc = addcow_cli("serve", "--foreground", "--port", "0", *args, image, check=False)
+        assert proc.returncode == 1, (args, proc.stderr)
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("addcow: ") and message in lines[0], args
+
+
+def test_a_writable_export_on_every_address_is_served_with_tls(
+    image: Path, certs: dict[str, Path]
+) -> None:
+    proc = subprocess.Popen(
+        [ADDCOW, "serve", "--foreground", "--bind", "0.0.0.0", "--port", "0",
+         "--tls-creds", str(certs["srv"]), "--tls-verify-peer", str(image)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with_addcow(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("addcow: serving ") and " on nbds://0.0.0.0:" in line, line
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "INSECURE" not in err and "without TLS" not in err, err
