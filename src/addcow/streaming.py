@@ -79,9 +79,21 @@ class RateLimit:
     def __init__(self, rate: int | None) -> None:
         self.rate = rate
         self.started = time.monotonic()
+        self._since = time.monotonic()
+        self._base = 0
 
     def delay(self, done: int) -> float:
         """Seconds to wait, after ``done`` bytes since the start, to keep the rate."""
         if not self.rate:
             return 0.0
-        return max(0.0, done / self.rate - (time.monotonic() - self.started))
+        return max(0.0, (done - self._base) / self.rate - (time.monotonic() - self._since))
+
+    def restart(self, rate: int | None, done: int) -> None:
+        """Keep ``rate`` from now on, ``done`` bytes dealt with so far (a new rate, a resume).
+
+        Counting again from now means that neither time spent paused nor the
+        bytes under an earlier rate turn into a burst.
+        """
+        self.rate = rate
+        self._since = time.monotonic()
+        self._base = done

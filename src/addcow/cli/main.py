@@ -28,6 +28,7 @@ COMMANDS = {
     "check": "check",
     "commit": "lifecycle",
     "compare": "convert",
+    "control": "status",
     "convert": "convert",
     "create": "create",
     "detach": "lifecycle",
@@ -37,6 +38,7 @@ COMMANDS = {
     "rebase": "reshape",
     "resize": "reshape",
     "serve": "serve",
+    "status": "status",
     "stream": "lifecycle",
 }
 """Only the module of the command being run is imported (``serve`` pulls in

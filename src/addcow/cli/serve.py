@@ -8,10 +8,12 @@ When the server listens it prints one flushed line on stdout::
 
 Without ``--foreground`` the server then detaches (the line is printed by
 the process that was started, which exits 0 once the daemon listens), with
-``--pidfile`` naming the daemon; a detached server keeps no log.
-``--stdio`` serves one connection on stdin/stdout, which must be a socket or
-pipes, and exits when it ends (for ``nbdsh``'s ``connect_command`` and
-inetd); logs then go to stderr only.
+``--pidfile`` naming the daemon; it then logs to ``--log-file``, or to
+syslog (:mod:`addcow.cli.serve_log`). ``--stdio`` serves one connection on
+stdin/stdout, which must be a socket or pipes, and exits when it ends (for
+``nbdsh``'s ``connect_command`` and inetd); logs then go to stderr (and a
+log file or syslog if asked). ``--control PATH`` adds the control socket of
+:mod:`addcow.nbd.control`.
 
 Socket activation (systemd, libnbd's ``[ CMD ]``): when ``LISTEN_PID`` is this
 process and ``LISTEN_FDS`` is set, the server serves the one socket on fd 3:
@@ -60,10 +62,12 @@ from dataclasses import dataclass
 from .. import sysio
 from ..errors import AddCowError
 from ..image import AddCowImage
+from ..nbd.control import ControlServer
 from ..nbd.live import LiveOptions
 from ..nbd.protocol import TLS_MODES, TLS_OFF, TLS_REQUIRE
 from ..nbd.server import Export, NBDServer, stdio_problem
 from ..nbd.tls import TLSConfig, load_credentials, parse_allowed
+from . import serve_log
 from .common import CommandError, add_backing_root_arg, size_arg
 
 DEFAULT_PORT = 10809
@@ -145,7 +149,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="pre-shared keys (user:hexkey lines); needs Python 3.13 or later",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    p.add_argument(
+        "--control",
+        metavar="PATH",
+        help="a control socket at PATH (JSON lines: query, stream-pause, stream-resume, "
+        "stream-set-rate, detach, flush); see addcow status and addcow control",
+    )
+    logs = p.add_argument_group("logging (stderr, and a file or syslog)")
+    logs.add_argument("--log-file", metavar="FILE", help="append the log to FILE")
+    logs.add_argument(
+        "--syslog",
+        action="store_true",
+        help="log to syslog (/dev/log; the default of a detached server without --log-file)",
+    )
+    logs.add_argument(
+        "--log-format", choices=serve_log.FORMATS, default="text", help="text or json lines"
+    )
+    logs.add_argument(
+        "-v", "--verbose", action="store_true", help="log negotiation details and refusals too"
+    )
     live = p.add_argument_group("finishing the images while serving them")
     live.add_argument(
         "--copy-on-read",
@@ -209,20 +231,26 @@ def run(args: argparse.Namespace) -> int:
         problem = stdio_problem()
         if problem is not None:
             raise CommandError(f"--stdio needs a socket or pipe on stdin/stdout, found {problem}")
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="addcow serve: %(message)s",
+    if args.log_file is not None and args.syslog:
+        raise CommandError("--log-file and --syslog: give one")
+    detached = not (args.stdio or args.foreground or activation is not None)
+    keeps_log = serve_log.configure(
+        verbose=args.verbose,
+        log_format=args.log_format,
+        log_file=args.log_file,
+        syslog=args.syslog,
+        detached=detached,
     )
-    # Streaming progress and completion are always reported (on stderr).
-    logging.getLogger("addcow.serve.live").setLevel(logging.INFO)
     args.tls_config = _tls_config(args)
     _check_exposure(args, activation)
     if activation is not None:
         return _serve(args, names, _print_ready_to_stderr, activation)
     if args.stdio or args.foreground:
         return _serve(args, names, _print_ready, None)
-    return _daemonize(lambda ready: _serve(args, names, ready, None))
+    status = _daemonize(lambda ready: _serve(args, names, ready, None))
+    if not keeps_log:
+        print(serve_log.NO_LOG_WARNING, file=sys.stderr, flush=True)
+    return status
 
 
 def _check_exposure(args: argparse.Namespace, activation: _Activation | None) -> None:
@@ -433,7 +461,11 @@ async def _main(
     server = NBDServer(exports, max_connections=args.shared, tls=args.tls_config)
     server.install_signal_handlers()
     tempdir: str | None = None
+    control: ControlServer | None = None
     try:
+        if args.control is not None:
+            control = ControlServer(server)
+            await control.listen(os.path.abspath(args.control))
         if activation is not None and not activation.listening:
             server.start_live()
             await server.serve_connection(activation.sock)
@@ -464,6 +496,8 @@ async def _main(
             await server.wait_stopped()
     finally:
         server.stop()
+        if control is not None:
+            await control.close()
         await server.close()
         server.remove_sockets()
         if tempdir is not None:

@@ -20,7 +20,11 @@
     client call is in the pool and no request arrived for :data:`BUSY_WINDOW`
     seconds, so a busy client slows the stream down without ever stopping it.
     Progress is logged every :data:`PROGRESS_SECONDS` (logger
-    ``addcow.serve.live``).
+    ``addcow.serve.live``). The control socket may pause it (the span being
+    copied finishes, the next waits), resume it and change its rate
+    (:func:`pause_stream`, :func:`resume_stream`, :func:`set_stream_rate`);
+    a new rate or a resume counts from that moment, so time spent paused
+    never turns into a burst.
 
 Completion (always, for writable exports)
     When every bit is set (by streaming, copy on read or client writes) the
@@ -32,7 +36,8 @@ Completion (always, for writable exports)
     and the backing file is closed. With ``--detach-when-complete`` it then
     calls :meth:`~addcow.image.AddCowImage.detach_in_place`: the .add-cow file
     is removed and the connected clients go on using the raw file through the
-    same open descriptor; from then on a FLUSH only syncs that file.
+    same open descriptor; from then on a FLUSH only syncs that file. Without
+    it, :func:`detach` (the control socket's ``detach``) does the same later.
 
 What this module needs of the server
     :class:`LivePool`, and nothing else: a way to run library calls in the
@@ -109,6 +114,19 @@ class LiveOptions:
     detach_when_complete: bool = False
 
 
+STREAM_NONE, STREAM_RUNNING, STREAM_PAUSED, STREAM_CONCLUDED = (
+    "none",
+    "running",
+    "paused",
+    "concluded",
+)
+"""States of an export's stream, named as QEMU's block job statuses where they exist."""
+
+
+class LiveError(AddCowError):
+    """A control request the export's state does not allow (nothing was changed)."""
+
+
 @dataclass
 class LiveState:
     """Per-export run-time state of the live features."""
@@ -118,6 +136,15 @@ class LiveState:
     finishing: bool = False
     cor_queue: asyncio.Queue[tuple[int, int]] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    finish_task: asyncio.Task[None] | None = None
+    stream_status: str = STREAM_NONE
+    stream_done: int = 0  # bytes of the virtual disk the stream has dealt with
+    stream_copied: int = 0  # of which copied from the backing (the rest: left as zero)
+    rate: RateLimit | None = None
+    resumed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.resumed.set()
 
     @property
     def copies_on_read(self) -> bool:
@@ -133,8 +160,13 @@ def start(pool: LivePool, export: Export) -> None:
     if state.options.copy_on_read:
         state.cor_queue = asyncio.Queue(COR_QUEUE)
         state.tasks.append(asyncio.create_task(copy_on_read_worker(pool, export)))
-    if state.options.stream and not export.image.complete:
-        state.tasks.append(asyncio.create_task(stream(pool, export)))
+    if state.options.stream:
+        state.rate = RateLimit(state.options.stream_rate)
+        if export.image.complete:
+            state.stream_status = STREAM_CONCLUDED
+        else:
+            state.stream_status = STREAM_RUNNING
+            state.tasks.append(asyncio.create_task(stream(pool, export)))
     check_complete(pool, export)
 
 
@@ -146,7 +178,8 @@ def check_complete(pool: LivePool, export: Export) -> None:
     if export.image.closed or pool.stopping:
         return
     state.finishing = True
-    state.tasks.append(asyncio.create_task(finish(pool, export)))
+    state.finish_task = asyncio.create_task(finish(pool, export))
+    state.tasks.append(state.finish_task)
 
 
 async def copy_on_read(export: Export, offset: int, length: int) -> None:
@@ -211,16 +244,20 @@ async def _populate(
 async def stream(pool: LivePool, export: Export) -> None:
     """Copy every unallocated cluster in the background, yielding to clients."""
     state, image = export.live, export.image
-    rate = RateLimit(state.options.stream_rate)
+    rate = state.rate = state.rate or RateLimit(state.options.stream_rate)
     commits = CommitPolicy()
     total = image.unallocated_bytes
     log.info("%s: streaming %s from the backing file", image.path, _mib(total))
     buffer = bytearray(4 << 20)
     last_log = time.monotonic()
-    done = copied = zero = 0
+    copied = zero = 0
     pos = 0
     wrapped = False
     while not image.complete:
+        if not state.resumed.is_set():
+            await state.resumed.wait()
+            rate.restart(rate.rate, state.stream_done)
+            continue
         busy = await _yield_to_clients(pool, state)
         span_bytes = SPAN_BUSY if busy else SPAN_IDLE
         if rate.rate:  # about ten steps a second, so the rate holds over short times too
@@ -236,7 +273,8 @@ async def stream(pool: LivePool, export: Export) -> None:
         lo, hi, pos = span
         w, z = await pool.call(image.populate, lo, hi - lo, buffer)
         copied, zero = copied + w, zero + z
-        done += hi - lo
+        state.stream_done += hi - lo
+        state.stream_copied = copied
         if commits.copied(w):
             await pool.call(image.flush)
         now = time.monotonic()
@@ -250,9 +288,9 @@ async def stream(pool: LivePool, export: Export) -> None:
                 _mib(total - left),
                 _mib(total),
                 percent,
-                done / (1 << 20) / max(now - rate.started, 1e-9),
+                state.stream_done / (1 << 20) / max(now - rate.started, 1e-9),
             )
-        ahead = rate.delay(done)
+        ahead = rate.delay(state.stream_done)
         if ahead > 0:
             await asyncio.sleep(ahead)
     log.info(
@@ -262,6 +300,7 @@ async def stream(pool: LivePool, export: Export) -> None:
         _mib(zero),
         time.monotonic() - rate.started,
     )
+    state.stream_status = STREAM_CONCLUDED
     check_complete(pool, export)
 
 
@@ -300,6 +339,78 @@ async def finish(pool: LivePool, export: Export) -> None:
             log.info("%s: detached: removed the .add-cow file; serving %s", image.path, raw)
     except AddCowError as exc:
         log.error("%s: finishing the image failed: %s", image.path, exc)
+
+
+def _streaming(export: Export) -> LiveState:
+    state = export.live
+    if state.stream_status == STREAM_NONE:
+        raise LiveError(
+            f"{export.info.name}: not streaming (the server was started without --stream)"
+        )
+    return state
+
+
+def pause_stream(export: Export) -> bool:
+    """Pause the export's stream after the span being copied; False if it was paused."""
+    state = _streaming(export)
+    if state.stream_status != STREAM_RUNNING:
+        return False
+    state.resumed.clear()
+    state.stream_status = STREAM_PAUSED
+    log.info("%s: stream paused", export.image.path)
+    return True
+
+
+def resume_stream(export: Export) -> bool:
+    """Resume a paused stream; False if it was not paused."""
+    state = _streaming(export)
+    if state.stream_status != STREAM_PAUSED:
+        return False
+    state.stream_status = STREAM_RUNNING
+    state.resumed.set()
+    log.info("%s: stream resumed", export.image.path)
+    return True
+
+
+def set_stream_rate(export: Export, rate: int) -> None:
+    """Stream at most ``rate`` bytes per second from now on (0: no limit)."""
+    state = _streaming(export)
+    if rate < 0:
+        raise LiveError(
+            f"stream rate: expected 0 (no limit) or more bytes per second, found {rate}"
+        )
+    limit = state.rate = state.rate or RateLimit(None)
+    limit.restart(rate or None, state.stream_done)
+    state.options.stream_rate = rate or None
+    log.info("%s: stream rate %s", export.image.path, f"{rate} bytes/s" if rate else "unlimited")
+
+
+async def detach(pool: LivePool, export: Export) -> str:
+    """Remove the .add-cow file of a complete export and serve its raw file; its path.
+
+    The image is released first (as on completion), so the header that says
+    every cluster is allocated is durable before the file goes.
+    """
+    image = export.image
+    if export.info.read_only:
+        raise LiveError(f"{export.info.name}: read-only export; detach needs it writable")
+    if not image.detached:
+        if not image.complete:
+            left = image.total_clusters - image.allocated_clusters
+            raise LiveError(
+                f"{export.info.name}: not complete: {left} of {image.total_clusters} clusters "
+                "are still read from the backing file"
+            )
+        check_complete(pool, export)
+        if export.live.finish_task is not None:
+            await asyncio.shield(export.live.finish_task)
+    if image.detached:
+        return image.image_path
+    if image.backing is not None:  # finishing failed (logged): do not go on
+        raise LiveError(f"{export.info.name}: the backing file could not be released")
+    raw = await pool.call(image.detach_in_place)
+    log.info("%s: detached: removed the .add-cow file; serving %s", image.path, raw)
+    return raw
 
 
 async def stop_tasks(export: Export, grace: float) -> None:

@@ -155,6 +155,42 @@ SEND_BUFFER = 4 << 20
 _IOV_MAX = 1024
 
 
+@dataclass(slots=True)
+class Counters:
+    """Requests and bytes served, by kind (the names of QEMU's ``query-blockstats``)."""
+
+    rd_operations: int = 0
+    rd_bytes: int = 0
+    wr_operations: int = 0  # writes and write-zeroes
+    wr_bytes: int = 0
+    unmap_operations: int = 0  # trims
+    unmap_bytes: int = 0
+    flush_operations: int = 0
+
+    def count(self, command: int, length: int) -> None:
+        if command == wire.CMD_READ:
+            self.rd_operations += 1
+            self.rd_bytes += length
+        elif command in (wire.CMD_WRITE, wire.CMD_WRITE_ZEROES):
+            self.wr_operations += 1
+            self.wr_bytes += length
+        elif command == wire.CMD_TRIM:
+            self.unmap_operations += 1
+            self.unmap_bytes += length
+        elif command == wire.CMD_FLUSH:
+            self.flush_operations += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __str__(self) -> str:
+        return (
+            f"{self.rd_operations} reads ({self.rd_bytes} bytes), "
+            f"{self.wr_operations} writes ({self.wr_bytes} bytes), "
+            f"{self.unmap_operations} trims, {self.flush_operations} flushes"
+        )
+
+
 @dataclass
 class Export:
     """One served image: its protocol description and the open image."""
@@ -162,6 +198,7 @@ class Export:
     info: ExportInfo
     image: AddCowImage
     live: LiveState = field(default_factory=LiveState)
+    counters: Counters = field(default_factory=Counters)
 
     @classmethod
     def from_image(
@@ -232,8 +269,12 @@ class _Budget:
 class _Client:
     """State of one connection as the server sees it."""
 
-    def __init__(self, label: str, writer: asyncio.StreamWriter) -> None:
-        self.label = label
+    def __init__(self, number: int, address: str, writer: asyncio.StreamWriter) -> None:
+        self.number = number
+        self.address = address
+        self.label = f"connection {number}" + (f" from {address}" if address else "")
+        self.connected_at = time.time()
+        self.counters = Counters()
         self.writer = writer
         # The socket's descriptor, for replies written straight to it (-1: pipes).
         self.fd = -1
@@ -330,6 +371,7 @@ class NBDServer:
         self.max_connections = max_connections
         self.tls = tls
         self._slot_freed = asyncio.Condition()
+        self._wake: asyncio.Task[None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="addcow-io")
         self._servers: list[asyncio.Server] = []
         self._bound: list[BoundSocket] = []
@@ -338,6 +380,8 @@ class NBDServer:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._count = 0
+        self.started_at = time.time()
+        self.uris: list[str] = []  # where it listens, as NBD URIs
         # Library calls in the pool (completion waits for them) and how many of
         # them serve clients (streaming yields to those).
         self._calls: set[asyncio.Future[Any]] = set()
@@ -373,6 +417,11 @@ class NBDServer:
         finally:
             self._client_calls -= 1
 
+    @property
+    def clients(self) -> list[_Client]:
+        """The connections being served (a new list)."""
+        return list(self._clients)
+
     def start_live(self) -> None:
         """Start copy on read and streaming tasks; finish exports already complete."""
         for export in self.exports:
@@ -395,7 +444,7 @@ class NBDServer:
             sock.close()
             raise
         self._bound.append(bound)
-        return uri
+        return uri  # listen_socket remembered it
 
     async def listen_tcp(self, host: str, port: int) -> str:
         """Listen on TCP (``port`` 0 picks a free one); returns the NBD URI."""
@@ -408,7 +457,9 @@ class NBDServer:
                 f"cannot listen on {host} port {port}: {_strerror(exc)}", exc.errno
             ) from exc
         self._servers.append(server)
-        return socket_uri(server.sockets[0])
+        uri = socket_uri(server.sockets[0])
+        self.uris.append(uri)
+        return uri
 
     async def listen_socket(self, sock: socket.socket) -> str:
         """Serve on a stream socket that already listens (Unix or TCP); returns the NBD URI.
@@ -429,7 +480,9 @@ class NBDServer:
         else:
             server = await asyncio.start_server(self._accept, sock=sock, limit=READ_SIZE)
         self._servers.append(server)
-        return socket_uri(sock)
+        uri = socket_uri(sock)
+        self.uris.append(uri)
+        return uri
 
     def remove_sockets(self) -> None:
         """Unlink each socket :meth:`listen_unix` bound, if its path still names it."""
@@ -479,7 +532,8 @@ class NBDServer:
         """Begin a clean shutdown (idempotent)."""
         if self._stopping:
             return
-        log.info("shutting down")
+        # Only a server that listened or served has something to report.
+        log.log(logging.INFO if self.uris or self._count else logging.DEBUG, "shutting down")
         self._stopping = True
         for server in self._servers:
             server.close()
@@ -487,6 +541,12 @@ class NBDServer:
             if client.task is not None and not client.finishing:
                 client.task.cancel()
         self._stopped.set()
+        # Clients waiting for a --shared turn are closed now, not after SHARED_WAIT.
+        self._wake = asyncio.get_running_loop().create_task(self._wake_waiters())
+
+    async def _wake_waiters(self) -> None:
+        async with self._slot_freed:
+            self._slot_freed.notify_all()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -513,9 +573,8 @@ class NBDServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._count += 1
-        peer = writer.get_extra_info("peername")
-        label = f"connection {self._count}" + (f" from {peer}" if peer else "")
-        client = _Client(label, writer)
+        client = _Client(self._count, _address(writer.get_extra_info("peername")), writer)
+        label = client.label
         writer.transport.set_write_buffer_limits(high=0)  # drain() waits until empty
         if self._stopping:
             writer.close()
@@ -525,7 +584,7 @@ class NBDServer:
             return
         client.task = asyncio.current_task()
         self._clients.add(client)
-        log.debug("%s opened", label)
+        log.debug("%s opened", label, extra={"client": client.address})
         try:
             await self._session(client, reader)
         except RemoteProtocolError as exc:
@@ -593,7 +652,15 @@ class NBDServer:
         client.writer.close()
         with contextlib.suppress(ConnectionError, asyncio.TimeoutError, RuntimeError, OSError):
             await asyncio.wait_for(client.writer.wait_closed(), 1.0)
-        log.debug("%s closed", client.label)
+        if client.export is not None:
+            log.info(
+                "%s closed: %s",
+                client.label,
+                client.counters,
+                extra={"client": client.address, "export": client.export.info.name},
+            )
+        else:
+            log.debug("%s closed", client.label)
 
     async def _session(self, client: _Client, reader: asyncio.StreamReader) -> None:
         """Feed the connection what the peer sends and act on each event, until one ends it."""
@@ -617,19 +684,21 @@ class NBDServer:
                     return
                 await self._request(client, conn, event)
             elif isinstance(event, RequestError):
-                log.info("%s: refused %s", client.label, event.message)
+                log.debug("%s: refused %s", client.label, event.message)
                 client.send(conn.reply_error(event.cookie, event.error, event.message))
             elif isinstance(event, TransmissionStarted):
                 client.export = self._by_info[id(event.export)]
                 log.info(
-                    "%s: serving export %r (structured replies %s, contexts %s)",
+                    "%s: serving export %r%s (structured replies %s, contexts %s)",
                     client.label,
                     event.export.name,
+                    f", TLS, client {client.identity}" if client.identity is not None else "",
                     "on" if event.structured else "off",
                     ", ".join(event.contexts) or "none",
+                    extra={"client": client.address, "export": event.export.name},
                 )
             elif isinstance(event, OptionRefused):
-                log.info("%s: option %d refused: %s", client.label, event.option, event.message)
+                log.debug("%s: option %d refused: %s", client.label, event.option, event.message)
             elif isinstance(event, Disconnect):
                 log.debug("%s: client disconnected (NBD_CMD_DISC)", client.label)
                 return
@@ -687,6 +756,8 @@ class NBDServer:
         if export is None:  # pragma: no cover - set by TransmissionStarted
             raise RuntimeError("request before the export is known")
         export.live.last_request = time.monotonic()
+        client.counters.count(req.command, req.length)
+        export.counters.count(req.command, req.length)
         if _writes_inline(req):
             reply = self._inline_write(client, conn, export, req)
             if reply is not None:
@@ -1083,6 +1154,16 @@ def bind_unix(path: str) -> tuple[socket.socket, BoundSocket]:
         sock.close()
         raise
     return sock, bound
+
+
+def _address(peer: Any) -> str:
+    """A peer address as people write it: ``127.0.0.1:4242``, ``[::1]:4242``; "" for none."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    if isinstance(peer, bytes):
+        peer = peer.decode(errors="replace")
+    return str(peer) if peer else ""
 
 
 def socket_uri(sock: socket.socket) -> str:

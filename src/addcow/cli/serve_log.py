@@ -1,0 +1,134 @@
+"""Where ``addcow serve`` logs, and in which format.
+
+Destinations
+    stderr always (until a detached server lets go of it), plus
+    ``--log-file FILE`` (appended to, created 0600) or ``--syslog``
+    (``/dev/log``, facility daemon: journald and rsyslog read it). A detached
+    server without either logs to syslog when ``/dev/log`` exists; where it
+    does not, a successful start says so on stderr after its ready line: the
+    server keeps no log then.
+
+What is logged
+    At the default level, one line when a client starts using an export (its
+    address, the export, its TLS identity) and one when it leaves (what it
+    read and wrote), each change of a stream's state (started, paused,
+    resumed, rate, complete, detached), each control command but ``query``,
+    and every warning and error, each naming the client. ``-v`` adds the
+    negotiation details and refused options and requests.
+
+Formats
+    ``--log-format text`` (the default): ``addcow serve: MESSAGE`` on stderr,
+    with a time stamp and level in a file. ``--log-format json``: one JSON
+    object per line, for log shippers: ``time`` (ISO 8601, UTC), ``level``,
+    ``logger``, ``message``, ``pid``, and ``client`` / ``export`` where the
+    line is about one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import logging.handlers
+import os
+import stat
+import sys
+
+from .common import CommandError
+
+SYSLOG_SOCKET = "/dev/log"
+FORMATS = ("text", "json")
+_EXTRAS = ("client", "export")
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per record (see "Formats")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        entry: dict[str, object] = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        for name in _EXTRAS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def syslog_available() -> bool:
+    """Whether a syslog socket (journald's or rsyslog's) is there to log to."""
+    try:
+        return stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode)
+    except OSError:
+        return False
+
+
+def configure(
+    *,
+    verbose: bool,
+    log_format: str,
+    log_file: str | None,
+    syslog: bool,
+    detached: bool,
+) -> bool:
+    """Set up the ``addcow.serve`` loggers as the options say (see the module's note).
+
+    False if a detached server would keep no log (:data:`NO_LOG_WARNING`).
+    """
+    root = logging.getLogger("addcow")
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    json_format = log_format == "json"
+    handler: logging.Handler
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(
+        JSONFormatter() if json_format else logging.Formatter("addcow serve: %(message)s")
+    )
+    root.addHandler(stderr)
+    if log_file is not None:
+        try:
+            fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise CommandError(f"--log-file {log_file}: {os.strerror(exc.errno or 0)}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CommandError(f"--log-file {log_file}: not a regular file")
+        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+        handler.setFormatter(
+            JSONFormatter()
+            if json_format
+            else logging.Formatter(
+                "%(asctime)s %(levelname)s addcow serve[%(process)d]: %(message)s"
+            )
+        )
+        root.addHandler(handler)
+    elif syslog or (detached and syslog_available()):
+        if not syslog_available():
+            raise CommandError(f"--syslog: no syslog socket at {SYSLOG_SOCKET}")
+        handler = logging.handlers.SysLogHandler(
+            SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+        handler.setFormatter(
+            JSONFormatter()
+            if json_format
+            else logging.Formatter("addcow-serve[%(process)d]: %(message)s")
+        )
+        root.addHandler(handler)
+    elif detached:
+        return False
+    return True
+
+
+NO_LOG_WARNING = (
+    f"addcow: warning: no syslog socket at {SYSLOG_SOCKET}: the detached server keeps no log; "
+    "give --log-file FILE (or --foreground)"
+)
