@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 # Debian packages the test suite drives as real peers: program -> package.
 TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
           nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdcopy:libnbd-bin fio:fio \
-          mke2fs:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs
+          mke2fs:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs nbdkit:nbdkit \
+          nginx:nginx-light openssl:openssl systemd-socket-activate:systemd
 # The Linux guest of tests/test_guest.py (program or file -> package), installed
 # without their recommends (no GUI, no firmware): QEMU's PC emulator, a static
 # busybox for its initramfs, and Debian's cloud kernel.

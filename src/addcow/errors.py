@@ -12,8 +12,11 @@ The tree::
     |   +-- BackingFormatError          format not recorded, unknown, or would need probing
     |   +-- BackingLoopError            a file appears twice in one chain, or the chain is too deep
     |   +-- Qcow2Error                  a qcow2 backing file breaks a rule of the qcow2 format
-    |       +-- Qcow2UnsupportedError       a qcow2 feature addcow does not read (encryption, ...)
-    |       +-- Qcow2CorruptError           a table entry or compressed cluster is inconsistent
+    |   |   +-- Qcow2UnsupportedError       a qcow2 feature addcow does not read (encryption, ...)
+    |   |   +-- Qcow2CorruptError           a table entry or compressed cluster is inconsistent
+    |   +-- RemoteBackingError          a remote backing (NBD, HTTP) cannot be reached or used
+    |       +-- RemoteReplyError            the server's reply breaks its protocol
+    |       +-- RemoteChangedError          the golden image changed since the image was created
     +-- PathPolicyError             a file named by an image is outside the allowed tree
     +-- FormatChoiceError           a file named on the command line needs its format given
     +-- ExistingFileError           creating would replace a file or hide an image file's data
@@ -189,3 +192,23 @@ class Qcow2CorruptError(Qcow2Error):
     """A qcow2 table entry or compressed cluster met while reading is inconsistent."""
 
     _kind = "corrupt"
+
+
+class RemoteBackingError(BackingError):
+    """A remote backing store (an NBD export, an HTTP URL) cannot be reached or used.
+
+    ``errno`` is the NBD error or operating-system error number when there is one.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class RemoteReplyError(RemoteBackingError):
+    """A server's reply breaks its protocol (a wrong length, cookie, range or magic)."""
+
+
+class RemoteChangedError(RemoteBackingError):
+    """The golden image behind a backing URI is not the one pinned when the image was
+    created (another size, ETag or modification time)."""
