@@ -525,7 +525,14 @@ def test_backing_format_missing_with_backing(d: Path) -> None:
 def test_incompatible_feature_bit_set(d: Path) -> None:
     path = put(d, poke(v2_header(), "features", 1 << 5))
     header_fails(path, UnsupportedFeatureError, "incompatible_features",
-                 "no bits set (none are defined)", "0x20")
+                 "only known bits (0x1: backing_uri)", "0x20")
+
+
+def test_backing_uri_bit_without_a_backing(d: Path) -> None:
+    # Only the image file is named: BACKING_URI must not be set.
+    path = put(d, poke(v2_header(backing=None, fmt=b""), "features", 1))
+    header_fails(path, HeaderError, "incompatible_features",
+                 "no BACKING_URI bit without a backing (backing_filename_offset is 0)", "0x1")
 
 
 def test_v1_unknown_feature_bit(d: Path) -> None:

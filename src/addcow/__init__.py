@@ -12,6 +12,7 @@ Every error raised is a subclass of :class:`AddCowError`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from .backing import Extent
 from .create import create
@@ -45,6 +46,7 @@ def open(
     force_share: bool = False,
     probe_backing: bool = False,
     backing_root: str | None = None,
+    allowed_uris: Sequence[str] = (),
 ) -> AddCowImage:
     """Open an add-cow image.
 
@@ -54,7 +56,8 @@ def open(
     use the format its backing file appears to have;
     ``backing_root`` refuses (PathPolicyError) any file the image names, its image
     file and every backing file down the chain, that resolves outside that
-    directory: for services that open images they did not create.
+    directory: for services that open images they did not create; a backing
+    URI is then refused unless it starts with one of ``allowed_uris``.
     """
     return AddCowImage.open(
         path,
@@ -62,6 +65,7 @@ def open(
         force_share=force_share,
         probe_backing=probe_backing,
         backing_root=backing_root,
+        allowed_uris=allowed_uris,
     )
 
 

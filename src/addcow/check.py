@@ -49,6 +49,7 @@ checked again; the result describes that second pass, plus the counts fixed.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,6 +178,7 @@ def check_image(
     repair: str | None = None,
     force_share: bool = False,
     backing_root: str | None = None,
+    allowed_uris: Sequence[str] = (),
 ) -> CheckResult:
     """Check the add-cow image at ``path``; with ``repair`` ("leaks" or "all"), fix it.
 
@@ -190,7 +192,7 @@ def check_image(
     if repair is not None and force_share:
         raise ValueError("force_share cannot be combined with repair (it needs the write lock)")
     result = CheckResult(filename=path)
-    guard = ChainGuard(root=backing_root)
+    guard = ChainGuard(backing_root, allowed_uris)
     problems: list[AddCowError] = []
     files = open_image_files(
         path,
@@ -298,7 +300,14 @@ def _check_backing_chain(
         return []
     try:
         fmt = backing_format(header, path)
-        backing = open_backing(header.backing_name, fmt, path, guard=guard, force_share=force_share)
+        backing = open_backing(
+            header.backing_name,
+            fmt,
+            path,
+            guard=guard,
+            force_share=force_share,
+            uri=header.backing_uri,
+        )
         try:
             _walk_tables(backing)
         finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import sysio, zeros
@@ -42,6 +42,7 @@ def open_source(
     *,
     force_share: bool = False,
     backing_root: str | None = None,
+    allowed_uris: Sequence[str] = (),
 ) -> BlockSource:
     """Open a file named on the command line as ``fmt`` (add-cow, qcow2 or raw).
 
@@ -54,10 +55,14 @@ def open_source(
     fmt = fmt if fmt is not None else format_of_name(path)
     if fmt == "add-cow":
         return AddCowImage.open(
-            path, readonly=True, force_share=force_share, backing_root=backing_root
+            path,
+            readonly=True,
+            force_share=force_share,
+            backing_root=backing_root,
+            allowed_uris=allowed_uris,
         )
     if fmt == "qcow2":
-        guard = ChainGuard(root=backing_root)
+        guard = ChainGuard(backing_root, allowed_uris)
         return open_store(path, "qcow2", guard=guard, force_share=force_share)
     if fmt != "raw":
         raise AddCowError(f"unsupported format {fmt!r}: expected add-cow, qcow2 or raw")

@@ -26,7 +26,7 @@ import stat
 from contextlib import ExitStack, suppress
 from typing import NamedTuple
 
-from . import sysio
+from . import remote, sysio
 from .backing import BlockSource
 from .bitmap import Bitmap
 from .errors import (
@@ -47,6 +47,7 @@ from .format import (
     V1_CLUSTER_BITS,
     V1_HEADER_SIZE,
     V1_NAMES_START,
+    V2_INCOMPAT_BACKING_URI,
     V2_NAMES_START,
     Header,
     bitmap_length,
@@ -55,7 +56,7 @@ from .format import (
 )
 from .image import open_backing
 from .locking import lock_raw, lock_whole
-from .magic import choose_backing_format
+from .magic import HEAD_LENGTH, article, choose_backing_format, identify
 from .names import ChainGuard, resolve_name
 
 
@@ -83,8 +84,12 @@ def create(
     """Create the add-cow image ``path`` whose data lives in ``image_file``.
 
     Relative ``image_file`` and ``backing_file`` names are stored as given and
-    mean a path relative to the directory of ``path``. ``backing_format``
-    defaults to ``raw`` when the backing file does not start with a known image
+    mean a path relative to the directory of ``path``. A ``backing_file`` that
+    starts with ``nbd://``, ``nbds://``, ``nbd+unix://``, ``nbds+unix://``,
+    ``http://`` or ``https://`` is a backing URI (version 2 only): its size,
+    and for HTTP its ETag or Last-Modified, are pinned in the image
+    (:mod:`addcow.remote`); a local file of such a name is given as ``./nbd:...``.
+    ``backing_format`` defaults to ``raw`` when the backing file does not start with a known image
     magic; if it does, the format must be given. ``size`` defaults to the
     backing file's virtual size (or, without a backing file, the size of an
     existing image file).
@@ -97,13 +102,25 @@ def create(
     path = os.fspath(path)
     image_name = os.fsencode(os.fspath(image_file))
     backing_name = None if backing_file is None else os.fsencode(os.fspath(backing_file))
+    uri = None
+    if isinstance(backing_file, str) and remote.scheme_of(backing_file) is not None:
+        uri = backing_file
+        if version != 2:
+            raise BackingFormatError(
+                f"a backing URI needs a version 2 image (compat=2), not version {version}"
+            )
     cluster_bits = _cluster_bits(cluster_size, version)
     image_path = resolve_name(image_name, path)
 
     with ExitStack() as stack:
         guard = ChainGuard()
         backing: BlockSource | None = None
-        if backing_name is not None:
+        if uri is not None:
+            ref, backing = remote.pin(uri, backing_format or "raw", guard=guard)
+            stack.callback(backing.close)
+            _refuse_image_header(backing, uri, backing_format)
+            backing_name, backing_format = ref.encode(), "raw"
+        elif backing_name is not None:
             if not backing_name:
                 raise HeaderError("backing_filename", "a non-empty file name", "''")
             backing_format = choose_backing_format(
@@ -141,6 +158,7 @@ def create(
             image_size=size if version == 2 else None,
             cluster_bits=cluster_bits,
             header_size=_header_size(version, image_name, backing_name),
+            incompatible_features=V2_INCOMPAT_BACKING_URI if uri is not None else 0,
         )
         raw_header = header.pack()
         Header.unpack(raw_header)  # everything we write must read back
@@ -149,6 +167,21 @@ def create(
         if old_fd is not None:
             stack.callback(os.close, old_fd)
         return _write_image(path, image_path, raw_header, header, size, image_file_raw)
+
+
+def _refuse_image_header(backing: BlockSource, uri: str, fmt: str | None) -> None:
+    """Record a remote golden image as raw only if it does not start with an image header."""
+    head = memoryview(bytearray(min(HEAD_LENGTH, backing.size)))
+    backing.readinto(head, 0)
+    found = identify(bytes(head))
+    if found is None:
+        return
+    given = "" if fmt is None else " as raw"
+    raise BackingFormatError(
+        f"{remote.shown(uri)} starts with {article(found)} header; refusing to record it{given} "
+        f"(a raw disk must not start with an image header; {article(found)} golden image "
+        "is read from a local file)"
+    )
 
 
 def _check_size(size: int, cluster_bits: int) -> None:

@@ -53,7 +53,11 @@ V1_KNOWN_FEATURES = V1_F_BACKING_FILE | V1_F_BACKING_FORMAT_NO_PROBE
 V1_FEATURES = {V1_F_BACKING_FILE: "backing-file", V1_F_BACKING_FORMAT_NO_PROBE: "no-probe"}
 
 # Version 2 feature bits (specification, "Feature bits").
-V2_INCOMPATIBLE_FEATURES: dict[int, str] = {}
+V2_INCOMPAT_BACKING_URI = 0x01
+"""The backing_filename field holds a URI record (specification, "Backing URIs"),
+never a file name: a reader that does not know the bit refuses the image."""
+V2_INCOMPATIBLE_FEATURES = {V2_INCOMPAT_BACKING_URI: "backing_uri"}
+V2_KNOWN_INCOMPATIBLE = V2_INCOMPAT_BACKING_URI
 V2_COMPAT_ALL_ALLOCATED = 0x01
 V2_COMPATIBLE_FEATURES = {V2_COMPAT_ALL_ALLOCATED: "all_allocated"}
 V2_AUTOCLEAR_FEATURES: dict[int, str] = {}
@@ -145,6 +149,11 @@ class Header(NamedTuple):
     def all_allocated(self) -> bool:
         return bool(self.compatible_features & V2_COMPAT_ALL_ALLOCATED)
 
+    @property
+    def backing_uri(self) -> bool:
+        """Whether ``backing_name`` is a URI record rather than a file name (version 2)."""
+        return self.version == 2 and bool(self.incompatible_features & V2_INCOMPAT_BACKING_URI)
+
     def with_changes(self, **changes: Any) -> Header:
         """A copy with some fields changed, validated again."""
         new = self._replace(**changes)
@@ -209,11 +218,13 @@ class Header(NamedTuple):
     def _unpack_v2(
         cls, buf: bytes, b_off: int, b_len: int, i_off: int, i_len: int, features: int
     ) -> Header:
-        if features:
+        if features & ~V2_KNOWN_INCOMPATIBLE:
             # Checked first: an unknown incompatible feature may change what the
             # other fields mean, so they are not judged.
             raise UnsupportedFeatureError(
-                "incompatible_features", "no bits set (none are defined)", hex(features)
+                "incompatible_features",
+                f"only known bits ({V2_KNOWN_INCOMPATIBLE:#x}: backing_uri)",
+                hex(features),
             )
         if len(buf) < V2_NAMES_START:
             raise HeaderError("length", f"at least {V2_NAMES_START} bytes", len(buf))
@@ -254,6 +265,12 @@ class Header(NamedTuple):
                 if backing_name
                 else "all zero bytes when there is no backing file",
                 repr(fmt_raw.rstrip(b"\0")),
+            )
+        if features & V2_INCOMPAT_BACKING_URI and backing_name is None:
+            raise HeaderError(
+                "incompatible_features",
+                "no BACKING_URI bit without a backing (backing_filename_offset is 0)",
+                hex(features),
             )
         used = [(b_off, b_len), (i_off, i_len)] if backing_name else [(i_off, i_len)]
         _check_padding_zero(buf, header_size, used)

@@ -90,10 +90,10 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from . import sysio
+from . import remote, sysio
 from .backing import BlockSource, Extent, RawFile, read_as_backing
 from .bitmap import Bitmap
 from .errors import (
@@ -113,6 +113,7 @@ from .format import (
     MAX_CLUSTERS,
     MAX_IMAGE_SIZE,
     V2_COMPAT_ALL_ALLOCATED,
+    V2_INCOMPAT_BACKING_URI,
     Header,
     bitmap_length,
     cluster_count,
@@ -165,6 +166,7 @@ class AddCowImage:
         self._flush_lock = threading.Lock()
         self._failed: str | None = None
         self.backing_root: str | None = None
+        self.allowed_uris: tuple[str, ...] = ()
         """The directory every file this image names must stay in (None: no limit)."""
         self._detached = False
 
@@ -180,6 +182,7 @@ class AddCowImage:
         probe_backing: bool = False,
         with_backing: bool = True,
         backing_root: str | None = None,
+        allowed_uris: Sequence[str] = (),
         guard: ChainGuard | None = None,
     ) -> AddCowImage:
         """Open the image at ``path``; see :func:`addcow.open`.
@@ -191,7 +194,7 @@ class AddCowImage:
         path = os.fspath(path)
         if force_share and not readonly:
             raise LockError(f"{path}: force_share (-U) is only allowed for read-only opens")
-        guard = guard if guard is not None else ChainGuard(root=backing_root)
+        guard = guard if guard is not None else ChainGuard(backing_root, allowed_uris)
         files = open_image_files(
             path,
             meta_writable=not readonly,
@@ -208,10 +211,16 @@ class AddCowImage:
             if with_backing and header.backing_name is not None and not complete:
                 fmt = backing_format(header, path, probe=probe_backing)
                 backing = open_backing(
-                    header.backing_name, fmt, path, guard=guard, force_share=force_share
+                    header.backing_name,
+                    fmt,
+                    path,
+                    guard=guard,
+                    force_share=force_share,
+                    uri=header.backing_uri,
                 )
             image = cls(path, files, backing, readonly)
             image.backing_root = guard.root
+            image.allowed_uris = guard.allowed_uris
         except BaseException:
             if backing is not None:
                 backing.close()
@@ -407,7 +416,7 @@ class AddCowImage:
         return -1
 
     def _backing_name(self) -> str:
-        return str(getattr(self.backing, "path", "backing file"))
+        return str(getattr(self.backing, "path", None) or getattr(self.backing, "uri", "backing"))
 
     def _check_backing_open(self, offset: int) -> None:
         """Refuse to treat a backing that was not opened as if there were none."""
@@ -924,7 +933,7 @@ class AddCowImage:
 
     def chain_guard(self) -> ChainGuard:
         """A loop guard that already holds this image's own two files (and its root)."""
-        guard = ChainGuard(root=self.backing_root)
+        guard = ChainGuard(self.backing_root, self.allowed_uris)
         guard.add(self._meta_fd, self.path)
         guard.add(self._image_fd, self.image_path)
         return guard
@@ -938,9 +947,16 @@ class AddCowImage:
         """
         self._check_write(0, 0)
         new_backing: BlockSource | None = None
+        # The new backing, if any, is a file name: no more BACKING_URI bit.
+        features = self.header.incompatible_features
+        if self.header.version == 2:
+            features &= ~V2_INCOMPAT_BACKING_URI
         if name is None:
-            header = self.header.with_changes(backing_name=None, backing_format=None)
+            header = self.header.with_changes(
+                backing_name=None, backing_format=None, incompatible_features=features
+            )
         else:
+            remote.refuse_for_rebase(name)
             raw = os.fsencode(name)
             fmt = choose_backing_format(
                 raw, fmt, self.path, self.header.version, guard=self.chain_guard()
@@ -950,7 +966,9 @@ class AddCowImage:
             )
         try:
             if name is not None:
-                header = self.header.with_changes(backing_name=raw, backing_format=fmt)
+                header = self.header.with_changes(
+                    backing_name=raw, backing_format=fmt, incompatible_features=features
+                )
             self.flush()
             self._rewrite_header(header)
         except BaseException:
@@ -1194,14 +1212,19 @@ def open_backing(
     *,
     guard: ChainGuard,
     force_share: bool,
+    uri: bool = False,
 ) -> BlockSource:
     """Open the backing file ``name``, stored in the file at ``relative_to``, as ``fmt``.
 
     Every store of :data:`addcow.format.BACKING_FORMATS` has its branch here;
     stores that have backings of their own (add-cow, qcow2) open them through
     this same function, under the same guard: one depth limit, one loop check
-    and one ``backing_root`` policy for the whole chain.
+    and one ``backing_root`` policy for the whole chain. With ``uri`` (the
+    header's BACKING_URI bit) ``name`` is a URI record, opened by
+    :func:`addcow.remote.open_remote`.
     """
+    if uri:
+        return remote.open_remote(remote.BackingURI.decode(name), fmt, guard=guard)
     path = resolve_name(name, relative_to)
     guard.descend(path)
     return open_store(path, fmt, guard=guard, force_share=force_share)

@@ -9,9 +9,10 @@ image names (the lesson of CVE-2024-4467).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
-from . import sysio
+from . import remote, sysio
 from .errors import BackingLoopError, ImageFileError
 from .format import (
     V1_FEATURES,
@@ -30,14 +31,22 @@ from .qcow2.store import read_header as read_qcow2_header
 
 
 def image_info(
-    path: str, *, force_share: bool = False, backing_root: str | None = None
+    path: str,
+    *,
+    force_share: bool = False,
+    backing_root: str | None = None,
+    allowed_uris: Sequence[str] = (),
 ) -> dict[str, Any]:
     """qemu-img style information about one add-cow image, as a JSON-ready dict.
 
     With ``backing_root``, an image file or backing file named outside that
-    directory is refused (PathPolicyError) before it is even stat'ed.
+    directory is refused (PathPolicyError) before it is even stat'ed, and a
+    backing URI unless ``allowed_uris`` allows it. A backing URI is described
+    from its record (the pinned size and validator): nothing is sent over the
+    network.
     """
-    guard = ChainGuard(root=backing_root)
+    guard = ChainGuard(backing_root, allowed_uris)
+    ref: remote.BackingURI | None = None
     fd = open_metafile(path, writable=False)
     try:
         if not force_share:
@@ -45,7 +54,10 @@ def image_info(
         header = read_header(fd, path)
         image_path = resolve_name(header.image_name, path)
         guard.check_path(image_path)
-        if header.backing_name is not None:
+        if header.backing_uri and header.backing_name is not None:
+            ref = remote.BackingURI.decode(header.backing_name)
+            remote.check_policy(ref.uri, guard)
+        elif header.backing_name is not None:
             guard.check_path(resolve_name(header.backing_name, path))
         image_stat = _stat(image_path)
         size = _size(header, image_stat, image_path)
@@ -80,7 +92,12 @@ def image_info(
         "cluster-size": header.cluster_size,
         "dirty-flag": False,
     }
-    if header.backing_name is not None:
+    if ref is not None:
+        info["backing-filename"] = info["full-backing-filename"] = remote.shown(ref.uri)
+        info["backing-filename-format"] = header.backing_format
+        pin = {"size": ref.size, "etag": ref.etag, "last-modified": ref.last_modified}
+        data["backing-pin"] = {k: v for k, v in pin.items() if v is not None}
+    elif header.backing_name is not None:
         info["backing-filename"] = os.fsdecode(header.backing_name)
         info["full-backing-filename"] = resolve_name(header.backing_name, path)
         if header.backing_format is not None:
@@ -90,7 +107,11 @@ def image_info(
 
 
 def backing_chain_info(
-    path: str, *, force_share: bool = False, backing_root: str | None = None
+    path: str,
+    *,
+    force_share: bool = False,
+    backing_root: str | None = None,
+    allowed_uris: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """``image_info`` for the image and each add-cow below it, qcow2 layers as
     ``qemu-img info`` describes them, then the raw base.
@@ -125,8 +146,24 @@ def backing_chain_info(
         if fmt == "qcow2":
             entry = qcow2_info(current, st, backing_root=backing_root)
         else:
-            entry = image_info(current, force_share=force_share, backing_root=backing_root)
+            entry = image_info(
+                current,
+                force_share=force_share,
+                backing_root=backing_root,
+                allowed_uris=allowed_uris,
+            )
         chain.append(entry)
+        pin = entry.get("format-specific", {}).get("data", {}).get("backing-pin")
+        if pin is not None:  # a remote golden image: described, never contacted
+            chain.append(
+                {
+                    "filename": entry["full-backing-filename"],
+                    "format": entry["backing-filename-format"],
+                    "virtual-size": pin["size"],
+                    "dirty-flag": False,
+                }
+            )
+            break
         current = entry.get("full-backing-filename")
         fmt = entry.get("backing-filename-format")
     return chain

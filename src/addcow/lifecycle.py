@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from . import sysio
+from . import remote, sysio
 from .backing import BlockSource, read_as_backing
 from .errors import (
     AddCowError,
@@ -255,6 +255,7 @@ def rebase(
     guard = image.chain_guard()
     new: BlockSource | None = None
     if backing is not None:
+        remote.refuse_for_rebase(backing)
         name = os.fsencode(backing)
         fmt = choose_backing_format(name, fmt, image.path, image.header.version, guard=guard)
         new = open_backing(name, fmt, image.path, guard=guard, force_share=False)
@@ -322,6 +323,8 @@ def amend(image: AddCowImage, version: int) -> None:
             problems.append(f"header size {header.header_size} (version 1 has 4096)")
         if header.backing_format not in (None, "raw"):
             problems.append(f"a {header.backing_format} backing file (version 1 records raw only)")
+        if header.backing_uri:
+            problems.append("a backing URI (version 1 records file names only)")
         file_size = sysio.file_size(image.image_fd, image.image_path)
         if file_size != image.size:
             problems.append(
@@ -358,6 +361,11 @@ def commit(image: AddCowImage, *, progress: Callable[[int], None] | None = None)
         raise BackingFormatError(
             f"{image.path}: the backing format is not recorded; record it first with "
             f"'addcow rebase -u -b {os.fsdecode(header.backing_name)} -F raw {image.path}'"
+        )
+    if header.backing_uri:
+        raise BackingFormatError(
+            f"{image.path}: the backing is a URI, which addcow only reads; commit writes into "
+            "local backing files"
         )
     if header.backing_format not in COMMIT_FORMATS:
         raise BackingFormatError(

@@ -18,6 +18,7 @@ for services that open images they did not create.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from .errors import BackingLoopError, PathPolicyError
 
@@ -36,14 +37,16 @@ def resolve_name(name: bytes, relative_to: str) -> str:
 class ChainGuard:
     """Files already met while opening one chain, and how deep it goes.
 
-    With a ``root``, every file an image names must resolve inside that directory.
+    With a ``root``, every file an image names must resolve inside that directory,
+    and every URI must start with one of ``allowed_uris`` (:mod:`addcow.remote`).
     (A plain class: importing ``dataclasses`` would slow every command's start.)
     """
 
-    def __init__(self, root: str | None = None) -> None:
+    def __init__(self, root: str | None = None, allowed_uris: Sequence[str] = ()) -> None:
         self.seen: dict[tuple[int, int], str] = {}
         self.depth = 0
         self.root = root
+        self.allowed_uris = tuple(allowed_uris)  # URI prefixes allowed despite ``root``
 
     def check_path(self, path: str) -> None:
         """Refuse a named file outside ``root`` before opening it."""

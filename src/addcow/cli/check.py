@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         repair=args.repair,
         force_share=args.force_share,
         backing_root=args.backing_root,
+        allowed_uris=args.allow_backing_uri,
     )
     for line in result.messages:
         print(line, file=sys.stderr)

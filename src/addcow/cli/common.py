@@ -161,7 +161,15 @@ def add_backing_root_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backing-root",
         metavar="DIR",
-        help="refuse any file the image names (image file, backing chain) outside DIR",
+        help="refuse any file the image names (image file, backing chain) outside DIR, "
+        "and every backing URI",
+    )
+    parser.add_argument(
+        "--allow-backing-uri",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="with --backing-root: allow backing URIs that start with PREFIX (repeatable)",
     )
 
 

@@ -79,7 +79,11 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.dst_fmt == "add-cow" and "image_file" not in options:
         raise CommandError("-O add-cow needs -o image_file=PATH for the new raw image file")
     src = open_source(
-        args.source, args.src_fmt, force_share=args.force_share, backing_root=args.backing_root
+        args.source,
+        args.src_fmt,
+        force_share=args.force_share,
+        backing_root=args.backing_root,
+        allowed_uris=args.allow_backing_uri,
     )
     try:
         with progress_bar(src.size, args.progress, "convert") as update:
@@ -112,11 +116,19 @@ def _convert_to_addcow(
 
 def run_compare(args: argparse.Namespace) -> int:
     a = open_source(
-        args.image1, args.fmt1, force_share=args.force_share, backing_root=args.backing_root
+        args.image1,
+        args.fmt1,
+        force_share=args.force_share,
+        backing_root=args.backing_root,
+        allowed_uris=args.allow_backing_uri,
     )
     try:
         b = open_source(
-            args.image2, args.fmt2, force_share=args.force_share, backing_root=args.backing_root
+            args.image2,
+            args.fmt2,
+            force_share=args.force_share,
+            backing_root=args.backing_root,
+            allowed_uris=args.allow_backing_uri,
         )
         try:
             if a.size != b.size:

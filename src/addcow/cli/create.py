@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..create import create
+from ..remote import shown
 from .common import CommandError, add_options_arg, parse_options, parse_size, size_arg
 
 OPTIONS = {
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         if args.size is not None:
             parts.append(f"size={args.size}")
         if backing:
-            parts.append(f"backing_file={backing}")
+            parts.append(f"backing_file={shown(backing)}")
         parts.append(f"image_file={image_file}")
         parts.append(f"cluster_size={cluster_size} compat={compat}")
         print(" ".join(parts))

@@ -23,14 +23,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.backing_chain:
         chain = backing_chain_info(
-            args.filename, force_share=args.force_share, backing_root=args.backing_root
+            args.filename,
+            force_share=args.force_share,
+            backing_root=args.backing_root,
+            allowed_uris=args.allow_backing_uri,
         )
         if args.output == "json":
             print_json(chain)
         else:
             print("\n\n".join(human(entry) for entry in chain))
         return 0
-    info = image_info(args.filename, force_share=args.force_share, backing_root=args.backing_root)
+    info = image_info(
+        args.filename,
+        force_share=args.force_share,
+        backing_root=args.backing_root,
+        allowed_uris=args.allow_backing_uri,
+    )
     if args.output == "json":
         print_json(info)
     else:

@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         readonly=args.read_only,
         force_share=args.force_share,
         backing_root=args.backing_root,
+        allowed_uris=args.allow_backing_uri,
     )
     with image:
         session = Session(image, debug=getattr(args, "debug", False))

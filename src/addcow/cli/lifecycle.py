@@ -57,7 +57,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run_stream(args: argparse.Namespace) -> int:
     with (
-        AddCowImage.open(args.filename, backing_root=args.backing_root) as image,
+        AddCowImage.open(
+            args.filename, backing_root=args.backing_root, allowed_uris=args.allow_backing_uri
+        ) as image,
         progress_bar(image.unallocated_bytes, args.progress, "stream") as update,
     ):
         stats = stream(image, rate=args.rate, progress=update)
@@ -71,7 +73,9 @@ def run_stream(args: argparse.Namespace) -> int:
 
 
 def run_detach(args: argparse.Namespace) -> int:
-    image = AddCowImage.open(args.filename, backing_root=args.backing_root)
+    image = AddCowImage.open(
+        args.filename, backing_root=args.backing_root, allowed_uris=args.allow_backing_uri
+    )
     try:
         raw = detach(image, dry_run=args.dry_run)
     finally:
@@ -85,7 +89,11 @@ def run_detach(args: argparse.Namespace) -> int:
 
 def run_commit(args: argparse.Namespace) -> int:
     with AddCowImage.open(
-        args.filename, readonly=True, with_backing=False, backing_root=args.backing_root
+        args.filename,
+        readonly=True,
+        with_backing=False,
+        backing_root=args.backing_root,
+        allowed_uris=args.allow_backing_uri,
     ) as image:
         total = image.allocated_clusters << image.cluster_bits
         with progress_bar(total, args.progress, "commit") as update:

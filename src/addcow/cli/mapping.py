@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         readonly=True,
         force_share=args.force_share,
         backing_root=args.backing_root,
+        allowed_uris=args.allow_backing_uri,
     ) as image:
         start = min(args.start_offset, image.size)
         length = image.size - start

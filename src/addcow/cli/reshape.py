@@ -59,11 +59,16 @@ def run_rebase(args: argparse.Namespace) -> int:
         raise CommandError("-F needs a backing file (-b)")
     if args.unsafe:
         with AddCowImage.open(
-            args.filename, with_backing=False, backing_root=args.backing_root
+            args.filename,
+            with_backing=False,
+            backing_root=args.backing_root,
+            allowed_uris=args.allow_backing_uri,
         ) as image:
             image.set_backing(backing, args.backing_fmt)
         return 0
-    with AddCowImage.open(args.filename, backing_root=args.backing_root) as image:
+    with AddCowImage.open(
+        args.filename, backing_root=args.backing_root, allowed_uris=args.allow_backing_uri
+    ) as image:
         todo = (image.total_clusters - image.allocated_clusters) << image.cluster_bits
         with progress_bar(todo, args.progress, "rebase") as update:
             rebase(image, backing, args.backing_fmt, progress=update)
@@ -72,7 +77,9 @@ def run_rebase(args: argparse.Namespace) -> int:
 
 def run_resize(args: argparse.Namespace) -> int:
     text: str = args.size
-    with AddCowImage.open(args.filename, backing_root=args.backing_root) as image:
+    with AddCowImage.open(
+        args.filename, backing_root=args.backing_root, allowed_uris=args.allow_backing_uri
+    ) as image:
         if text[:1] in "+-":
             delta = parse_size(text[1:])
             new_size = image.size + delta if text[0] == "+" else image.size - delta
@@ -92,7 +99,10 @@ def run_amend(args: argparse.Namespace) -> int:
     if compat not in ("1", "2"):
         raise CommandError(f"invalid compat {compat!r}: expected 1 or 2")
     with AddCowImage.open(
-        args.filename, with_backing=False, backing_root=args.backing_root
+        args.filename,
+        with_backing=False,
+        backing_root=args.backing_root,
+        allowed_uris=args.allow_backing_uri,
     ) as image:
         amend(image, int(compat))
     return 0

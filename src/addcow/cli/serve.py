@@ -409,7 +409,12 @@ def _serve(
         try:
             for path in args.files:
                 images.append(
-                    AddCowImage.open(path, readonly=args.read_only, backing_root=args.backing_root)
+                    AddCowImage.open(
+                        path,
+                        readonly=args.read_only,
+                        backing_root=args.backing_root,
+                        allowed_uris=args.allow_backing_uri,
+                    )
                 )
             options = LiveOptions(
                 copy_on_read=args.copy_on_read,

@@ -89,6 +89,7 @@ from ..errors import (
     ClosedImageError,
     RangeError,
     ReadOnlyError,
+    RemoteBackingError,
     SlowZeroError,
 )
 from ..image import AddCowImage
@@ -227,7 +228,7 @@ def nbd_errno(exc: BaseException) -> int:
         return wire.EINVAL
     if isinstance(exc, ClosedImageError):
         return wire.ESHUTDOWN
-    code = exc.errno if isinstance(exc, (AddCowIOError, OSError)) else None
+    code = exc.errno if isinstance(exc, (AddCowIOError, RemoteBackingError, OSError)) else None
     # "It also SHOULD map the EDQUOT and EFBIG errors to NBD_ENOSPC."
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return wire.ENOSPC

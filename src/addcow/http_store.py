@@ -1,0 +1,639 @@
+"""A raw disk image on an HTTP(S) server as a read-only backing store (:class:`HTTPStore`).
+
+Design note
+===========
+
+What the server must do. The golden image is a raw file behind a URL: a web
+server, a CDN or an S3 presigned URL. Every read is one ``GET`` with
+``Range: bytes=a-b``; nothing else is ever sent. The size comes from
+``GET`` with ``Range: bytes=0-0`` (a ``206`` with ``Content-Range: bytes
+0-0/SIZE``), never from ``HEAD``, which presigned URLs refuse (the signature
+covers the method). A server that answers a range request with ``200`` (it
+ignores ranges) is refused before its body is read: the whole file is never
+downloaded.
+
+Pinning. A copy-on-write image over a backing that changes underneath shows
+the guest a mix of two disks, silently. So the store pins the identity of the
+file (:class:`HTTPPin`: size and a validator) when it opens, or checks the pin
+recorded when the image was created, and sends the validator as a condition
+on every range read: a strong ``ETag`` with ``If-Match``; without one (a
+weak ``W/`` ETag cannot be used with ``If-Match``, RFC 9110 13.1.1)
+``Last-Modified`` with ``If-Unmodified-Since``. A ``412`` is
+:class:`RemoteChangedError` and nothing of that read is returned. Each ``206``
+must also name the pinned size in its ``Content-Range`` and, when it carries
+one, the pinned validator. A server sending neither validator is refused:
+pinning by size alone would let a same-size replacement through, and the
+guest would read a corrupt disk with no error anywhere; every server addcow
+targets (nginx, Apache, S3, the common CDNs) sends at least one. The
+``Last-Modified`` pin has one-second resolution, which is why the ETag is
+preferred when there is one.
+
+Hostile replies. Every byte from the network is checked before use: the
+status, ``Content-Range`` exactly (start, end and total), ``Content-Length``
+when present, no ``Content-Encoding``, and exactly the requested number of
+bytes followed by the end of the body. Bodies are read in bounded pieces
+straight into the caller's buffer; header sizes are bounded by
+``http.client``. Connect and read timeouts bound every wait.
+
+Retries. Connection errors, timeouts, a body cut short, ``429`` and ``5xx``
+are retried ``retries`` times with exponential backoff (a ``Retry-After`` of a
+few seconds is honoured), then :class:`RemoteBackingError`. Other ``4xx``,
+TLS failures and replies that break the protocol (:class:`RemoteReplyError`)
+are not retried: asking again would get the same answer.
+
+Redirects are refused (a ``3xx`` is an error naming where it pointed). The
+URL is recorded in the image, and every range read would follow the redirect
+again: an extra round trip per read, and a target (another host, or plain
+``http`` after ``https``) that nobody chose. Presigned and CDN URLs do not
+redirect; a user with a redirecting URL records the final one.
+
+URLs with a user name or password (``user:pass@host``) are refused: the URL
+is stored in the image header in clear and shown by ``addcow info`` and in
+error messages. A presigned URL keeps its secret in the query string, so
+messages name the URL without its query (:func:`redact`), and errors from the
+HTTP library are reworded rather than chained, since they may quote it.
+
+Connections and threads. One ``urllib3.PoolManager`` per store, with at most
+:data:`MAX_CONNECTIONS` connections (threads beyond that wait for one, for at
+most ``timeout`` seconds); it is thread-safe, and so is everything here.
+Reads longer than :data:`MAX_REQUEST` are split into several requests.
+
+Readahead. A read that starts where the previous one ended and is shorter
+than :data:`READAHEAD` fetches :data:`READAHEAD` bytes instead, kept as the
+single window of the store; later reads inside it are served from memory. The
+window holds pinned bytes, so it never goes stale. Memory stays bounded: one
+window per store, plus one being fetched per reading thread.
+
+urllib3 is an optional dependency (the ``http`` extra); it is imported only
+when a store is opened.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from urllib.parse import urlsplit
+
+from . import __version__, sysio
+from .backing import Extent
+from .errors import (
+    ClosedImageError,
+    RangeError,
+    RemoteBackingError,
+    RemoteChangedError,
+    RemoteReplyError,
+)
+
+if TYPE_CHECKING:
+    import urllib3
+
+MAX_REQUEST = 8 * 1024 * 1024
+"""The longest range one request asks for; longer reads are split."""
+
+READAHEAD = 2 * 1024 * 1024
+"""Size of the readahead window fetched for short sequential reads."""
+
+MAX_CONNECTIONS = 4
+"""Connections a store keeps open to its server at most."""
+
+PIECE = 256 * 1024
+"""The most bytes read from a response body in one call."""
+
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 4.0
+"""Seconds to wait before the first retry, and at most before any retry."""
+
+MAX_SIZE = 2**63 - 1
+MAX_VALIDATOR = 256
+"""Limits on a size and on an ETag or Last-Modified value the store accepts."""
+
+_T = TypeVar("_T")
+_MISSING = "http(s) backing files need urllib3: pip install addcow[http]"
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})", re.IGNORECASE)
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]{1,19})", re.IGNORECASE)
+_DIGITS = re.compile(r"[0-9]{1,19}")
+_STRONG_ETAG = re.compile(r'"[\x21\x23-\x7e\x80-\xff]*"')
+_WEAK_ETAG = re.compile(r'W/"[\x21\x23-\x7e\x80-\xff]*"')
+_PRINTABLE = re.compile(r"[\x20-\x7e]+")
+
+
+class HTTPPin(NamedTuple):
+    """The identity of a golden image: its size and validators, as recorded at creation."""
+
+    size: int
+    etag: str | None
+    last_modified: str | None
+
+
+class _Retry(Exception):
+    """A failure worth another attempt; ``reason`` says what it was."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+def redact(url: str) -> str:
+    """``url`` without its query string and fragment, safe to show."""
+    return url.split("?", 1)[0].split("#", 1)[0]
+
+
+def check_url(url: str) -> None:
+    """Refuse what is not an http(s) URL with a host, or carries a user name or password."""
+    shown = redact(url)
+    if not _PRINTABLE.fullmatch(url) or " " in url:
+        raise RemoteBackingError(
+            f"{shown!r}: expected a URL of printable ASCII without spaces (percent-encode them)"
+        )
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        raise RemoteBackingError(f"{shown}: not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise RemoteBackingError(f"{shown}: expected an http:// or https:// URL, found "
+                                 f"scheme {parts.scheme or 'none'!r}")  # fmt: skip
+    if "@" in parts.netloc:
+        raise RemoteBackingError(
+            f"{parts.scheme}://...@{parts.hostname}: URLs with a user name or password are "
+            "refused (the URL is stored in the image in clear); use a presigned URL instead"
+        )
+    if not parts.hostname:
+        raise RemoteBackingError(f"{shown}: expected a host name in the URL, found none")
+
+
+def _strong_etag(value: str | None) -> str | None:
+    """The ETag if it is strong and well formed, else None (it cannot be used with If-Match)."""
+    if value is None or len(value) > MAX_VALIDATOR:
+        return None
+    value = value.strip()
+    return value if _STRONG_ETAG.fullmatch(value) else None
+
+
+def _http_date(value: str | None) -> str | None:
+    """The Last-Modified value if it is a well-formed HTTP date, else None."""
+    if value is None or len(value) > MAX_VALIDATOR:
+        return None
+    value = value.strip()
+    if not _PRINTABLE.fullmatch(value):
+        return None
+    try:
+        parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return value
+
+
+def _shown(value: str | None) -> str:
+    """A header value as a message shows it (bounded, printable)."""
+    if value is None:
+        return "none"
+    if len(value) > MAX_VALIDATOR or not _PRINTABLE.fullmatch(value):
+        return repr(value[:MAX_VALIDATOR])
+    return value
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    """What went wrong in an exception from the HTTP library, without the URL's query."""
+    import urllib3.exceptions as u3e
+
+    cause: BaseException = exc
+    if isinstance(exc, u3e.ProtocolError) and len(exc.args) > 1:
+        inner = exc.args[1]
+        if isinstance(inner, BaseException):
+            cause = inner
+    if isinstance(exc, u3e.NewConnectionError | u3e.SSLError) and exc.__context__ is not None:
+        cause = exc.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        text = f"{type(cause).__name__}: {cause.strerror}"
+    elif isinstance(cause, ssl.SSLError):
+        text = f"TLS: {cause.reason or cause}"
+    else:
+        text = f"{type(cause).__name__}: {cause}"
+    query = url.partition("?")[2]
+    if query:
+        text = text.replace(query, "...")
+    return text[:500]
+
+
+class HTTPStore:
+    """A raw golden image behind an http(s) URL, read with range requests.
+
+    Open with :meth:`open`. ``size`` is a plain attribute; ``url`` is the URL as
+    given (with its query) and ``shown_url`` the same without the query, for
+    messages.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        pool: urllib3.PoolManager,
+        *,
+        timeout: float,
+        retries: int,
+    ) -> None:
+        """Use :meth:`open`: it checks the URL and the server before anything reads."""
+        self.url = url
+        self.shown_url = redact(url)
+        self._pool = pool
+        self._timeout = timeout
+        self._retries = retries
+        self._pin = HTTPPin(0, None, None)
+        self.size = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._next_offset = 0
+        self._window = bytearray()
+        self._window_offset = 0
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        pin: HTTPPin | None = None,
+        ca_file: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+    ) -> HTTPStore:
+        """Open ``url``: find its size and validators, and check them against ``pin``.
+
+        Without ``pin`` the identity found is pinned for the life of the store
+        (:meth:`identity` returns it, to be recorded in a new image). ``ca_file``
+        replaces the system CA store for https (it is not used for http).
+        """
+        check_url(url)
+        if timeout <= 0 or retries < 0:
+            raise ValueError(f"expected timeout > 0 and retries >= 0, found {timeout}, {retries}")
+        try:
+            import urllib3
+        except ImportError:
+            raise RemoteBackingError(_MISSING) from None
+        try:
+            context = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise RemoteBackingError(
+                f"{ca_file}: cannot load the CA certificates for {redact(url)}: {exc}"
+            ) from None
+        pool = urllib3.PoolManager(
+            num_pools=2,
+            maxsize=MAX_CONNECTIONS,
+            block=True,
+            retries=False,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            ssl_context=context,
+            cert_reqs="CERT_REQUIRED",
+        )
+        store = cls(url, pool, timeout=timeout, retries=retries)
+        try:
+            store._pin = store._probe(pin)
+            store.size = store._pin.size
+        except BaseException:
+            pool.clear()
+            raise
+        return store
+
+    def identity(self) -> HTTPPin:
+        """The pinned identity of the golden image (size, strong ETag, Last-Modified)."""
+        return self._pin
+
+    # -- the BlockSource protocol ------------------------------------------------
+
+    def readinto(self, buffer: memoryview, offset: int) -> int:
+        """Fill ``buffer`` with the bytes at ``offset``; zeros past the end of the image."""
+        if offset < 0:
+            raise RangeError(f"{self.shown_url}: expected an offset >= 0, found {offset}")
+        if self._closed:
+            raise ClosedImageError(f"{self.shown_url}: the HTTP backing store is closed")
+        length = len(buffer)
+        inside = max(0, min(length, self.size - offset))
+        if inside:
+            self._read_inside(buffer[:inside], offset)
+        if inside < length:
+            sysio.fill_zero(buffer[inside:])
+        return length
+
+    def block_status_at(self, offset: int, length: int, depth: int) -> Iterator[Extent]:
+        """Data everywhere inside the image (ranges carry no allocation), absent past it."""
+        end = min(offset + length, self.size)
+        if end > offset:
+            yield Extent(offset, end - offset, depth, True, False, None)
+        if offset + length > end:
+            lo = max(offset, end)
+            yield Extent(lo, offset + length - lo, depth, False, True, None)
+
+    def file_ids(self) -> set[tuple[int, int]]:
+        """None: the store reads no local file."""
+        return set()
+
+    def reads_in_place(self, offset: int, length: int) -> bool:
+        """False: every read may wait on the network."""
+        return False
+
+    def close(self) -> None:
+        """Drop the connections; later reads raise :class:`ClosedImageError`."""
+        self._closed = True
+        with self._lock:
+            self._window = bytearray()
+        self._pool.clear()
+
+    # -- reading -------------------------------------------------------------------
+
+    def _read_inside(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from inside the image, from the readahead window where it can."""
+        with self._lock:
+            window, start = self._window, self._window_offset
+            sequential = offset == self._next_offset
+            self._next_offset = offset + len(view)
+        end = start + len(window)
+        if start <= offset < end:
+            take = min(len(view), end - offset)
+            view[:take] = memoryview(window)[offset - start : offset - start + take]
+            view = view[take:]
+            offset += take
+            sequential = True
+        if not view:
+            return
+        window_size = min(READAHEAD, MAX_REQUEST, self.size - offset)
+        if sequential and len(view) < window_size:
+            ahead = bytearray(window_size)
+            self._fetch(memoryview(ahead), offset)
+            view[:] = memoryview(ahead)[: len(view)]
+            with self._lock:  # never written again: readers copy from it without the lock
+                self._window, self._window_offset = ahead, offset
+            return
+        for lo in range(0, len(view), MAX_REQUEST):
+            self._fetch(view[lo : lo + MAX_REQUEST], offset + lo)
+
+    def _fetch(self, view: memoryview, offset: int) -> None:
+        """One range request for [offset, offset+len(view)), with retries."""
+        last = offset + len(view) - 1
+        headers = {"Range": f"bytes={offset}-{last}"}
+        if self._pin.etag is not None:
+            headers["If-Match"] = self._pin.etag
+        elif self._pin.last_modified is not None:
+            headers["If-Unmodified-Since"] = self._pin.last_modified
+        what = f"reading bytes {offset}-{last}"
+        self._with_retries(what, lambda: self._fetch_once(view, offset, headers))
+
+    def _with_retries(self, what: str, attempt: Callable[[], _T]) -> _T:
+        """Run ``attempt`` until it returns, retrying :class:`_Retry` with backoff."""
+        for n in range(self._retries + 1):
+            if self._closed:
+                raise ClosedImageError(f"{self.shown_url}: the HTTP backing store is closed")
+            try:
+                return attempt()
+            except _Retry as exc:
+                if n == self._retries:
+                    tries = "1 attempt" if n == 0 else f"{n + 1} attempts"
+                    raise RemoteBackingError(
+                        f"{self.shown_url}: {what} failed after {tries}: {exc.reason}"
+                    ) from None
+                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**n) * random.uniform(0.5, 1.0)
+                if exc.delay is not None:
+                    delay = max(delay, exc.delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _request(self, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+        """Send one GET; connection failures become :class:`_Retry` or RemoteBackingError."""
+        import http.client
+
+        import urllib3.exceptions as u3e
+
+        sent = {
+            "User-Agent": f"addcow/{__version__}",
+            "Accept-Encoding": "identity",
+            **headers,
+        }
+        try:
+            return self._pool.urlopen(
+                "GET",
+                self.url,
+                headers=sent,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                decode_content=False,
+                pool_timeout=self._timeout,
+            )
+        except u3e.SSLError as exc:
+            raise RemoteBackingError(
+                f"{self.shown_url}: TLS failed ({_describe(exc, self.url)})"
+            ) from None
+        except u3e.EmptyPoolError:
+            raise RemoteBackingError(
+                f"{self.shown_url}: expected a free connection within {self._timeout} s, "
+                f"found all {MAX_CONNECTIONS} busy"
+            ) from None
+        except u3e.ProtocolError as exc:
+            inner = exc.args[1] if len(exc.args) > 1 else None
+            if isinstance(inner, http.client.HTTPException) and not isinstance(
+                inner, ConnectionError | http.client.IncompleteRead
+            ):
+                raise RemoteReplyError(
+                    f"{self.shown_url}: expected an HTTP reply, found garbage "
+                    f"({_describe(exc, self.url)})"
+                ) from None
+            raise _Retry(_describe(exc, self.url)) from None
+        except (u3e.TimeoutError, u3e.NewConnectionError) as exc:
+            raise _Retry(_describe(exc, self.url)) from None
+        except u3e.HTTPError as exc:
+            raise RemoteBackingError(f"{self.shown_url}: {_describe(exc, self.url)}") from None
+
+    def _check_status(self, resp: urllib3.BaseHTTPResponse, what: str) -> None:
+        """Raise for every status but 206 (the caller handles 416 first where it may)."""
+        status = resp.status
+        if status == 206:
+            return
+        if status == 200:
+            raise RemoteBackingError(
+                f"{self.shown_url}: expected HTTP 206 Partial Content for a range request, "
+                "found 200 (the server ignores Range); a backing URL must support byte "
+                "ranges (nothing was downloaded)"
+            )
+        if status == 412:
+            raise self._changed(resp)
+        if status == 429 or 500 <= status <= 599:
+            raise _Retry(f"HTTP {status}", self._retry_after(resp))
+        if 300 <= status <= 399:
+            where = resp.headers.get("Location")
+            target = _shown(redact(where)) if where is not None else "nowhere"
+            raise RemoteBackingError(
+                f"{self.shown_url}: HTTP {status} redirects to {target}: redirects are "
+                "refused; give the final URL"
+            )
+        hint = " (an expired or wrong presigned URL?)" if status in (401, 403) else ""
+        raise RemoteBackingError(
+            f"{self.shown_url}: expected HTTP 206 {what}, found HTTP {status}{hint}"
+        )
+
+    def _retry_after(self, resp: urllib3.BaseHTTPResponse) -> float | None:
+        value = resp.headers.get("Retry-After", "").strip()
+        if _DIGITS.fullmatch(value) and int(value) <= BACKOFF_MAX:
+            return float(value)
+        return None
+
+    def _check_headers(self, resp: urllib3.BaseHTTPResponse, first: int, last: int,
+                       total: int | None) -> int:  # fmt: skip
+        """Check Content-Range (and Content-Length, encoding); return the total size."""
+        raw = resp.headers.get("Content-Range")
+        found = _CONTENT_RANGE.fullmatch(raw.strip()) if raw is not None else None
+        if found is None:
+            raise RemoteReplyError(
+                f"{self.shown_url}: expected Content-Range: bytes {first}-{last}/"
+                f"{total if total is not None else 'SIZE'}, found {_shown(raw)}"
+            )
+        start, end, size = (int(g) for g in found.groups())
+        if (start, end) != (first, last) or (total is not None and size != total) or \
+                size > MAX_SIZE or end >= size:  # fmt: skip
+            raise RemoteReplyError(
+                f"{self.shown_url}: expected Content-Range: bytes {first}-{last}/"
+                f"{total if total is not None else 'SIZE'}, found {_shown(raw)}"
+            )
+        length = resp.headers.get("Content-Length")
+        expected = last - first + 1
+        if length is not None and not (
+            _DIGITS.fullmatch(length.strip()) and int(length) == expected
+        ):
+            raise RemoteReplyError(
+                f"{self.shown_url}: expected Content-Length: {expected}, found {_shown(length)}"
+            )
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise RemoteReplyError(
+                f"{self.shown_url}: expected no Content-Encoding, found {_shown(encoding)}"
+            )
+        return size
+
+    def _read_body(self, resp: urllib3.BaseHTTPResponse, view: memoryview) -> None:
+        """Read exactly ``len(view)`` bytes into ``view``, then the end of the body."""
+        import urllib3.exceptions as u3e
+
+        done = 0
+        try:
+            while done < len(view):
+                piece = resp.read(min(PIECE, len(view) - done), decode_content=False)
+                if not piece:
+                    raise _Retry(f"the body ended after {done} of {len(view)} bytes")
+                if len(piece) > len(view) - done:
+                    raise RemoteReplyError(f"{self.shown_url}: the body is longer than expected")
+                view[done : done + len(piece)] = piece
+                done += len(piece)
+            extra = resp.read(1, decode_content=False)
+        except (u3e.ProtocolError, u3e.TimeoutError, u3e.SSLError) as exc:
+            raise _Retry(
+                f"the body broke off after {done} of {len(view)} bytes ({_describe(exc, self.url)})"
+            ) from None
+        if extra:
+            raise RemoteReplyError(
+                f"{self.shown_url}: expected a body of {len(view)} bytes, found more"
+            )
+
+    def _fetch_once(self, view: memoryview, offset: int, headers: dict[str, str]) -> None:
+        """One attempt of a range read; on any failure ``view`` holds nothing usable."""
+        last = offset + len(view) - 1
+        resp = self._request(headers)
+        reusable = False
+        try:
+            self._check_status(resp, f"Partial Content for bytes {offset}-{last}")
+            self._check_headers(resp, offset, last, self.size)
+            self._check_validators(resp)
+            self._read_body(resp, view)
+            reusable = True
+        finally:
+            _finish(resp, reusable)
+
+    def _check_validators(self, resp: urllib3.BaseHTTPResponse) -> None:
+        """A reply naming another ETag (or Last-Modified) than the pinned one is a change."""
+        etag = resp.headers.get("ETag")
+        if self._pin.etag is not None and etag is not None and etag.strip() != self._pin.etag:
+            raise self._changed(resp)
+        modified = resp.headers.get("Last-Modified")
+        if (
+            self._pin.etag is None
+            and self._pin.last_modified is not None
+            and modified is not None
+            and modified.strip() != self._pin.last_modified
+        ):
+            raise self._changed(resp)
+
+    def _changed(self, resp: urllib3.BaseHTTPResponse | None) -> RemoteChangedError:
+        """The error for a golden image that is no longer the pinned one."""
+        if self._pin.etag is not None:
+            now = resp.headers.get("ETag") if resp is not None else None
+            return self._changed_error("ETag", self._pin.etag, now)
+        now = resp.headers.get("Last-Modified") if resp is not None else None
+        return self._changed_error("Last-Modified", self._pin.last_modified, now)
+
+    def _changed_error(self, field: str, was: object, now: object) -> RemoteChangedError:
+        shown_now = "different" if now is None else _shown(str(now).strip())
+        return RemoteChangedError(
+            f"the golden image at {self.shown_url} changed since this image was created: "
+            f"{field} {_shown(str(was))}, now {shown_now}"
+        )
+
+    # -- opening ---------------------------------------------------------------------
+
+    def _probe(self, pin: HTTPPin | None) -> HTTPPin:
+        """Size and validators from ``GET`` of bytes 0-0; checked against ``pin``."""
+        found = self._with_retries("finding the size (GET of bytes 0-0)", self._probe_once)
+        if pin is None:
+            if found.etag is None and found.last_modified is None:
+                raise RemoteBackingError(
+                    f"{self.shown_url}: the golden image cannot be pinned: expected a strong "
+                    "ETag or a Last-Modified header, found neither, so a replaced file "
+                    "would go unnoticed"
+                )
+            return found
+        if pin.etag is None and pin.last_modified is None:
+            raise RemoteBackingError(
+                f"{self.shown_url}: expected a pin with an ETag or Last-Modified, found "
+                f"size {pin.size} only"
+            )
+        if pin.etag is not None and found.etag != pin.etag:
+            raise self._changed_error("ETag", pin.etag, found.etag or "none (or a weak one)")
+        if pin.etag is None and found.last_modified != pin.last_modified:
+            raise self._changed_error("Last-Modified", pin.last_modified,
+                                      found.last_modified or "none")  # fmt: skip
+        if found.size != pin.size:
+            raise self._changed_error("size", pin.size, found.size)
+        return pin
+
+    def _probe_once(self) -> HTTPPin:
+        resp = self._request({"Range": "bytes=0-0"})
+        reusable = False
+        try:
+            if resp.status == 416:
+                raw = resp.headers.get("Content-Range")
+                empty = _UNSATISFIED_RANGE.fullmatch(raw.strip()) if raw is not None else None
+                if empty is None or int(empty.group(1)) != 0:
+                    raise RemoteReplyError(
+                        f"{self.shown_url}: HTTP 416 to a range request for bytes 0-0: "
+                        f"expected Content-Range: bytes */0 (an empty file), found {_shown(raw)}"
+                    )
+                size = 0
+            else:
+                self._check_status(resp, "Partial Content to a range request for bytes 0-0")
+                size = self._check_headers(resp, 0, 0, None)
+                self._read_body(resp, memoryview(bytearray(1)))
+                reusable = True
+            etag = _strong_etag(resp.headers.get("ETag"))
+            modified = _http_date(resp.headers.get("Last-Modified"))
+            return HTTPPin(size, etag, modified)
+        finally:
+            _finish(resp, reusable)
+
+
+def _finish(resp: urllib3.BaseHTTPResponse, reusable: bool) -> None:
+    """Give the connection back to the pool; closed first unless its reply was read whole."""
+    if not reusable:
+        resp.close()
+    resp.release_conn()

@@ -1,0 +1,614 @@
+"""An NBD export as a read-only backing store (:class:`NBDStore`): the remote golden image.
+
+Design note
+===========
+
+URIs. ``nbd://host[:port]/export``, ``nbds://...``, ``nbd+unix:///export?socket=PATH``
+and ``nbds+unix:///export?socket=PATH``, as the NBD project's ``doc/uri.md``
+defines them: the export name is the path without its leading ``/``,
+percent-decoded; the port defaults to 10809; IPv6 literals are bracketed. The
+only query parameter accepted is ``socket`` (Unix schemes only). Everything
+else, ``tls-certificates=`` and the other TLS parameters included, is refused:
+a URI stored in an image is chosen by the image's author, so what to trust
+comes from the caller (``tls_certificates``), never from the URI.
+:meth:`NBDStore.parse_uri` checks a URI without connecting.
+
+TLS (``nbds``). STARTTLS, then the socket is wrapped with a context built
+from the caller's directory, laid out as qemu's and libnbd's client
+directories: ``ca-cert.pem`` (required; the server's certificate must chain to
+it) and ``client-cert.pem`` with ``client-key.pem`` (sent when present). Over
+TCP the certificate must name the URI's host. A Unix socket has no host
+name; its certificate must name ``localhost``, the host the socket is on,
+rather than skip the check, so that a certificate the same CA issued to some
+other machine cannot stand in for the local server.
+
+Connections. Blocking sockets, each used by one thread at a time: a request
+is sent and its whole reply read before the connection is given back, so no
+connection ever carries two requests and nothing needs a reader thread. The
+image reads from a thread pool; with ``NBD_FLAG_CAN_MULTI_CONN`` ("the server
+... allows ... multiple connections" with a consistent view) the store opens
+up to ``connections`` (default :data:`MAX_CONNECTIONS`) on demand, otherwise
+exactly one, and threads queue for it. A server that accepts fewer
+connections than it advertises (the extra one fails or times out) lowers the
+pool's limit to what it has. Reads are split at the server's maximum block
+size (at most :data:`MAX_READ`) and widened to its minimum block size through
+a bounce buffer when unaligned; replies are checked by
+:class:`~addcow.nbd.client.ClientConnection`.
+
+Failures. A connection that breaks (EOF, a reset, a timeout of ``timeout``
+seconds on any socket call) is closed and reopened with exponential backoff
+(:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`) until
+``reconnect_delay`` seconds (QEMU's reconnect-delay) have passed since the
+failure; then the request, a READ or BLOCK_STATUS and so idempotent, is sent
+again on the new connection. When the delay runs out the request fails with
+:class:`~addcow.errors.RemoteBackingError` and ``errno`` EIO. A reconnected
+export must have the size pinned at open (else
+:class:`~addcow.errors.RemoteChangedError`). The first connection, made by
+:meth:`NBDStore.open`, is not retried: a wrong URI fails at once. An error
+reply from the server (EIO, say) is not retried either; it raises
+:class:`~addcow.errors.RemoteBackingError` with the server's errno, and the
+connection, still in step, goes back to the pool. A reply that breaks the
+protocol raises :class:`~addcow.errors.RemoteReplyError` and its connection
+is dropped. Refusals during a reconnect (no such export, a certificate that
+does not verify) are final as well.
+
+Block status. With ``base:allocation`` an extent is ``zero`` when the server
+sets NBD_STATE_ZERO; NBD_STATE_HOLE alone (unallocated, contents unknown) is
+data. A server without it (no structured replies, or the context refused)
+has every byte reported as data. Ranges past the export's end are not
+present and read as zero, as for :class:`~addcow.backing.RawFile`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from typing import NamedTuple
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ..backing import Extent
+from ..errors import RemoteBackingError, RemoteChangedError, RemoteReplyError
+from ..sysio import fill_zero
+from . import wire
+from .client import ClientConnection, Event, Ready, RequestFailed, StartTLS, StatusDone
+
+# QEMU's default reconnect-delay is 0; a golden image outliving a server restart
+# is the point of reconnecting, so the default here waits.
+RECONNECT_DELAY = 30.0
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_PORT = 10809
+MAX_CONNECTIONS = 4
+# proto.md: "a client desiring maximum interoperability SHOULD ... limit
+# NBD_CMD_READ ... to a maximum block size of 2^25".
+MAX_READ = wire.DEFAULT_MAX_BLOCK
+# The longest range one BLOCK_STATUS asks about; the loop asks again for the rest.
+MAX_STATUS_REQUEST = 1 << 30
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 2.0
+
+SCHEMES = {"nbd": (False, False), "nbds": (True, False),
+           "nbd+unix": (False, True), "nbds+unix": (True, True)}  # fmt: skip
+
+
+class NBDURI(NamedTuple):
+    """A parsed NBD URI: TCP (``host``, ``port``) or Unix (``socket``), and the export."""
+
+    uri: str
+    tls: bool
+    host: str | None
+    port: int | None
+    socket: str | None
+    export: str
+
+
+class _Broken(Exception):
+    """A connection failed in a way a reconnect may cure (EOF, reset, timeout)."""
+
+
+def _bad_uri(uri: str, expected: str, found: str) -> RemoteBackingError:
+    return RemoteBackingError(f"NBD URI {uri!r}: expected {expected}, found {found}")
+
+
+def parse_uri(uri: str) -> NBDURI:
+    """Check an NBD URI (doc/uri.md) and split it; RemoteBackingError if it is not one."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:
+        raise _bad_uri(uri, "a valid URI", str(exc)) from None
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise _bad_uri(uri, "scheme nbd, nbds, nbd+unix or nbds+unix",
+                       repr(parts.scheme))  # fmt: skip
+    tls, unix = SCHEMES[scheme]
+    if parts.fragment or uri.endswith("#"):
+        raise _bad_uri(uri, "no fragment", repr(parts.fragment))
+    path = parts.path
+    if path and not path.startswith("/"):
+        raise _bad_uri(uri, "an export path starting with '/'", repr(path))
+    try:
+        export = unquote(path[1:], errors="strict")
+    except UnicodeDecodeError:
+        raise _bad_uri(uri, "an export name in UTF-8", repr(path)) from None
+    if "\0" in export or len(export.encode()) > wire.MAX_STRING:
+        raise _bad_uri(uri, f"an export name without NUL of at most {wire.MAX_STRING} bytes",
+                       f"{len(export.encode())} bytes")  # fmt: skip
+    try:
+        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query),
+                          errors="strict")  # fmt: skip
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad_uri(uri, "a query of key=value pairs", str(exc)) from None
+    keys = [key for key, _value in query]
+    allowed = ["socket"] if unix else []
+    for key in keys:
+        if key not in allowed:
+            what = ("the TLS certificate directory comes from the caller, not the URI"
+                    if key.startswith("tls") else "unsupported")  # fmt: skip
+            raise _bad_uri(uri, f"query parameters {allowed or 'none'}",
+                           f"{key!r} ({what})")  # fmt: skip
+    if unix:
+        if parts.netloc:
+            raise _bad_uri(uri, "no host for a Unix socket", repr(parts.netloc))
+        if keys != ["socket"] or not query[0][1]:
+            raise _bad_uri(uri, "exactly one non-empty socket= parameter",
+                           f"{len(keys)} parameters")  # fmt: skip
+        return NBDURI(uri, tls, None, None, query[0][1], export)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise _bad_uri(uri, "a port from 1 to 65535", str(exc)) from None
+    if parts.username is not None or parts.password is not None:
+        raise _bad_uri(uri, "no user name", "one")
+    if not host:
+        raise _bad_uri(uri, "a host name", "none")
+    if port == 0:
+        raise _bad_uri(uri, "a port from 1 to 65535", "0")
+    return NBDURI(uri, tls, host, port or DEFAULT_PORT, None, export)
+
+
+def tls_context(directory: str) -> ssl.SSLContext:
+    """A client context from a qemu/libnbd style directory (ca-cert.pem, client-*.pem)."""
+    ca = os.path.join(directory, "ca-cert.pem")
+    cert = os.path.join(directory, "client-cert.pem")
+    key = os.path.join(directory, "client-key.pem")
+    if not os.path.isfile(ca):
+        raise RemoteBackingError(f"TLS certificate directory {directory}: expected "
+                                 f"ca-cert.pem, found none")  # fmt: skip
+    if os.path.exists(cert) != os.path.exists(key):
+        raise RemoteBackingError(
+            f"TLS certificate directory {directory}: expected "
+            "client-cert.pem and client-key.pem together, found one"
+        )
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if os.path.exists(cert):
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise RemoteBackingError(f"TLS certificate directory {directory}: expected usable "
+                                 f"PEM files, found {exc}") from None  # fmt: skip
+    return context
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    _recv_into(sock, memoryview(buffer))
+    return bytes(buffer)
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:], len(view) - got)
+        if n == 0:
+            raise _Broken(f"the server closed the connection ({got} of {len(view)} bytes "
+                          "received)")  # fmt: skip
+        got += n
+
+
+def _is_final_tls_error(exc: OSError) -> bool:
+    """A TLS failure no reconnect cures (not the peer vanishing mid-session)."""
+    return isinstance(exc, ssl.SSLError) and not isinstance(
+        exc, ssl.SSLEOFError | ssl.SSLZeroReturnError
+    )
+
+
+class _Link:
+    """One connection: its socket and protocol state; used by one thread at a time."""
+
+    def __init__(self, sock: socket.socket, conn: ClientConnection, ready: Ready) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.ready = ready
+
+    def call(self, cookie: int) -> Event:
+        """Send what is queued and read until the reply to ``cookie`` is complete."""
+        conn = self.conn
+        try:
+            while True:
+                out = conn.data_to_send()
+                if out:
+                    self.sock.sendall(out)
+                for event in conn.events():
+                    if getattr(event, "cookie", None) == cookie:
+                        return event
+                need = conn.need
+                if need.into is not None:
+                    _recv_into(self.sock, need.into)
+                    conn.feed(None)
+                else:
+                    conn.feed(_recv_exact(self.sock, need.size))
+        except OSError as exc:
+            if _is_final_tls_error(exc):
+                raise RemoteBackingError(f"NBD TLS session failed: {exc}") from None
+            raise _Broken(str(exc) or type(exc).__name__) from None
+
+    def close(self, polite: bool = False) -> None:
+        if polite:
+            self.conn.disconnect()
+            with suppress(OSError):
+                self.sock.sendall(self.conn.data_to_send())
+        with suppress(OSError):
+            self.sock.close()
+
+
+def _status_request(offset: int, length: int) -> Callable[[_Link], int | None]:
+    """BLOCK_STATUS on a link that has base:allocation; None on one without."""
+
+    def make(link: _Link) -> int | None:
+        if not link.ready.block_status:
+            return None
+        return link.conn.block_status(offset, length)
+
+    return make
+
+
+class NBDStore:
+    """A read-only NBD export as a :class:`~addcow.backing.BlockSource`, shared by threads.
+
+    ``size`` is the export's size, pinned at open; ``connections_open`` counts the
+    connections the pool holds now.
+    """
+
+    def __init__(
+        self,
+        target: NBDURI,
+        *,
+        context: ssl.SSLContext | None,
+        reconnect_delay: float,
+        connections: int | None,
+        timeout: float,
+    ) -> None:
+        self.target = target
+        self.uri = target.uri
+        self._context = context
+        self.reconnect_delay = reconnect_delay
+        self.timeout = timeout
+        self._wanted = connections or MAX_CONNECTIONS
+        self._cond = threading.Condition()
+        self._idle: list[_Link] = []
+        self.connections_open = 0
+        self._limit = 1
+        self._closed = False
+        self.size = -1
+        first = self._connect()
+        self.size = first.ready.size
+        self._min = first.ready.min_block
+        self._max = max(self._min, min(first.ready.max_block, MAX_READ) // self._min * self._min)
+        if first.ready.flags & wire.FLAG_CAN_MULTI_CONN:
+            self._limit = self._wanted
+        self.multi_conn = bool(first.ready.flags & wire.FLAG_CAN_MULTI_CONN)
+        self.structured = first.ready.structured
+        self.connections_open = 1
+        self._idle.append(first)
+
+    parse_uri = staticmethod(parse_uri)
+
+    @classmethod
+    def open(cls, uri: str, *, tls_certificates: str | None = None,
+             reconnect_delay: float = RECONNECT_DELAY, connections: int | None = None,
+             timeout: float = DEFAULT_TIMEOUT) -> NBDStore:  # fmt: skip
+        """Connect to the export ``uri`` names; TLS credentials come from the caller."""
+        target = parse_uri(uri)
+        if connections is not None and connections < 1:
+            raise RemoteBackingError(f"NBD connections: expected 1 or more, found {connections}")
+        if reconnect_delay < 0 or timeout <= 0:
+            raise RemoteBackingError(
+                f"NBD timing: expected reconnect_delay >= 0 and timeout "
+                f"> 0, found {reconnect_delay} and {timeout}"
+            )
+        context = None
+        if target.tls:
+            if tls_certificates is None:
+                raise RemoteBackingError(
+                    f"NBD URI {uri!r}: expected a TLS certificate directory "
+                    "(tls_certificates) for an nbds scheme, found none"
+                )
+            context = tls_context(tls_certificates)
+        try:
+            return cls(target, context=context, reconnect_delay=reconnect_delay,
+                       connections=connections, timeout=timeout)  # fmt: skip
+        except _Broken as exc:
+            raise RemoteBackingError(f"{uri}: cannot connect: {exc}", errno.EIO) from None
+
+    # -- connecting ----------------------------------------------------------------------
+
+    def _socket(self) -> socket.socket:
+        target = self.target
+        if target.socket is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(target.socket)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        assert target.host is not None and target.port is not None
+        sock = socket.create_connection((target.host, target.port), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _connect(self) -> _Link:
+        """Open and negotiate one connection; _Broken if the server is not there."""
+        target = self.target
+        try:
+            sock = self._socket()
+        except OSError as exc:
+            raise _Broken(f"{exc.strerror or exc}") from None
+        link = _Link(sock, ClientConnection(target.export, tls=target.tls),
+                     Ready(0, 0, 1, 1, 1, False, False))  # fmt: skip
+        conn = link.conn
+        try:
+            while conn.ready is None:
+                out = conn.data_to_send()
+                if out:
+                    link.sock.sendall(out)
+                for event in conn.events():
+                    if isinstance(event, StartTLS):
+                        link.sock = self._wrap(link.sock)
+                need = conn.need
+                if need.size == 0:
+                    conn.feed(b"")
+                else:
+                    conn.feed(_recv_exact(link.sock, need.size))
+            link.ready = conn.ready
+        except OSError as exc:
+            link.close()
+            if _is_final_tls_error(exc):
+                raise RemoteBackingError(f"{self.uri}: TLS session failed: {exc}") from None
+            raise _Broken(f"{exc.strerror or exc}") from None
+        except BaseException:
+            link.close()
+            raise
+        if self.size >= 0:
+            self._check_same(link)
+        return link
+
+    def _wrap(self, sock: socket.socket) -> socket.socket:
+        assert self._context is not None
+        name = self.target.host if self.target.host is not None else "localhost"
+        try:
+            return self._context.wrap_socket(sock, server_hostname=name)
+        except ssl.SSLCertVerificationError as exc:
+            raise RemoteBackingError(
+                f"{self.uri}: expected a server certificate for {name!r} signed by the CA in "
+                f"the TLS certificate directory, found: {exc.verify_message}"
+            ) from None
+        except OSError as exc:
+            if _is_final_tls_error(exc):
+                raise RemoteBackingError(f"{self.uri}: TLS handshake failed: {exc}") from None
+            raise
+
+    def _check_same(self, link: _Link) -> None:
+        ready = link.ready
+        if ready.size != self.size:
+            link.close()
+            raise RemoteChangedError(
+                f"{self.uri}: the golden image changed since the store was opened: "
+                f"expected an export of {self.size} bytes, found {ready.size}"
+            )
+        if self._min % ready.min_block or ready.max_block < self._max:
+            link.close()
+            raise RemoteChangedError(
+                f"{self.uri}: expected block size limits {self._min}..{self._max} after "
+                f"reconnecting, found {ready.min_block}..{ready.max_block}"
+            )
+
+    def _reconnect(self, failed_at: float, cause: str, *, try_once: bool = False) -> _Link:
+        """Reopen a connection until reconnect_delay has passed since ``failed_at``
+        (with ``try_once``, at least one attempt even when it already has)."""
+        wait = BACKOFF_FIRST
+        while True:
+            if self._closed:
+                raise RemoteBackingError(f"{self.uri}: the store was closed", errno.EIO)
+            left = failed_at + self.reconnect_delay - time.monotonic()
+            if left <= 0 and not try_once:
+                raise RemoteBackingError(
+                    f"{self.uri}: connection lost ({cause}); expected the server back within "
+                    f"{self.reconnect_delay:g} s, found it still unreachable",
+                    errno.EIO,
+                )
+            try_once = False
+            try:
+                return self._connect()
+            except _Broken as exc:
+                cause = str(exc)
+            left = failed_at + self.reconnect_delay - time.monotonic()
+            if left > 0:
+                time.sleep(min(wait, left))
+                wait = min(wait * 2, BACKOFF_MAX)
+
+    # -- the pool ------------------------------------------------------------------------
+
+    def _acquire(self) -> _Link:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        raise RemoteBackingError(f"{self.uri}: the store was closed")
+                    if self._idle:
+                        return self._idle.pop()
+                    if self.connections_open < self._limit:
+                        self.connections_open += 1
+                        extra = self.connections_open > 1
+                        break
+                    self._cond.wait()
+            try:
+                if not extra:
+                    return self._reconnect(time.monotonic(), "no connection", try_once=True)
+                return self._connect()
+            except _Broken:
+                # The server takes fewer connections than it advertised: use those.
+                with self._cond:
+                    self.connections_open -= 1
+                    self._limit = max(1, self.connections_open)
+                    self._cond.notify_all()
+            except BaseException:
+                self._forget()
+                raise
+
+    def _release(self, link: _Link) -> None:
+        with self._cond:
+            if not self._closed:
+                self._idle.append(link)
+                self._cond.notify()
+                return
+        link.close(polite=True)
+        self._forget()
+
+    def _forget(self) -> None:
+        with self._cond:
+            self.connections_open -= 1
+            self._cond.notify_all()
+
+    def _call(self, make: Callable[[_Link], int | None]) -> Event | None:
+        """Run one request on a pooled connection, reconnecting and resending as needed."""
+        link: _Link | None = self._acquire()
+        failed_at: float | None = None
+        try:
+            while True:
+                assert link is not None
+                try:
+                    cookie = make(link)
+                    if cookie is None:
+                        return None
+                    event = link.call(cookie)
+                except _Broken as exc:
+                    link.close()
+                    link = None
+                    if failed_at is None:
+                        failed_at = time.monotonic()
+                    link = self._reconnect(failed_at, str(exc))
+                    continue
+                except BaseException:
+                    # Out of step with the server (a protocol breach, an interrupt).
+                    link.close()
+                    link = None
+                    raise
+                if isinstance(event, RequestFailed):
+                    name = errno.errorcode.get(event.errno, str(event.errno))
+                    detail = f": {event.message}" if event.message else ""
+                    raise RemoteBackingError(
+                        f"{self.uri}: the server failed the request with {name}{detail}",
+                        event.errno)  # fmt: skip
+                return event
+        finally:
+            if link is not None:
+                self._release(link)
+            else:
+                self._forget()
+
+    # -- BlockSource ---------------------------------------------------------------------
+
+    def identity(self) -> int:
+        """What pins this golden image: the export's size."""
+        return self.size
+
+    def _aligned(self, offset: int, length: int) -> tuple[int, int]:
+        start = offset // self._min * self._min
+        end = min(-(-(offset + length) // self._min) * self._min, self.size)
+        return start, end
+
+    def _read_piece(self, view: memoryview, offset: int) -> None:
+        start, end = self._aligned(offset, len(view))
+        if start == offset and end == offset + len(view):
+            target = view
+        else:
+            bounce = memoryview(bytearray(end - start))
+            target = bounce
+        self._call(lambda link: link.conn.read(start, target))
+        if target is not view:
+            view[:] = target[offset - start : offset - start + len(view)]
+
+    def readinto(self, buffer: memoryview, offset: int) -> int:
+        """Fill ``buffer`` from ``offset``; zeros past the export's end."""
+        view = buffer.cast("B") if buffer.format != "B" else buffer
+        inside = max(0, min(len(view), self.size - offset))
+        pos = 0
+        while pos < inside:
+            # Keep pieces aligned so that only the first and last need a bounce.
+            limit = self._max - (offset + pos) % self._min
+            piece = min(inside - pos, limit)
+            self._read_piece(view[pos : pos + piece], offset + pos)
+            pos += piece
+        if inside < len(view):
+            fill_zero(view[inside:])
+        return len(view)
+
+    def block_status_at(self, offset: int, length: int, depth: int) -> Iterator[Extent]:
+        """Extents of [offset, offset+length) from base:allocation (all data without it)."""
+        end = offset + length
+        inside = min(end, self.size)
+        pos = offset
+        while pos < inside:
+            start, stop = self._aligned(pos, min(inside - pos, MAX_STATUS_REQUEST))
+            event = self._call(_status_request(start, stop - start))
+            if event is None:
+                yield Extent(pos, inside - pos, depth, True, False, None)
+                break
+            assert isinstance(event, StatusDone)
+            reached = pos
+            for e_off, e_len, flags in event.extents():
+                lo, hi = max(e_off, pos), min(e_off + e_len, inside)
+                if lo < hi:
+                    yield Extent(lo, hi - lo, depth, True, bool(flags & wire.STATE_ZERO), None)
+                    reached = hi
+            if reached <= pos:
+                raise RemoteReplyError(
+                    f"{self.uri}: BLOCK_STATUS at {start}: expected extents reaching past "
+                    f"{pos}, found none")  # fmt: skip
+            pos = reached
+        if end > inside:
+            lo = max(offset, inside)
+            yield Extent(lo, end - lo, depth, False, True, None)
+
+    def file_ids(self) -> set[tuple[int, int]]:
+        """None: the store reads no local file."""
+        return set()
+
+    def reads_in_place(self, offset: int, length: int) -> bool:
+        """Never: reading waits for the network."""
+        return False
+
+    def close(self) -> None:
+        """Send NBD_CMD_DISC on every idle connection and close them; busy ones close
+        when their request ends."""
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self.connections_open -= len(idle)
+            self._cond.notify_all()
+        for link in idle:
+            link.close(polite=True)
+
+    def __enter__(self) -> NBDStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,265 @@
+"""Backing URIs: how a remote golden image is named, pinned, allowed and opened.
+
+Recording (specification, "Backing URIs")
+    A version 2 image whose backing is remote sets the incompatible feature
+    bit BACKING_URI, and its backing_filename field then holds a *URI record*:
+    the URI on the first line, then ``key=value`` lines, ASCII, separated by
+    ``\\n``::
+
+        https://images.example.com/golden.raw
+        size=2147483648
+        etag="5f2c-61a1b"
+
+    Without the bit the field is a file name, whatever it looks like: a file
+    literally named ``nbd://x`` stays a file, and a reader that does not know
+    the bit refuses the image instead of opening a file of that name. A URI
+    has no newline (RFC 3986 allows none unescaped), so the record splits
+    without ambiguity; :meth:`BackingURI.decode` refuses any other key, a
+    repeated key, or bytes outside printable ASCII.
+
+Pinning
+    ``size`` (the remote image's size, always) and, for HTTP, ``etag`` (a
+    strong ETag) or ``last-modified``: what the golden image was when the
+    image was created. Opening checks them, and an HTTP store sends them
+    with every read (``If-Match`` / ``If-Unmodified-Since``), so an image
+    never reads a golden image that changed under it: the clusters it has
+    not copied yet would otherwise mix two disks.
+
+Trust (docs/reliability.md, "Threat model")
+    A URI stored in an image is a network request that the image's author
+    chose (the server-side request form of CVE-2024-4467): opening an image
+    from someone else could make this host connect anywhere. With a
+    ``backing_root`` (the CLI's ``--backing-root``, the mode for images one
+    did not create) every URI is refused unless it starts with a prefix the
+    user allowed (``--allow-backing-uri PREFIX``). A prefix matches whole
+    components only: ``https://img.example.com/`` does not allow
+    ``https://img.example.com.evil.test/``. Certificates and keys for TLS
+    never come from the image: NBD over TLS takes its directory from
+    ``ADDCOW_TLS_CERTIFICATES`` (laid out as libnbd's ``tls-certificates``),
+    HTTPS the system's CA store (``SSL_CERT_FILE`` overrides it).
+
+Opening
+    :func:`open_remote` checks the policy, opens the store for the scheme
+    (:mod:`addcow.nbd.store` for ``nbd*``, :mod:`addcow.http_store` for
+    ``http(s)``), checks the pin, and returns it as a raw backing. A remote
+    qcow2 or add-cow golden image is not read: qcow2 golden images are read
+    from local files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+from .backing import BlockSource
+from .errors import BackingFormatError, PathPolicyError, RemoteBackingError, RemoteChangedError
+from .names import ChainGuard
+
+NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
+HTTP_SCHEMES = ("http", "https")
+SCHEMES = NBD_SCHEMES + HTTP_SCHEMES
+
+MAX_RECORD = 8192
+"""Longest URI record (bytes): a URI and its pin, not a file."""
+TLS_CERTIFICATES_ENV = "ADDCOW_TLS_CERTIFICATES"
+RECONNECT_DELAY_ENV = "ADDCOW_RECONNECT_DELAY"
+
+_KEYS = ("size", "etag", "last-modified")
+
+
+class BackingURI(NamedTuple):
+    """A URI record: the golden image's URI and its identity when it was pinned."""
+
+    uri: str
+    size: int
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return self.uri.split("://", 1)[0].lower()
+
+    def encode(self) -> bytes:
+        lines = [self.uri, f"size={self.size}"]
+        if self.etag is not None:
+            lines.append(f"etag={self.etag}")
+        if self.last_modified is not None:
+            lines.append(f"last-modified={self.last_modified}")
+        record = "\n".join(lines).encode("ascii")
+        BackingURI.decode(record)  # everything written must read back
+        return record
+
+    @classmethod
+    def decode(cls, raw: bytes) -> BackingURI:
+        """Parse a URI record from a header, refusing anything but the exact form."""
+        if len(raw) > MAX_RECORD:
+            raise RemoteBackingError(
+                f"backing URI record: expected at most {MAX_RECORD} bytes, found {len(raw)}"
+            )
+        if any((b < 0x20 and b != 0x0A) or b > 0x7E for b in raw):
+            raise RemoteBackingError(
+                f"backing URI record: expected printable ASCII lines, found {raw[:80]!r}"
+            )
+        first, *rest = raw.decode("ascii").split("\n")
+        check_uri(first)
+        fields: dict[str, str] = {}
+        for line in rest:
+            key, sep, value = line.partition("=")
+            if not sep or key not in _KEYS or key in fields or not value:
+                raise RemoteBackingError(
+                    f"backing URI record: expected size=, etag= or last-modified= once each, "
+                    f"found {line[:80]!r}"
+                )
+            fields[key] = value
+        size = fields.get("size", "")
+        if not size.isdigit() or int(size) <= 0:
+            raise RemoteBackingError(
+                f"backing URI record: expected size=BYTES (more than 0), found {size!r}"
+            )
+        if scheme_of(first) in NBD_SCHEMES and len(fields) > 1:
+            raise RemoteBackingError(
+                "backing URI record: expected only size= for an NBD URI, "
+                f"found {', '.join(sorted(fields))}"
+            )
+        return cls(first, int(size), fields.get("etag"), fields.get("last-modified"))
+
+
+def scheme_of(text: str) -> str | None:
+    """The backing scheme ``text`` starts with (``nbd``, ``https``, ...), or None."""
+    head, sep, _ = text.partition("://")
+    return head.lower() if sep and head.lower() in SCHEMES else None
+
+
+def check_uri(uri: str) -> None:
+    """Refuse anything that is not a backing URI addcow can open."""
+    scheme = scheme_of(uri)
+    if scheme is None:
+        raise RemoteBackingError(
+            f"backing URI: expected one of {', '.join(s + '://' for s in SCHEMES)}, "
+            f"found {shown(uri)!r}"
+        )
+    if any(c.isspace() for c in uri) or not uri.isascii():
+        raise RemoteBackingError(f"backing URI: expected no spaces, found {shown(uri)!r}")
+    parts = urlsplit(uri)
+    if parts.fragment:
+        raise RemoteBackingError(f"backing URI: expected no #fragment, found {shown(uri)!r}")
+    if scheme in HTTP_SCHEMES and not parts.hostname:
+        raise RemoteBackingError(f"backing URI: expected a host name, found {shown(uri)!r}")
+
+
+def shown(uri: str) -> str:
+    """A URI as it may be printed: an HTTP query (presigned URLs carry secrets) left out."""
+    if scheme_of(uri) in HTTP_SCHEMES and "?" in uri:
+        return uri.split("?", 1)[0] + "?..."
+    return uri
+
+
+def allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``uri`` starts with one of ``prefixes`` at a component boundary."""
+    for prefix in prefixes:
+        if uri == prefix:
+            return True
+        if uri.startswith(prefix) and (prefix.endswith("/") or uri[len(prefix)] in "/?"):
+            return True
+    return False
+
+
+def check_policy(uri: str, guard: ChainGuard) -> None:
+    """Refuse a URI an untrusted image names (``backing_root``) unless it was allowed."""
+    if guard.root is None or allowed(uri, guard.allowed_uris):
+        return
+    hint = "give --allow-backing-uri PREFIX to allow it"
+    raise PathPolicyError(
+        f"backing URI {shown(uri)!r}: refused: an image opened with --backing-root may name "
+        f"only files inside it ({hint})"
+    )
+
+
+def open_remote(ref: BackingURI, fmt: str, *, guard: ChainGuard) -> BlockSource:
+    """Open the golden image a URI record names, after the policy and the pin agree."""
+    check_policy(ref.uri, guard)
+    guard.descend(shown(ref.uri))
+    if fmt != "raw":
+        raise BackingFormatError(
+            f"{shown(ref.uri)}: backing format {fmt!r} over a URI is not read; "
+            "expected raw (a qcow2 golden image is read from a local file)"
+        )
+    store = _open_store(ref.uri, ref)
+    try:
+        if store.size != ref.size:
+            raise RemoteChangedError(
+                f"{shown(ref.uri)}: the golden image changed since this image was created: "
+                f"size {ref.size} when pinned, now {store.size}"
+            )
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def pin(uri: str, fmt: str, *, guard: ChainGuard) -> tuple[BackingURI, BlockSource]:
+    """Open ``uri`` for a new image (``create -b URI``): its record and the open store."""
+    check_uri(uri)
+    check_policy(uri, guard)
+    if fmt != "raw":
+        raise BackingFormatError(
+            f"{shown(uri)}: backing format {fmt!r} over a URI is not read; expected raw"
+        )
+    store = _open_store(uri, None)
+    try:
+        etag = last_modified = None
+        identity = getattr(store, "identity", None)
+        if scheme_of(uri) in HTTP_SCHEMES and identity is not None:
+            found = identity()
+            etag, last_modified = found.etag, found.last_modified
+        ref = BackingURI(uri, store.size, etag, None if etag else last_modified)
+        ref.encode()
+    except BaseException:
+        store.close()
+        raise
+    return ref, store
+
+
+def refuse_for_rebase(backing: str) -> None:
+    """Rebase takes local file names only: a backing URI is given when an image is created."""
+    if scheme_of(backing) is not None:
+        raise BackingFormatError(
+            f"{shown(backing)}: rebase onto a backing URI is not offered; create a new image "
+            "over it (addcow create -b URI -F raw), or name a local file of that name ./NAME"
+        )
+
+
+def _open_store(uri: str, ref: BackingURI | None) -> BlockSource:
+    scheme = scheme_of(uri)
+    if scheme in NBD_SCHEMES:
+        from .nbd.store import NBDStore
+
+        return NBDStore.open(
+            uri,
+            tls_certificates=os.environ.get(TLS_CERTIFICATES_ENV),
+            reconnect_delay=_reconnect_delay(),
+        )
+    from . import http_store
+
+    pinned = None
+    if ref is not None:
+        pinned = http_store.HTTPPin(ref.size, ref.etag, ref.last_modified)
+    return http_store.HTTPStore.open(uri, pin=pinned)
+
+
+def _reconnect_delay() -> float:
+    from .nbd.store import RECONNECT_DELAY
+
+    text = os.environ.get(RECONNECT_DELAY_ENV)
+    if text is None:
+        return RECONNECT_DELAY
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise RemoteBackingError(
+            f"{RECONNECT_DELAY_ENV}: expected seconds between 0 and 3600, found {text!r}"
+        )
+    return value

@@ -1,0 +1,645 @@
+"""The NBD backing store (addcow.nbd.store) against real servers and hostile ones.
+
+Real peers: qemu-nbd (raw files over Unix sockets and TCP, TLS, multi-conn,
+killed and restarted), nbdkit (pattern, memory, sparse-random, --no-sr, the
+error and delay filters, TLS) and ``addcow serve --read-only``. A small
+Python server in this file sends broken replies; each must end in
+RemoteReplyError or RemoteBackingError within a timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from conftest import require_tool
+from nbd_util import served
+from tls_util import make_certs
+
+import addcow
+from addcow.errors import RemoteBackingError, RemoteChangedError, RemoteReplyError
+from addcow.nbd import wire
+from addcow.nbd.store import NBDStore
+
+MiB = 1 << 20
+
+
+# -- servers ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], sock: Path | None, port: int | None,
+                    timeout: float = 15) -> None:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.args}")
+        with suppress(OSError):
+            if sock is not None:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(sock))
+            else:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server not listening within {timeout}s: {proc.args}")
+        time.sleep(0.02)
+
+
+@contextmanager
+def server(cmd: list[str], sock: Path | None = None, port: int | None = None
+           ) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
+    """Run a server in the foreground until the block ends (killed, always reaped)."""
+    if sock is not None:
+        sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(proc, sock, port)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def qemu_nbd(path: Path, sock: Path, *args: str) -> list[str]:
+    return [require_tool("qemu-nbd"), "-r", "-t", "-f", "raw", "-k", str(sock), *args, str(path)]
+
+
+def nbdkit(sock: Path, *args: str) -> list[str]:
+    return [require_tool("nbdkit"), "-f", "-U", str(sock), *args]
+
+
+def unix_uri(sock: Path, export: str = "", scheme: str = "nbd+unix") -> str:
+    return f"{scheme}:///{export}?socket={sock}"
+
+
+def random_file(path: Path, size: int, holes: tuple[tuple[int, int], ...] = ()) -> bytes:
+    data = bytearray(os.urandom(size))
+    for start, length in holes:
+        data[start : start + length] = bytes(length)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        pos = 0
+        for start, length in (*holes, (size, 0)):
+            f.seek(pos)
+            f.write(data[pos:start])
+            pos = start + length
+    return bytes(data)
+
+
+def read(store: NBDStore, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    assert store.readinto(memoryview(buf), offset) == length
+    return bytes(buf)
+
+
+def check_reads(store: NBDStore, data: bytes) -> None:
+    size = len(data)
+    padded = data + bytes(8192)
+    for offset, length in ((0, size), (1, 4095), (12345, 65537), (size - 100, 100),
+                           (size - 7, 4000), (size + 10, 300), (4096 * 3 + 5, 1)):  # fmt: skip
+        assert read(store, offset, length) == padded[offset : offset + length], (offset, length)
+
+
+# -- URIs ---------------------------------------------------------------------------------
+
+
+def test_parse_uri_accepts_doc_uri_examples() -> None:
+    p = NBDStore.parse_uri
+    assert p("nbd://example.com/disk")[1:] == (False, "example.com", 10809, None, "disk")
+    assert p("nbd://example.com")[-1] == "" and p("nbd://example.com/")[-1] == ""
+    assert p("nbd://example.com//disk").export == "/disk"
+    assert p("nbd://example.com/hello%20world").export == "hello world"
+    assert p("nbds://[::1]:1234/x")[1:] == (True, "::1", 1234, None, "x")
+    assert p("nbd+unix:///disk?socket=sock")[1:] == (False, None, None, "sock", "disk")
+    assert p("nbds+unix:///?socket=/run/a%20b.sock").socket == "/run/a b.sock"
+
+
+@pytest.mark.parametrize("uri", [
+    "http://example.com/x", "nbd:///x", "nbd://example.com:0/x", "nbd://example.com:99999/",
+    "nbd://user@example.com/x", "nbd://example.com/x?socket=/s", "nbd://h/x#frag",
+    "nbd+unix:///x", "nbd+unix://host/x?socket=/s", "nbd+unix:///x?socket=/s&socket=/t",
+    "nbds+unix:///x?socket=/s&tls-certificates=/tmp/evil", "nbds://h/x?tls-certificates=/d",
+    "nbd+unix:///x?socket=/s&tls-verify-peer=0", "nbd://h/%ff", "nbd://h/a%00b",
+    "nbd+unix:///x?socket=",
+])  # fmt: skip
+def test_parse_uri_refuses(uri: str) -> None:
+    with pytest.raises(RemoteBackingError, match=r"expected .*found"):
+        NBDStore.parse_uri(uri)
+
+
+def test_nbds_needs_a_certificate_directory(tmp_path: Path) -> None:
+    with pytest.raises(RemoteBackingError, match="TLS certificate directory"):
+        NBDStore.open(unix_uri(tmp_path / "none.sock", scheme="nbds+unix"))
+    with pytest.raises(RemoteBackingError, match=r"ca-cert\.pem"):
+        NBDStore.open(unix_uri(tmp_path / "none.sock", scheme="nbds+unix"),
+                      tls_certificates=str(tmp_path))  # fmt: skip
+
+
+def test_missing_server_and_export_fail_at_once(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(RemoteBackingError) as info:
+        NBDStore.open(unix_uri(tmp_path / "none.sock"))
+    assert info.value.errno == errno.EIO and time.monotonic() - start < 5
+    sock = tmp_path / "q.sock"
+    raw = tmp_path / "a.raw"
+    random_file(raw, 65536)
+    with server(qemu_nbd(raw, sock, "-x", "golden"), sock), \
+            pytest.raises(RemoteBackingError, match="expected an export named 'other'"):
+        NBDStore.open(unix_uri(sock, "other"))
+
+
+# -- real servers -------------------------------------------------------------------------
+
+
+def test_qemu_nbd_raw_over_unix_and_tcp(tmp_path: Path) -> None:
+    raw = tmp_path / "a.raw"
+    data = random_file(raw, 3 * MiB + 1536, holes=((MiB, 256 * 1024),))
+    sock = tmp_path / "q.sock"
+    with server(qemu_nbd(raw, sock), sock), NBDStore.open(unix_uri(sock)) as store:
+        assert store.size == store.identity() == len(data)
+        assert store.file_ids() == set() and not store.reads_in_place(0, 1)
+        check_reads(store, data)
+    port = _free_port()
+    cmd = [require_tool("qemu-nbd"), "-r", "-t", "-f", "raw", "-b", "127.0.0.1", "-p", str(port),
+           str(raw)]  # fmt: skip
+    with server(cmd, port=port), NBDStore.open(f"nbd://127.0.0.1:{port}") as store:
+        check_reads(store, data)
+
+
+def test_block_status_of_sparse_file(tmp_path: Path) -> None:
+    raw = tmp_path / "s.raw"
+    data = random_file(raw, 4 * MiB, holes=((MiB, MiB), (3 * MiB, MiB)))
+    sock = tmp_path / "q.sock"
+    with server(qemu_nbd(raw, sock), sock), NBDStore.open(unix_uri(sock)) as store:
+        extents = list(store.block_status_at(0, 5 * MiB, 1))
+        assert sum(e.length for e in extents) == 5 * MiB
+        assert all(a.offset + a.length == b.offset for a, b in pairwise(extents))
+        assert all(e.depth == 1 and e.host_offset is None for e in extents)
+        for e in extents:
+            if e.offset >= 4 * MiB:
+                assert not e.present and e.zero
+            elif e.zero:
+                assert data[e.offset : e.offset + e.length] == bytes(e.length)
+        zero = sum(e.length for e in extents if e.present and e.zero)
+        assert zero == 2 * MiB
+        # An unaligned window inside.
+        window = list(store.block_status_at(MiB - 100, 300, 0))
+        assert [(e.offset, e.length, e.zero) for e in window] == [
+            (MiB - 100, 100, False), (MiB, 200, True)]  # fmt: skip
+
+
+def test_nbdkit_sparse_random_block_status_matches_data(tmp_path: Path) -> None:
+    sock = tmp_path / "k.sock"
+    cmd = nbdkit(sock, "sparse-random", "size=8M", "seed=7", "runlength=131072", "percent=40")
+    with server(cmd, sock), \
+            NBDStore.open(unix_uri(sock)) as store:  # fmt: skip
+        extents = list(store.block_status_at(0, store.size, 0))
+        assert sum(e.length for e in extents) == 8 * MiB
+        assert any(e.zero for e in extents) and any(not e.zero for e in extents)
+        content = read(store, 0, store.size)
+        for e in extents:
+            chunk = content[e.offset : e.offset + e.length]
+            if e.zero:
+                assert chunk == bytes(e.length)
+            else:
+                assert chunk != bytes(e.length)
+
+
+def test_nbdkit_pattern_and_memory(tmp_path: Path) -> None:
+    sock = tmp_path / "k.sock"
+    with server(nbdkit(sock, "pattern", "size=2M"), sock), \
+            NBDStore.open(unix_uri(sock)) as store:  # fmt: skip
+        expected = b"".join(struct.pack(">Q", i * 8) for i in range(2 * MiB // 8))
+        check_reads(store, expected)
+    with server(nbdkit(sock, "memory", "size=1M"), sock), \
+            NBDStore.open(unix_uri(sock)) as store:  # fmt: skip
+        check_reads(store, bytes(MiB))
+        assert all(e.zero for e in store.block_status_at(0, MiB, 0))
+
+
+def test_server_without_structured_replies_falls_back(tmp_path: Path) -> None:
+    sock = tmp_path / "k.sock"
+    with server(nbdkit(sock, "--no-sr", "pattern", "size=1M"), sock), \
+            NBDStore.open(unix_uri(sock)) as store:  # fmt: skip
+        assert not store.structured
+        expected = b"".join(struct.pack(">Q", i * 8) for i in range(MiB // 8))
+        check_reads(store, expected)
+        assert list(store.block_status_at(10, 2 * MiB, 2)) == [
+            (10, MiB - 10, 2, True, False, None), (MiB, MiB + 10, 2, False, True, None)]
+
+
+def test_addcow_serve_read_only(tmp_path: Path, base_raw: Path) -> None:
+    image = tmp_path / "img.add-cow"
+    addcow.create(image, image_file="d.raw", backing_file=base_raw, backing_format="raw")
+    with served(tmp_path, image, args=("--read-only",)) as srv, \
+            NBDStore.open(srv.uri) as store:  # fmt: skip
+        check_reads(store, base_raw.read_bytes())
+        zero = [e for e in store.block_status_at(0, store.size, 0) if e.zero]
+        assert sum(e.length for e in zero) >= 4 * 65536
+
+
+@pytest.mark.parametrize("shared", [None, "4"])
+def test_multi_conn_only_when_advertised(tmp_path: Path, shared: str | None) -> None:
+    raw = tmp_path / "a.raw"
+    data = random_file(raw, 4 * MiB)
+    sock = tmp_path / "q.sock"
+    args = ("-e", shared) if shared else ()
+    # qemu-nbd 7.2 advertises multi-conn on a read-only export that it shares.
+    with server(qemu_nbd(raw, sock, *args), sock), \
+            NBDStore.open(unix_uri(sock), connections=3) as store:  # fmt: skip
+        assert store.multi_conn == bool(shared)
+        barrier = threading.Barrier(6)
+
+        def work(i: int) -> bool:
+            barrier.wait(timeout=10)
+            ok = True
+            for j in range(20):
+                off = (i * 977 + j * 65521) % (len(data) - 70000)
+                ok &= read(store, off, 65536 + j) == data[off : off + 65536 + j]
+            return ok
+
+        with ThreadPoolExecutor(6) as pool:
+            assert all(pool.map(work, range(6)))
+        assert (1 < store.connections_open <= 3) if shared else store.connections_open == 1
+    assert store.connections_open == 0
+
+
+def test_error_reply_carries_errno_and_connection_survives(tmp_path: Path) -> None:
+    sock = tmp_path / "k.sock"
+    trigger = tmp_path / "fail"
+    trigger.touch()
+    cmd = nbdkit(sock, "--filter=error", "pattern", "size=1M", "error-pread=EIO",
+                 "error-pread-rate=1", f"error-pread-file={trigger}")  # fmt: skip
+    with server(cmd, sock), NBDStore.open(unix_uri(sock), reconnect_delay=5) as store:
+        start = time.monotonic()
+        with pytest.raises(RemoteBackingError) as info:
+            read(store, 4096, 8192)
+        assert info.value.errno == errno.EIO and "EIO" in str(info.value)
+        assert not isinstance(info.value, RemoteReplyError)
+        assert time.monotonic() - start < 3  # not retried
+        trigger.unlink()
+        assert read(store, 8, 8) == struct.pack(">Q", 8)
+        assert store.connections_open == 1
+
+
+def test_slow_server_times_out(tmp_path: Path) -> None:
+    sock = tmp_path / "k.sock"
+    cmd = nbdkit(sock, "--filter=delay", "memory", "size=1M", "delay-read=5")
+    with server(cmd, sock), \
+            NBDStore.open(unix_uri(sock), timeout=0.5, reconnect_delay=0) as store:  # fmt: skip
+        start = time.monotonic()
+        with pytest.raises(RemoteBackingError) as info:
+            read(store, 0, 512)
+        assert info.value.errno == errno.EIO and time.monotonic() - start < 3
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    work = tmp_path_factory.mktemp("certs")
+    dirs = make_certs(work)
+    wrong = work / "wrongca"
+    wrong.mkdir()
+    (wrong / "ca-cert.pem").write_bytes((work / "otherca.pem").read_bytes())
+    dirs["wrongca"] = wrong
+    return dirs
+
+
+def test_tls_with_qemu_nbd(tmp_path: Path, certs: dict[str, Path]) -> None:
+    raw = tmp_path / "a.raw"
+    data = random_file(raw, MiB + 512)
+    sock = tmp_path / "q.sock"
+    tls = ("--object", f"tls-creds-x509,id=tls0,dir={certs['srv']},endpoint=server",
+           "--tls-creds", "tls0")  # fmt: skip
+    with server(qemu_nbd(raw, sock, *tls), sock):
+        with NBDStore.open(unix_uri(sock, scheme="nbds+unix"),
+                           tls_certificates=str(certs["client"])) as store:  # fmt: skip
+            check_reads(store, data)
+        with pytest.raises(RemoteBackingError, match="requires TLS"):
+            NBDStore.open(unix_uri(sock))
+        with pytest.raises(RemoteBackingError, match="expected a server certificate"):
+            NBDStore.open(unix_uri(sock, scheme="nbds+unix"),
+                          tls_certificates=str(certs["wrongca"]))  # fmt: skip
+        # qemu-nbd checks client certificates: one from another CA is refused.
+        with pytest.raises(RemoteBackingError):
+            NBDStore.open(unix_uri(sock, scheme="nbds+unix"),
+                          tls_certificates=str(certs["other"]))  # fmt: skip
+    port = _free_port()
+    cmd = [require_tool("qemu-nbd"), "-r", "-t", "-f", "raw", "-b", "127.0.0.1", "-p", str(port),
+           *tls, str(raw)]  # fmt: skip
+    uri = f"nbds://127.0.0.1:{port}/"
+    with server(cmd, port=port), \
+            NBDStore.open(uri, tls_certificates=str(certs["client"])) as store:  # fmt: skip
+        check_reads(store, data)
+
+
+def test_tls_with_nbdkit(tmp_path: Path, certs: dict[str, Path]) -> None:
+    sock = tmp_path / "k.sock"
+    cmd = nbdkit(sock, "--tls=require", f"--tls-certificates={certs['srv']}", "pattern",
+                 "size=1M")  # fmt: skip
+    with server(cmd, sock):
+        with NBDStore.open(unix_uri(sock, scheme="nbds+unix"),
+                           tls_certificates=str(certs["nocert"])) as store:  # fmt: skip
+            assert read(store, MiB - 8, 16) == struct.pack(">Q", MiB - 8) + bytes(8)
+            assert store.structured
+        with pytest.raises(RemoteBackingError, match="requires TLS"):
+            NBDStore.open(unix_uri(sock))
+        with pytest.raises(RemoteBackingError, match="expected a server certificate"):
+            NBDStore.open(unix_uri(sock, scheme="nbds+unix"),
+                          tls_certificates=str(certs["wrongca"]))  # fmt: skip
+
+
+# -- reconnection -------------------------------------------------------------------------
+
+
+def test_reconnect_after_restart(tmp_path: Path) -> None:
+    raw = tmp_path / "a.raw"
+    data = random_file(raw, 2 * MiB)
+    sock = tmp_path / "q.sock"
+    with server(qemu_nbd(raw, sock), sock) as first:
+        store = NBDStore.open(unix_uri(sock), reconnect_delay=15, timeout=5)
+        assert read(store, 0, 4096) == data[:4096]
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    restarted: list[subprocess.Popen[bytes]] = []
+
+    def restart() -> None:
+        time.sleep(0.3)
+        sock.unlink(missing_ok=True)
+        restarted.append(subprocess.Popen(qemu_nbd(raw, sock), stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))  # fmt: skip
+
+    thread = threading.Thread(target=restart)
+    thread.start()
+    try:
+        assert read(store, 12345, 100000) == data[12345:112345]  # waits for the restart
+        check_reads(store, data)
+    finally:
+        thread.join()
+        store.close()
+        for proc in restarted:
+            proc.kill()
+            proc.wait()
+
+
+def test_no_restart_fails_with_eio_after_the_delay(tmp_path: Path) -> None:
+    sock = tmp_path / "k.sock"
+    with server(nbdkit(sock, "memory", "size=1M"), sock) as proc:
+        store = NBDStore.open(unix_uri(sock), reconnect_delay=1)
+        assert read(store, 0, 10) == bytes(10)
+        proc.kill()
+        proc.wait()
+    start = time.monotonic()
+    with pytest.raises(RemoteBackingError) as info:
+        read(store, 0, 10)
+    elapsed = time.monotonic() - start
+    assert info.value.errno == errno.EIO and "within 1 s" in str(info.value)
+    assert 0.9 <= elapsed < 4
+    with pytest.raises(RemoteBackingError):
+        list(store.block_status_at(0, 10, 0))
+    store.close()
+
+
+def test_reconnect_to_a_changed_export(tmp_path: Path) -> None:
+    sock = tmp_path / "k.sock"
+    with server(nbdkit(sock, "memory", "size=1M"), sock) as proc:
+        store = NBDStore.open(unix_uri(sock), reconnect_delay=10)
+        proc.kill()
+        proc.wait()
+    with server(nbdkit(sock, "memory", "size=2M"), sock), \
+            pytest.raises(RemoteChangedError, match="golden image changed"):  # fmt: skip
+        read(store, 0, 10)
+    store.close()
+
+
+# -- a hostile server ---------------------------------------------------------------------
+
+Behaviour = Callable[[int, int, int, int], bytes | None]
+SIZE = MiB
+
+
+def _recv(conn: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
+def _option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
+    return wire.OPTION_REPLY_HEADER.pack(wire.OPT_REPLY_MAGIC, option, reply, len(data)) + data
+
+
+def _serve_one(conn: socket.socket, behave: Behaviour, structured: bool) -> None:
+    conn.sendall(wire.GREETING.pack(wire.NBDMAGIC, wire.IHAVEOPT, 3))
+    _recv(conn, 4)
+    while True:
+        _magic, option, length = wire.OPTION_HEADER.unpack(_recv(conn, 16))
+        _recv(conn, length)
+        if option == wire.OPT_STRUCTURED_REPLY:
+            conn.sendall(_option_reply(option, wire.REP_ACK if structured
+                                       else wire.REP_ERR_UNSUP))  # fmt: skip
+        elif option == wire.OPT_SET_META_CONTEXT:
+            conn.sendall(_option_reply(option, wire.REP_META_CONTEXT,
+                                       struct.pack(">I", 1) + b"base:allocation")
+                         + _option_reply(option, wire.REP_ACK))  # fmt: skip
+        elif option == wire.OPT_GO:
+            info = wire.INFO_EXPORT_PAYLOAD.pack(wire.INFO_EXPORT, SIZE, 3)
+            conn.sendall(_option_reply(option, wire.REP_INFO, info)
+                         + _option_reply(option, wire.REP_ACK))  # fmt: skip
+            break
+        else:
+            conn.sendall(_option_reply(option, wire.REP_ERR_UNSUP))
+    while True:
+        _m, _f, command, cookie, offset, length = wire.REQUEST_HEADER.unpack(_recv(conn, 28))
+        if command == wire.CMD_DISC:
+            return
+        out = behave(command, cookie, offset, length)
+        if out is None:
+            return
+        conn.sendall(out)
+
+
+@contextmanager
+def hostile(tmp_path: Path, behave: Behaviour, structured: bool = True) -> Iterator[str]:
+    path = tmp_path / "hostile.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(8)
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn, suppress(OSError, EOFError):
+                conn.settimeout(5)
+                _serve_one(conn, behave, structured)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield unix_uri(path)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        listener.close()
+
+
+def chunk(cookie: int, kind: int, payload: bytes, flags: int = wire.REPLY_FLAG_DONE) -> bytes:
+    return wire.CHUNK_HEADER.pack(wire.STRUCTURED_REPLY_MAGIC, flags, kind, cookie,
+                                  len(payload)) + payload  # fmt: skip
+
+
+def data(cookie: int, offset: int, length: int, flags: int = wire.REPLY_FLAG_DONE) -> bytes:
+    return chunk(cookie, wire.REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", offset) + bytes(length),
+                 flags)  # fmt: skip
+
+
+def status(cookie: int, *extents: int, context: int = 1) -> bytes:
+    payload = struct.pack(">I", context) + b"".join(struct.pack(">II", e, 0) for e in extents)
+    return chunk(cookie, wire.REPLY_TYPE_BLOCK_STATUS, payload)
+
+
+def simple(cookie: int, error: int = 0) -> bytes:
+    return wire.SIMPLE_REPLY_HEADER.pack(wire.SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+BROKEN_READS: dict[str, Behaviour] = {
+    "wrong cookie": lambda cmd, c, off, n: data(c + 1, off, n),
+    "bad magic": lambda cmd, c, off, n: b"\xde\xad\xbe\xef" + bytes(16),
+    "oversized chunk": lambda cmd, c, off, n: wire.CHUNK_HEADER.pack(
+        wire.STRUCTURED_REPLY_MAGIC, 1, wire.REPLY_TYPE_OFFSET_DATA, c, 0xFFFFFFFF),
+    "oversized error chunk": lambda cmd, c, off, n: wire.CHUNK_HEADER.pack(
+        wire.STRUCTURED_REPLY_MAGIC, 1, wire.REPLY_TYPE_ERROR, c, 0xFFFFFFF0),
+    "data outside request": lambda cmd, c, off, n: data(c, off + 1, n),
+    "data before request": lambda cmd, c, off, n: data(c, off - 1, n),
+    "overlapping data": lambda cmd, c, off, n: data(c, off, n, 0) + data(c, off, 1),
+    "short coverage": lambda cmd, c, off, n: data(c, off, n - 1),
+    "empty hole": lambda cmd, c, off, n: chunk(c, wire.REPLY_TYPE_OFFSET_HOLE,
+                                               struct.pack(">QI", off, 0)),
+    "simple reply to read": lambda cmd, c, off, n: simple(c) + bytes(n),
+    "error without errno": lambda cmd, c, off, n: chunk(c, wire.REPLY_TYPE_ERROR,
+                                                        struct.pack(">IH", 0, 0)),
+    "error message too long": lambda cmd, c, off, n: chunk(c, wire.REPLY_TYPE_ERROR,
+                                                           struct.pack(">IH", 5, 100) + b"x"),
+    "unknown chunk type": lambda cmd, c, off, n: chunk(c, 77, b""),
+    "status to a read": lambda cmd, c, off, n: status(c, n),
+    "none with payload": lambda cmd, c, off, n: chunk(c, wire.REPLY_TYPE_NONE, b"x"),
+    "chunk flood": lambda cmd, c, off, n: (data(c, off, n, 0)
+                                           + chunk(c, wire.REPLY_TYPE_ERROR,
+                                                   struct.pack(">IH", 5, 0), 0) * 3000),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_READS))
+def test_hostile_read_replies(tmp_path: Path, name: str) -> None:
+    with hostile(tmp_path, BROKEN_READS[name]) as uri, \
+            NBDStore.open(uri, timeout=2, reconnect_delay=0) as store:  # fmt: skip
+        start = time.monotonic()
+        with pytest.raises(RemoteReplyError, match=r"expected .*found"):
+            read(store, 4096, 1000)
+        assert time.monotonic() - start < 3
+        assert store.connections_open == 0  # the connection out of step was dropped
+
+
+BROKEN_STATUS: dict[str, Behaviour] = {
+    "past the request": lambda cmd, c, off, n: status(c, n, 512),
+    "zero extent": lambda cmd, c, off, n: status(c, 0, n),
+    "wrong context": lambda cmd, c, off, n: status(c, n, context=9),
+    "two chunks": lambda cmd, c, off, n: (
+        chunk(c, wire.REPLY_TYPE_BLOCK_STATUS, struct.pack(">III", 1, n, 0), 0) + status(c, n)),
+    "no status": lambda cmd, c, off, n: chunk(c, wire.REPLY_TYPE_NONE, b""),
+    "ragged length": lambda cmd, c, off, n: chunk(c, wire.REPLY_TYPE_BLOCK_STATUS,
+                                                  struct.pack(">IIH", 1, n, 0)),
+    "huge status": lambda cmd, c, off, n: wire.CHUNK_HEADER.pack(
+        wire.STRUCTURED_REPLY_MAGIC, 1, wire.REPLY_TYPE_BLOCK_STATUS, c, 0x7FFFFFFC),
+    "simple success": lambda cmd, c, off, n: simple(c),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_STATUS))
+def test_hostile_block_status_replies(tmp_path: Path, name: str) -> None:
+    with hostile(tmp_path, BROKEN_STATUS[name]) as uri, \
+            NBDStore.open(uri, timeout=2, reconnect_delay=0) as store, \
+            pytest.raises(RemoteReplyError, match=r"expected .*found"):  # fmt: skip
+        list(store.block_status_at(4096, 8192, 0))
+
+
+def test_hostile_compliant_oddities_are_accepted(tmp_path: Path) -> None:
+    """Things proto.md allows: a last extent past the request, chunks out of order,
+    holes, error chunks (reported with their errno), a short status reply."""
+
+    def behave(cmd: int, c: int, off: int, n: int) -> bytes:
+        if cmd == wire.CMD_BLOCK_STATUS:
+            return status(c, 100) if off == 0 else status(c, n + 4096)
+        if off == 8192:
+            return chunk(c, wire.REPLY_TYPE_ERROR_OFFSET,
+                         struct.pack(">IH", errno.ENOSPC, 2) + b"no" + struct.pack(">Q", off + 1))
+        half = n // 2
+        return (chunk(c, wire.REPLY_TYPE_OFFSET_HOLE, struct.pack(">QI", off + half, n - half),
+                      0) + data(c, off, half))  # fmt: skip
+
+    with hostile(tmp_path, behave) as uri, NBDStore.open(uri, timeout=2) as store:
+        assert read(store, 4096, 1000) == bytes(1000)
+        assert [(e.offset, e.length) for e in store.block_status_at(0, 300, 0)] == [
+            (0, 100), (100, 200)]  # fmt: skip
+        with pytest.raises(RemoteBackingError) as info:
+            read(store, 8192, 10)
+        assert info.value.errno == errno.ENOSPC and "no (at offset 8193)" in str(info.value)
+        assert not isinstance(info.value, RemoteReplyError)
+
+
+def test_hostile_truncated_and_silent_replies(tmp_path: Path) -> None:
+    """A reply cut short or never sent is a broken connection: EIO, not a hang."""
+    cases: list[Behaviour] = [
+        lambda cmd, c, off, n: data(c, off, n)[:-10],
+        lambda cmd, c, off, n: None,
+        lambda cmd, c, off, n: b"",
+    ]
+    for behave in cases:
+        with hostile(tmp_path, behave) as uri, \
+                NBDStore.open(uri, timeout=1, reconnect_delay=0.5) as store:  # fmt: skip
+            start = time.monotonic()
+            with pytest.raises(RemoteBackingError) as info:
+                read(store, 0, 4096)
+            assert info.value.errno == errno.EIO and time.monotonic() - start < 4
+        (tmp_path / "hostile.sock").unlink()
+
+
+def test_hostile_without_structured_replies(tmp_path: Path) -> None:
+    def behave(cmd: int, c: int, off: int, n: int) -> bytes:
+        return simple(c + 5) + bytes(n)
+
+    with hostile(tmp_path, behave, structured=False) as uri, \
+            NBDStore.open(uri, timeout=2) as store:  # fmt: skip
+        assert not store.structured
+        assert next(iter(store.block_status_at(0, 10, 0))).zero is False
+        with pytest.raises(RemoteReplyError, match="cookie"):
+            read(store, 0, 10)
