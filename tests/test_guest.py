@@ -13,9 +13,11 @@ The guest mounts the ext4 file system, checks every file of the tree against
 its checksum, writes new files, rewrites part of one, deletes another, checks
 the result and unmounts. Then ``addcow stream`` and ``addcow detach`` (or, in
 the second test, ``addcow serve --stream --detach-when-complete`` while the
-guest runs) leave a plain raw disk, which ``e2fsck -fn`` finds clean, whose
-files ``debugfs`` reads back, and from which a second boot (the raw file as
-the guest's disk, no addcow involved) finds every file as the first boot left it.
+guest runs, over TCP with TLS and the guest's client certificate checked, QEMU
+connecting with its ``tls-creds-x509`` object) leave a plain raw disk, which
+``e2fsck -fn`` finds clean, whose files ``debugfs`` reads back, and from which
+a second boot (the raw file as the guest's disk, no addcow involved) finds every
+file as the first boot left it.
 
 QEMU emulates the CPU (TCG): no KVM needed, and the boot takes seconds.
 """
@@ -40,7 +42,8 @@ from pathlib import Path
 import pytest
 from conftest import addcow as addcow_cli
 from conftest import require_tool, run
-from nbd_util import served
+from nbd_util import served, served_tcp
+from tls_util import make_certs
 
 MiB = 1 << 20
 FS_SIZE = 48 * MiB
@@ -197,8 +200,11 @@ def build_initramfs(path: Path, kernel: Kernel, files: dict[str, bytes]) -> Path
     return path
 
 
-def boot(guest: Guest, drive: str, mode: str, log: Path) -> str:
-    """Boot the guest on ``drive`` (a -drive file=... value) and return its console output."""
+def boot(guest: Guest, drive: str, mode: str, log: Path, extra: tuple[str, ...] = ()) -> str:
+    """Boot the guest on ``drive`` (a -drive value) and return its console output.
+
+    ``extra``: more QEMU arguments (the ``tls-creds-x509`` object of a TLS drive).
+    """
     qemu = require_tool("qemu-system-x86_64")
     cmd = [
         qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -206,7 +212,7 @@ def boot(guest: Guest, drive: str, mode: str, log: Path) -> str:
         "-kernel", str(guest.kernel.vmlinuz), "-initrd", str(guest.initramfs),
         "-append", f"console=ttyS0 panic=-1 loglevel=4 addcow_mode={mode}",
         "-serial", f"file:{log}", "-monitor", "none",
-        "-drive", f"{drive},if=virtio,cache=writeback",
+        "-drive", f"{drive},if=virtio,cache=writeback", *extra,
     ]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_TIMEOUT,
@@ -369,14 +375,21 @@ def test_guest_boots_from_addcow_over_a_compressed_qcow2_then_stream_and_detach(
     check_standalone_raw(d)
 
 
-def test_guest_runs_while_the_server_streams_and_detaches(disk: Disk) -> None:
-    """serve --stream --detach-when-complete: the copy runs under the guest's own I/O
-    (rate limited so the guest boots while it runs), and the server then serves the
-    raw file alone."""
+def test_guest_runs_over_tls_while_the_server_streams_and_detaches(disk: Disk) -> None:
+    """serve --stream --detach-when-complete on TCP with TLS, the client's certificate
+    checked: the copy runs under the guest's own I/O (rate limited so the guest boots
+    while it runs), and the server then serves the raw file alone."""
     d = disk
-    args = ("--stream", "--stream-rate", "3M", "--detach-when-complete")
-    with served(d.dir, d.image, args=args) as srv:
-        console = boot(d.guest, f"file={srv.uri},format=raw", "write", d.dir / "console1.log")
+    (d.dir / "certs").mkdir()
+    certs = make_certs(d.dir / "certs")
+    args = ("--stream", "--stream-rate", "3M", "--detach-when-complete",
+            "--tls-creds", str(certs["srv"]), "--tls-verify-peer")  # fmt: skip
+    with served_tcp(d.dir, d.image, args=args) as srv:
+        tls = f"tls-creds-x509,id=tls0,dir={certs['client']},endpoint=client"
+        drive = (f"driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=localhost,"
+                 f"file.server.port={srv.port},file.tls-creds=tls0")  # fmt: skip
+        console = boot(d.guest, drive, "write", d.dir / "console1.log", ("-object", tls))
+        assert "TLS started (TLSv1.3), client CN=client.example.com" in srv.stderr()
         streaming_during_boot = d.image.exists()
         for _ in range(1200):
             if "detached: removed the .add-cow file" in srv.stderr():
