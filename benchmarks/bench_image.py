@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import inspect
 import json
 import os
 import platform
@@ -427,16 +428,35 @@ class Bench:
     # 1. sequential reads, fully allocated ------------------------------------------
 
     def make_full(self, name: str, *, all_but_last: bool = False) -> str:
-        """An image over data.raw with every cluster allocated (or all but the last)."""
+        """An image over data.raw with every cluster allocated (or all but the last).
+
+        data.raw already holds the disk's bytes. ``create`` refuses an image file
+        that holds data unless ``image_file_raw`` accepts it as the disk; for all
+        but the last cluster, data.raw is cut before the last cluster for
+        ``create`` and that cluster's bytes are put back after it. A library
+        without ``image_file_raw`` takes the file as it is, and every cluster is
+        written with the bytes it holds, which only sets the bits.
+        """
         meta = self.path(name)
-        addcow.create(meta, image_file=self.data, size=self.size)
-        view = memoryview(bytearray(MiB))
         end = self.size - CLUSTER if all_but_last else self.size
-        with raw_fd(self.data) as fd, addcow.open(meta) as img:
-            for off in range(0, end, MiB):
-                part = view[: min(MiB, end - off)]
-                os.preadv(fd, [part], off)
-                img.write(part, off)  # the same bytes: only the bits change
+        if "image_file_raw" in inspect.signature(addcow.create).parameters:
+            tail = bytearray(CLUSTER)
+            with raw_fd(self.data, os.O_RDWR) as fd:
+                if all_but_last:
+                    os.preadv(fd, [tail], end)
+                    os.ftruncate(fd, end)
+                addcow.create(meta, image_file=self.data, size=self.size, image_file_raw=True)
+                if all_but_last:
+                    os.pwritev(fd, [tail], end)
+                    os.fsync(fd)
+        else:
+            addcow.create(meta, image_file=self.data, size=self.size)
+            view = memoryview(bytearray(MiB))
+            with raw_fd(self.data) as fd, addcow.open(meta) as img:
+                for off in range(0, end, MiB):
+                    part = view[: min(MiB, end - off)]
+                    os.preadv(fd, [part], off)
+                    img.write(part, off)  # the same bytes: only the bits change
         with addcow.open(meta, readonly=True) as img:
             if img.allocated_clusters != end // CLUSTER:
                 raise RuntimeError(f"{meta}: {img.allocated_clusters} clusters allocated")

@@ -7,12 +7,26 @@ the nearest QEMU equivalent of an add-cow image, served by ``qemu-nbd
 serve`` goes through the page cache too (buffered I/O, fdatasync on FLUSH),
 which is the same cache mode. Both images have their first half allocated
 (written with the same bytes) over 1 GiB of random data; the page cache is
-warm. Each case runs ``--runs`` times, the two servers interleaved (the order
-alternating); the table shows median figures and the median of the per-run
-ratios.
+warm. Each case runs ``--runs`` times, the servers interleaved (the order
+changing from run to run); the table shows median figures and the median of
+the per-run ratios.
 
     .venv/bin/python benchmarks/bench_nbd.py [--size 1G] [--runs 3] [--seconds 5]
                                              [--workdir DIR] [--json] [--cases ...]
+                                             [--no-anchors] [--addcow-args "..."]
+
+Anchors (cases copy, copy1, randread, randwrite; left out with ``--no-anchors``
+or when ``nbdkit`` is missing), measured in the same runs as the two servers:
+
+nbdkit-file  ``nbdkit file`` serving ``full.raw``, a raw file with the disk's
+        bytes (the first half written in one write, the rest copied from the
+        backing): a multi-threaded C server with no copy-on-write, the limit
+        for a server on this machine;
+nbdkit-cow  ``nbdkit --filter=cow file`` over ``base.raw``, the nearest
+        copy-on-write peer (64 KiB blocks, its overlay a temporary file in the
+        work directory); the overlay lives as long as the server, so the
+        same first half is written through it (``qemu-io`` over NBD) after
+        each start, before the measurement.
 
 Cases:
 
@@ -21,6 +35,18 @@ copy    ``nbdcopy URI null:`` of the whole disk, default settings (nbdcopy uses
         qemu-nbd 7.2 does not for a writable export);
 copy1   the same with ``--connections=1`` for both;
 randread  ``fio --ioengine=nbd --rw=randread --bs=4k --iodepth=32``, IOPS;
+tlscopy ``nbdcopy nbds://127.0.0.1:PORT/?tls-certificates=DIR null:`` over TCP
+        with TLS on both sides: ``addcow serve --tls-creds DIR`` against
+        ``qemu-nbd --object tls-creds-x509,dir=DIR,endpoint=server,
+        verify-peer=off --tls-creds``, the same certificates (EC P-256, made
+        with openssl in the work directory), no client certificates; the same
+        two servers over TCP without TLS in the same runs give each side's
+        TLS/plain ratio;
+tlsread the same four servers under ``fio --ioengine=nbd --rw=randread --bs=4k
+        --iodepth=32 --uri=nbds://127.0.0.1:PORT/``, IOPS; fio's nbd engine
+        does not let libnbd read local files named in the URI, so fio runs
+        with HOME pointing at a directory whose ``.pki/libnbd`` (libnbd's
+        default certificate directory) holds the same CA;
 randwrite ``fio --ioengine=nbd --rw=randwrite --bs=4k --iodepth=32`` into
         fresh half-allocated images, IOPS;
 randwrite128k  the same with ``--bs=128k`` (writes over several clusters; no
@@ -32,6 +58,9 @@ qcow2read  ``fio --rw=randread --bs=4k --iodepth=32`` of an add-cow image over a
         ``qemu-nbd`` serving a qcow2 overlay over the same golden image with
         the same half written, IOPS;
 rss     ``addcow serve`` of a 1 TiB image: resident memory after random reads.
+
+The TLS cases also print the protocol and cipher each server negotiated with
+libnbd (from ``LIBNBD_DEBUG=1 nbdinfo``).
 """
 
 from __future__ import annotations
@@ -39,14 +68,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,11 +85,24 @@ import golden as golden_image
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDCOW = str(Path(sys.executable).parent / "addcow")
-CASES = ("copy", "copy1", "randread", "randwrite", "randwrite128k", "qcow2read", "rss")
+CASES = ("copy", "copy1", "randread", "tlscopy", "tlsread", "randwrite", "randwrite128k",
+         "qcow2read", "rss")  # fmt: skip
+ANCHORED = ("copy", "copy1", "randread", "randwrite")
+ANCHORS = ("nbdkit-file", "nbdkit-cow")
+TLS_SIDES = ("addcow", "qemu-nbd", "addcow plain", "qemu-nbd plain")
+TLS_RATIOS = {
+    "ratio": ("addcow", "qemu-nbd"),
+    "addcow TLS/plain": ("addcow", "addcow plain"),
+    "qemu-nbd TLS/plain": ("qemu-nbd", "qemu-nbd plain"),
+}
+PATTERN = 0x5A  # the byte of the written first half, on every side
+
+# Where a server listens: a Unix socket, or a TCP port on 127.0.0.1.
+Listen = Path | int
 
 
-def sh(*cmd: str) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{cmd} failed: {proc.stderr}")
     return proc.stdout
@@ -81,20 +125,45 @@ def warm(path: Path) -> None:
             pass
 
 
-def make_images(work: Path, base: Path, size: int) -> tuple[Path, Path]:
-    """A half-allocated add-cow image and the equivalent qcow2 overlay."""
-    for name in ("a.add-cow", "a.raw", "q.qcow2", "q.raw"):
+def make_addcow_image(work: Path, base: Path, size: int) -> Path:
+    """A half-allocated add-cow image over ``base``."""
+    for name in ("a.add-cow", "a.raw"):
         (work / name).unlink(missing_ok=True)
     sh(ADDCOW, "create", "-b", str(base), "-F", "raw", "-o", "image_file=a.raw",
        str(work / "a.add-cow"))  # fmt: skip
+    sh(ADDCOW, "io", "-c", f"write -P {PATTERN:#x} 0 {size // 2}", str(work / "a.add-cow"))
+    for name in ("a.raw", "base.raw"):
+        warm(work / name)
+    return work / "a.add-cow"
+
+
+def make_qcow2_image(work: Path, base: Path, size: int) -> Path:
+    """The equivalent qcow2 overlay (external data file), the same half written."""
+    for name in ("q.qcow2", "q.raw"):
+        (work / name).unlink(missing_ok=True)
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={work / 'q.raw'}",
        "-b", str(base), "-F", "raw", str(work / "q.qcow2"), str(size))  # fmt: skip
-    half = size // 2
-    sh(ADDCOW, "io", "-c", f"write -P 0x5a 0 {half}", str(work / "a.add-cow"))
-    sh("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {half}", str(work / "q.qcow2"))
-    for name in ("a.raw", "q.raw", "base.raw"):
+    sh("qemu-io", "-f", "qcow2", "-c", f"write -P {PATTERN:#x} 0 {size // 2}",
+       str(work / "q.qcow2"))  # fmt: skip
+    for name in ("q.raw", "base.raw"):
         warm(work / name)
-    return work / "a.add-cow", work / "q.qcow2"
+    return work / "q.qcow2"
+
+
+def make_full_raw(work: Path, base: Path, size: int) -> Path:
+    """A raw file with the disk's bytes: the first half in one write, the rest from base."""
+    full = work / "full.raw"
+    full.unlink(missing_ok=True)
+    half = size // 2
+    with open(base, "rb") as src, open(full, "wb") as dst:
+        dst.write(bytes([PATTERN]) * half)
+        done = 0
+        while done < size - half:
+            done += os.copy_file_range(src.fileno(), dst.fileno(), size - half - done,
+                                       half + done, half + done)  # fmt: skip
+    warm(full)
+    warm(base)
+    return full
 
 
 def make_golden_images(work: Path, size: int) -> tuple[Path, Path]:
@@ -118,19 +187,101 @@ def make_golden_images(work: Path, size: int) -> tuple[Path, Path]:
     return work / "g.add-cow", work / "gov.qcow2"
 
 
+def make_tls_creds(work: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 (EC P-256): (server dir, client
+    dir, client home).
+
+    The server directory is laid out as qemu-nbd's tls-creds-x509 and ``addcow
+    serve --tls-creds`` want it; the client directory (libnbd's
+    ``tls-certificates``) holds only the CA: the servers do not ask for a
+    client certificate. fio's nbd engine passes its URI to libnbd without
+    allowing local files, so ``tls-certificates`` is refused there: fio runs
+    with HOME set to the client home, where ``.pki/libnbd`` (libnbd's default
+    certificate directory) holds the same CA.
+    """
+    tls = work / "tls"
+    server_dir, client_dir, home = tls / "server", tls / "client", tls / "home"
+    pki = home / ".pki" / "libnbd"
+    if (server_dir / "server-cert.pem").exists() and (pki / "ca-cert.pem").exists():
+        return server_dir, client_dir, home
+    for d in (server_dir, client_dir, pki):
+        d.mkdir(parents=True, exist_ok=True)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    sh("openssl", "req", "-x509", *ec, "-keyout", str(tls / "ca-key.pem"),
+       "-out", str(server_dir / "ca-cert.pem"), "-days", "30", "-subj", "/CN=bench_nbd CA",
+       "-addext", "basicConstraints=critical,CA:TRUE",
+       "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    sh("openssl", "req", "-new", *ec, "-keyout", str(server_dir / "server-key.pem"),
+       "-out", str(tls / "server.csr"), "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (tls / "server.ext").write_text(
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+    )
+    sh("openssl", "x509", "-req", "-in", str(tls / "server.csr"),
+       "-CA", str(server_dir / "ca-cert.pem"), "-CAkey", str(tls / "ca-key.pem"),
+       "-CAcreateserial", "-days", "30", "-extfile", str(tls / "server.ext"),
+       "-out", str(server_dir / "server-cert.pem"))  # fmt: skip
+    shutil.copy(server_dir / "ca-cert.pem", client_dir / "ca-cert.pem")
+    shutil.copy(server_dir / "ca-cert.pem", pki / "ca-cert.pem")
+    return server_dir, client_dir, home
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listen_args(kind: str, listen: Listen) -> list[str]:
+    if isinstance(listen, Path):
+        return ["--unix" if kind.startswith("nbdkit") else "--socket", str(listen)]
+    if kind.startswith("nbdkit"):
+        return ["--ipaddr", "127.0.0.1", "--port", str(listen)]
+    return ["--bind", "127.0.0.1", "--port", str(listen)]
+
+
+def listening(listen: Listen) -> bool:
+    if isinstance(listen, Path):
+        return listen.exists()
+    try:
+        socket.create_connection(("127.0.0.1", listen), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 @contextmanager
 def server(
-    kind: str, image: Path, sock: Path, extra: tuple[str, ...] = ()
+    kind: str,
+    image: Path,
+    listen: Listen,
+    extra: Sequence[str] = (),
+    tls: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    sock.unlink(missing_ok=True)
+    """Serve ``image``: kind is addcow, qemu-nbd, nbdkit-file or nbdkit-cow."""
+    if isinstance(listen, Path):
+        listen.unlink(missing_ok=True)
+    where = listen_args(kind, listen)
+    env = None
     if kind == "addcow":
-        cmd = [ADDCOW, "serve", "--foreground", "--socket", str(sock), *extra, str(image)]
-    else:
+        creds = ["--tls-creds", str(tls)] if tls else []
+        cmd = [ADDCOW, "serve", "--foreground", *where, *creds, *extra, str(image)]
+    elif kind == "qemu-nbd":
+        creds = []
+        if tls:
+            obj = f"tls-creds-x509,id=tls0,dir={tls},endpoint=server,verify-peer=off"
+            creds = ["--object", obj, "--tls-creds", "tls0"]
         cmd = ["qemu-nbd", "-f", "qcow2", "--cache=writeback", "--aio=threads", "-t", "-e", "16",
-               "--socket", str(sock), str(image)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               *where, *creds, str(image)]  # fmt: skip
+    else:
+        cow = ["--filter=cow"] if kind == "nbdkit-cow" else []
+        cmd = ["nbdkit", "--foreground", *where, *cow, "file", f"file={image}"]
+        env = {**os.environ, "TMPDIR": str(image.parent)}  # where the cow overlay goes
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 30
-    while not sock.exists():
+    while not listening(listen):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"{kind} did not start: {proc.stderr.read() if proc.stderr else ''}")
         time.sleep(0.02)
@@ -141,21 +292,39 @@ def server(
         proc.wait(timeout=60)
 
 
-def uri(sock: Path) -> str:
-    return f"nbd+unix:///?socket={sock}"
+def uri(listen: Listen, tls_client: Path | None = None) -> str:
+    if isinstance(listen, Path):
+        return f"nbd+unix:///?socket={listen}"
+    if tls_client:
+        return f"nbds://127.0.0.1:{listen}/?tls-certificates={tls_client}"
+    return f"nbd://127.0.0.1:{listen}/"
 
 
-def nbdcopy(sock: Path, connections: int | None) -> float:
+def write_half(target: str, size: int) -> None:
+    """Write the first half of the disk with the pattern through NBD (nbdkit-cow)."""
+    sh("qemu-io", "-f", "raw", "-c", f"write -P {PATTERN:#x} 0 {size // 2}", target)
+
+
+def tls_session(target: str) -> str:
+    """The protocol and cipher that libnbd negotiated with the server at ``target``."""
+    proc = subprocess.run(["nbdinfo", "--size", target], capture_output=True, text=True,
+                          env={**os.environ, "LIBNBD_DEBUG": "1"})  # fmt: skip
+    found = re.search(r"connection is using TLS: ([^\n]*)", proc.stderr)
+    return found.group(1).strip() if found else "(not in libnbd's debug output)"
+
+
+def nbdcopy(target: str, connections: int | None) -> float:
     extra = [f"--connections={connections}"] if connections else []
     start = time.perf_counter()
-    sh("nbdcopy", *extra, uri(sock), "null:")
+    sh("nbdcopy", *extra, target, "null:")
     return time.perf_counter() - start
 
 
-def fio(sock: Path, rw: str, seconds: int, bs: str = "4k") -> float:
-    out = sh("fio", "--name=bench", "--ioengine=nbd", f"--uri={uri(sock)}", f"--rw={rw}",
+def fio(target: str, rw: str, seconds: int, bs: str = "4k", home: Path | None = None) -> float:
+    env = {**os.environ, "HOME": str(home)} if home else None
+    out = sh("fio", "--name=bench", "--ioengine=nbd", f"--uri={target}", f"--rw={rw}",
              f"--bs={bs}", "--iodepth=32", "--size=100%", "--time_based",
-             f"--runtime={seconds}", "--randrepeat=1", "--output-format=json")  # fmt: skip
+             f"--runtime={seconds}", "--randrepeat=1", "--output-format=json", env=env)  # fmt: skip
     job = json.loads(out[out.index("{") :])["jobs"][0]  # after "fio: connected to ..."
     return float(job["read" if rw == "randread" else "write"]["iops"])
 
@@ -170,7 +339,7 @@ def rss_case(work: Path, seconds: int) -> float:
        str(image))  # fmt: skip
     sock = work / "big.sock"
     with server("addcow", image, sock) as proc:
-        fio(sock, "randrw", seconds)
+        fio(uri(sock), "randrw", seconds)
         status = Path(f"/proc/{proc.pid}/status").read_text()
         rss_kb = next(int(line.split()[1]) for line in status.splitlines()
                       if line.startswith("VmHWM:"))  # fmt: skip
@@ -179,21 +348,29 @@ def rss_case(work: Path, seconds: int) -> float:
     return rss_kb / 1024
 
 
-def compare(runs: int, measure: Callable[[str], float], higher_is_better: bool) -> dict[str, float]:
-    figures: dict[str, list[float]] = {"addcow": [], "qemu-nbd": []}
-    ratios = []
+def compare(
+    runs: int,
+    sides: Sequence[str],
+    measure: Callable[[str], float],
+    ratios: dict[str, tuple[str, str]],
+) -> dict[str, float]:
+    """Each side once per run, the order rotating and reversing from run to run;
+    median figure per side, median of each per-run ratio (higher is better)."""
+    figures: dict[str, list[float]] = {side: [] for side in sides}
+    per_run: dict[str, list[float]] = {label: [] for label in ratios}
     for i in range(runs):
-        order = ["addcow", "qemu-nbd"] if i % 2 == 0 else ["qemu-nbd", "addcow"]
-        got = {kind: measure(kind) for kind in order}
-        for kind, value in got.items():
-            figures[kind].append(value)
-        a, q = got["addcow"], got["qemu-nbd"]
-        ratios.append(a / q if higher_is_better else q / a)
-    return {
-        "addcow": statistics.median(figures["addcow"]),
-        "qemu-nbd": statistics.median(figures["qemu-nbd"]),
-        "ratio": statistics.median(ratios),
-    }
+        shift = (i // 2) % len(sides)
+        order = list(sides[shift:]) + list(sides[:shift])
+        if i % 2:
+            order.reverse()
+        got = {side: measure(side) for side in order}
+        for side, value in got.items():
+            figures[side].append(value)
+        for label, (num, den) in ratios.items():
+            per_run[label].append(got[num] / got[den])
+    result = {side: statistics.median(values) for side, values in figures.items()}
+    result.update({label: statistics.median(values) for label, values in per_run.items()})
+    return result
 
 
 def main() -> int:
@@ -204,62 +381,105 @@ def main() -> int:
     parser.add_argument("--workdir")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--no-anchors", action="store_true",
+                        help="leave nbdkit out of copy, copy1, randread, randwrite")  # fmt: skip
     parser.add_argument("--addcow-args", default="", help="extra arguments for addcow serve")
     args = parser.parse_args()
     size = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1]]
     cases = args.cases.split(",")
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        raise SystemExit(f"unknown cases {sorted(unknown)}; known: {','.join(CASES)}")
     extra = tuple(args.addcow_args.split())
+    anchors = () if args.no_anchors or not shutil.which("nbdkit") else ANCHORS
+    if not anchors and not args.no_anchors:
+        print("nbdkit not found: no anchors", file=sys.stderr)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-nbd-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     base = make_base(work, size)
-    images = dict(zip(("addcow", "qemu-nbd"), make_images(work, base, size), strict=True))
+    prepare: dict[str, Callable[[], Path]] = {
+        "addcow": lambda: make_addcow_image(work, base, size),
+        "qemu-nbd": lambda: make_qcow2_image(work, base, size),
+        "nbdkit-file": lambda: make_full_raw(work, base, size),
+        "nbdkit-cow": lambda: base,
+    }
+    wanted = ("addcow", "qemu-nbd", *(anchors if set(cases) & set(ANCHORED) else ()))
+    images = {kind: prepare[kind]() for kind in wanted}
     sock = work / "s.sock"
     results: dict[str, dict[str, float]] = {}
+    sessions: dict[str, str] = {}
 
-    def with_server(kind: str, fn: Callable[[Path], float], fresh: bool = False) -> float:
+    def with_server(kind: str, fn: Callable[[str], float], fresh: bool = False) -> float:
         if fresh:
-            images.update(zip(("addcow", "qemu-nbd"), make_images(work, base, size), strict=True))
+            images[kind] = prepare[kind]()
         with server(kind, images[kind], sock, extra if kind == "addcow" else ()):
-            return fn(sock)
+            if kind == "nbdkit-cow":
+                write_half(uri(sock), size)
+            return fn(uri(sock))
+
+    def anchored(case: str, fn: Callable[[str], float], fresh: bool = False) -> dict[str, float]:
+        sides = ("addcow", "qemu-nbd", *anchors)
+        ratios = {"ratio": ("addcow", "qemu-nbd")}
+        ratios.update({f"addcow/{kind}": ("addcow", kind) for kind in anchors})
+        return compare(args.runs, sides, lambda k: with_server(k, fn, fresh), ratios)
+
+    tls_cases = {"tlscopy", "tlsread"} & set(cases)
+    server_dir, client_dir, client_home = make_tls_creds(work) if tls_cases else (work,) * 3
+
+    def tls_compare(fn: Callable[[str], float]) -> dict[str, float]:
+
+        def measure(side: str) -> float:
+            kind, plain = side.split()[0], side.endswith("plain")
+            port = free_port()
+            tls = None if plain else server_dir
+            with server(kind, images[kind], port, extra if kind == "addcow" else (), tls):
+                target = uri(port, None if plain else client_dir)
+                if not plain and kind not in sessions:
+                    sessions[kind] = tls_session(target)
+                return fn(target)
+
+        return compare(args.runs, TLS_SIDES, measure, TLS_RATIOS)
 
     mib = size / (1 << 20)
     if "copy" in cases:
-        r = compare(args.runs, lambda k: mib / with_server(k, lambda s: nbdcopy(s, None)), True)
-        results["nbdcopy to null: (MiB/s)"] = r
+        results["nbdcopy to null: (MiB/s)"] = anchored("copy", lambda t: mib / nbdcopy(t, None))
     if "copy1" in cases:
-        r = compare(args.runs, lambda k: mib / with_server(k, lambda s: nbdcopy(s, 1)), True)
-        results["nbdcopy --connections=1 (MiB/s)"] = r
+        results["nbdcopy --connections=1 (MiB/s)"] = anchored(
+            "copy1", lambda t: mib / nbdcopy(t, 1)
+        )
     if "randread" in cases:
-        r = compare(
-            args.runs, lambda k: with_server(k, lambda s: fio(s, "randread", args.seconds)), True
+        results["fio 4k randread QD32 (IOPS)"] = anchored(
+            "randread", lambda t: fio(t, "randread", args.seconds)
         )
-        results["fio 4k randread QD32 (IOPS)"] = r
+    # The TLS cases read the images as made: before the write cases change them.
+    if "tlscopy" in cases:
+        results["TLS nbdcopy to null: (MiB/s)"] = tls_compare(lambda t: mib / nbdcopy(t, None))
+    if "tlsread" in cases:
+        # fio: the URI without its query, the CA found through HOME (make_tls_creds).
+        results["TLS fio 4k randread QD32 (IOPS)"] = tls_compare(
+            lambda t: fio(t.split("?")[0], "randread", args.seconds, home=client_home)
+        )
     if "randwrite" in cases:
-        r = compare(
-            args.runs,
-            lambda k: with_server(k, lambda s: fio(s, "randwrite", args.seconds), fresh=True),
-            True,
+        results["fio 4k randwrite QD32, half allocated (IOPS)"] = anchored(
+            "randwrite", lambda t: fio(t, "randwrite", args.seconds), fresh=True
         )
-        results["fio 4k randwrite QD32, half allocated (IOPS)"] = r
     if "randwrite128k" in cases:
-        r = compare(
+        results["fio 128k randwrite QD32, half allocated (IOPS)"] = compare(
             args.runs,
-            lambda k: with_server(
-                k, lambda s: fio(s, "randwrite", args.seconds, "128k"), fresh=True
-            ),
-            True,
+            ("addcow", "qemu-nbd"),
+            lambda k: with_server(k, lambda t: fio(t, "randwrite", args.seconds, "128k"), True),
+            {"ratio": ("addcow", "qemu-nbd")},
         )
-        results["fio 128k randwrite QD32, half allocated (IOPS)"] = r
     if "qcow2read" in cases:
         golden_images = dict(zip(("addcow", "qemu-nbd"), make_golden_images(work, size),
                                  strict=True))  # fmt: skip
 
         def qcow2_read(kind: str) -> float:
             with server(kind, golden_images[kind], sock, extra if kind == "addcow" else ()):
-                return fio(sock, "randread", args.seconds)
+                return fio(uri(sock), "randread", args.seconds)
 
         results["fio 4k randread QD32 over a golden qcow2 (IOPS)"] = compare(
-            args.runs, qcow2_read, True
+            args.runs, ("addcow", "qemu-nbd"), qcow2_read, {"ratio": ("addcow", "qemu-nbd")}
         )
     if "rss" in cases:
         rss = statistics.median(rss_case(work, args.seconds) for _ in range(args.runs))
@@ -267,14 +487,19 @@ def main() -> int:
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        json.dump(results, sys.stdout, indent=2)
+        json.dump({"results": results, "tls_sessions": sessions}, sys.stdout, indent=2)
         print()
         return 0
     print(f"{'case':48} {'addcow':>10} {'qemu-nbd':>10} {'ratio':>7}")
     for name, r in results.items():
         q = f"{r['qemu-nbd']:10.0f}" if "qemu-nbd" in r else " " * 10
         ratio = f"{r['ratio']:6.2f}x" if "ratio" in r else ""
-        print(f"{name:48} {r['addcow']:10.0f} {q} {ratio:>7}")
+        others = [f"{k} {r[k]:.2f}x" if "/" in k else f"{k} {r[k]:.0f}"
+                  for k in r if k not in ("addcow", "qemu-nbd", "ratio")]  # fmt: skip
+        tail = "   " + ", ".join(others) if others else ""
+        print(f"{name:48} {r['addcow']:10.0f} {q} {ratio:>7}{tail}")
+    for kind, session in sessions.items():
+        print(f"TLS session with {kind}: {session}")
     return 0
 
 
