@@ -71,9 +71,8 @@ from .format import (
     Header,
     bitmap_length,
 )
-from .image import open_backing
+from .image import open_header_backing
 from .metafile import (
-    backing_format,
     open_image_files,
     read_bitmap,
     read_header,
@@ -299,15 +298,7 @@ def _check_backing_chain(
     if header.backing_name is None or header.all_allocated:
         return []
     try:
-        fmt = backing_format(header, path)
-        backing = open_backing(
-            header.backing_name,
-            fmt,
-            path,
-            guard=guard,
-            force_share=force_share,
-            uri=header.backing_uri,
-        )
+        backing = open_header_backing(header, path, guard=guard, force_share=force_share)
         try:
             _walk_tables(backing)
         finally:

@@ -209,14 +209,8 @@ class AddCowImage:
             # it is not opened, so it may already have been removed.
             complete = header.all_allocated or bitmap.full
             if with_backing and header.backing_name is not None and not complete:
-                fmt = backing_format(header, path, probe=probe_backing)
-                backing = open_backing(
-                    header.backing_name,
-                    fmt,
-                    path,
-                    guard=guard,
-                    force_share=force_share,
-                    uri=header.backing_uri,
+                backing = open_header_backing(
+                    header, path, guard=guard, force_share=force_share, probe=probe_backing
                 )
             image = cls(path, files, backing, readonly)
             image.backing_root = guard.root
@@ -1228,6 +1222,23 @@ def open_backing(
     path = resolve_name(name, relative_to)
     guard.descend(path)
     return open_store(path, fmt, guard=guard, force_share=force_share)
+
+
+def open_header_backing(
+    header: Header, path: str, *, guard: ChainGuard, force_share: bool, probe: bool = False
+) -> BlockSource:
+    """Open the backing that ``header`` (of the .add-cow file at ``path``) names."""
+    if header.backing_name is None:
+        raise BackingError(f"{path}: the image has no backing file")
+    fmt = backing_format(header, path, probe=probe)
+    return open_backing(
+        header.backing_name,
+        fmt,
+        path,
+        guard=guard,
+        force_share=force_share,
+        uri=header.backing_uri,
+    )
 
 
 def open_store(path: str, fmt: str, *, guard: ChainGuard, force_share: bool) -> BlockSource:

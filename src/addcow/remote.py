@@ -180,11 +180,7 @@ def open_remote(ref: BackingURI, fmt: str, *, guard: ChainGuard) -> BlockSource:
     """Open the golden image a URI record names, after the policy and the pin agree."""
     check_policy(ref.uri, guard)
     guard.descend(shown(ref.uri))
-    if fmt != "raw":
-        raise BackingFormatError(
-            f"{shown(ref.uri)}: backing format {fmt!r} over a URI is not read; "
-            "expected raw (a qcow2 golden image is read from a local file)"
-        )
+    _raw_only(ref.uri, fmt)
     store = _open_store(ref.uri, ref)
     try:
         if store.size != ref.size:
@@ -202,10 +198,7 @@ def pin(uri: str, fmt: str, *, guard: ChainGuard) -> tuple[BackingURI, BlockSour
     """Open ``uri`` for a new image (``create -b URI``): its record and the open store."""
     check_uri(uri)
     check_policy(uri, guard)
-    if fmt != "raw":
-        raise BackingFormatError(
-            f"{shown(uri)}: backing format {fmt!r} over a URI is not read; expected raw"
-        )
+    _raw_only(uri, fmt)
     store = _open_store(uri, None)
     try:
         etag = last_modified = None
@@ -219,6 +212,14 @@ def pin(uri: str, fmt: str, *, guard: ChainGuard) -> tuple[BackingURI, BlockSour
         store.close()
         raise
     return ref, store
+
+
+def _raw_only(uri: str, fmt: str) -> None:
+    if fmt != "raw":
+        raise BackingFormatError(
+            f"{shown(uri)}: backing format {fmt!r} over a URI is not read; "
+            "expected raw (a qcow2 golden image is read from a local file)"
+        )
 
 
 def refuse_for_rebase(backing: str) -> None:

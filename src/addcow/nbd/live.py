@@ -381,7 +381,6 @@ def set_stream_rate(export: Export, rate: int) -> None:
         )
     limit = state.rate = state.rate or RateLimit(None)
     limit.restart(rate or None, state.stream_done)
-    state.options.stream_rate = rate or None
     log.info("%s: stream rate %s", export.image.path, f"{rate} bytes/s" if rate else "unlimited")
 
 
