@@ -569,6 +569,7 @@ class NBDServer:
                 export.image.close()
             except AddCowError as exc:
                 log.error("%s: closing failed: %s", export.image.path, exc)
+        log.log(logging.INFO if self.uris or self._count else logging.DEBUG, "stopped")
 
     # -- one connection ---------------------------------------------------------------
 
