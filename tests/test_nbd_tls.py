@@ -1,8 +1,8 @@
 """``addcow serve`` with TLS: real clients in, the wrong ones kept out.
 
-Certificates are made here with ``openssl``: a CA, the server's (CN and SAN
-localhost, 127.0.0.1), a client's, a client from another CA, an expired
-client. Clients: nbdinfo, nbdcopy and nbdsh with ``nbds://`` URIs and
+Certificates are made with ``openssl`` (``tls_util.make_certs``): a CA, the
+server's (CN and SAN localhost, 127.0.0.1), a client's, a client from another
+CA, an expired client. Clients: nbdinfo, nbdcopy and nbdsh with ``nbds://`` URIs and
 ``tls-certificates=``; qemu-img and qemu-io with ``tls-creds-x509`` (QEMU
 checks the server's certificate against the host name); and a raw socket for
 what no well-behaved client does. After each refusal the same server must go
@@ -11,12 +11,13 @@ on serving a good client.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import socket
 import ssl
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,89 +25,23 @@ import pytest
 from conftest import CLUSTER, pattern, require_tool, run
 from conftest import addcow as addcow_cli
 from nbd_util import ADDCOW, IHAVEOPT, TCPRawClient, TCPServer, env_with_addcow, served_tcp
+from tls_util import TLSRawClient, client_context, fingerprint, make_certs
 
 import addcow
 from addcow.nbd import protocol as nbd
 
 SIZE = 64 * CLUSTER
 OPT_STARTTLS, OPT_GO, OPT_INFO, OPT_ABORT, OPT_EXPORT_NAME = 5, 7, 6, 2, 1
+OPT_REPLY_MAGIC = 0x3E889045565A9
 
 
-# -- certificates ------------------------------------------------------------------------
-
-
-def _openssl(*args: str | Path, cwd: Path) -> None:
-    run([require_tool("openssl"), *map(str, args)], cwd=cwd)
-
-
-def _key_and_csr(where: Path, name: str, subject: str) -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-subj", subject, "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", cwd=where)
-
-
-def _ca(where: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-days", "30", "-subj", f"/CN={name}", "-keyout", f"{name}-key.pem",
-             "-out", f"{name}.pem", cwd=where)  # fmt: skip
-
-
-def _sign(where: Path, ca: str, name: str, ext: str, *, expired: bool = False) -> None:
-    (where / f"{name}.ext").write_text(ext)
-    if not expired:
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey",
-                 f"{ca}-key.pem", "-CAcreateserial", "-days", "30", "-extfile", f"{name}.ext",
-                 "-out", f"{name}-cert.pem", cwd=where)  # fmt: skip
-        return
-    # openssl ca can give a certificate validity in the past.
-    db = where / f"{ca}-db"
-    db.mkdir(exist_ok=True)
-    (db / "index.txt").write_text("")
-    (db / "serial").write_text("1000\n")
-    (where / f"{ca}.cnf").write_text(
-        f"[ca]\ndefault_ca=d\n[d]\ndir={db}\ndatabase=$dir/index.txt\nserial=$dir/serial\n"
-        f"new_certs_dir=$dir\ndefault_md=sha256\npolicy=p\nunique_subject=no\n"
-        f"[p]\ncommonName=supplied\norganizationName=optional\n"
-    )
-    _openssl("ca", "-batch", "-config", f"{ca}.cnf", "-cert", f"{ca}.pem", "-keyfile",
-             f"{ca}-key.pem", "-in", f"{name}.csr", "-startdate", "20200101000000Z",
-             "-enddate", "20200201000000Z", "-extfile", f"{name}.ext",
-             "-out", f"{name}-cert.pem", cwd=where)  # fmt: skip
+# -- certificates (made with openssl by tls_util) ----------------------------------------
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Credential directories: srv (the server), cli, other (another CA), expired, nocert."""
-    work = tmp_path_factory.mktemp("certs")
-    _ca(work, "ca")
-    _ca(work, "otherca")
-    _key_and_csr(work, "server", "/O=Example Org/CN=localhost")
-    _sign(work, "ca", "server", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-                               "extendedKeyUsage=serverAuth\n")  # fmt: skip
-    for name, ca, cn, expired in (("client", "ca", "client.example.com", False),
-                                  ("other", "otherca", "client.example.com", False),
-                                  ("expired", "ca", "old.example.com", True)):  # fmt: skip
-        _key_and_csr(work, name, f"/O=Example Org/CN={cn}")
-        _sign(work, ca, name, "extendedKeyUsage=clientAuth\n", expired=expired)
-    dirs: dict[str, Path] = {}
-    srv = work / "srv"
-    srv.mkdir()
-    for src, dst in (("ca.pem", "ca-cert.pem"), ("server-cert.pem", "server-cert.pem"),
-                     ("server-key.pem", "server-key.pem")):  # fmt: skip
-        (srv / dst).write_bytes((work / src).read_bytes())
-    dirs["srv"] = srv
-    for name in ("client", "other", "expired", "nocert"):
-        d = work / name
-        d.mkdir()
-        (d / "ca-cert.pem").write_bytes((work / "ca.pem").read_bytes())
-        if name != "nocert":
-            (d / "client-cert.pem").write_bytes((work / f"{name}-cert.pem").read_bytes())
-            (d / "client-key.pem").write_bytes((work / f"{name}-key.pem").read_bytes())
-        dirs[name] = d
-    return dirs
-
-
-def fingerprint(cert: Path) -> str:
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 # -- the image ---------------------------------------------------------------------------
@@ -348,3 +283,112 @@ def test_a_writable_export_on_every_address_is_served_with_tls(
         _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "INSECURE" not in err and "without TLS" not in err, err
+
+
+# -- connection limits and closing -------------------------------------------------------
+
+
+def server_sockets(pid: int) -> int:
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed while listing
+            count += os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:")
+    return count
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_shared_1_makes_the_second_client_wait_for_the_first(
+    tmp_path: Path, image: Path, certs: dict[str, Path], tls: bool
+) -> None:
+    """With ``--shared 1`` a second client is not refused: it waits for its turn."""
+    args = ("--shared", "1", *(("--tls-creds", str(certs["srv"])) if tls else ()))
+    with served_tcp(tmp_path, image, args=args) as srv:
+        if tls:
+            first: TCPRawClient | TLSRawClient = TLSRawClient(srv.port, client_context(
+                certs["client"]), timeout=30)
+            uri = tls_uri(srv, certs["client"])
+        else:
+            first = TCPRawClient(srv.port, timeout=30)
+            uri = f"nbd://127.0.0.1:{srv.port}/"
+        with first:
+            first.start()
+            assert first.read(0, CLUSTER, cookie=1) == content(image)[:CLUSTER]
+            second = subprocess.Popen([require_tool("nbdinfo"), "--size", uri],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                assert srv.logged("waits: already 1 connections (--shared)", timeout=30), \
+                    srv.stderr()
+                # It waits (no greeting yet, so it cannot fail) while the first is served.
+                deadline = time.monotonic() + 1.0
+                while time.monotonic() < deadline:
+                    assert second.poll() is None, second.communicate()
+                    time.sleep(0.05)
+                assert first.read(3 * CLUSTER, CLUSTER, cookie=2) == \
+                    content(image)[3 * CLUSTER : 4 * CLUSTER]
+                assert second.poll() is None, second.communicate()
+                first.request(2, cookie=3)  # NBD_CMD_DISC: the first one leaves
+                out, err = second.communicate(timeout=30)
+            finally:
+                if second.poll() is None:
+                    second.kill()
+                    second.communicate()
+        assert second.returncode == 0 and out.strip() == str(SIZE), err
+        log = srv.stderr()
+        assert log.count("waits: already 1 connections (--shared)") == 1, log
+        assert "refused: still" not in log, log
+
+
+def test_a_tls_client_that_aborts_with_data_in_flight_is_closed_promptly(
+    tls_server: TCPServer, certs: dict[str, Path]
+) -> None:
+    """NBD_OPT_ABORT inside TLS followed by more data than the server reads: the
+    server acknowledges, then closes the connection and releases its socket
+    promptly, as it does without TLS, though the client sends no close_notify."""
+    pid = tls_server.proc.pid
+    quiet = server_sockets(pid)
+    context = client_context(certs["client"])
+    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=10) as raw:
+        raw.recv(18)
+        raw.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0))
+        assert struct.unpack(">QIII", raw.recv(20))[1:3] == (OPT_STARTTLS, nbd.REP_ACK)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                incoming.write(raw.recv(1 << 16))
+        raw.sendall(outgoing.read())
+        tls.write(struct.pack(">QII", IHAVEOPT, OPT_ABORT, 0) + bytes(1 << 20))
+        raw.setblocking(False)
+        data = outgoing.read()
+        try:
+            while data:
+                data = data[raw.send(data) :]
+        except BlockingIOError:
+            pass  # the server stopped reading: the rest stays unsent
+        raw.setblocking(True)
+        raw.settimeout(5)
+        closed = True
+        try:
+            while chunk := raw.recv(1 << 16):  # the ACK, then the end of the connection
+                incoming.write(chunk)
+        except ConnectionResetError:
+            pass  # closed with the client's data unread: a reset ends it too
+        except TimeoutError:
+            closed = False
+        reply = b""
+        with contextlib.suppress(ssl.SSLError):  # the reply, then possibly a cut record
+            reply = tls.read(20)
+    assert struct.unpack(">QIII", reply) == (OPT_REPLY_MAGIC, OPT_ABORT, nbd.REP_ACK, 0), reply
+    deadline = time.monotonic() + 5
+    while server_sockets(pid) > quiet and time.monotonic() < deadline:
+        time.sleep(0.05)
+    released = server_sockets(pid) <= quiet
+    assert closed and released, (
+        f"after NBD_OPT_ABORT with data in flight: connection closed by the server "
+        f"within 5 s: {closed}; socket released within 5 s of the client closing: {released}"
+    )
+    a_good_client_is_still_served(tls_server, certs)

@@ -27,8 +27,13 @@ At the end the backing file is unchanged, the image files are no larger than
 the virtual disk, and the writable image reopened by the library holds the
 last content read over NBD and checks clean.
 
-``make test`` runs :data:`CASES` cases; ``make campaign`` (ADDCOW_CAMPAIGN=1)
-runs many more.
+``test_nbd_fuzz_through_tls`` does the same inside TLS sessions (``addcow serve
+--port 0 --tls-creds DIR``, TLS required) and fuzzes the STARTTLS step itself;
+see the comment above it.
+
+``make test`` runs :data:`CASES` plain cases and :data:`TLS_CASES` +
+:data:`STARTTLS_CASES` TLS cases; ``make campaign`` (ADDCOW_CAMPAIGN=1) runs many
+more.
 """
 
 from __future__ import annotations
@@ -39,11 +44,14 @@ import os
 import random
 import select
 import socket
+import ssl
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from conftest import CLUSTER, pattern
 from nbd_util import (
     IHAVEOPT,
@@ -52,8 +60,11 @@ from nbd_util import (
     STRUCTURED_REPLY_MAGIC,
     RawClient,
     Server,
+    TCPServer,
     served,
+    served_tcp,
 )
+from tls_util import TLSRawClient, client_context, make_certs, starttls
 
 import addcow
 from addcow.check import check_image
@@ -424,5 +435,523 @@ def test_nbd_fuzz(tmp_path: Path, base_raw: Path) -> None:
     with addcow.open(images["rw"], readonly=True) as img:
         assert img.read(0, SIZE) == rw_content
     for kind in ("ro", "rw"):
+        report = check_image(images[kind])
+        assert report.corruptions == 0 and report.check_errors == 0, report
+
+
+# -- through TLS ---------------------------------------------------------------------------
+#
+# The same kind of streams, but inside a TLS session: ``addcow serve --port 0
+# --tls-creds DIR`` (TLS required), STARTTLS in clear, then the TLS handshake
+# (Python's ssl through memory BIOs, so that the stream can still go out in
+# random pieces and be read while it goes), then the fuzzed options and
+# requests as application data. TLS has no half-close (a server that reads a
+# close_notify or the end of the TCP stream may drop what it still had to
+# write), so instead of half-closing, the client appends NBD_CMD_DISC and reads
+# until the server hangs up, or until the server has been quiet for IDLE
+# seconds (a stream that stops inside a payload) and then closes itself. Either
+# way the case is over only once the server holds no more sockets than before
+# it (``_finish`` closes a connection after its requests have replied), so the
+# image is quiet when it is judged, and no connection leaks a descriptor.
+#
+# The STARTTLS step itself is fuzzed too: options before STARTTLS (each must
+# get NBD_REP_ERR_TLS_REQD but ABORT, which gets its ACK; EXPORT_NAME closes),
+# client flags without fixed newstyle, STARTTLS with data, and then whatever a
+# broken or hostile client sends instead of a good handshake: random bytes,
+# plain NBD, an HTTP request, an SSLv2-style hello, a real ClientHello cut short
+# or mutated, a mutated second flight (Finished), a ClientHello sent before the
+# ACK, a client without a certificate on a server that checks them, and one
+# connection that stops in the middle of its ClientHello and must be closed by
+# the server's handshake deadline. After every case a good TLS client reads the
+# whole export with the expected content, and the writable export is unchanged
+# (nothing is served before TLS).
+
+TLS_CASES = 2500 if CAMPAIGN else 40
+STARTTLS_CASES = 1500 if CAMPAIGN else 60
+IDLE = 0.1  # seconds of silence after which a case stuck inside a payload is closed
+OPT_STARTTLS, OPT_ABORT, OPT_EXPORT_NAME = 5, 2, 1
+REP_ACK, REP_ERR_INVALID, REP_ERR_UNSUP, REP_ERR_TLS_REQD = 1, 0x80000003, 0x80000001, 0x80000005
+
+
+def disc(cookie: int = 0xD15C) -> bytes:
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 2, cookie, 0, 0)
+
+
+def server_sockets(pid: int) -> int:
+    fd_dir = f"/proc/{pid}/fd"
+    count = 0
+    for name in os.listdir(fd_dir):
+        with contextlib.suppress(FileNotFoundError):
+            count += os.readlink(f"{fd_dir}/{name}").startswith("socket:")
+    return count
+
+
+def wait_quiet(srv: TCPServer, limit: int, label: str, timeout: float = 30) -> None:
+    """Wait until the server holds at most ``limit`` sockets (its connections closed)."""
+    deadline = time.monotonic() + timeout
+    while server_sockets(srv.proc.pid) > limit:
+        if srv.proc.poll() is not None:
+            raise AssertionError(f"{label}: the server died\n{srv.stderr()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{label}: the server still holds "
+                                 f"{server_sockets(srv.proc.pid)} sockets (at most {limit})")
+        time.sleep(0.01)
+
+
+class TLSPump:
+    """A TLS client on a TCP socket through memory BIOs: the test decides every byte."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    def flight(self) -> bytes:
+        return self.outgoing.read()
+
+    def feed(self, timeout: float) -> bool:
+        """Read what the server sent into the TLS object; False at the end of the stream."""
+        r, _, _ = select.select([self.sock], [], [], timeout)
+        if not r:
+            raise AssertionError(f"the server sent nothing within {timeout} s")
+        try:
+            data = self.sock.recv(1 << 20)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    def handshake(self, tamper: Callable[[int, bytes], bytes] | None = None,
+                  last: int | None = None, timeout: float = 15) -> bool:
+        """Run the handshake, each client flight through ``tamper``; False if it failed.
+
+        After flight number ``last`` the client closes its sending side, so that a
+        server waiting for the rest of a mutated record sees the end at once.
+        """
+        flight = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.obj.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except (ssl.SSLError, OSError):
+                return False
+            out = self.flight()
+            if out:
+                if tamper is not None:
+                    out = tamper(flight, out)
+                with contextlib.suppress(OSError):
+                    self.sock.sendall(out)
+                    if flight == last:
+                        self.sock.shutdown(socket.SHUT_WR)
+                flight += 1
+            if done:
+                return True
+            if not self.feed(max(0.1, deadline - time.monotonic())):
+                with contextlib.suppress(ssl.SSLError):
+                    self.obj.do_handshake()
+                return False
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 30) -> bytes:
+    """Everything the server sends until it closes the connection (or a deadline)."""
+    sock.settimeout(timeout)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(1 << 16)
+        except ConnectionResetError:
+            return bytes(out)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+    raise AssertionError(f"the server did not close the connection within {timeout} s")
+
+
+def tls_exchange(port: int, context: ssl.SSLContext, stream: bytes, rng: random.Random,
+                 timeout: float = 30) -> tuple[bytes, bool]:
+    """STARTTLS, handshake, ``stream`` in random pieces as application data, read.
+
+    Returns what the server sent inside TLS and whether it hung up (False: it went
+    quiet for IDLE seconds with the whole stream sent, and the client closed).
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        starttls(sock)
+        pump = TLSPump(sock, context)
+        assert pump.handshake(), "the TLS handshake of a good client failed"
+        sock.setblocking(False)
+        received = bytearray()
+        pending = bytearray()
+        pos = 0
+        closed = False
+        deadline = time.monotonic() + timeout
+        quiet_since = time.monotonic()
+        while not closed:
+            now = time.monotonic()
+            if now > deadline:
+                raise AssertionError(f"the server neither answered nor hung up within {timeout} s")
+            if not pending and pos < len(stream):
+                piece = stream[pos : pos + rng.choice((1, 7, 28, 512, 65536, 1 << 20))]
+                pump.obj.write(piece)
+                pos += len(piece)
+                pending += pump.flight()
+            if not pending and pos >= len(stream) and now - quiet_since > IDLE:
+                break
+            r, w, _ = select.select([sock], [sock] if pending else [], [], 0.05)
+            if r:
+                try:
+                    data = sock.recv(1 << 20)
+                except (BlockingIOError, InterruptedError):
+                    data = None
+                except ConnectionResetError:
+                    data = b""
+                if data == b"":
+                    pump.incoming.write_eof()
+                    closed = True
+                elif data:
+                    pump.incoming.write(data)
+                    quiet_since = time.monotonic()
+                while True:
+                    try:
+                        got = pump.obj.read(1 << 20)
+                    except ssl.SSLWantReadError:
+                        break
+                    except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ssl.SSLError):
+                        closed = True
+                        break
+                    if not got:
+                        closed = True
+                        break
+                    received += got
+            if w and pending:
+                try:
+                    sent = sock.send(pending)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except (BrokenPipeError, ConnectionResetError):
+                    pending.clear()
+                    pos = len(stream)
+                    sent = 0
+                del pending[:sent]
+                if sent:
+                    quiet_since = time.monotonic()
+        return bytes(received), closed
+    finally:
+        sock.close()
+
+
+def whole_export_tls(srv: TCPServer, context: ssl.SSLContext) -> bytes:
+    with TLSRawClient(srv.port, context) as c:
+        c.start()
+        data = c.read(0, SIZE, cookie=42)
+        c.request(2, cookie=43)
+        return data
+
+
+def write_like_successes(stream: bytes, ok: set[int], failed: set[int],
+                         stats: dict[str, int]) -> list[int]:
+    """Cookies of write-like requests in ``stream`` acknowledged (by a read-only export)."""
+    by_cookie: dict[int, set[int]] = {}
+    pos = stream.find(struct.pack(">I", REQUEST_MAGIC))
+    while pos >= 0 and pos + 28 <= len(stream):
+        _m, _f, command, cookie, _o, _l = struct.unpack_from(">IHHQQI", stream, pos)
+        by_cookie.setdefault(cookie, set()).add(command)
+        pos = stream.find(struct.pack(">I", REQUEST_MAGIC), pos + 1)
+    stats["requests"] += sum(len(v) for v in by_cookie.values())
+    bad = []
+    for cookie, commands in by_cookie.items():
+        if commands <= set(WRITE_LIKE):
+            if cookie in ok:
+                bad.append(cookie)
+            elif cookie in failed:
+                stats["refused_writes_ro"] += 1
+    return bad
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def tls_images(tmp_path: Path, base_raw: Path) -> dict[str, Path]:
+    images = {}
+    for kind in ("ro", "rw"):
+        path = tmp_path / f"{kind}.add-cow"
+        addcow.create(path, image_file=f"{kind}.raw", backing_file=base_raw, backing_format="raw")
+        with addcow.open(path) as img:
+            img.write(pattern(0xA0, CLUSTER), 0)
+        images[kind] = path
+    return images
+
+
+def pre_tls_option(rng: random.Random) -> tuple[int, bytes]:
+    """An option a client might send before STARTTLS (never STARTTLS, ABORT, EXPORT_NAME)."""
+    option = rng.choice((3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 0xBAD, rng.getrandbits(32)))
+    while option in (OPT_STARTTLS, OPT_ABORT, OPT_EXPORT_NAME):
+        option = rng.getrandbits(32)
+    if option in (6, 7):
+        data = _string(rng.choice((b"", b"rw.add-cow", b"nope"))) + struct.pack(">H", 0)
+    elif option in (9, 10):
+        data = _string(b"") + struct.pack(">I", 1) + _string(b"base:allocation")
+    else:
+        data = rng.randbytes(rng.choice((0, 0, 1, 8, 300)))
+    if rng.random() < 0.1:
+        data = rng.randbytes(65 << 10)  # over the option size limit: refused, then skipped
+    return option, data
+
+
+def mutate_flight(rng: random.Random, data: bytes) -> bytes:
+    out = mutate(rng, data)
+    return out if out != data else data[:-1] + bytes([data[-1] ^ 0x40])
+
+
+def starttls_case(rng: random.Random, port: int, contexts: dict[str, ssl.SSLContext],
+                  hello: bytes, expected: bytes, stats: dict[str, int]) -> str:
+    """One hostile run up to, through and just after STARTTLS; returns its kind."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    try:
+        c = RawClient.__new__(RawClient)
+        c.sock = sock
+        c.greeting()
+        fixed = rng.random() < 0.9
+        c.client_flags(rng.choice((1, 3)) if fixed else rng.choice((0, 2)))
+        options = [pre_tls_option(rng) for _ in range(rng.randrange(0, 7))]
+        if rng.random() < 0.1:
+            options.insert(rng.randrange(0, len(options) + 1), (OPT_STARTTLS, b"x"))
+        pipelined = rng.random() < 0.3
+        if pipelined:
+            sock.sendall(b"".join(struct.pack(">QII", IHAVEOPT, o, len(d)) + d
+                                  for o, d in options))
+        for option, data in options:
+            if not pipelined:
+                c.option(option, data)
+            got, reply, message = c.option_reply()
+            want = REP_ERR_TLS_REQD
+            if option == OPT_STARTTLS:
+                want = REP_ERR_INVALID if fixed else REP_ERR_UNSUP
+            assert (got, reply) == (option, want), (option, hex(reply), message)
+            stats["refused before TLS"] += 1
+        end = rng.choice(("abort", "export_name", "session", "session", "session", "garbage",
+                          "plain nbd", "http", "sslv2", "hello cut", "hello mutated",
+                          "finished mutated", "hello before ack", "no certificate"))
+        if not fixed and end not in ("abort", "export_name"):
+            c.option(OPT_STARTTLS)
+            assert c.option_reply()[:2] == (OPT_STARTTLS, REP_ERR_UNSUP)
+            end = "abort"
+        if end == "abort":
+            c.option(OPT_ABORT)
+            assert c.option_reply()[:2] == (OPT_ABORT, REP_ACK)
+            assert read_until_closed(sock) == b""
+            return end
+        if end == "export_name":
+            c.option(OPT_EXPORT_NAME, rng.choice((b"", b"rw.add-cow")))
+            assert read_until_closed(sock) == b"", "EXPORT_NAME before TLS got an answer"
+            return end
+        if end == "hello before ack":
+            sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0) + hello)
+            assert read_until_closed(sock) == b""  # no ACK: refused in clear, closed
+            return end
+        c.option(OPT_STARTTLS)
+        assert c.option_reply()[:2] == (OPT_STARTTLS, REP_ACK)
+        if end == "session":
+            pump = TLSPump(sock, contexts["rw"])
+            assert pump.handshake(), "a good client's handshake failed"
+            offset = rng.randrange(0, SIZE - 4096)
+            length = rng.choice((1, 512, 4096, rng.randrange(1, SIZE - offset + 1)))
+            go = struct.pack(">QII", IHAVEOPT, 7, 6) + _string(b"") + struct.pack(">H", 0)
+            req = struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 0, 7, offset, length)
+            pump.obj.write(go + req + disc())
+            sock.sendall(pump.flight())
+            data = bytearray()
+            while True:
+                try:
+                    chunk = pump.obj.read(1 << 20)
+                    if not chunk:
+                        break
+                    data += chunk
+                except ssl.SSLWantReadError:
+                    if not pump.feed(15):
+                        break
+                    continue
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    break
+            # GO's replies (INFO, ACK), then a simple reply (structured replies were
+            # not negotiated inside TLS, whatever was asked before) and the data.
+            pos = 0
+            while True:
+                _m, option, reply, size = struct.unpack_from(">QIII", data, pos)
+                pos += 20 + size
+                if reply == REP_ACK:
+                    break
+                assert reply == 3, (option, hex(reply))
+            magic, error, cookie = struct.unpack_from(">IIQ", data, pos)
+            assert (magic, error, cookie) == (SIMPLE_REPLY_MAGIC, 0, 7)
+            assert data[pos + 16 :] == expected[offset : offset + length]
+            return end
+        if end == "no certificate":
+            pump = TLSPump(sock, contexts["nocert"])
+            pump.handshake()  # TLS 1.3: the client learns of the refusal after its Finished
+        elif end == "garbage":
+            sock.sendall(rng.randbytes(rng.choice((1, 5, 100, 3000))))
+        elif end == "plain nbd":
+            sock.sendall(struct.pack(">QII", IHAVEOPT, 7, 6) + _string(b"") + b"\0\0")
+        elif end == "http":
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        elif end == "sslv2":
+            sock.sendall(bytes.fromhex("803e0100020015001000100100800700c0030080060040020080"
+                                       "040080") + rng.randbytes(16))
+        elif end == "hello cut":
+            sock.sendall(hello[: rng.randrange(0, len(hello))])
+        elif end == "hello mutated":
+            pump = TLSPump(sock, contexts["rw"])
+            pump.handshake(lambda n, d: mutate_flight(rng, d) if n == 0 else d, last=0)
+        elif end == "finished mutated":
+            pump = TLSPump(sock, contexts["rw"])
+            pump.handshake(lambda n, d: mutate_flight(rng, d) if n == 1 else d, last=1)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)  # nothing more: the handshake fails at once
+        read_until_closed(sock)
+        return end
+    finally:
+        sock.close()
+
+
+def test_nbd_fuzz_through_tls(tmp_path: Path, base_raw: Path, certs: dict[str, Path]) -> None:
+    """Fuzzed sessions inside TLS, and hostile clients up to and through STARTTLS."""
+    images = tls_images(tmp_path, base_raw)
+    base_hash = hashlib.sha256(base_raw.read_bytes()).hexdigest()
+    contexts = {"ro": client_context(certs["nocert"]), "rw": client_context(certs["client"]),
+                "nocert": client_context(certs["nocert"])}
+    hello_pump = TLSPump(socket.socket(), contexts["rw"])
+    with contextlib.suppress(ssl.SSLWantReadError):
+        hello_pump.obj.do_handshake()
+    hello = hello_pump.flight()
+    hello_pump.sock.close()
+    assert hello[:1] == b"\x16" and len(hello) > 100, hello[:16]
+    rng = random.Random(SEED ^ 0x7115)
+    stats = {"cases": 0, "ro": 0, "rw": 0, "requests": 0, "acked_writes": 0,
+             "refused_writes_ro": 0, "server hung up": 0, "client closed after idle": 0}
+    starttls_stats: dict[str, int] = {"cases": 0, "refused before TLS": 0}
+    violations: list[str] = []
+    max_rss = 0
+    creds = ("--tls-creds", str(certs["srv"]))
+    rw_args = (*creds, "--tls-verify-peer", "--shared", "0")
+    with (
+        served_tcp(tmp_path, images["ro"], args=(*creds, "--read-only"), name="ro") as ro,
+        served_tcp(tmp_path, images["rw"], args=rw_args, name="rw") as rw,
+    ):
+        servers = {"ro": ro, "rw": rw}
+        quiet = {kind: server_sockets(s.proc.pid) for kind, s in servers.items()}
+        fds = {kind: len(os.listdir(f"/proc/{s.proc.pid}/fd")) for kind, s in servers.items()}
+        ro_content = whole_export_tls(ro, contexts["ro"])
+        rw_content = whole_export_tls(rw, contexts["rw"])
+        assert ro_content[:CLUSTER] == pattern(0xA0, CLUSTER)
+        assert ro_content[CLUSTER : 2 * CLUSTER] == pattern(0x11, CLUSTER)
+        assert rw_content == ro_content
+        # A client that stops in the middle of its ClientHello: the server's
+        # handshake deadline (10 s) must close it while the other cases run.
+        stalled = socket.create_connection(("127.0.0.1", rw.port), timeout=30)
+        starttls(stalled)
+        stalled.sendall(hello[:60])
+        stalled_port = stalled.getsockname()[1]
+        stalled_at = time.monotonic()
+        limit = {"ro": quiet["ro"], "rw": quiet["rw"] + 1}  # + the stalled connection
+        stalled_for = 0.0
+        for case in range(TLS_CASES + STARTTLS_CASES):
+            if not stalled_for and select.select([stalled], [], [], 0)[0]:
+                assert stalled.recv(1) == b"", "the stalled client got an answer"
+                stalled_for = time.monotonic() - stalled_at
+                limit["rw"] = quiet["rw"]  # from now on every connection must be gone
+            crng = random.Random(rng.getrandbits(64))
+            if crng.random() < STARTTLS_CASES / (TLS_CASES + STARTTLS_CASES):
+                end = starttls_case(crng, rw.port, contexts, hello, rw_content, starttls_stats)
+                starttls_stats["cases"] += 1
+                starttls_stats[end] = starttls_stats.get(end, 0) + 1
+                label = f"STARTTLS case {case} ({end})"
+                wait_quiet(rw, limit["rw"], label)
+                if whole_export_tls(rw, contexts["rw"]) != rw_content:
+                    violations.append(f"{label}: the export changed")
+                wait_quiet(rw, limit["rw"], label)
+                max_rss = max(max_rss, rss_kib(rw.proc.pid))
+                assert not violations, "\n".join(violations)
+                assert max_rss < RSS_LIMIT_KIB, f"{label}: server RSS {max_rss} KiB"
+                continue
+            kind = "rw" if crng.random() < 0.35 else "ro"
+            srv = servers[kind]
+            if kind == "rw":
+                hs = struct.pack(">QII", IHAVEOPT, 8, 0)
+                hs += struct.pack(">QII", IHAVEOPT, 7, 6) + _string(b"") + struct.pack(">H", 0)
+                body = requests(crng, crng.randrange(0, 24), True)
+                if crng.random() < 0.3:
+                    body += crng.randbytes(crng.randrange(1, 3000))
+                stream = hs + body + disc()
+                clean = True
+            else:
+                full, clean = handshake(crng)
+                hs = full[4:]  # the client flags went in clear, before STARTTLS
+                stream = hs + requests(crng, crng.randrange(0, 24), False)
+                if crng.random() < 0.8:
+                    stream = mutate(crng, stream)
+                stream += disc()
+            label = f"TLS case {case} ({kind}, clean handshake {clean})"
+            received, hung_up = tls_exchange(srv.port, contexts[kind], stream, crng)
+            stats["server hung up" if hung_up else "client closed after idle"] += 1
+            wait_quiet(srv, limit[kind], label)
+            content = whole_export_tls(srv, contexts[kind])
+            wait_quiet(srv, limit[kind], label)
+            ok, failed = reply_cookies(received)
+            stats["cases"] += 1
+            stats[kind] += 1
+            if kind == "rw":
+                parsed = parse_requests(stream[len(hs) :])
+                stats["requests"] += len(parsed)
+                stats["acked_writes"] += sum(p.command == 1 and p.cookie in ok for p in parsed)
+                violations += [f"{label}: {v}" for v in judge_writable(rw_content, content,
+                                                                         parsed, ok)]
+                rw_content = content
+            else:
+                if content != ro_content:
+                    violations.append(f"{label}: the read-only export changed")
+                for cookie in write_like_successes(stream, ok, failed, stats):
+                    violations.append(f"{label}: read-only export acknowledged a write-like "
+                                      f"command, cookie {cookie:#x}")
+            for s in servers.values():
+                max_rss = max(max_rss, rss_kib(s.proc.pid))
+            assert not violations, "\n".join(violations)
+            assert max_rss < RSS_LIMIT_KIB, f"{label}: server RSS {max_rss} KiB"
+        if not stalled_for:
+            assert read_until_closed(stalled, timeout=30) == b""
+            stalled_for = time.monotonic() - stalled_at
+        stalled.close()
+        assert whole_export_tls(ro, contexts["ro"]) == ro_content
+        for kind, s in servers.items():
+            wait_quiet(s, quiet[kind], "at the end")
+            # An export written whole releases its backing file, by design.
+            released = "complete: every cluster" in s.stderr()
+            now = len(os.listdir(f"/proc/{s.proc.pid}/fd"))
+            assert now == fds[kind] - released, f"descriptors: {fds[kind]} -> {now} ({kind})"
+        log = ro.stderr() + rw.stderr()
+        assert "internal error" not in log and "Traceback" not in log, log[-3000:]
+        assert f"127.0.0.1:{stalled_port}: TLS handshake failed" in rw.stderr()
+    print(f"\nNBD fuzz through TLS: {stats}; STARTTLS: {starttls_stats}; max server RSS "
+          f"{max_rss} KiB; the stalled handshake was closed after {stalled_for:.1f} s; "
+          f"violations {len(violations)}")
+    assert stats["acked_writes"] > 0 and stats["refused_writes_ro"] > 0
+    assert stats["server hung up"] > 0 and stats["client closed after idle"] > 0
+    assert starttls_stats["session"] > 0 and starttls_stats["refused before TLS"] > 0
+    assert stalled_for >= 9, "the stalled client was closed before the handshake deadline"
+    assert hashlib.sha256(base_raw.read_bytes()).hexdigest() == base_hash
+    with addcow.open(images["rw"], readonly=True) as img:
+        assert img.read(0, SIZE) == rw_content
+    for kind in ("ro", "rw"):
+        assert (tmp_path / f"{kind}.raw").stat().st_size <= SIZE
         report = check_image(images[kind])
         assert report.corruptions == 0 and report.check_errors == 0, report

@@ -28,7 +28,12 @@ count before the round once the clients are gone, its threads
 (``/proc/PID/task``) must stay within the main thread plus the I/O pool, and
 its ``VmRSS`` after the last round must stay within 48 MiB of the first.
 
-``make test`` runs two rounds of 3 s; ``make campaign`` six of 30 s.
+``test_load_32_tls_connections`` runs the same kind of soak with 32 connections,
+every one inside TLS (see the comment above it), with the same model and the
+same leak checks (RSS: at most 32 MiB of growth from the first round to the last).
+
+``make test`` runs two rounds of 3 s (TLS: two of 2 s); ``make campaign`` six
+of 30 s (TLS: four of 30 s).
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import require_tool
-from nbd_util import RawClient, Server, served
+from nbd_util import RawClient, Server, served, served_tcp
+from tls_util import TLSRawClient, client_context, make_certs
 
 import addcow
 from addcow.check import check_image
@@ -97,17 +103,21 @@ def settle(pid: int, sockets_before: int, timeout: float = 15) -> tuple[int, int
 
 
 class RawWriter:
-    """A client with two connections that owns ``[base, base + RAW_REGION)``."""
+    """A client with two connections that owns ``[base, base + RAW_REGION)``.
 
-    def __init__(self, srv: Server, index: int, seed: int, initial: bytes) -> None:
-        self.srv = srv
+    ``connect`` opens one connection (a Unix socket by default, TLS in the TLS soak).
+    """
+
+    def __init__(self, srv: Server | None, index: int, seed: int, initial: bytes,
+                 connect: Callable[[], RawClient] | None = None) -> None:
+        self.connect = connect or (lambda: RawClient(srv.socket if srv else ""))
         self.base = RAW_BASE + index * RAW_REGION
         self.rng = random.Random(seed)
         self.model = bytearray(initial)
         self.writes = self.flushes = 0
 
     def run(self, deadline: float) -> None:
-        with RawClient(self.srv.socket) as a, RawClient(self.srv.socket) as b:
+        with self.connect() as a, self.connect() as b:
             a.start(name="main.add-cow", structured=False)
             b.start(name="main.add-cow", structured=False)
             cookie = 1
@@ -276,6 +286,186 @@ def test_load_40_connections(tmp_path: Path) -> None:
             lo = w.base
             main_model[lo : lo + RAW_REGION] = w.model
         with RawClient(sock) as c:
+            c.start(name="main.add-cow", structured=False)
+            got = b"".join(read_simple(c, off, 4 * MIB, 9) for off in range(0, SIZE, 4 * MIB))
+            assert got == bytes(main_model), "main export differs from the model"
+        copied = tmp_path / "in-copy.raw"
+        subprocess.run([nbdcopy, uri("in"), str(copied)], check=True, timeout=300)
+        assert copied.read_bytes() == sources[last_in].read_bytes()
+    with addcow.open(images["main"], readonly=True) as img:
+        assert img.read(0, SIZE) == bytes(main_model)
+    with addcow.open(images["in"], readonly=True) as img:
+        assert img.read(0, COPY_SIZE) == sources[last_in].read_bytes()
+    for path in images.values():
+        report = check_image(path)
+        assert report.corruptions == 0 and report.check_errors == 0, report
+    assert base.read_bytes() == backing
+
+
+# -- the same soak through TLS ---------------------------------------------------------------
+#
+# ``addcow serve --port 0 --tls-creds DIR --tls-verify-peer`` (TLS required): 32
+# connections at once, every one inside TLS: nbdcopy --connections=8 in and out
+# (nbds:// URIs with tls-certificates=), an nbdsh job of 8 connections (fio's nbd
+# engine refuses tls-certificates= in a URI) rewriting 8 regions of 2 MiB with
+# their own byte, FLUSHes among the writes and each region read back on another
+# connection, and 4 raw TLS clients (Python's ssl) with two connections each.
+
+TLS_ROUNDS = 4 if CAMPAIGN else 2
+TLS_ROUND_SECONDS = 30.0 if CAMPAIGN else 2.0
+TLS_RAW_CLIENTS = 4
+TLS_RSS_GROWTH_KIB = 32 << 10
+
+NBDSH_JOB = """
+import random, threading
+uri, region, jobs = URI, REGION, JOBS
+handles = []
+for j in range(jobs):
+    x = nbd.NBD()
+    x.set_uri_allow_local_file(True)
+    x.connect_uri(uri)
+    handles.append(x)
+errors = []
+def job(j):
+    try:
+        x = handles[j]
+        block = bytes([0xC0 + j]) * 65536
+        order = list(range(region // 65536))
+        random.shuffle(order)
+        for n, k in enumerate(order):
+            x.pwrite(block, j * region + k * 65536)
+            if n % 16 == 15:
+                x.flush()
+        x.flush()
+        other = handles[(j + 1) % jobs]  # multi-conn: the flush covers every connection
+        if other.pread(region, j * region) != bytes([0xC0 + j]) * region:
+            errors.append(f"region {j} reads back wrong")
+    except Exception as exc:
+        errors.append(f"job {j}: {exc}")
+threads = [threading.Thread(target=job, args=(j,)) for j in range(jobs)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+for x in handles:
+    x.shutdown()
+print("ok" if not errors else "\\n".join(errors))
+"""
+
+
+def test_load_32_tls_connections(tmp_path: Path) -> None:
+    nbdcopy = require_tool("nbdcopy")
+    nbdsh = require_tool("nbdsh")
+    (tmp_path / "certs").mkdir()
+    certs = make_certs(tmp_path / "certs")
+    base = tmp_path / "base.raw"
+    backing = backing_content()
+    base.write_bytes(backing)
+    rng = random.Random(0x7150AD)
+    sources = []
+    for k in range(2):
+        src = tmp_path / f"src{k}.raw"
+        src.write_bytes(rng.randbytes(COPY_SIZE // 2) + bytes(COPY_SIZE // 2))
+        sources.append(src)
+    images = {}
+    for name in ("main", "in", "out"):
+        path = tmp_path / f"{name}.add-cow"
+        addcow.create(path, image_file=f"{name}.raw", backing_file=base, backing_format="raw",
+                      size=SIZE if name != "in" else COPY_SIZE)
+        images[name] = path
+    with addcow.open(images["out"]) as img:
+        for i in range(0, SIZE, 3 * CLUSTER):
+            img.write(rng.randbytes(CLUSTER), i)
+        out_expected = img.read(0, SIZE)
+    out_hash = hashlib.sha256(out_expected).hexdigest()
+    main_model = bytearray(backing)
+    for j in range(FIO_JOBS):
+        main_model[j * FIO_REGION : (j + 1) * FIO_REGION] = bytes([fio_byte(j)]) * FIO_REGION
+    context = client_context(certs["client"])
+    stats: dict[str, int] = {}
+    last_in = -1
+    args = ("--tls-creds", str(certs["srv"]), "--tls-verify-peer", "--shared", "64")
+    with served_tcp(tmp_path, images["main"], images["in"], images["out"], args=args) as srv:
+        pid = srv.proc.pid
+
+        def uri(name: str) -> str:
+            return f"nbds://localhost:{srv.port}/{name}.add-cow?tls-certificates={certs['client']}"
+
+        def connect() -> RawClient:
+            return TLSRawClient(srv.port, context, timeout=60)
+
+        writers = [RawWriter(None, i, 2000 + i, backing[RAW_BASE + i * RAW_REGION :
+                                                        RAW_BASE + (i + 1) * RAW_REGION],
+                             connect=connect)
+                   for i in range(TLS_RAW_CLIENTS)]
+        job = NBDSH_JOB.replace("URI", repr(uri("main"))).replace("REGION", str(FIO_REGION))
+        job = job.replace("JOBS", str(FIO_JOBS))
+
+        def copy_in(n: int) -> None:
+            nonlocal last_in
+            proc = subprocess.run([nbdcopy, "--connections=8", "--flush",
+                                   str(sources[n % 2]), uri("in")],
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            last_in = n % 2
+
+        def copy_out(n: int) -> None:
+            dest = tmp_path / "copied.raw"
+            proc = subprocess.run([nbdcopy, "--connections=8", uri("out"), str(dest)],
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            assert hashlib.sha256(dest.read_bytes()).hexdigest() == out_hash, "copy differs"
+            dest.unlink()
+
+        env = dict(os.environ)  # nbdsh runs the python3 its libnbd module is built for
+        env["PATH"] = f"{os.path.dirname(nbdsh)}{os.pathsep}{env.get('PATH', '')}"
+
+        def run_nbdsh(n: int) -> None:
+            proc = subprocess.run([nbdsh, "-c", job], capture_output=True, text=True,
+                                  timeout=300, env=env)
+            assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+        counts_before = proc_counts(pid)
+        rounds = []
+        for _round in range(TLS_ROUNDS):
+            deadline = time.monotonic() + TLS_ROUND_SECONDS
+            errors: list[str] = []
+            threads = [
+                threading.Thread(target=loop_tool, args=(deadline, copy_in, stats, "nbdcopy in",
+                                                         errors)),
+                threading.Thread(target=loop_tool, args=(deadline, copy_out, stats,
+                                                         "nbdcopy out", errors)),
+                threading.Thread(target=loop_tool, args=(deadline, run_nbdsh, stats, "nbdsh",
+                                                         errors)),
+            ]
+            for w in writers:
+                threads.append(threading.Thread(target=run_once, args=(w, deadline, stats, errors)))
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not errors, "\n".join(errors)
+            assert srv.proc.poll() is None, srv.stderr()
+            rounds.append(settle(pid, counts_before[1]))
+        tls_sessions = srv.stderr().count("TLS started (")
+        print(f"\nTLS load: {TLS_ROUNDS} rounds of {TLS_ROUND_SECONDS:.0f} s; runs {stats}; "
+              f"raw writes {sum(w.writes for w in writers)}, raw flushes "
+              f"{sum(w.flushes for w in writers)}; {tls_sessions} TLS sessions; server "
+              f"fds/sockets/threads/RSS KiB before {counts_before}, after each round {rounds}")
+        for fds, sockets, tasks, _rss in rounds:
+            assert sockets == counts_before[1], f"sockets leaked: {counts_before} -> {rounds}"
+            assert fds == rounds[0][0] <= counts_before[0], \
+                f"descriptors leaked: {counts_before} -> {rounds}"
+            assert tasks <= 1 + POOL_THREADS, f"threads leaked: {counts_before} -> {rounds}"
+        assert rounds[-1][3] - rounds[0][3] <= TLS_RSS_GROWTH_KIB, f"memory grew: {rounds}"
+        assert stats["nbdcopy in"] > 0 and stats["nbdcopy out"] > 0 and stats["nbdsh"] > 0
+        assert stats["raw clients"] == TLS_ROUNDS * TLS_RAW_CLIENTS
+        assert all(w.writes for w in writers)
+        log = srv.stderr()
+        assert "TLS handshake failed" not in log and "internal error" not in log, log[-3000:]
+        for w in writers:
+            main_model[w.base : w.base + RAW_REGION] = w.model
+        with connect() as c:
             c.start(name="main.add-cow", structured=False)
             got = b"".join(read_simple(c, off, 4 * MIB, 9) for off in range(0, SIZE, 4 * MIB))
             assert got == bytes(main_model), "main export differs from the model"

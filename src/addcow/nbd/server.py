@@ -124,6 +124,8 @@ MAX_EXTENTS = 1 << 16
 """Most extents examined for one BLOCK_STATUS (the spec lets a reply fall short)."""
 SHUTDOWN_GRACE = 10.0
 """Seconds a connection's requests get to finish at shutdown."""
+CLOSE_GRACE = 1.0
+"""Seconds a closing TLS connection waits for the client's close_notify."""
 SHARED_WAIT = 60.0
 """Seconds a client over the ``--shared`` limit waits for a turn before it is closed."""
 INLINE_READ_MAX = 1 << 20
@@ -652,8 +654,14 @@ class NBDServer:
         except (TimeoutError, ConnectionError, RuntimeError):
             client.writer.transport.abort()
         client.writer.close()
-        with contextlib.suppress(ConnectionError, asyncio.TimeoutError, RuntimeError, OSError):
-            await asyncio.wait_for(client.writer.wait_closed(), 1.0)
+        try:
+            await asyncio.wait_for(client.writer.wait_closed(), CLOSE_GRACE)
+        except TimeoutError:
+            # A TLS close waits for the peer's close_notify, which a client that
+            # has stopped reading never sends: ours is out, so let the socket go.
+            client.writer.transport.abort()
+        except (ConnectionError, RuntimeError, OSError):
+            pass
         if client.export is not None:
             log.info(
                 "%s closed: %s",
