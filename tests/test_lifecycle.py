@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -641,24 +642,20 @@ def _has_data_at(path: Path, offset: int) -> bool:
 
 def test_stream_ctrl_c_stops_every_thread_promptly_and_resumes(tmp_path: Path) -> None:
     """SIGINT while two threads sit in the rate limit: exit 130 at once, then resume."""
-    size = 4 * (32 << 20)  # four spans of the command's STREAM_SPAN: both threads get one
+    size = 16 * C
     base = tmp_path / "big.raw"
-    with open(base, "wb") as f:
-        f.truncate(size)
-        for i in range(0, size, 5 << 20):
-            f.seek(i)
-            f.write(bytes([i % 251 + 1]) * C)
+    base.write_bytes(random.Random(5).randbytes(size))
     img = tmp_path / "big.add-cow"
     addcow.create(img, image_file="big-img.raw", backing_file=base, backing_format="raw")
+    # At 4 KiB/s each thread copies one cluster (the smallest span), then waits
+    # many seconds for the rate.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "addcow", "stream", "--rate", "1M", str(img)],
+        [sys.executable, "-m", "addcow", "stream", "--rate", "4K", str(img)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    # Wait until both threads have written their span's last data cluster (30 MiB
-    # and 60 MiB): each then sits in the rate limit for about 32 s.
     raw = tmp_path / "big-img.raw"
-    deadline = time.monotonic() + 60
-    while not all(_has_data_at(raw, mib << 20) for mib in (30, 60)):
+    deadline = time.monotonic() + 30
+    while not all(_has_data_at(raw, n * C) for n in (0, 1)):
         assert time.monotonic() < deadline and proc.poll() is None, "the spans were not copied"
         time.sleep(0.02)
     started = time.monotonic()

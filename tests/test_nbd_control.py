@@ -207,6 +207,26 @@ def test_stream_paused_resumed_and_rerated_while_a_client_writes(
         assert line in log, log
 
 
+def test_a_new_rate_ends_a_wait_computed_under_the_old_one(
+    tmp_path: Path, setup: tuple[Path, bytearray]
+) -> None:
+    """At 1 byte/s the stream copies one cluster, then would wait 18 hours for the next."""
+    image, model = setup
+    sock = tmp_path / "control.sock"
+    args = ("--control", str(sock), "--stream", "--stream-rate", "1")
+    with served(tmp_path, image, args=args) as srv:
+        control = Control(sock)
+        try:
+            wait_until(lambda: control("query")["exports"][0]["stream"]["copied"] > 0)
+            assert control("stream-set-rate", speed=0) == {}
+            wait_until(lambda: control("query")["exports"][0]["complete"], timeout=20)
+            assert control("stream-set-rate", speed=1) == {}  # concluded: nothing waits
+            assert control("stream-pause") == {"changed": False}
+        finally:
+            control.close()
+        assert read_all(srv.uri, tmp_path) == bytes(model)
+
+
 def test_detach_through_the_control_socket(tmp_path: Path, setup: tuple[Path, bytearray]) -> None:
     image, model = setup
     sock = tmp_path / "control.sock"
@@ -245,6 +265,10 @@ def test_detach_through_the_control_socket(tmp_path: Path, setup: tuple[Path, by
          "export: expected one of 'd.add-cow', found 'nope'"),
         (b'{"execute": "query", "bogus": true}', "unknown member 'bogus'"),
         (b"\xff\xfe", "not JSON: "),
+        (b"[" * 5000 + b"]" * 5000, "not JSON this server reads: nested too deeply"),
+        (b'{"execute": "query", "id": NaN}', "not JSON: NaN is not a JSON number"),
+        (b'{"execute": "stream-set-rate", "arguments": {"speed": 1e400}}',
+         "not JSON: 1e400 is beyond the range of a number"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_errors_and_serving_goes_on(
@@ -284,6 +308,39 @@ def test_an_overlong_line_is_refused_and_the_server_goes_on(
             assert second("query")["server"]["connections"] == 0
         finally:
             second.close()
+
+
+def test_a_ninth_control_connection_is_told_why_it_is_closed(
+    tmp_path: Path, setup: tuple[Path, bytearray]
+) -> None:
+    image, _ = setup
+    sock = tmp_path / "control.sock"
+    with served(tmp_path, image, args=("--control", str(sock))):
+        served_ones = [Control(sock) for _ in range(8)]
+        try:
+            for control in served_ones:  # each is served before the next connects
+                assert control("query")["exports"][0]["name"] == "d.add-cow"
+            ninth = Control(sock)
+            try:
+                reply = json.loads(ninth.file.readline())
+                assert reply["error"]["desc"] == "too many control connections (at most 8)"
+                assert ninth.file.readline() == b""
+            finally:
+                ninth.close()
+        finally:
+            for control in served_ones:
+                control.close()
+
+        def served_again() -> bool:  # once the server has seen the eight go
+            again = Control(sock)
+            try:
+                return "return" in again.send_line(b'{"execute": "query"}')
+            except OSError:
+                return False
+            finally:
+                again.close()
+
+        wait_until(served_again)
 
 
 def test_the_control_socket_is_private_to_its_owner(

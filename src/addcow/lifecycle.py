@@ -2,8 +2,9 @@
 
 Streaming copies every unallocated cluster from the backing chain into the
 image file with :meth:`AddCowImage.populate`, in spans of up to
-:data:`STREAM_SPAN` bytes, :data:`STREAM_THREADS` spans at once. Its progress
-is durable as it goes (:mod:`addcow.streaming` says when it commits), and
+:data:`STREAM_SPAN` bytes (less under a rate: :mod:`addcow.streaming` says
+why), :data:`STREAM_THREADS` spans at once. Its progress is durable as it
+goes (:mod:`addcow.streaming` says when it commits), and
 flush writes data before bits (see :mod:`addcow.image`). A stream killed at
 any moment (Ctrl-C, kill -9, power loss) therefore leaves an image that reads
 correctly, and running it again skips every cluster whose bit reached the disk
@@ -160,7 +161,7 @@ class _StreamRun:
         """The next span to copy (lock held), or None when the stream is over."""
         if self.stopping.is_set() or self.error is not None or self.image.complete:
             return None
-        span = next_span(self.image, self.pos, STREAM_SPAN)
+        span = next_span(self.image, self.pos, self.rate.span(STREAM_SPAN))
         if span is None:
             return None
         lo, hi, self.pos = span

@@ -23,7 +23,10 @@ Commits
 
 Rate
     :class:`RateLimit` says how long to wait so that the bytes dealt with
-    stay at about the asked rate on average.
+    stay at about the asked rate on average. A span is copied at full speed
+    and the wait comes after it, so under a rate a span is a tenth of a
+    second's worth (:meth:`RateLimit.span`): larger ones would reach a remote
+    golden server as bursts at line rate, whatever the rate asked.
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ class RateLimit:
         self.started = time.monotonic()
         self._since = time.monotonic()
         self._base = 0
+
+    def span(self, span_bytes: int) -> int:
+        """The span size to use: ``span_bytes``, or a tenth of a second's worth under a rate."""
+        return min(span_bytes, self.rate // 10) if self.rate else span_bytes
 
     def delay(self, done: int) -> float:
         """Seconds to wait, after ``done`` bytes since the start, to keep the rate."""

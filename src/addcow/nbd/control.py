@@ -19,8 +19,9 @@ Protocol
     ``export`` (a name; default: every export for ``flush``, the only or the
     default export otherwise). A line that is not JSON, not an object, too
     long (:data:`MAX_LINE`), or names an unknown command or argument gets an
-    error reply and the connection goes on; nothing a control client sends
-    affects NBD clients except what its commands ask for.
+    error reply and the connection goes on (a blank line gets none); nothing
+    a control client sends affects NBD clients except what its commands ask
+    for.
 
 ``query`` fields
     Per export, the stream is described with the names of QEMU's
@@ -49,6 +50,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import struct
@@ -65,7 +67,10 @@ log = logging.getLogger("addcow.serve")
 MAX_LINE = 64 << 10
 """Longest request line accepted (bytes)."""
 MAX_CLIENTS = 8
-"""Control connections served at once; more are closed at once."""
+"""Control connections served at once; more get an error line and are closed."""
+
+JSON_SPACE = b" \t\r\n"
+"""What a blank line, which gets no reply, may hold (RFC 8259's whitespace)."""
 
 COMMANDS = ("query", "stream-pause", "stream-resume", "stream-set-rate", "detach", "flush")
 
@@ -173,7 +178,10 @@ class ControlServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         try:
-            if not _same_user(writer) or len(self._connections) >= MAX_CLIENTS:
+            if not _same_user(writer):
+                return
+            if len(self._connections) >= MAX_CLIENTS:
+                writer.write(_error(f"too many control connections (at most {MAX_CLIENTS})"))
                 return
             if task is not None:
                 self._connections.add(task)
@@ -185,7 +193,7 @@ class ControlServer:
                 except asyncio.LimitOverrunError:
                     writer.write(_error(f"request longer than {MAX_LINE} bytes"))
                     return
-                if line.strip():
+                if line.strip(JSON_SPACE):
                     writer.write(await self.handle(line))
                     await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -198,9 +206,11 @@ class ControlServer:
     async def handle(self, line: bytes) -> bytes:
         """The reply line to one request line."""
         try:
-            request = json.loads(line)
+            request = json.loads(line, parse_constant=_not_a_number, parse_float=_finite)
         except (ValueError, UnicodeDecodeError) as exc:
             return _error(f"not JSON: {exc}")
+        except RecursionError:
+            return _error("not JSON this server reads: nested too deeply")
         if not isinstance(request, dict):
             return _error(f"expected a JSON object, found {type(request).__name__}")
         ident = request.get("id")
@@ -304,6 +314,17 @@ def _same_user(writer: asyncio.StreamWriter) -> bool:
             return True
         log.warning("control: refused a connection from uid %d", uid)
     return False
+
+
+def _not_a_number(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the range of a number")
+    return value
 
 
 def _line(obj: dict[str, Any]) -> bytes:

@@ -142,6 +142,8 @@ class LiveState:
     stream_copied: int = 0  # of which copied from the backing (the rest: left as zero)
     rate: RateLimit | None = None
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
+    rate_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by a new rate or a resume: ends the stream's wait to keep the old rate."""
 
     def __post_init__(self) -> None:
         self.resumed.set()
@@ -259,10 +261,7 @@ async def stream(pool: LivePool, export: Export) -> None:
             rate.restart(rate.rate, state.stream_done)
             continue
         busy = await _yield_to_clients(pool, state)
-        span_bytes = SPAN_BUSY if busy else SPAN_IDLE
-        if rate.rate:  # about ten steps a second, so the rate holds over short times too
-            span_bytes = min(span_bytes, rate.rate // 10)
-        span = next_span(image, pos, span_bytes)
+        span = next_span(image, pos, rate.span(SPAN_BUSY if busy else SPAN_IDLE))
         if span is None:
             if wrapped:
                 # The rest is being allocated by client writes right now.
@@ -292,7 +291,10 @@ async def stream(pool: LivePool, export: Export) -> None:
             )
         ahead = rate.delay(state.stream_done)
         if ahead > 0:
-            await asyncio.sleep(ahead)
+            # A wait computed under a slow rate must not outlast a new one.
+            state.rate_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.rate_changed.wait(), ahead)
     log.info(
         "%s: stream complete: %s copied, %s left as zero, %.2f s",
         image.path,
@@ -368,6 +370,7 @@ def resume_stream(export: Export) -> bool:
         return False
     state.stream_status = STREAM_RUNNING
     state.resumed.set()
+    state.rate_changed.set()
     log.info("%s: stream resumed", export.image.path)
     return True
 
@@ -381,6 +384,7 @@ def set_stream_rate(export: Export, rate: int) -> None:
         )
     limit = state.rate = state.rate or RateLimit(None)
     limit.restart(rate or None, state.stream_done)
+    state.rate_changed.set()
     log.info("%s: stream rate %s", export.image.path, f"{rate} bytes/s" if rate else "unlimited")
 
 

@@ -30,10 +30,14 @@ image reads from a thread pool; with ``NBD_FLAG_CAN_MULTI_CONN`` ("the server
 up to ``connections`` (default :data:`MAX_CONNECTIONS`) on demand, otherwise
 exactly one, and threads queue for it. A server that accepts fewer
 connections than it advertises (the extra one fails or times out) lowers the
-pool's limit to what it has. Reads are split at the server's maximum block
-size (at most :data:`MAX_READ`) and widened to its minimum block size through
-a bounce buffer when unaligned; replies are checked by
-:class:`~addcow.nbd.client.ClientConnection`.
+pool's limit to what it has. An extra connection waits at most
+:data:`EXTRA_GREETING_TIMEOUT` for the server's greeting: a server at its
+limit (``qemu-nbd --shared N`` with N clients) leaves it unanswered in its
+listen queue, and the request that opened it would otherwise wait the whole
+``timeout`` while the connections the pool has sit idle. Reads are split at
+the server's maximum block size (at most :data:`MAX_READ`) and widened to its
+minimum block size through a bounce buffer when unaligned; replies are checked
+by :class:`~addcow.nbd.client.ClientConnection`.
 
 Failures. A connection that breaks (EOF, a reset, a timeout of ``timeout``
 seconds on any socket call) is closed and reopened with exponential backoff
@@ -50,7 +54,11 @@ reply from the server (EIO, say) is not retried either; it raises
 connection, still in step, goes back to the pool. A reply that breaks the
 protocol raises :class:`~addcow.errors.RemoteReplyError` and its connection
 is dropped. Refusals during a reconnect (no such export, a certificate that
-does not verify) are final as well.
+does not verify) are final as well. A failed request raises and names its
+range; bytes of its reply already in the caller's buffer (data chunks before
+an error chunk) are not valid, and
+:meth:`~addcow.image.AddCowImage.populate`, which sets bits only for what it
+wrote after a read returned, marks none of that range.
 
 Block status. With ``base:allocation`` an extent is ``zero`` when the server
 sets NBD_STATE_ZERO; NBD_STATE_HOLE alone (unallocated, contents unknown) is
@@ -91,6 +99,8 @@ MAX_READ = wire.DEFAULT_MAX_BLOCK
 MAX_STATUS_REQUEST = 1 << 30
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 2.0
+# A live server greets at once; one at its connection limit never does.
+EXTRA_GREETING_TIMEOUT = 2.0
 
 SCHEMES = {"nbd": (False, False), "nbds": (True, False),
            "nbd+unix": (False, True), "nbds+unix": (True, True)}  # fmt: skip
@@ -338,27 +348,29 @@ class NBDStore:
 
     # -- connecting ----------------------------------------------------------------------
 
-    def _socket(self) -> socket.socket:
+    def _socket(self, timeout: float) -> socket.socket:
         target = self.target
         if target.socket is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.settimeout(self.timeout)
+                sock.settimeout(timeout)
                 sock.connect(target.socket)
             except BaseException:
                 sock.close()
                 raise
             return sock
         assert target.host is not None and target.port is not None
-        sock = socket.create_connection((target.host, target.port), timeout=self.timeout)
+        sock = socket.create_connection((target.host, target.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _connect(self) -> _Link:
-        """Open and negotiate one connection; _Broken if the server is not there."""
+    def _connect(self, greeting_timeout: float | None = None) -> _Link:
+        """Open and negotiate one connection; _Broken if the server is not there (or
+        sends no greeting within ``greeting_timeout``)."""
         target = self.target
+        first_wait = min(self.timeout, greeting_timeout or self.timeout)
         try:
-            sock = self._socket()
+            sock = self._socket(first_wait)
         except OSError as exc:
             raise _Broken(f"{exc.strerror or exc}") from None
         link = _Link(sock, ClientConnection(target.export, tls=target.tls),
@@ -377,6 +389,7 @@ class NBDStore:
                     conn.feed(b"")
                 else:
                     conn.feed(_recv_exact(link.sock, need.size))
+                    link.sock.settimeout(self.timeout)  # the server answered: full waits
             link.ready = conn.ready
         except OSError as exc:
             link.close()
@@ -462,7 +475,7 @@ class NBDStore:
             try:
                 if not extra:
                     return self._reconnect(time.monotonic(), "no connection", try_once=True)
-                return self._connect()
+                return self._connect(greeting_timeout=EXTRA_GREETING_TIMEOUT)
             except _Broken:
                 # The server takes fewer connections than it advertised: use those.
                 with self._cond:
@@ -487,8 +500,9 @@ class NBDStore:
             self.connections_open -= 1
             self._cond.notify_all()
 
-    def _call(self, make: Callable[[_Link], int | None]) -> Event | None:
-        """Run one request on a pooled connection, reconnecting and resending as needed."""
+    def _call(self, make: Callable[[_Link], int | None], what: str) -> Event | None:
+        """Run one request (``what`` names it in errors) on a pooled connection,
+        reconnecting and resending as needed."""
         link: _Link | None = self._acquire()
         failed_at: float | None = None
         try:
@@ -515,7 +529,7 @@ class NBDStore:
                     name = errno.errorcode.get(event.errno, str(event.errno))
                     detail = f": {event.message}" if event.message else ""
                     raise RemoteBackingError(
-                        f"{self.uri}: the server failed the request with {name}{detail}",
+                        f"{self.uri}: the server failed {what} with {name}{detail}",
                         event.errno)  # fmt: skip
                 return event
         finally:
@@ -542,7 +556,8 @@ class NBDStore:
         else:
             bounce = memoryview(bytearray(end - start))
             target = bounce
-        self._call(lambda link: link.conn.read(start, target))
+        self._call(lambda link: link.conn.read(start, target),
+                   f"the read of bytes {start}-{end - 1}")  # fmt: skip
         if target is not view:
             view[:] = target[offset - start : offset - start + len(view)]
 
@@ -568,7 +583,8 @@ class NBDStore:
         pos = offset
         while pos < inside:
             start, stop = self._aligned(pos, min(inside - pos, MAX_STATUS_REQUEST))
-            event = self._call(_status_request(start, stop - start))
+            event = self._call(_status_request(start, stop - start),
+                               f"BLOCK_STATUS of bytes {start}-{stop - 1}")  # fmt: skip
             if event is None:
                 yield Extent(pos, inside - pos, depth, True, False, None)
                 break
