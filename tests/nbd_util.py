@@ -8,6 +8,7 @@ format byte by byte (for the hostile-input tests); it checks nothing itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+from conftest import require_tool
 
 BIN = Path(sys.executable).parent
 ADDCOW = str(BIN / "addcow")
@@ -448,3 +451,38 @@ class TCPRawClient(RawClient):
 
     def __init__(self, port: int, timeout: float = 10) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+# -- qemu-nbd as a golden image server --------------------------------------------------
+
+
+def start_qemu_nbd(path: Path, sock: Path) -> subprocess.Popen[bytes]:
+    """qemu-nbd exporting ``path`` read-only on the Unix socket ``sock``, once it listens."""
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    proc = subprocess.Popen(
+        [require_tool("qemu-nbd"), "-r", "-f", "raw", "-t", "-e", "8", "-k", str(sock),
+         str(path)], stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "qemu-nbd did not start"
+        time.sleep(0.02)
+    return proc
+
+
+def stop_qemu_nbd(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@contextmanager
+def qemu_nbd(path: Path, sock: Path) -> Iterator[str]:
+    """qemu-nbd exporting ``path`` read-only on ``sock`` for the block."""
+    proc = start_qemu_nbd(path, sock)
+    try:
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        stop_qemu_nbd(proc)

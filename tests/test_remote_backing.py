@@ -10,22 +10,19 @@ The disk: 4 MiB of random bytes with a hole at clusters 20-27.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import CLUSTER, require_tool, run
 from conftest import addcow as addcow_cli
 from http_util import nginx_server
-from nbd_util import served
+from nbd_util import qemu_nbd, served, start_qemu_nbd, stop_qemu_nbd
 
 import addcow
 from addcow.errors import PathPolicyError, RemoteBackingError, RemoteChangedError
@@ -46,38 +43,6 @@ def write_golden(path: Path, data: bytes) -> None:
         f.write(data[: 20 * CLUSTER])
         f.seek(28 * CLUSTER)
         f.write(data[28 * CLUSTER :])
-
-
-def start_qemu_nbd(path: Path, sock: Path) -> subprocess.Popen[bytes]:
-    """qemu-nbd exporting ``path`` read-only on the Unix socket ``sock``, once it listens."""
-    with contextlib.suppress(FileNotFoundError):
-        sock.unlink()
-    proc = subprocess.Popen(
-        [require_tool("qemu-nbd"), "-r", "-f", "raw", "-t", "-e", "8", "-k", str(sock),
-         str(path)], stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "qemu-nbd did not start"
-        time.sleep(0.02)
-    return proc
-
-
-def stop_qemu_nbd(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
-@contextmanager
-def qemu_nbd(path: Path, sock: Path) -> Iterator[str]:
-    """qemu-nbd exporting ``path`` read-only on ``sock`` for the block."""
-    proc = start_qemu_nbd(path, sock)
-    try:
-        yield f"nbd+unix:///?socket={sock}"
-    finally:
-        stop_qemu_nbd(proc)
 
 
 @pytest.fixture
@@ -115,6 +80,8 @@ def test_create_records_the_uri_and_its_pin(tmp_path: Path, golden: tuple[str, b
     assert [(e["filename"], e["format"], e["virtual-size"]) for e in chain] == [
         (str(image), "add-cow", SIZE), (uri, "raw", SIZE),
     ]  # fmt: skip
+    shown = addcow_cli("info", "--backing-chain", image).stdout
+    assert f"image: {uri}\nfile format: raw\nvirtual size: 4 MiB ({SIZE} bytes)\n" in shown
 
 
 def test_every_command_over_an_nbd_golden_image_with_qemu_as_referee(

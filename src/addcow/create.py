@@ -118,8 +118,9 @@ def create(
         if uri is not None:
             ref, backing = remote.pin(uri, backing_format or "raw", guard=guard)
             stack.callback(backing.close)
-            _refuse_image_header(backing, uri, backing_format)
-            backing_name, backing_format = ref.encode(), "raw"
+            if backing_format in (None, "raw"):
+                _refuse_image_header(backing, uri, backing_format)
+            backing_name, backing_format = ref.encode(), backing_format or "raw"
         elif backing_name is not None:
             if not backing_name:
                 raise HeaderError("backing_filename", "a non-empty file name", "''")
@@ -176,11 +177,19 @@ def _refuse_image_header(backing: BlockSource, uri: str, fmt: str | None) -> Non
     found = identify(bytes(head))
     if found is None:
         return
-    given = "" if fmt is None else " as raw"
+    if found in remote.FORMATS:
+        advice = f"if it is {article(found)} image, give -F {found}"
+    else:
+        advice = f"addcow reads {', '.join(remote.FORMATS)} golden images over a URI, not {found}"
+    if fmt is None:
+        raise BackingFormatError(
+            f"{remote.shown(uri)}: the golden image starts with {article(found)} header; "
+            f"refusing to guess its format (a guest can write such a header into a raw disk): "
+            f"{advice}"
+        )
     raise BackingFormatError(
-        f"{remote.shown(uri)} starts with {article(found)} header; refusing to record it{given} "
-        f"(a raw disk must not start with an image header; {article(found)} golden image "
-        "is read from a local file)"
+        f"{remote.shown(uri)} starts with {article(found)} header; refusing to record it as raw "
+        f"(a raw disk must not start with an image header): {advice}"
     )
 
 

@@ -24,9 +24,11 @@ from .format import (
 from .locking import lock_whole
 from .metafile import open_metafile, read_bitmap, read_header, virtual_size
 from .names import MAX_CHAIN_DEPTH, ChainGuard, resolve_name
+from .qcow2 import Qcow2File
 from .qcow2.format import COMPAT_LAZY_REFCOUNTS as QCOW2_COMPAT_LAZY_REFCOUNTS
 from .qcow2.format import INCOMPAT_CORRUPT as QCOW2_INCOMPAT_CORRUPT
 from .qcow2.format import INCOMPAT_DIRTY as QCOW2_INCOMPAT_DIRTY
+from .qcow2.format import Header as Qcow2Header
 from .qcow2.store import read_header as read_qcow2_header
 
 
@@ -117,7 +119,9 @@ def backing_chain_info(
     ``qemu-img info`` describes them, then the raw base.
 
     The chain stops at a backing file whose format is not recorded (a version 1
-    image without NO_PROBE): its format is never guessed.
+    image without NO_PROBE): its format is never guessed. A raw golden image
+    behind a backing URI is described from its pin, without contacting it; a
+    qcow2 one is opened, since only its header knows its virtual size.
     """
     chain: list[dict[str, Any]] = []
     seen: set[tuple[int, int]] = set()
@@ -154,15 +158,19 @@ def backing_chain_info(
             )
         chain.append(entry)
         pin = entry.get("format-specific", {}).get("data", {}).get("backing-pin")
-        if pin is not None:  # a remote golden image: described, never contacted
-            chain.append(
-                {
-                    "filename": entry["full-backing-filename"],
-                    "format": entry["backing-filename-format"],
-                    "virtual-size": pin["size"],
-                    "dirty-flag": False,
-                }
-            )
+        if pin is not None:
+            if entry["backing-filename-format"] == "qcow2":
+                guard = ChainGuard(backing_root, allowed_uris)
+                chain.append(remote_qcow2_info(current, guard, entry["full-backing-filename"]))
+            else:  # a raw golden image: described from its pin, never contacted
+                chain.append(
+                    {
+                        "filename": entry["full-backing-filename"],
+                        "format": "raw",
+                        "virtual-size": pin["size"],
+                        "dirty-flag": False,
+                    }
+                )
             break
         current = entry.get("full-backing-filename")
         fmt = entry.get("backing-filename-format")
@@ -179,14 +187,7 @@ def qcow2_info(path: str, st: os.stat_result, *, backing_root: str | None = None
         header = read_qcow2_header(fd, path, sysio.file_size(fd, path))
     finally:
         os.close(fd)
-    info: dict[str, Any] = {
-        "filename": path,
-        "format": "qcow2",
-        "virtual-size": header.virtual_size,
-        "actual-size": st.st_blocks * 512,
-        "cluster-size": header.cluster_size,
-        "dirty-flag": bool(header.incompatible_features & QCOW2_INCOMPAT_DIRTY),
-    }
+    info = _qcow2_entry(path, header, st.st_blocks * 512)
     if header.backing_name is not None:
         full = resolve_name(header.backing_name, path)
         ChainGuard(root=backing_root).check_path(full)
@@ -194,6 +195,41 @@ def qcow2_info(path: str, st: os.stat_result, *, backing_root: str | None = None
         info["full-backing-filename"] = full
         if header.backing_format is not None:
             info["backing-filename-format"] = header.backing_format
+    return info
+
+
+def remote_qcow2_info(path: str, guard: ChainGuard, shown: str) -> dict[str, Any]:
+    """What ``qemu-img info`` says of the qcow2 golden image behind the URI that the
+    image at ``path`` records: its header, read over the network under the pin
+    and the URI policy (``guard``). ``shown`` names it."""
+    fd = open_metafile(path, writable=False)
+    try:
+        header = read_header(fd, path)
+    finally:
+        os.close(fd)
+    if header.backing_name is None or not header.backing_uri:
+        raise ImageFileError(f"{path}: the backing URI changed while it was described")
+    golden = remote.open_remote(remote.BackingURI.decode(header.backing_name), "qcow2", guard=guard)
+    try:
+        assert isinstance(golden, Qcow2File)
+        return _qcow2_entry(shown, golden.header)
+    finally:
+        golden.close()
+
+
+def _qcow2_entry(
+    filename: str, header: Qcow2Header, actual_size: int | None = None
+) -> dict[str, Any]:
+    """The fields ``qemu-img info`` shows for a qcow2 file with ``header``; a file
+    read over a URI has no ``actual-size``."""
+    info: dict[str, Any] = {"filename": filename, "format": "qcow2"}
+    info["virtual-size"] = header.virtual_size
+    if actual_size is not None:
+        info["actual-size"] = actual_size
+    info |= {
+        "cluster-size": header.cluster_size,
+        "dirty-flag": bool(header.incompatible_features & QCOW2_INCOMPAT_DIRTY),
+    }
     data: dict[str, Any] = {
         "compat": "0.10" if header.version == 2 else "1.1",
         "compression-type": header.compression,

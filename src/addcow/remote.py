@@ -18,9 +18,10 @@ Recording (specification, "Backing URIs")
     repeated key, or bytes outside printable ASCII.
 
 Pinning
-    ``size`` (the remote image's size, always) and, for HTTP, ``etag`` (a
-    strong ETag) or ``last-modified``: what the golden image was when the
-    image was created. Opening checks them, and an HTTP store sends them
+    ``size`` (the size of the remote file, always: the raw disk, or the
+    qcow2 file, whose virtual size comes from its own header) and, for HTTP,
+    ``etag`` (a strong ETag) or ``last-modified``: what the golden image was
+    when the image was created. Opening checks them, and an HTTP store sends them
     with every read (``If-Match`` / ``If-Unmodified-Since``), so an image
     never reads a golden image that changed under it: the clusters it has
     not copied yet would otherwise mix two disks.
@@ -41,9 +42,14 @@ Trust (docs/reliability.md, "Threat model")
 Opening
     :func:`open_remote` checks the policy, opens the store for the scheme
     (:mod:`addcow.nbd.store` for ``nbd*``, :mod:`addcow.http_store` for
-    ``http(s)``), checks the pin, and returns it as a raw backing. A remote
-    qcow2 or add-cow golden image is not read: qcow2 golden images are read
-    from local files.
+    ``http(s)``), checks the pin, and returns the store itself as a raw
+    backing, or a :class:`~addcow.qcow2.Qcow2File` reading the store as its
+    file (:class:`~addcow.qcow2.RemoteContainer`) for ``qcow2``. Such a qcow2
+    may not name a backing file (a file of this host, chosen by the image's
+    author), and the qcow2 checks are those of a local file: external data
+    files, encryption, truncation refused alike. An add-cow golden image is
+    two files (its .add-cow file names its image file) and is not read over a
+    URI: serve it (``addcow serve --read-only``) and name the export as raw.
 """
 
 from __future__ import annotations
@@ -55,10 +61,13 @@ from urllib.parse import urlsplit
 from .backing import BlockSource
 from .errors import BackingFormatError, PathPolicyError, RemoteBackingError, RemoteChangedError
 from .names import ChainGuard
+from .qcow2 import Qcow2File, RemoteContainer
 
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 HTTP_SCHEMES = ("http", "https")
 SCHEMES = NBD_SCHEMES + HTTP_SCHEMES
+FORMATS = ("raw", "qcow2")
+"""Formats read over a URI."""
 
 MAX_RECORD = 8192
 """Longest URI record (bytes): a URI and its pin, not a file."""
@@ -180,7 +189,7 @@ def open_remote(ref: BackingURI, fmt: str, *, guard: ChainGuard) -> BlockSource:
     """Open the golden image a URI record names, after the policy and the pin agree."""
     check_policy(ref.uri, guard)
     guard.descend(shown(ref.uri))
-    _raw_only(ref.uri, fmt)
+    _check_format(ref.uri, fmt)
     store = _open_store(ref.uri, ref)
     try:
         if store.size != ref.size:
@@ -191,14 +200,15 @@ def open_remote(ref: BackingURI, fmt: str, *, guard: ChainGuard) -> BlockSource:
     except BaseException:
         store.close()
         raise
-    return store
+    return _layer(store, ref.uri, fmt, guard)
 
 
 def pin(uri: str, fmt: str, *, guard: ChainGuard) -> tuple[BackingURI, BlockSource]:
-    """Open ``uri`` for a new image (``create -b URI``): its record and the open store."""
+    """Open ``uri`` for a new image (``create -b URI``): its record and the open golden
+    image (the store, or the qcow2 read from it)."""
     check_uri(uri)
     check_policy(uri, guard)
-    _raw_only(uri, fmt)
+    _check_format(uri, fmt)
     store = _open_store(uri, None)
     try:
         etag = last_modified = None
@@ -211,15 +221,32 @@ def pin(uri: str, fmt: str, *, guard: ChainGuard) -> tuple[BackingURI, BlockSour
     except BaseException:
         store.close()
         raise
-    return ref, store
+    return ref, _layer(store, uri, fmt, guard)
 
 
-def _raw_only(uri: str, fmt: str) -> None:
-    if fmt != "raw":
+def _check_format(uri: str, fmt: str) -> None:
+    if fmt == "add-cow":
+        raise BackingFormatError(
+            f"{shown(uri)}: backing format 'add-cow' over a URI is not read: an add-cow "
+            "golden image is two files; serve it with addcow serve --read-only and give "
+            "that export's URI with -F raw"
+        )
+    if fmt not in FORMATS:
         raise BackingFormatError(
             f"{shown(uri)}: backing format {fmt!r} over a URI is not read; "
-            "expected raw (a qcow2 golden image is read from a local file)"
+            f"expected one of {', '.join(FORMATS)}"
         )
+
+
+def _layer(store: BlockSource, uri: str, fmt: str, guard: ChainGuard) -> BlockSource:
+    """The golden image in ``store`` as ``fmt`` reads it; closes the store on failure."""
+    if fmt == "raw":
+        return store
+    # Qcow2File closes its container, and with it the store, if it refuses the file.
+    container = RemoteContainer(store, shown(uri))
+    return Qcow2File(
+        shown(uri), guard=guard, force_share=True, open_backing=None, container=container
+    )
 
 
 def refuse_for_rebase(backing: str) -> None:
@@ -227,7 +254,7 @@ def refuse_for_rebase(backing: str) -> None:
     if scheme_of(backing) is not None:
         raise BackingFormatError(
             f"{shown(backing)}: rebase onto a backing URI is not offered; create a new image "
-            "over it (addcow create -b URI -F raw), or name a local file of that name ./NAME"
+            "over it (addcow create -b URI -F raw|qcow2), or name a local file of that name ./NAME"
         )
 
 

@@ -64,8 +64,9 @@ def human(info: dict[str, Any]) -> str:
         f"image: {info['filename']}",
         f"file format: {info['format']}",
         f"virtual size: {human_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
-        f"disk size: {human_size(info['actual-size'])}",
     ]
+    if "actual-size" in info:  # a golden image read over a URI has none
+        lines.append(f"disk size: {human_size(info['actual-size'])}")
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:

@@ -2,12 +2,15 @@
 
 :mod:`.format` holds the on-disk layout (header, extensions, table entries);
 :mod:`.store` holds :class:`~addcow.qcow2.store.Qcow2File`, a
-:class:`~addcow.backing.BlockSource` beside :class:`~addcow.backing.RawFile`.
+:class:`~addcow.backing.BlockSource` beside :class:`~addcow.backing.RawFile`;
+:mod:`.container` holds what a qcow2 file's bytes are read from (a local
+descriptor, or a remote store behind a backing URI).
 """
 
 from __future__ import annotations
 
+from .container import LocalContainer, RemoteContainer
 from .format import Header
 from .store import Qcow2File
 
-__all__ = ["Header", "Qcow2File"]
+__all__ = ["Header", "LocalContainer", "Qcow2File", "RemoteContainer"]

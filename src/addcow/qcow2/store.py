@@ -51,6 +51,17 @@ ignores them when reading), a zero flag in a version 2 image, and compressed
 clusters with subcluster bits. Only the last 512-byte sector of a compressed
 stream may be cut short, as qemu-io writes them. The file size is taken at
 open; a file that shrinks later fails its reads (:func:`sysio.pread_full`).
+
+Where the bytes come from. Every byte of the qcow2 file is read through its
+:class:`~addcow.qcow2.container.Container`: a local descriptor
+(:class:`LocalContainer`, ``preadv`` into the caller's buffer), or a remote
+store holding the file (:class:`RemoteContainer`, a qcow2 golden image behind
+a backing URI). The container's size is the file size above, for both. A
+remote qcow2 may not name a backing file: the name would be a file of this
+host that the image's author chose (the class of CVE-2024-4467), so it is
+refused at open, before anything is opened by that name. A remote qcow2
+never reads in place (:meth:`Qcow2File.reads_in_place`: every read waits on
+the network) and has no file ids.
 """
 
 from __future__ import annotations
@@ -77,6 +88,7 @@ from ..errors import (
 from ..locking import lock_raw
 from ..names import ChainGuard
 from . import format as fmt
+from .container import Container, LocalContainer
 from .format import Header
 
 BACKING_FORMATS = ("raw", "qcow2")
@@ -124,15 +136,25 @@ def _zstd() -> ModuleType | None:
 
 def read_header(fd: int, path: str, file_size: int) -> Header:
     """Read and validate the header (and extensions) of an open qcow2 file."""
-    what = f"{path}: read qcow2 header"
-    prefix = sysio.pread_upto(fd, fmt.V3_MIN_HEADER_LENGTH, 0, what)
+    return read_container_header(LocalContainer(fd, path, size=file_size, owned=False))
+
+
+def read_container_header(container: Container) -> Header:
+    """Read and validate the header (and extensions) of the qcow2 file in ``container``."""
+    size = container.size
     try:
-        cluster = fmt.cluster0_size(prefix)
-        buf = sysio.pread_upto(fd, min(cluster, file_size), 0, what)
-        return Header.unpack(buf, file_size)
+        cluster = fmt.cluster0_size(_read_bytes(container, min(fmt.V3_MIN_HEADER_LENGTH, size), 0))
+        return Header.unpack(_read_bytes(container, min(cluster, size), 0), size)
     except Qcow2Error as exc:
-        exc.path = path
+        exc.path = container.name
         raise
+
+
+def _read_bytes(container: Container, length: int, offset: int) -> bytes:
+    buf = bytearray(length)
+    if length:
+        container.read_full(memoryview(buf), offset)
+    return bytes(buf)
 
 
 class Qcow2File:
@@ -146,6 +168,11 @@ class Qcow2File:
     a file the user named. Closes only
     what it opened: its own descriptor and the backing it got from
     ``open_backing``.
+
+    With ``container`` (a :class:`~addcow.qcow2.container.RemoteContainer`)
+    the qcow2 file is read from it instead of opened at ``path``, which then
+    only names it in messages; the file is closed with the container, and a
+    backing file it names is refused. ``fd`` is the local descriptor, or -1.
     """
 
     def __init__(
@@ -155,38 +182,36 @@ class Qcow2File:
         guard: ChainGuard,
         force_share: bool,
         open_backing: Callable[[bytes, str], BlockSource] | None,
+        container: Container | None = None,
     ) -> None:
         self.path = path
         self.backing: BlockSource | None = None
-        named = guard.depth > 0  # a file an image names, not one the user gave
-        if named:
-            guard.check_path(path)
+        if container is None:
+            container = _open_local(path, guard, force_share)
+        self._container = container
+        self.fd = container.fd
+        self._local = container.local
+        self._read = container.read_full
         try:
-            self.fd = sysio.open_file(path, os.O_RDONLY)
-        except OSError as exc:
-            what = "backing file" if named else "qcow2 image"
-            raise BackingError(f"{path}: cannot open {what}: {exc.strerror}") from exc
-        try:
-            guard.add(self.fd, path)
-            if named:
-                guard.check_open(self.fd, path)
-            if not force_share:
-                lock_raw(self.fd, path, writable=False)
-            self._file_size = sysio.file_size(self.fd, path)
-            self.header = self._read_header()
+            self._file_size = container.size
+            self.header = read_container_header(container)
             self._setup()
             self.backing_name = self.header.backing_name
             self.backing_format = self.header.backing_format
             if self.backing_name is not None:
+                if not self._local:
+                    raise BackingError(
+                        f"{path}: this remote qcow2 names the backing file "
+                        f"{os.fsdecode(self.backing_name)!r}; a qcow2 read over a URI may not "
+                        "have a backing file (its name would be a file of this host); "
+                        "flatten it with qemu-img convert -O qcow2 and serve that"
+                    )
                 self.backing = self._open_backing(self.backing_name, open_backing)
         except BaseException:
             self.close()
             raise
 
     # -- opening ----------------------------------------------------------------
-
-    def _read_header(self) -> Header:
-        return read_header(self.fd, self.path, self._file_size)
 
     def _setup(self) -> None:
         h = self.header
@@ -224,7 +249,7 @@ class Qcow2File:
         """``entries`` big-endian u64 at ``offset`` (bounds checked by the caller)."""
         raw = bytearray(entries * 8)
         if entries:
-            sysio.pread_full(self.fd, memoryview(raw), offset, self.path)
+            self._read(memoryview(raw), offset)
         table = array("Q")
         table.frombytes(raw)
         if sys.byteorder == "little":
@@ -264,7 +289,10 @@ class Qcow2File:
             lo = run.start - offset
             part = buffer[lo : lo + run.length]
             if run.kind == NORMAL:
-                sysio.pread_full(self.fd, part, run.host, self.path)
+                if self.fd >= 0:  # a local file: straight to preadv (the hot path)
+                    sysio.pread_full(self.fd, part, run.host, self.path)
+                else:
+                    self._read(part, run.host)
             elif run.kind == ZERO:
                 sysio.fill_zero(part)
             elif run.kind == UNALLOCATED:
@@ -307,7 +335,10 @@ class Qcow2File:
             yield Extent(start + covered, length - covered, depth, False, True, None)
 
     def reads_in_place(self, offset: int, length: int) -> bool:
-        """False if the range holds a compressed cluster, here or in the backing."""
+        """False if the range holds a compressed cluster, here or in the backing,
+        and always for a remote qcow2."""
+        if not self._local:
+            return False
         inside = max(offset, min(offset + length, self.size))
         single = self._single_piece(offset, inside)
         for run in self._runs(offset, inside) if single is None else (single,):
@@ -320,22 +351,20 @@ class Qcow2File:
         return True
 
     def file_ids(self) -> set[tuple[int, int]]:
-        st = os.fstat(self.fd)
-        ids = {(st.st_dev, st.st_ino)}
+        ids = self._container.file_ids()
         if self.backing is not None:
             ids |= self.backing.file_ids()
         return ids
 
     def close(self) -> None:
-        """Close the backing this file opened, then this file."""
+        """Close the backing this file opened, then this file (its container)."""
         backing, self.backing = self.backing, None
         try:
             if backing is not None:
                 backing.close()
         finally:
-            if getattr(self, "fd", -1) >= 0:
-                os.close(self.fd)
-                self.fd = -1
+            self.fd = -1
+            self._container.close()
 
     # -- mapping ----------------------------------------------------------------
 
@@ -570,8 +599,8 @@ class Qcow2File:
                 self._clusters.move_to_end(entry)
                 return data
         offset, length = self._geometry.decode(entry)
-        length = min(length, self._file_size - offset)
-        raw = sysio.pread_upto(self.fd, length, offset, f"{self.path}: read at offset {offset}")
+        raw = bytearray(min(length, self._file_size - offset))
+        self._read(memoryview(raw), offset)
         data = self._decompress(raw, run.start)
         with self._lock:
             self._clusters[entry] = data
@@ -579,7 +608,7 @@ class Qcow2File:
                 self._clusters.popitem(last=False)
         return data
 
-    def _decompress(self, raw: bytes, guest: int) -> bytes:
+    def _decompress(self, raw: bytearray, guest: int) -> bytes:
         size = self._cluster_size
         zstd = self._zstd
         failures: tuple[type[Exception], ...] = (zlib.error,) if zstd is None else (zstd.ZstdError,)
@@ -594,7 +623,7 @@ class Qcow2File:
             raise self._compressed_error(guest, f"{len(data)} bytes inflated")
         return data
 
-    def _zstd_decompress(self, zstd: ModuleType, raw: bytes) -> bytes:
+    def _zstd_decompress(self, zstd: ModuleType, raw: bytearray) -> bytes:
         """Frame after frame until one cluster is out; trailing input is ignored
         (the last sector may hold the start of another cluster's stream)."""
         dctx = zstd.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
@@ -626,6 +655,28 @@ class Qcow2File:
 
     def _corrupt(self, field: str, expected: str, found: str) -> Qcow2CorruptError:
         return Qcow2CorruptError(field, expected, found, self.path)
+
+
+def _open_local(path: str, guard: ChainGuard, force_share: bool) -> LocalContainer:
+    """Open the qcow2 file at ``path`` as a chain opens a store: policy, guard, lock."""
+    named = guard.depth > 0  # a file an image names, not one the user gave
+    if named:
+        guard.check_path(path)
+    try:
+        fd = sysio.open_file(path, os.O_RDONLY)
+    except OSError as exc:
+        what = "backing file" if named else "qcow2 image"
+        raise BackingError(f"{path}: cannot open {what}: {exc.strerror}") from exc
+    try:
+        guard.add(fd, path)
+        if named:
+            guard.check_open(fd, path)
+        if not force_share:
+            lock_raw(fd, path, writable=False)
+        return LocalContainer(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _sub_kind(alloc: int, zero: int, index: int) -> int:
