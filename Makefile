@@ -13,7 +13,7 @@ TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
 GUEST  := qemu-system-x86_64:qemu-system-x86 busybox:busybox-static \
           /boot/vmlinuz-*-cloud-amd64:linux-image-cloud-amd64
 
-.PHONY: test demo lint venv system-deps bench bench-lifecycle bench-nbd clean campaign
+.PHONY: test demo lint venv system-deps bench bench-lifecycle bench-nbd bench-remote clean campaign
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,9 @@ bench-lifecycle: venv system-deps
 
 bench-nbd: venv system-deps
 	$(BIN)/python benchmarks/bench_nbd.py
+
+bench-remote: venv system-deps
+	$(BIN)/python benchmarks/bench_remote.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -320,6 +320,17 @@ def qemu_img_version() -> str:
     return out.stdout.splitlines()[0].replace(" version", "")
 
 
+def compile_package() -> None:
+    """Compile the package's bytecode, as ``pip install`` does.
+
+    An editable checkout under PYTHONDONTWRITEBYTECODE=1 (as on the CI machines)
+    never writes it, and every command would spend ~25 ms compiling its modules.
+    """
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", os.path.dirname(addcow.__file__)], check=True
+    )
+
+
 def rotate(sides: Sequence[Callable[[int], None]], run_index: int) -> list[Callable[[int], None]]:
     """The sides in this run's order: each run starts one further along."""
     k = run_index % len(sides)
@@ -572,12 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"{tool} not found")
     if not os.access(ADDCOW, os.X_OK):
         raise SystemExit(f"{ADDCOW} not found: run from the project's venv")
-    # A pip-installed addcow has its bytecode compiled at install time; an editable
-    # checkout under PYTHONDONTWRITEBYTECODE=1 (as on the CI machines) never
-    # writes it, and every command would spend ~25 ms compiling its modules.
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", os.path.dirname(addcow.__file__)], check=True
-    )
+    compile_package()
     started = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="bench-lifecycle-", dir=args.workdir)
     try:

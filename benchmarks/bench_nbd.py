@@ -279,11 +279,21 @@ def server(
         cow = ["--filter=cow"] if kind == "nbdkit-cow" else []
         cmd = ["nbdkit", "--foreground", *where, *cow, "file", f"file={image}"]
         env = {**os.environ, "TMPDIR": str(image.parent)}  # where the cow overlay goes
+    with running(cmd, listen, kind, env) as proc:
+        yield proc
+
+
+@contextmanager
+def running(
+    cmd: Sequence[str], listen: Listen, what: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run the server ``cmd`` once it listens at ``listen``; SIGTERM and wait at the end."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 30
     while not listening(listen):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{kind} did not start: {proc.stderr.read() if proc.stderr else ''}")
+            proc.kill()
+            raise SystemExit(f"{what} did not start: {proc.stderr.read() if proc.stderr else ''}")
         time.sleep(0.02)
     try:
         yield proc
