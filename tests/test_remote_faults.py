@@ -374,6 +374,72 @@ def test_stream_fails_after_the_reconnect_delay_and_resumes(
     qemu_compare(raw, path)
 
 
+def test_ctrl_c_of_a_stream_waiting_for_the_golden_server_stops_at_once(
+    tmp_path: Path, golden: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The golden server is gone and the reconnect delay is long: Ctrl-C ends the wait
+    (exit 130 within seconds) and keeps what was copied."""
+    path, data = golden
+    sock = tmp_path / "golden.sock"
+    raw = tmp_path / "d.raw"
+    monkeypatch.setenv(RECONNECT_DELAY_ENV, "120")
+    with peer(qemu_nbd(path, sock), sock=sock) as server:
+        image = create_image(tmp_path, unix_uri(sock))
+        with streaming(image, "--rate", "2M") as proc:
+            wait_for(lambda: written(raw) > 0, 10, "the stream copied nothing")
+            server.stop()
+            time.sleep(1.0)  # every stream thread is waiting for the server by now
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGINT)
+            interrupted = time.monotonic()
+            status, err = finish(proc)
+            took = time.monotonic() - interrupted
+        assert status == 130, err
+        assert took < 5, f"Ctrl-C took {took:.1f} s"
+        assert "Traceback" not in err
+        kept = durable(image)
+        assert misplaced(raw, kept, data) == []
+        server.start()
+        cli("stream", image)
+        check_clean(image)
+    qemu_compare(raw, path)
+
+
+def test_sigterm_of_serve_while_a_read_waits_for_the_golden_server(
+    tmp_path: Path, golden: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``addcow serve --stream`` with a client's read and its stream waiting for a golden
+    server that is gone: SIGTERM stops it within seconds, not after the reconnect delay."""
+    path, data = golden
+    sock = tmp_path / "golden.sock"
+    raw = tmp_path / "d.raw"
+    monkeypatch.setenv(RECONNECT_DELAY_ENV, "120")
+    with peer(qemu_nbd(path, sock), sock=sock) as server:
+        image = create_image(tmp_path, unix_uri(sock))
+        with served(tmp_path, image, args=("--stream", "--stream-rate", "2M")) as srv:
+            wait_for(lambda: written(raw) > 0, 10, "the served stream copied nothing")
+            server.stop()
+            reader = subprocess.Popen(
+                [require_tool("qemu-io"), "-f", "raw", "-c", "read 3M 64k", srv.uri],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                time.sleep(1.0)
+                assert reader.poll() is None, "the client's read did not wait"
+                srv.proc.send_signal(signal.SIGTERM)
+                stopping = time.monotonic()
+                assert srv.proc.wait(timeout=60) == 0, srv.stderr()
+                took = time.monotonic() - stopping
+            finally:
+                reader.kill()
+                reader.communicate()
+            assert took < 10, f"SIGTERM took {took:.1f} s\n{srv.stderr()}"
+            assert "Traceback" not in srv.stderr()
+    kept = durable(image)
+    assert 0 < len(kept) < CLUSTERS
+    assert misplaced(raw, kept, data) == []
+
+
 # -- 4. nbdkit filters as golden servers -------------------------------------------------
 
 

@@ -95,9 +95,13 @@ def stream(
     try:
         try:
             run.work()
-        except BaseException:
+        except BaseException as exc:
             # Ctrl-C or an error: the other threads stop after the span they are in.
+            # Ctrl-C stops the process: a span waiting for a golden server to come
+            # back fails now, not after the reconnect delay.
             run.stopping.set()
+            if isinstance(exc, KeyboardInterrupt):
+                remote.interrupt_waits()
             raise
         finally:
             # They are joined in every case: only then may the caller close the image.
@@ -109,6 +113,7 @@ def stream(
                     except KeyboardInterrupt as exc:
                         interrupted = exc
                         run.stopping.set()
+                        remote.interrupt_waits()
             if interrupted is not None:
                 raise interrupted
         if run.error is not None:

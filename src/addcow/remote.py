@@ -249,6 +249,13 @@ def _layer(store: BlockSource, uri: str, fmt: str, guard: ChainGuard) -> BlockSo
     )
 
 
+def interrupt_waits() -> None:
+    """End every remote store's wait for its server to come back: the process is stopping."""
+    from .nbd.store import interrupt_waits
+
+    interrupt_waits()
+
+
 def refuse_for_rebase(backing: str) -> None:
     """Rebase takes local file names only: a backing URI is given when an image is created."""
     if scheme_of(backing) is not None:

@@ -82,7 +82,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .. import sysio
+from .. import remote, sysio
 from ..errors import (
     AddCowError,
     AddCowIOError,
@@ -538,6 +538,9 @@ class NBDServer:
         # Only a server that listened or served has something to report.
         log.log(logging.INFO if self.uris or self._count else logging.DEBUG, "shutting down")
         self._stopping = True
+        # Requests and streams waiting for a golden server to come back fail now,
+        # so that the shutdown does not wait out the reconnect delay.
+        remote.interrupt_waits()
         for server in self._servers:
             server.close()
         for client in list(self._clients):

@@ -45,7 +45,9 @@ seconds on any socket call) is closed and reopened with exponential backoff
 ``reconnect_delay`` seconds (QEMU's reconnect-delay) have passed since the
 failure; then the request, a READ or BLOCK_STATUS and so idempotent, is sent
 again on the new connection. When the delay runs out the request fails with
-:class:`~addcow.errors.RemoteBackingError` and ``errno`` EIO. A reconnected
+:class:`~addcow.errors.RemoteBackingError` and ``errno`` EIO, and so does
+every wait when the process stops (:func:`interrupt_waits`: ``addcow serve``
+shutting down, Ctrl-C of ``addcow stream``), rather than outlive the delay. A reconnected
 export must have the size pinned at open (else
 :class:`~addcow.errors.RemoteChangedError`). The first connection, made by
 :meth:`NBDStore.open`, is not retried: a wrong URI fails at once. An error
@@ -75,6 +77,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from typing import NamedTuple
@@ -278,6 +281,19 @@ def _status_request(offset: int, length: int) -> Callable[[_Link], int | None]:
     return make
 
 
+_open_stores: weakref.WeakSet[NBDStore] = weakref.WeakSet()
+_open_stores_lock = threading.Lock()
+
+
+def interrupt_waits() -> None:
+    """End the reconnect waits of every store in this process, now and later: the
+    process is stopping. Their requests fail at once, as after the reconnect delay."""
+    with _open_stores_lock:
+        stores = list(_open_stores)
+    for store in stores:
+        store._interrupted.set()
+
+
 class NBDStore:
     """A read-only NBD export as a :class:`~addcow.backing.BlockSource`, shared by threads.
 
@@ -305,6 +321,7 @@ class NBDStore:
         self.connections_open = 0
         self._limit = 1
         self._closed = False
+        self._interrupted = threading.Event()
         self.size = -1
         first = self._connect()
         self.size = first.ready.size
@@ -316,6 +333,8 @@ class NBDStore:
         self.structured = first.ready.structured
         self.connections_open = 1
         self._idle.append(first)
+        with _open_stores_lock:
+            _open_stores.add(self)
 
     parse_uri = staticmethod(parse_uri)
 
@@ -447,6 +466,12 @@ class NBDStore:
                     f"{self.reconnect_delay:g} s, found it still unreachable",
                     errno.EIO,
                 )
+            if self._interrupted.is_set():
+                raise RemoteBackingError(
+                    f"{self.uri}: connection lost ({cause}); stopped waiting for the server: "
+                    "addcow is stopping",
+                    errno.EIO,
+                )
             try_once = False
             try:
                 return self._connect()
@@ -454,7 +479,7 @@ class NBDStore:
                 cause = str(exc)
             left = failed_at + self.reconnect_delay - time.monotonic()
             if left > 0:
-                time.sleep(min(wait, left))
+                self._interrupted.wait(min(wait, left))
                 wait = min(wait * 2, BACKOFF_MAX)
 
     # -- the pool ------------------------------------------------------------------------
