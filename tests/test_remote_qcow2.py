@@ -176,3 +176,20 @@ def test_a_qcow2_golden_image_that_changed_is_refused(tmp_path: Path) -> None:
         assert "the golden image changed since this image was created: size" in proc.stderr
     with pytest.raises(BackingError):
         addcow.open(image, readonly=True)  # no server at all now
+
+
+def test_a_remote_qcow2_is_never_recorded_as_raw_or_guessed(tmp_path: Path) -> None:
+    qcow2 = create(tmp_path / "g.qcow2", "1M")
+    with exported("nbd", qcow2, tmp_path) as uri:
+        for given, message in (
+            ((), f"addcow: {uri}: the golden image starts with a qcow2 header; refusing to "
+                 "guess its format (a guest can write such a header into a raw disk): if it is "
+                 "a qcow2 image, give -F qcow2\n"),
+            (("-F", "raw"), f"addcow: {uri} starts with a qcow2 header; refusing to record it "
+                            "as raw (a raw disk must not start with an image header): if it is "
+                            "a qcow2 image, give -F qcow2\n"),
+        ):  # fmt: skip
+            proc = addcow_cli("create", "-q", "-b", uri, *given, "-o", "image_file=d.raw",
+                              tmp_path / "d.add-cow", check=False)  # fmt: skip
+            assert (proc.returncode, proc.stderr) == (1, message)
+            assert not (tmp_path / "d.add-cow").exists() and not (tmp_path / "d.raw").exists()
