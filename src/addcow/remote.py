@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import os
 from typing import NamedTuple
-from urllib.parse import urlsplit
 
 from .backing import BlockSource
 from .errors import BackingFormatError, PathPolicyError, RemoteBackingError, RemoteChangedError
@@ -150,6 +149,8 @@ def check_uri(uri: str) -> None:
         )
     if any(c.isspace() for c in uri) or not uri.isascii():
         raise RemoteBackingError(f"backing URI: expected no spaces, found {shown(uri)!r}")
+    from urllib.parse import urlsplit  # here: most commands never see a URI
+
     parts = urlsplit(uri)
     if parts.fragment:
         raise RemoteBackingError(f"backing URI: expected no #fragment, found {shown(uri)!r}")
