@@ -558,6 +558,29 @@ BROKEN_READS: dict[str, Behaviour] = {
 }  # fmt: skip
 
 
+def test_requests_in_flight_together_on_one_connection(tmp_path: Path) -> None:
+    """A server that answers only once eight reads have arrived, in reverse order:
+    one connection (no multi-conn) carries them all, each reply reaches its caller."""
+    held: list[tuple[int, int, int]] = []
+
+    def behave(command: int, cookie: int, offset: int, length: int) -> bytes:
+        held.append((cookie, offset, length))
+        if len(held) < 8:
+            return b""
+        replies = [chunk(c, wire.REPLY_TYPE_OFFSET_DATA,
+                         struct.pack(">Q", off) + bytes([off // 4096]) * n)
+                   for c, off, n in reversed(held)]  # fmt: skip
+        held.clear()
+        return b"".join(replies)
+
+    with hostile(tmp_path, behave) as uri, NBDStore.open(uri, timeout=5) as store:
+        assert not store.multi_conn
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda i: read(store, i * 4096, 4096), range(8)))
+        assert got == [bytes([i]) * 4096 for i in range(8)]
+        assert store.connections_open == 1
+
+
 @pytest.mark.parametrize("name", sorted(BROKEN_READS))
 def test_hostile_read_replies(tmp_path: Path, name: str) -> None:
     with hostile(tmp_path, BROKEN_READS[name]) as uri, \

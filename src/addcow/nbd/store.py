@@ -22,14 +22,18 @@ name; its certificate must name ``localhost``, the host the socket is on,
 rather than skip the check, so that a certificate the same CA issued to some
 other machine cannot stand in for the local server.
 
-Connections. Blocking sockets, each used by one thread at a time: a request
-is sent and its whole reply read before the connection is given back, so no
-connection ever carries two requests and nothing needs a reader thread. The
-image reads from a thread pool; with ``NBD_FLAG_CAN_MULTI_CONN`` ("the server
-... allows ... multiple connections" with a consistent view) the store opens
-up to ``connections`` (default :data:`MAX_CONNECTIONS`) on demand, otherwise
-exactly one, and threads queue for it. A server that accepts fewer
-connections than it advertises (the extra one fails or times out) lowers the
+Connections. Blocking sockets shared by the image's threads. A plain
+connection carries up to :data:`PIPELINE_DEPTH` requests at once, from as
+many threads: each sends its request whole, and one of them at a time reads
+replies for all, matching them to requests by cookie (:class:`_Link` says
+how the reading passes from thread to thread). A TLS connection carries one
+request at a time, since an ``ssl`` socket must not be read and written by
+two threads at once. With ``NBD_FLAG_CAN_MULTI_CONN`` ("the server ...
+allows ... multiple connections" with a consistent view) the store opens up
+to ``connections`` (default :data:`MAX_CONNECTIONS`) on demand, a new one
+while every connection is busy, otherwise exactly one; requests go to the
+least busy connection with room, and past that threads queue. A server that
+accepts fewer connections than it advertises (the extra one fails or times out) lowers the
 pool's limit to what it has. An extra connection waits at most
 :data:`EXTRA_GREETING_TIMEOUT` for the server's greeting: a server at its
 limit (``qemu-nbd --shared N`` with N clients) leaves it unanswered in its
@@ -40,8 +44,8 @@ minimum block size through a bounce buffer when unaligned; replies are checked
 by :class:`~addcow.nbd.client.ClientConnection`.
 
 Failures. A connection that breaks (EOF, a reset, a timeout of ``timeout``
-seconds on any socket call) is closed and reopened with exponential backoff
-(:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`) until
+seconds on any socket call) fails every request on it; it is closed and
+reopened with exponential backoff (:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`) until
 ``reconnect_delay`` seconds (QEMU's reconnect-delay) have passed since the
 failure; then the request, a READ or BLOCK_STATUS and so idempotent, is sent
 again on the new connection. When the delay runs out the request fails with
@@ -54,8 +58,8 @@ export must have the size pinned at open (else
 reply from the server (EIO, say) is not retried either; it raises
 :class:`~addcow.errors.RemoteBackingError` with the server's errno, and the
 connection, still in step, goes back to the pool. A reply that breaks the
-protocol raises :class:`~addcow.errors.RemoteReplyError` and its connection
-is dropped. Refusals during a reconnect (no such export, a certificate that
+protocol raises :class:`~addcow.errors.RemoteReplyError` in every request
+on its connection, which is dropped. Refusals during a reconnect (no such export, a certificate that
 does not verify) are final as well. A failed request raises and names its
 range; bytes of its reply already in the caller's buffer (data chunks before
 an error chunk) are not valid, and
@@ -72,6 +76,7 @@ present and read as zero, as for :class:`~addcow.backing.RawFile`.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import socket
 import ssl
@@ -80,7 +85,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import suppress
-from typing import NamedTuple
+from typing import NamedTuple, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..backing import Extent
@@ -95,6 +100,11 @@ RECONNECT_DELAY = 30.0
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_PORT = 10809
 MAX_CONNECTIONS = 4
+# Requests in flight on one plain connection. A TLS connection carries one at a
+# time: an ssl socket must not be read and written by two threads at once.
+PIPELINE_DEPTH = 16
+# Replies are read through a buffer of this size (small replies cost one receive).
+READ_BUFFER = 1 << 16
 # proto.md: "a client desiring maximum interoperability SHOULD ... limit
 # NBD_CMD_READ ... to a maximum block size of 2^25".
 MAX_READ = wire.DEFAULT_MAX_BLOCK
@@ -210,18 +220,29 @@ def tls_context(directory: str) -> ssl.SSLContext:
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
     buffer = bytearray(size)
-    _recv_into(sock, memoryview(buffer))
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            raise _Broken(f"the server closed the connection ({got} of {size} bytes received)")
+        got += n
     return bytes(buffer)
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:], len(view) - got)
-        if n == 0:
-            raise _Broken(f"the server closed the connection ({got} of {len(view)} bytes "
-                          "received)")  # fmt: skip
-        got += n
+def _read_into(rfile: io.BufferedReader, view: memoryview) -> None:
+    got = rfile.readinto(view)
+    if got != len(view):
+        raise _Broken(f"the server closed the connection ({got or 0} of {len(view)} bytes "
+                      "received)")  # fmt: skip
+
+
+def _read_exact(rfile: io.BufferedReader, size: int) -> bytes:
+    data = rfile.read(size)
+    if len(data) != size:
+        raise _Broken(f"the server closed the connection ({len(data)} of {size} bytes "
+                      "received)")  # fmt: skip
+    return data
 
 
 def _is_final_tls_error(exc: OSError) -> bool:
@@ -231,43 +252,170 @@ def _is_final_tls_error(exc: OSError) -> bool:
     )
 
 
+def _failure(exc: OSError) -> Exception:
+    """What a socket error on a connection means: final for TLS, else a reconnect."""
+    if _is_final_tls_error(exc):
+        return RemoteBackingError(f"NBD TLS session failed: {exc}")
+    return _Broken(str(exc) or type(exc).__name__)
+
+
+_local = threading.local()
+
+
+def _thread_event() -> threading.Event:
+    """This thread's wake-up event (a thread waits for one reply at a time)."""
+    event: threading.Event | None = getattr(_local, "event", None)
+    if event is None:
+        event = _local.event = threading.Event()
+    event.clear()
+    return event
+
+
 class _Link:
-    """One connection: its socket and protocol state; used by one thread at a time."""
+    """One connection: its socket, protocol state and the requests in flight on it.
+
+    Up to ``depth`` threads may each have a request on it. A request's bytes go
+    out whole under ``_send_lock``. One thread at a time reads replies: a caller
+    whose reply has not come becomes the reader when there is none, reads
+    replies (its own and others') until its own is complete, wakes the callers
+    whose replies it read, and hands the role to one still waiting. The protocol
+    state is touched only under ``_lock``; the reader receives without it, into
+    the buffer the state names, so others can send meanwhile. A failure is
+    recorded once and every caller on the link sees it.
+    """
 
     def __init__(self, sock: socket.socket, conn: ClientConnection, ready: Ready) -> None:
         self.sock = sock
         self.conn = conn
         self.ready = ready
+        self.depth = 1
+        # Kept by the store under its pool lock: callers holding a place, and
+        # whether the link has left the pool.
+        self.inflight = 0
+        self.dropped = False
+        self._rfile: io.BufferedReader | None = None
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._done: dict[int, Event] = {}
+        self._waiting: dict[int, threading.Event] = {}
+        self._reading = False
+        self._failure: BaseException | None = None
 
-    def call(self, cookie: int) -> Event:
-        """Send what is queued and read until the reply to ``cookie`` is complete."""
-        conn = self.conn
+    def start(self, depth: int) -> None:
+        """Negotiation is over: replies are read through a buffer from now on."""
+        self.depth = depth
+        self._rfile = cast(io.BufferedReader, self.sock.makefile("rb", buffering=READ_BUFFER))
+
+    def call(self, make: Callable[[_Link], int | None]) -> Event | None:
+        """Queue the request ``make`` builds, send it, and wait for its reply."""
+        wake = _thread_event()
+        with self._lock:
+            self._raise_failure()
+            cookie = make(self)
+            if cookie is None:
+                return None
+            out = self.conn.data_to_send()
+            self._waiting[cookie] = wake
+        try:
+            try:
+                with self._send_lock:
+                    self.sock.sendall(out)
+            except OSError as exc:
+                self._fail(_failure(exc))
+            return self._await(cookie, wake)
+        except BaseException as exc:
+            # A reply may still land in this caller's buffer: nobody else may use the link.
+            seen = exc
+            if not isinstance(exc, _Broken | RemoteBackingError):
+                seen = _Broken(f"a request was interrupted ({type(exc).__name__})")
+            self._fail(seen)
+            raise
+        finally:
+            with self._lock:
+                self._waiting.pop(cookie, None)
+
+    def _await(self, cookie: int, wake: threading.Event) -> Event:
+        while True:
+            with self._lock:
+                event = self._done.pop(cookie, None)
+                if event is not None:
+                    del self._waiting[cookie]
+                    return event
+                self._raise_failure()
+                lead = not self._reading
+                if lead:
+                    self._reading = True
+            if lead:
+                self._read_until(cookie)
+            else:
+                wake.wait()
+                wake.clear()
+
+    def _read_until(self, cookie: int) -> None:
+        """As the reader: read replies until the one to ``cookie`` is complete."""
+        rfile = self._rfile
+        assert rfile is not None
         try:
             while True:
-                out = conn.data_to_send()
-                if out:
-                    self.sock.sendall(out)
-                for event in conn.events():
-                    if getattr(event, "cookie", None) == cookie:
-                        return event
-                need = conn.need
+                with self._lock:
+                    need = self.conn.need
                 if need.into is not None:
-                    _recv_into(self.sock, need.into)
-                    conn.feed(None)
+                    _read_into(rfile, need.into)
+                    data = None
                 else:
-                    conn.feed(_recv_exact(self.sock, need.size))
+                    data = _read_exact(rfile, need.size)
+                with self._lock:
+                    self.conn.feed(data)
+                    mine = False
+                    for event in self.conn.events():
+                        other = getattr(event, "cookie", None)
+                        assert isinstance(other, int)
+                        self._done[other] = event
+                        if other == cookie:
+                            mine = True
+                        elif other in self._waiting:
+                            self._waiting[other].set()
+                    if mine:
+                        self._reading = False
+                        for other, wake in self._waiting.items():
+                            if other not in self._done:
+                                wake.set()  # the next reader
+                                break
+                        return
         except OSError as exc:
-            if _is_final_tls_error(exc):
-                raise RemoteBackingError(f"NBD TLS session failed: {exc}") from None
-            raise _Broken(str(exc) or type(exc).__name__) from None
+            raise _failure(exc) from None
+
+    def _fail(self, exc: BaseException) -> None:
+        """Record the link's first failure and wake every caller on it."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = exc
+            self._reading = False
+            for wake in self._waiting.values():
+                wake.set()
+        with suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _raise_failure(self) -> None:
+        failure = self._failure
+        if isinstance(failure, RemoteBackingError):
+            raise type(failure)(str(failure), failure.errno)
+        if failure is not None:
+            raise _Broken(str(failure))
 
     def close(self, polite: bool = False) -> None:
-        if polite:
+        if polite and self._failure is None:
             self.conn.disconnect()
             with suppress(OSError):
                 self.sock.sendall(self.conn.data_to_send())
         with suppress(OSError):
+            if self._rfile is not None:
+                self._rfile.close()
             self.sock.close()
+
+
+def _load(link: _Link) -> int:
+    return link.inflight
 
 
 def _status_request(offset: int, length: int) -> Callable[[_Link], int | None]:
@@ -317,7 +465,7 @@ class NBDStore:
         self.timeout = timeout
         self._wanted = connections or MAX_CONNECTIONS
         self._cond = threading.Condition()
-        self._idle: list[_Link] = []
+        self._links: list[_Link] = []
         self.connections_open = 0
         self._limit = 1
         self._closed = False
@@ -332,7 +480,7 @@ class NBDStore:
         self.multi_conn = bool(first.ready.flags & wire.FLAG_CAN_MULTI_CONN)
         self.structured = first.ready.structured
         self.connections_open = 1
-        self._idle.append(first)
+        self._links.append(first)
         with _open_stores_lock:
             _open_stores.add(self)
 
@@ -410,6 +558,8 @@ class NBDStore:
                     conn.feed(_recv_exact(link.sock, need.size))
                     link.sock.settimeout(self.timeout)  # the server answered: full waits
             link.ready = conn.ready
+            conn.events()  # the Ready event, kept above
+            link.start(1 if target.tls else PIPELINE_DEPTH)
         except OSError as exc:
             link.close()
             if _is_final_tls_error(exc):
@@ -484,41 +634,74 @@ class NBDStore:
 
     # -- the pool ------------------------------------------------------------------------
 
-    def _acquire(self) -> _Link:
+    def _acquire(self, failed_at: float | None = None, cause: str = "no connection") -> _Link:
+        """A place on a link: an idle one; else a new connection while the pool may
+        grow; else the least busy link with room; else wait. With no link at all,
+        one thread connects (waiting for the server as :meth:`_reconnect` does,
+        from ``failed_at``) and the others wait for it."""
         while True:
             with self._cond:
                 while True:
                     if self._closed:
                         raise RemoteBackingError(f"{self.uri}: the store was closed")
-                    if self._idle:
-                        return self._idle.pop()
-                    if self.connections_open < self._limit:
+                    best = min(self._links, key=_load, default=None)
+                    if best is not None and best.inflight == 0:
+                        break
+                    opening = self.connections_open > len(self._links)
+                    if self.connections_open < self._limit and (self._links or not opening):
                         self.connections_open += 1
-                        extra = self.connections_open > 1
+                        extra = bool(self._links)
+                        best = None
+                        break
+                    if best is not None and best.inflight < best.depth:
                         break
                     self._cond.wait()
+                if best is not None:
+                    best.inflight += 1
+                    return best
             try:
-                if not extra:
-                    return self._reconnect(time.monotonic(), "no connection", try_once=True)
-                return self._connect(greeting_timeout=EXTRA_GREETING_TIMEOUT)
+                if extra:
+                    link = self._connect(greeting_timeout=EXTRA_GREETING_TIMEOUT)
+                else:
+                    since = time.monotonic() if failed_at is None else failed_at
+                    link = self._reconnect(since, cause, try_once=failed_at is None)
             except _Broken:
                 # The server takes fewer connections than it advertised: use those.
                 with self._cond:
                     self.connections_open -= 1
                     self._limit = max(1, self.connections_open)
                     self._cond.notify_all()
+                continue
             except BaseException:
                 self._forget()
                 raise
+            with self._cond:
+                link.inflight = 1
+                self._links.append(link)
+                self._cond.notify_all()  # its other places are free
+            return link
 
     def _release(self, link: _Link) -> None:
         with self._cond:
-            if not self._closed:
-                self._idle.append(link)
-                self._cond.notify()
-                return
-        link.close(polite=True)
-        self._forget()
+            link.inflight -= 1
+            last = link.inflight == 0 and (link.dropped or self._closed)
+            if last and not link.dropped:
+                self._drop_locked(link)
+            self._cond.notify()
+        if last:
+            link.close(polite=self._closed)
+
+    def _drop(self, link: _Link) -> None:
+        """Take a failed link out of the pool; it closes when its last caller leaves."""
+        with self._cond:
+            if not link.dropped:
+                self._drop_locked(link)
+            self._cond.notify_all()
+
+    def _drop_locked(self, link: _Link) -> None:
+        link.dropped = True
+        self._links.remove(link)
+        self.connections_open -= 1
 
     def _forget(self) -> None:
         with self._cond:
@@ -534,21 +717,18 @@ class NBDStore:
             while True:
                 assert link is not None
                 try:
-                    cookie = make(link)
-                    if cookie is None:
-                        return None
-                    event = link.call(cookie)
+                    event = link.call(make)
                 except _Broken as exc:
-                    link.close()
+                    self._drop(link)
+                    self._release(link)
                     link = None
                     if failed_at is None:
                         failed_at = time.monotonic()
-                    link = self._reconnect(failed_at, str(exc))
+                    link = self._acquire(failed_at, str(exc))
                     continue
                 except BaseException:
                     # Out of step with the server (a protocol breach, an interrupt).
-                    link.close()
-                    link = None
+                    self._drop(link)
                     raise
                 if isinstance(event, RequestFailed):
                     name = errno.errorcode.get(event.errno, str(event.errno))
@@ -560,8 +740,6 @@ class NBDStore:
         finally:
             if link is not None:
                 self._release(link)
-            else:
-                self._forget()
 
     # -- BlockSource ---------------------------------------------------------------------
 
@@ -642,8 +820,9 @@ class NBDStore:
         when their request ends."""
         with self._cond:
             self._closed = True
-            idle, self._idle = self._idle, []
-            self.connections_open -= len(idle)
+            idle = [link for link in self._links if link.inflight == 0]
+            for link in idle:
+                self._drop_locked(link)
             self._cond.notify_all()
         for link in idle:
             link.close(polite=True)
