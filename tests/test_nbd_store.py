@@ -33,6 +33,7 @@ from addcow.errors import RemoteBackingError, RemoteChangedError, RemoteReplyErr
 from addcow.nbd import wire
 from addcow.nbd.store import NBDStore
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 
@@ -558,27 +559,45 @@ BROKEN_READS: dict[str, Behaviour] = {
 }  # fmt: skip
 
 
-def test_requests_in_flight_together_on_one_connection(tmp_path: Path) -> None:
-    """A server that answers only once eight reads have arrived, in reverse order:
-    one connection (no multi-conn) carries them all, each reply reaches its caller."""
+def _answer_when(count: int) -> Behaviour:
+    """A server that answers only once ``count`` reads have arrived, in reverse
+    order, each byte of a read the low byte of its offset's 4 KiB page."""
     held: list[tuple[int, int, int]] = []
 
     def behave(command: int, cookie: int, offset: int, length: int) -> bytes:
         held.append((cookie, offset, length))
-        if len(held) < 8:
+        if len(held) < count:
             return b""
         replies = [chunk(c, wire.REPLY_TYPE_OFFSET_DATA,
-                         struct.pack(">Q", off) + bytes([off // 4096]) * n)
+                         struct.pack(">Q", off) + page_bytes(off, n))
                    for c, off, n in reversed(held)]  # fmt: skip
         held.clear()
         return b"".join(replies)
 
-    with hostile(tmp_path, behave) as uri, NBDStore.open(uri, timeout=5) as store:
+    return behave
+
+
+def page_bytes(offset: int, length: int) -> bytes:
+    pages = b"".join(bytes([page & 0xFF]) * 4096 for page in range((offset + length + 4095) >> 12))
+    return pages[offset : offset + length]
+
+
+def test_requests_in_flight_together_on_one_connection(tmp_path: Path) -> None:
+    """Eight threads' reads share one connection (no multi-conn) at once."""
+    with hostile(tmp_path, _answer_when(8)) as uri, NBDStore.open(uri, timeout=5) as store:
         assert not store.multi_conn
         with ThreadPoolExecutor(8) as pool:
             got = list(pool.map(lambda i: read(store, i * 4096, 4096), range(8)))
         assert got == [bytes([i]) * 4096 for i in range(8)]
         assert store.connections_open == 1
+
+
+def test_a_long_read_goes_out_as_requests_sent_together(tmp_path: Path) -> None:
+    """1 MiB from one thread: four 256 KiB requests in flight at once."""
+    with hostile(tmp_path, _answer_when(4)) as uri, NBDStore.open(uri, timeout=5) as store:
+        assert read(store, 0, SIZE) == page_bytes(0, SIZE)
+        # Not aligned to the request size: four requests again, the first and last short.
+        assert read(store, 100, 3 * 256 * KiB) == page_bytes(100, 3 * 256 * KiB)
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN_READS))

@@ -83,7 +83,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from typing import NamedTuple, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -108,6 +108,10 @@ READ_BUFFER = 1 << 16
 # proto.md: "a client desiring maximum interoperability SHOULD ... limit
 # NBD_CMD_READ ... to a maximum block size of 2^25".
 MAX_READ = wire.DEFAULT_MAX_BLOCK
+# A long read goes out as requests of this size (or the server's maximum), up to
+# READ_GROUP of them at once, so the server reads the next while it sends one.
+READ_REQUEST = 256 << 10
+READ_GROUP = 8
 # The longest range one BLOCK_STATUS asks about; the loop asks again for the rest.
 MAX_STATUS_REQUEST = 1 << 30
 BACKOFF_FIRST = 0.1
@@ -306,23 +310,35 @@ class _Link:
         self.depth = depth
         self._rfile = cast(io.BufferedReader, self.sock.makefile("rb", buffering=READ_BUFFER))
 
-    def call(self, make: Callable[[_Link], int | None]) -> Event | None:
-        """Queue the request ``make`` builds, send it, and wait for its reply."""
+    def call(self, makes: Sequence[Callable[[_Link], int | None]]) -> list[Event] | None:
+        """Queue the requests ``makes`` build (None if the first builds none), send
+        them together, and wait for every reply, even after one failed: the
+        replies land in the caller's buffers."""
         wake = _thread_event()
+        cookies: list[int] = []
         with self._lock:
             self._raise_failure()
-            cookie = make(self)
-            if cookie is None:
-                return None
+            try:
+                for make in makes:
+                    cookie = make(self)
+                    if cookie is None:
+                        return None
+                    cookies.append(cookie)
+                    self._waiting[cookie] = wake
+            except BaseException:
+                for cookie in cookies:
+                    del self._waiting[cookie]
+                if cookies:  # queued and never sent: the connection is out of step
+                    self._failure = _Broken("a request could not be built")
+                raise
             out = self.conn.data_to_send()
-            self._waiting[cookie] = wake
         try:
             try:
                 with self._send_lock:
                     self.sock.sendall(out)
             except OSError as exc:
                 self._fail(_failure(exc))
-            return self._await(cookie, wake)
+            return [self._await(cookie, wake) for cookie in cookies]
         except BaseException as exc:
             # A reply may still land in this caller's buffer: nobody else may use the link.
             seen = exc
@@ -332,7 +348,8 @@ class _Link:
             raise
         finally:
             with self._lock:
-                self._waiting.pop(cookie, None)
+                for cookie in cookies:
+                    self._waiting.pop(cookie, None)
 
     def _await(self, cookie: int, wake: threading.Event) -> Event:
         while True:
@@ -418,6 +435,11 @@ def _load(link: _Link) -> int:
     return link.inflight
 
 
+def _read_request(offset: int, target: memoryview) -> Callable[[_Link], int | None]:
+    """READ of ``target``'s length at ``offset`` into it."""
+    return lambda link: link.conn.read(offset, target)
+
+
 def _status_request(offset: int, length: int) -> Callable[[_Link], int | None]:
     """BLOCK_STATUS on a link that has base:allocation; None on one without."""
 
@@ -475,6 +497,7 @@ class NBDStore:
         self.size = first.ready.size
         self._min = first.ready.min_block
         self._max = max(self._min, min(first.ready.max_block, MAX_READ) // self._min * self._min)
+        self._request = max(self._min, min(self._max, READ_REQUEST) // self._min * self._min)
         if first.ready.flags & wire.FLAG_CAN_MULTI_CONN:
             self._limit = self._wanted
         self.multi_conn = bool(first.ready.flags & wire.FLAG_CAN_MULTI_CONN)
@@ -708,16 +731,17 @@ class NBDStore:
             self.connections_open -= 1
             self._cond.notify_all()
 
-    def _call(self, make: Callable[[_Link], int | None], what: str) -> Event | None:
-        """Run one request (``what`` names it in errors) on a pooled connection,
-        reconnecting and resending as needed."""
+    def _call(self, makes: Sequence[Callable[[_Link], int | None]],
+              names: Sequence[str]) -> list[Event] | None:  # fmt: skip
+        """Run requests together (``names`` name them in errors) on a pooled
+        connection, reconnecting and sending them again as needed."""
         link: _Link | None = self._acquire()
         failed_at: float | None = None
         try:
             while True:
                 assert link is not None
                 try:
-                    event = link.call(make)
+                    events = link.call(makes)
                 except _Broken as exc:
                     self._drop(link)
                     self._release(link)
@@ -730,13 +754,14 @@ class NBDStore:
                     # Out of step with the server (a protocol breach, an interrupt).
                     self._drop(link)
                     raise
-                if isinstance(event, RequestFailed):
-                    name = errno.errorcode.get(event.errno, str(event.errno))
-                    detail = f": {event.message}" if event.message else ""
-                    raise RemoteBackingError(
-                        f"{self.uri}: the server failed {what} with {name}{detail}",
-                        event.errno)  # fmt: skip
-                return event
+                for event, what in zip(events or (), names, strict=False):
+                    if isinstance(event, RequestFailed):
+                        name = errno.errorcode.get(event.errno, str(event.errno))
+                        detail = f": {event.message}" if event.message else ""
+                        raise RemoteBackingError(
+                            f"{self.uri}: the server failed {what} with {name}{detail}",
+                            event.errno)  # fmt: skip
+                return events
         finally:
             if link is not None:
                 self._release(link)
@@ -752,29 +777,37 @@ class NBDStore:
         end = min(-(-(offset + length) // self._min) * self._min, self.size)
         return start, end
 
-    def _read_piece(self, view: memoryview, offset: int) -> None:
-        start, end = self._aligned(offset, len(view))
-        if start == offset and end == offset + len(view):
-            target = view
-        else:
-            bounce = memoryview(bytearray(end - start))
-            target = bounce
-        self._call(lambda link: link.conn.read(start, target),
-                   f"the read of bytes {start}-{end - 1}")  # fmt: skip
-        if target is not view:
-            view[:] = target[offset - start : offset - start + len(view)]
+    def _read_group(self, view: memoryview, offset: int) -> None:
+        """Read ``view`` as requests of at most ``_request`` bytes sent together,
+        each aligned to the minimum block size (the first and last through a
+        bounce buffer when the range is not)."""
+        pieces: list[tuple[int, memoryview, memoryview, int]] = []
+        pos = 0
+        while pos < len(view):
+            at = offset + pos
+            n = min(len(view) - pos, self._request - at % self._request)
+            part = view[pos : pos + n]
+            start, end = self._aligned(at, n)
+            exact = start == at and end == at + n
+            pieces.append((start, part if exact else memoryview(bytearray(end - start)), part, at))
+            pos += n
+        self._call([_read_request(start, target) for start, target, _, _ in pieces],
+                   [f"the read of bytes {start}-{start + len(target) - 1}"
+                    for start, target, _, _ in pieces])  # fmt: skip
+        for start, target, part, at in pieces:
+            if target is not part:
+                part[:] = target[at - start : at - start + len(part)]
 
     def readinto(self, buffer: memoryview, offset: int) -> int:
         """Fill ``buffer`` from ``offset``; zeros past the export's end."""
         view = buffer.cast("B") if buffer.format != "B" else buffer
         inside = max(0, min(len(view), self.size - offset))
+        group = self._request * READ_GROUP
         pos = 0
         while pos < inside:
-            # Keep pieces aligned so that only the first and last need a bounce.
-            limit = self._max - (offset + pos) % self._min
-            piece = min(inside - pos, limit)
-            self._read_piece(view[pos : pos + piece], offset + pos)
-            pos += piece
+            n = min(inside - pos, group - (offset + pos) % self._request)
+            self._read_group(view[pos : pos + n], offset + pos)
+            pos += n
         if inside < len(view):
             fill_zero(view[inside:])
         return len(view)
@@ -786,11 +819,12 @@ class NBDStore:
         pos = offset
         while pos < inside:
             start, stop = self._aligned(pos, min(inside - pos, MAX_STATUS_REQUEST))
-            event = self._call(_status_request(start, stop - start),
-                               f"BLOCK_STATUS of bytes {start}-{stop - 1}")  # fmt: skip
-            if event is None:
+            events = self._call([_status_request(start, stop - start)],
+                                [f"BLOCK_STATUS of bytes {start}-{stop - 1}"])  # fmt: skip
+            if events is None:
                 yield Extent(pos, inside - pos, depth, True, False, None)
                 break
+            event = events[0]
             assert isinstance(event, StatusDone)
             reached = pos
             for e_off, e_len, flags in event.extents():
