@@ -2,7 +2,7 @@
 
 Every figure is compared with a baseline measured in the same run, by the same
 Python process, with ``os.preadv``/``os.pwritev`` on the raw file (case 5 uses
-``qemu-img bench`` on a qcow2 overlay instead, case 6 fixed limits). Each case
+``qemu-img bench`` on a qcow2 overlay instead, cases 6 and 7 fixed limits). Each case
 is measured ``--runs`` times; the table shows the median figures and the median
 of the per-run ratios. Read cases interleave addcow and raw in small chunks
 within every run and are timed by the thread's CPU time (see ``interleaved``
@@ -24,7 +24,15 @@ Cases (docs/performance.md explains each one):
 5. 4 KiB copy-on-write writes in ``qemu-img bench -w -s 4k -c N``'s pattern
    vs ``qemu-img bench`` on a qcow2 overlay over the same backing;
 6. a 16 TiB image with a sparse bitmap: create, open, map, memory, measured
-   in a fresh subprocess each time.
+   in a fresh subprocess each time;
+7. qcow2 golden images, against fixed limits: (a) ``create`` of an add-cow
+   image over a 1 GiB golden qcow2 built as cloud images are
+   (``benchmarks/golden.py``: ext4 40% full, zlib), in the library and as the
+   whole ``addcow create`` command; (b) open and map (``block_status`` over
+   the whole disk) of an add-cow image over a 1 TiB sparse qcow2 made by
+   ``qemu-img create`` and a few ``qemu-io`` writes, in a fresh subprocess
+   each time, and the whole ``addcow map`` command; peak RSS of each
+   subprocess from ``wait4`` (``ru_maxrss``, forked by a small launcher).
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 
+import golden as golden_image
+
 import addcow
 
 KiB = 1 << 10
@@ -67,6 +77,18 @@ SCALE_BACKING = 64 * MiB
 SCALE_WRITES = 64  # clusters written into the 16 TiB image before it is mapped
 SCALE_SECONDS = 1.0
 SCALE_MEGABYTES = 100.0
+GOLDEN_SIZE = GiB  # case 7a: the golden qcow2's virtual size
+GOLDEN_FILL = 40  # percent of its file system holding files
+GOLDEN_CREATE_SECONDS = 0.05  # case 7a: addcow.create in the library
+GOLDEN_COMMAND_SECONDS = 0.2  # case 7a: the whole addcow create command
+SPARSE_SIZE = TiB  # case 7b: the sparse qcow2 backing
+SPARSE_WRITES = (  # case 7b: qemu-io writes into it (pattern, offset, length)
+    (0x71, 0, 64 * KiB),
+    (0x72, 3 * GiB + 4 * KiB, 4 * KiB),
+    (0x73, 512 * GiB, 128 * KiB),
+    (0x74, TiB - 64 * KiB, 64 * KiB),
+)
+ADDCOW = os.path.join(os.path.dirname(sys.executable), "addcow")
 SUFFIXES = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
 
 
@@ -823,6 +845,257 @@ class Bench:
         result: dict[str, float] = json.loads(out)
         return result
 
+    # 7. qcow2 golden images: create over a cloud-like one, open and map a 1 TiB one ----
+
+    def case7(self) -> list[Row]:
+        log("case 7: qcow2 golden images: create over 1 GiB compressed, open and map 1 TiB sparse")
+        for tool in ("qemu-img", "qemu-io", "mke2fs"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"case 7 needs {tool}")
+        compile_package()
+        return [*self.golden_create(), *self.sparse_open_map()]
+
+    def golden_create(self) -> list[Row]:
+        log(f"  building the golden qcow2 ({size_text(GOLDEN_SIZE)}, {GOLDEN_FILL}% full)")
+        fs, golden = golden_image.build(self.dir, GOLDEN_SIZE, fill=GOLDEN_FILL)
+        remove(fs)
+        meta, image = self.path("golden.add-cow"), self.path("golden-img.raw")
+        command = [ADDCOW, "create", "-q", "-b", golden, "-F", "qcow2",
+                   "-o", f"image_file={image}", meta]  # fmt: skip
+        recache(golden)
+
+        def library() -> float:
+            remove(meta, image)
+            t = time.perf_counter()
+            addcow.create(meta, image_file=image, backing_file=golden, backing_format="qcow2")
+            elapsed = time.perf_counter() - t
+            remove(meta, image)
+            return elapsed
+
+        def whole_command() -> float:
+            remove(meta, image)
+            _, elapsed, _ = measured(command)
+            with addcow.open(meta, readonly=True) as img:
+                if img.size != GOLDEN_SIZE or img.allocated_clusters != 0:
+                    raise RuntimeError(f"{meta}: not an empty {GOLDEN_SIZE}-byte image")
+            remove(meta, image)
+            return elapsed
+
+        library()  # untimed: the first create opens the golden image's pages
+        whole_command()
+        a, b = paired(self.runs, library, whole_command)
+        golden_mb = os.stat(golden).st_size / 1e6
+        remove(golden)
+        what = f"{size_text(GOLDEN_SIZE)} zlib qcow2 golden ({golden_mb:.0f} MB file)"
+        return [
+            Row(
+                "7a",
+                f"create over {what}, library",
+                "s",
+                a,
+                [GOLDEN_CREATE_SECONDS] * len(a),
+                "",
+                1.0,
+                higher_is_better=False,
+                notes="addcow.create (reads the qcow2 header, names and sizes; "
+                "creates the .add-cow and a sparse image file)",
+            ),
+            Row(
+                "7a",
+                "`addcow create -b G -F qcow2`, whole command",
+                "s",
+                b,
+                [GOLDEN_COMMAND_SECONDS] * len(b),
+                "",
+                1.0,
+                higher_is_better=False,
+                notes="wall time of the process, bytecode compiled (compileall) first",
+            ),
+        ]
+
+    def sparse_open_map(self) -> list[Row]:
+        log(f"  a {size_text(SPARSE_SIZE)} sparse qcow2 backing, {len(SPARSE_WRITES)} writes")
+        backing = self.path("sparse.qcow2")
+        meta, image = self.path("sparse.add-cow"), self.path("sparse-img.raw")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", backing, str(SPARSE_SIZE)],
+                       check=True)  # fmt: skip
+        writes = [arg for p, off, n in SPARSE_WRITES for arg in ("-c", f"write -P {p} {off} {n}")]
+        subprocess.run(["qemu-io", "-f", "qcow2", *writes, backing], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        qemu_map = json.loads(subprocess.run(["qemu-img", "map", "--output=json", backing],
+                                             capture_output=True, check=True).stdout)  # fmt: skip
+        expected = sparse_data_ranges()
+        if [(e["start"], e["length"]) for e in qemu_map if e["data"]] != expected:
+            raise RuntimeError(f"qemu-img map of {backing}: {qemu_map}")
+        addcow.create(meta, image_file=image, backing_file=backing, backing_format="qcow2")
+        child = [sys.executable, os.path.abspath(__file__), "--sparse-child", meta]
+        command = [ADDCOW, "map", "--output=json", meta]
+        results: list[dict[str, float]] = []
+        commands: list[tuple[float, int]] = []
+        try:
+            measured(child)  # untimed: the first run reads the files into the page cache
+            for _ in range(self.runs):
+                out, _, rss = measured(child)
+                result: dict[str, float] = json.loads(out)
+                result["max_rss"] = rss
+                results.append(result)
+                out, elapsed, rss = measured(command)
+                data = [(e["start"], e["length"]) for e in json.loads(out) if e["data"]]
+                if data != expected:
+                    raise RuntimeError(f"addcow map of {meta}: data at {data}")
+                commands.append((elapsed, rss))
+        finally:
+            remove(meta, image, backing)
+        what = f"{size_text(SPARSE_SIZE)} sparse qcow2 backing"
+        extents = results[0]["extents"]
+        start_mb = results[0]["rss_at_start"] / 1e6
+        rows = [
+            Row(
+                "7b",
+                f"open add-cow over {what}",
+                "s",
+                [r["open"] for r in results],
+                [SCALE_SECONDS] * len(results),
+                "",
+                1.0,
+                higher_is_better=False,
+                notes="addcow.open(readonly=True) in a fresh subprocess: the add-cow "
+                "header and bitmap, the qcow2 header and L1 table",
+            ),
+            Row(
+                "7b",
+                f"map (block_status, whole disk) over {what}",
+                "s",
+                [r["map"] for r in results],
+                [SCALE_SECONDS] * len(results),
+                "",
+                1.0,
+                higher_is_better=False,
+                notes=f"{len(SPARSE_WRITES)} qemu-io writes in the qcow2, "
+                f"{extents} extents, the written bytes read back and checked",
+            ),
+            Row(
+                "7b",
+                f"peak RSS, open + map over {what}",
+                "MB",
+                [r["max_rss"] / 1e6 for r in results],
+                [SCALE_MEGABYTES] * len(results),
+                "",
+                1.0,
+                higher_is_better=False,
+                notes=f"ru_maxrss of the whole subprocess from wait4 ({start_mb:.0f} MB "
+                "VmHWM before the first step: interpreter and imports)",
+            ),
+            Row(
+                "7b",
+                f"`addcow map --output=json` over {what}, whole command",
+                "s",
+                [t for t, _ in commands],
+                [SCALE_SECONDS] * len(commands),
+                "",
+                1.0,
+                higher_is_better=False,
+                notes="wall time of the process, output parsed and checked against the writes",
+            ),
+            Row(
+                "7b",
+                "peak RSS, `addcow map` command",
+                "MB",
+                [m / 1e6 for _, m in commands],
+                [SCALE_MEGABYTES] * len(commands),
+                "",
+                1.0,
+                higher_is_better=False,
+                notes="ru_maxrss of the process from wait4, forked by a small launcher "
+                "(see LAUNCHER)",
+            ),
+        ]
+        return rows
+
+
+LAUNCHER = """
+import os, sys, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+elapsed = time.perf_counter() - t
+with open("/proc/self/status") as f:
+    hwm = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {elapsed} {usage.ru_maxrss} {hwm}")
+"""
+"""Runs a command and writes its exit code, wall time and ``ru_maxrss`` (``wait4``).
+
+A child's ``ru_maxrss`` counts the memory of the process it was forked from
+(the kernel carries the old address space's high-water mark across
+``execve``): a command forked by this script would report this script's
+RSS if that is larger. So the command is forked by this small launcher
+(``python -I -S``, about 5 MB), whose own high-water mark is reported too.
+"""
+
+
+def measured(cmd: Sequence[str]) -> tuple[str, float, int]:
+    """stdout, wall seconds and peak RSS in bytes of one whole process (see ``LAUNCHER``)."""
+    with tempfile.TemporaryDirectory() as d, tempfile.TemporaryFile() as out:
+        report = os.path.join(d, "rusage")
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", LAUNCHER, report, *cmd],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
+        with open(report) as f:
+            code, elapsed, maxrss, launcher = f.read().split()
+        if proc.returncode or int(code):
+            raise RuntimeError(f"{' '.join(cmd)} exited {code}: {proc.stderr.decode()}")
+        if int(maxrss) <= int(launcher):
+            raise RuntimeError(f"{' '.join(cmd)}: peak RSS {maxrss} kB, not above the launcher's")
+        out.seek(0)
+        return out.read().decode(), float(elapsed), int(maxrss) * KiB
+
+
+def compile_package() -> None:
+    """Compile the package's bytecode, as ``pip install`` does (see bench_lifecycle.py)."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", os.path.dirname(addcow.__file__)], check=True
+    )
+
+
+def sparse_data_ranges() -> list[tuple[int, int]]:
+    """The data ranges of case 7b's qcow2: its writes rounded out to whole clusters."""
+    ranges: list[tuple[int, int]] = []
+    for _, off, n in SPARSE_WRITES:
+        lo, hi = off // CLUSTER * CLUSTER, -(-(off + n) // CLUSTER) * CLUSTER
+        if ranges and ranges[-1][0] + ranges[-1][1] == lo:
+            lo = ranges.pop()[0]
+        ranges.append((lo, hi - lo))
+    return ranges
+
+
+def sparse_child(meta: str) -> None:
+    """Open and map an add-cow image over the 1 TiB sparse qcow2; print the figures as JSON."""
+    with open("/proc/self/status") as f:  # ru_maxrss would include the launcher's
+        rss_at_start = int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1]) * KiB
+    t = time.perf_counter()
+    img = addcow.open(meta, readonly=True)
+    t_open = time.perf_counter() - t
+    t = time.perf_counter()
+    extents = list(img.block_status())
+    t_map = time.perf_counter() - t
+    try:
+        data = [(e.offset, e.length) for e in extents if e.depth == 1 and e.present]
+        if data != sparse_data_ranges():
+            raise RuntimeError(f"{meta}: data extents {data}")
+        for byte, off, n in SPARSE_WRITES:
+            if img.read(off, n) != bytes([byte]) * n:
+                raise RuntimeError(f"{meta}: wrong bytes at {off}")
+    finally:
+        img.close()
+    result = {"open": t_open, "map": t_map, "extents": len(extents), "rss_at_start": rss_at_start}
+    print(json.dumps(result))
+
 
 def check_same(img: addcow.AddCowImage, fd: int, offsets: Sequence[int]) -> None:
     """A cheap check that the image reads what the raw file holds (1 MiB at each offset)."""
@@ -897,7 +1170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="directory in which a temporary work directory is made and removed (default: $TMPDIR)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--cases", default="1,2,3,4,5,6", help="which cases to run (default all)")
+    p.add_argument("--cases", default="1,2,3,4,5,6,7", help="which cases to run (default all)")
     p.add_argument("--keep", action="store_true", help="keep the files afterwards")
     p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
     p.add_argument(
@@ -921,9 +1194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scale-child", help=argparse.SUPPRESS)
     p.add_argument("--scale-backing", help=argparse.SUPPRESS)
     p.add_argument("--scale-trace", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sparse-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.scale_child:
         scale_child(args.scale_child, args.scale_backing, args.scale_trace)
+        return 0
+    if args.sparse_child:
+        sparse_child(args.sparse_child)
         return 0
     if args.size % MiB or args.size < 4 * MiB:
         p.error("--size must be a multiple of 1 MiB, at least 4 MiB")
@@ -933,8 +1210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         global CLOCK
         CLOCK = time.perf_counter
     cases = {c.strip() for c in args.cases.split(",") if c.strip()}
-    if not cases <= set("123456"):
-        p.error(f"unknown case in --cases {args.cases!r} (use 1..6)")
+    if not cases <= set("1234567"):
+        p.error(f"unknown case in --cases {args.cases!r} (use 1..7)")
 
     parent = args.workdir or tempfile.gettempdir()
     os.makedirs(parent, exist_ok=True)
@@ -945,7 +1222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if cases & set("12345"):
             bench.setup()
-        for case in "123456":
+        for case in "1234567":
             if case in cases:
                 rows += getattr(bench, f"case{case}")()
     finally:

@@ -385,22 +385,21 @@ def test_normal_runs_are_one_preadv_each(
         store.close()
 
 
-def test_terabyte_sparse_image_opens_fast_in_bounded_memory(tmp_path: Path) -> None:
+def test_terabyte_sparse_image_opens_in_bounded_memory(tmp_path: Path) -> None:
+    """Memory and content only: the time of open and map is measured by
+    benchmarks/bench_image.py (case 7), never by a timed unit test."""
     p = create(tmp_path / "huge.qcow2", "1T")
     qemu_io(p, "write -P 0x77 0 64k", "write -P 0x78 512G 4k", "write -P 0x79 1099511562240 64k")
     tracemalloc.start()
-    start = time.monotonic()
     try:
         store = open_qcow2(p)
         extents = list(store.block_status_at(0, store.size, 0))
         buf = bytearray(64 * KiB)
         store.readinto(memoryview(buf), store.size - 64 * KiB)
-        elapsed = time.monotonic() - start
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     try:
-        assert elapsed < 1.0
         assert peak < 100 * MiB
         assert buf == b"\x79" * (64 * KiB)
         assert [e for e in extents if e.data] == [
