@@ -303,6 +303,7 @@ class _Link:
         self._done: dict[int, Event] = {}
         self._waiting: dict[int, threading.Event] = {}
         self._reading = False
+        self._reader_gone = threading.Condition(self._lock)
         self._failure: BaseException | None = None
 
     def start(self, depth: int) -> None:
@@ -400,18 +401,30 @@ class _Link:
                                 break
                         return
         except OSError as exc:
+            self._stop_reading()
             raise _failure(exc) from None
+        except BaseException:
+            self._stop_reading()
+            raise
+
+    def _stop_reading(self) -> None:
+        with self._lock:
+            self._reading = False
+            self._reader_gone.notify_all()
 
     def _fail(self, exc: BaseException) -> None:
-        """Record the link's first failure and wake every caller on it."""
+        """Record the link's first failure, wake every caller on it, and return once
+        no reader is receiving: no more bytes land in any caller's buffer."""
         with self._lock:
             if self._failure is None:
                 self._failure = exc
-            self._reading = False
             for wake in self._waiting.values():
                 wake.set()
         with suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            while self._reading:
+                self._reader_gone.wait()
 
     def _raise_failure(self) -> None:
         failure = self._failure
@@ -488,6 +501,8 @@ class NBDStore:
         self._wanted = connections or MAX_CONNECTIONS
         self._cond = threading.Condition()
         self._links: list[_Link] = []
+        # When the pool lost its last connection, until it has one again.
+        self._outage: float | None = None
         self.connections_open = 0
         self._limit = 1
         self._closed = False
@@ -661,7 +676,8 @@ class NBDStore:
         """A place on a link: an idle one; else a new connection while the pool may
         grow; else the least busy link with room; else wait. With no link at all,
         one thread connects (waiting for the server as :meth:`_reconnect` does,
-        from ``failed_at``) and the others wait for it."""
+        from ``failed_at``, or from when the last connection was lost) and the
+        others wait for it."""
         while True:
             with self._cond:
                 while True:
@@ -674,6 +690,7 @@ class NBDStore:
                     if self.connections_open < self._limit and (self._links or not opening):
                         self.connections_open += 1
                         extra = bool(self._links)
+                        outage = self._outage
                         best = None
                         break
                     if best is not None and best.inflight < best.depth:
@@ -685,9 +702,13 @@ class NBDStore:
             try:
                 if extra:
                     link = self._connect(greeting_timeout=EXTRA_GREETING_TIMEOUT)
+                elif failed_at is not None:
+                    link = self._reconnect(failed_at, cause)
                 else:
-                    since = time.monotonic() if failed_at is None else failed_at
-                    link = self._reconnect(since, cause, try_once=failed_at is None)
+                    # A request that has not failed yet tries at least once, within
+                    # the delay of the outage it arrives in.
+                    since = time.monotonic() if outage is None else outage
+                    link = self._reconnect(since, cause, try_once=True)
             except _Broken:
                 # The server takes fewer connections than it advertised: use those.
                 with self._cond:
@@ -701,6 +722,7 @@ class NBDStore:
             with self._cond:
                 link.inflight = 1
                 self._links.append(link)
+                self._outage = None
                 self._cond.notify_all()  # its other places are free
             return link
 
@@ -719,6 +741,8 @@ class NBDStore:
         with self._cond:
             if not link.dropped:
                 self._drop_locked(link)
+                if not self._links and self._outage is None:
+                    self._outage = time.monotonic()
             self._cond.notify_all()
 
     def _drop_locked(self, link: _Link) -> None:
