@@ -57,6 +57,10 @@ STREAM_THREADS = min(4, os.cpu_count() or 1)
 overlap across cores (``preadv``, ``copy_file_range``, ``fdatasync``, zlib and zstd
 release the GIL)."""
 
+STREAM_THREADS_REMOTE = 8
+"""Spans streamed at once from a backing URI: their reads wait on the network,
+not on a core, and one span's read is in flight while others are written."""
+
 
 class StreamStats:
     """What a stream did: bytes written, bytes left as holes, seconds taken."""
@@ -83,12 +87,17 @@ def stream(
     ``rate`` limits the copy to about that many bytes per second. ``progress`` is
     called with the number of virtual bytes dealt with after each step.
     ``threads`` spans are copied at once (the calling thread is one of them;
-    default :data:`STREAM_THREADS`).
+    default :data:`STREAM_THREADS`, or :data:`STREAM_THREADS_REMOTE` from a
+    backing URI without a rate: under a rate more spans at once only make the
+    first burst larger).
     """
+    if threads is None:
+        remote_copy = image.header.backing_uri and rate is None
+        threads = STREAM_THREADS_REMOTE if remote_copy else STREAM_THREADS
     run = _StreamRun(image, rate, progress)
     workers = [
         threading.Thread(target=run.work_or_record, name=f"addcow-stream-{i}")
-        for i in range(1, STREAM_THREADS if threads is None else threads)
+        for i in range(1, threads)
     ]
     for worker in workers:
         worker.start()

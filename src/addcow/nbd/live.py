@@ -81,6 +81,10 @@ MAX_YIELD = 0.2
 """Longest wait (seconds) for clients to go quiet before the next span."""
 PROGRESS_SECONDS = 2.0
 """Seconds between progress lines."""
+REMOTE_SPANS = 4
+"""Spans streamed at once from a backing URI while no client is active and no rate
+is set: their reads wait on the network, and one is in flight while another is
+written."""
 
 
 _T = TypeVar("_T")
@@ -247,39 +251,100 @@ async def stream(pool: LivePool, export: Export) -> None:
     """Copy every unallocated cluster in the background, yielding to clients."""
     state, image = export.live, export.image
     rate = state.rate = state.rate or RateLimit(state.options.stream_rate)
-    commits = CommitPolicy()
     total = image.unallocated_bytes
     log.info("%s: streaming %s from the backing file", image.path, _mib(total))
-    buffer = bytearray(4 << 20)
-    last_log = time.monotonic()
-    copied = zero = 0
+    run = _StreamRun(pool, export, total)
     pos = 0
     wrapped = False
-    while not image.complete:
-        if not state.resumed.is_set():
-            await state.resumed.wait()
-            rate.restart(rate.rate, state.stream_done)
-            continue
-        busy = await _yield_to_clients(pool, state)
-        span = next_span(image, pos, rate.span(SPAN_BUSY if busy else SPAN_IDLE))
-        if span is None:
-            if wrapped:
-                # The rest is being allocated by client writes right now.
-                await asyncio.sleep(0.01)
-            pos, wrapped = 0, True
-            continue
-        wrapped = False
-        lo, hi, pos = span
-        w, z = await pool.call(image.populate, lo, hi - lo, buffer)
-        copied, zero = copied + w, zero + z
-        state.stream_done += hi - lo
-        state.stream_copied = copied
-        if commits.copied(w):
-            await pool.call(image.flush)
+    try:
+        while not image.complete:
+            if not state.resumed.is_set():
+                await run.settle_all()
+                await state.resumed.wait()
+                rate.restart(rate.rate, state.stream_done)
+                continue
+            busy = await _yield_to_clients(pool, state)
+            wide = bool(image.header.backing_uri) and not rate.rate and not busy
+            while len(run.running) >= (REMOTE_SPANS if wide else 1):
+                await run.settle()
+            span = next_span(image, pos, rate.span(SPAN_BUSY if busy else SPAN_IDLE))
+            if span is None:
+                if run.running:
+                    await run.settle_all()  # what they copy decides what is left
+                    continue
+                if wrapped:
+                    # The rest is being allocated by client writes right now.
+                    await asyncio.sleep(0.01)
+                pos, wrapped = 0, True
+                continue
+            wrapped = False
+            lo, hi, pos = span
+            run.start(lo, hi)
+        await run.settle_all()
+    finally:
+        run.abandon()
+    log.info(
+        "%s: stream complete: %s copied, %s left as zero, %.2f s",
+        image.path,
+        _mib(run.copied),
+        _mib(run.zero),
+        time.monotonic() - rate.started,
+    )
+    state.stream_status = STREAM_CONCLUDED
+    check_complete(pool, export)
+
+
+class _StreamRun:
+    """The spans a server's stream has in the pool, and what finishing one does."""
+
+    def __init__(self, pool: LivePool, export: Export, total: int) -> None:
+        self.pool, self.export, self.total = pool, export, total
+        self.commits = CommitPolicy()
+        self.running: dict[asyncio.Future[tuple[int, int]], tuple[int, bytearray]] = {}
+        self.buffers: list[bytearray] = []
+        self.copied = self.zero = 0
+        self.last_log = time.monotonic()
+
+    def start(self, lo: int, hi: int) -> None:
+        buffer = self.buffers.pop() if self.buffers else bytearray(4 << 20)
+        call = self.pool.call(self.export.image.populate, lo, hi - lo, buffer)
+        self.running[call] = (hi - lo, buffer)
+
+    async def settle(self) -> None:
+        """Wait for a span to finish and account for it."""
+        done, _ = await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+        for call in done:
+            length, buffer = self.running.pop(call)
+            self.buffers.append(buffer)
+            w, z = call.result()
+            await self._finished(length, w, z)
+
+    async def settle_all(self) -> None:
+        while self.running:
+            await self.settle()
+
+    def abandon(self) -> None:
+        """After a failure or a cancel: the spans still in the pool end on their own
+        (the server's shutdown waits for them); their errors are dropped, the first
+        one raised already."""
+        for call in self.running:
+            call.add_done_callback(_drop_result)
+        self.running.clear()
+
+    async def _finished(self, length: int, w: int, z: int) -> None:
+        state, image = self.export.live, self.export.image
+        rate = state.rate
+        assert rate is not None
+        self.copied, self.zero = self.copied + w, self.zero + z
+        state.stream_done += length
+        state.stream_copied = self.copied
+        if self.commits.copied(w):
+            await self.pool.call(image.flush)
         now = time.monotonic()
-        if now - last_log >= PROGRESS_SECONDS:
-            last_log = now
+        if now - self.last_log >= PROGRESS_SECONDS:
+            self.last_log = now
             left = image.unallocated_bytes
+            total = self.total
             percent = 100.0 * (total - left) / total if total else 100.0
             log.info(
                 "%s: stream progress: %s of %s (%.0f%%), %.1f MiB/s",
@@ -295,15 +360,11 @@ async def stream(pool: LivePool, export: Export) -> None:
             state.rate_changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(state.rate_changed.wait(), ahead)
-    log.info(
-        "%s: stream complete: %s copied, %s left as zero, %.2f s",
-        image.path,
-        _mib(copied),
-        _mib(zero),
-        time.monotonic() - rate.started,
-    )
-    state.stream_status = STREAM_CONCLUDED
-    check_complete(pool, export)
+
+
+def _drop_result(call: asyncio.Future[tuple[int, int]]) -> None:
+    if not call.cancelled():
+        call.exception()
 
 
 async def _yield_to_clients(pool: LivePool, state: LiveState) -> bool:
