@@ -34,7 +34,10 @@ open, after the header has bounded them (at most 32 MiB, and inside the file).
 L2 tables are read on first use into an LRU cache bounded in bytes
 (:data:`L2_CACHE_BYTES`, QEMU's default maximum), whatever the virtual size.
 Inflated clusters go to a small LRU (:data:`CLUSTER_CACHE_BYTES`, at least
-two clusters) so that unaligned sequential reads inflate each cluster once.
+two clusters). The first read of a compressed cluster inflates it only up to
+the last byte it wants (a random 4 KiB read inflates half a cluster on
+average); a later read that wants more inflates the whole cluster, so
+sequential reads inflate each cluster at most twice.
 Beyond the L1 entries, bounded as said, nothing grows with the virtual size.
 
 Thread safety. Several threads may read at once. One lock guards the two
@@ -591,47 +594,54 @@ class Qcow2File:
     # -- compressed clusters -----------------------------------------------------
 
     def _inflated(self, run: _Run) -> bytes:
-        """The cluster a COMPRESSED run lies in, inflated (through the cache)."""
+        """The cluster a COMPRESSED run lies in, inflated at least to the run's end
+        (through the cache). The first read of a cluster inflates only what it
+        needs; one that needs more than the cache holds inflates it all."""
         entry = run.host
+        need = (run.start & (self._cluster_size - 1)) + run.length
         with self._lock:
             data = self._clusters.get(entry)
             if data is not None:
                 self._clusters.move_to_end(entry)
-                return data
+                if len(data) >= need:
+                    return data
+        want = need if data is None else self._cluster_size
         offset, length = self._geometry.decode(entry)
         raw = bytearray(min(length, self._file_size - offset))
         self._read(memoryview(raw), offset)
-        data = self._decompress(raw, run.start)
+        data = self._decompress(raw, run.start, want)
         with self._lock:
-            self._clusters[entry] = data
+            cached = self._clusters.get(entry)
+            if cached is None or len(cached) < len(data):
+                self._clusters[entry] = data
             if len(self._clusters) > self._clusters_max:
                 self._clusters.popitem(last=False)
         return data
 
-    def _decompress(self, raw: bytearray, guest: int) -> bytes:
-        size = self._cluster_size
+    def _decompress(self, raw: bytearray, guest: int, want: int) -> bytes:
+        """The first ``want`` bytes of the cluster ``raw`` holds."""
         zstd = self._zstd
         failures: tuple[type[Exception], ...] = (zlib.error,) if zstd is None else (zstd.ZstdError,)
         try:
             if zstd is None:
-                data = zlib.decompressobj(ZLIB_WBITS).decompress(raw, size)
+                data = zlib.decompressobj(ZLIB_WBITS).decompress(raw, want)
             else:
-                data = self._zstd_decompress(zstd, raw)
+                data = self._zstd_decompress(zstd, raw, want)
         except failures as exc:
             raise self._compressed_error(guest, f"a broken stream ({exc})") from exc
-        if len(data) != size:
+        if len(data) != want:
             raise self._compressed_error(guest, f"{len(data)} bytes inflated")
         return data
 
-    def _zstd_decompress(self, zstd: ModuleType, raw: bytearray) -> bytes:
-        """Frame after frame until one cluster is out; trailing input is ignored
+    def _zstd_decompress(self, zstd: ModuleType, raw: bytearray, want: int) -> bytes:
+        """Frame after frame until ``want`` bytes are out; trailing input is ignored
         (the last sector may hold the start of another cluster's stream)."""
         dctx = zstd.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         reader = dctx.stream_reader(raw, read_across_frames=True)
         chunks: list[bytes] = []
         got = 0
-        while got < self._cluster_size:
-            chunk = reader.read(self._cluster_size - got)
+        while got < want:
+            chunk = reader.read(want - got)
             if not chunk:
                 break
             chunks.append(chunk)
