@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import errno
 import io as stdio
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -226,6 +228,21 @@ def test_write_from_a_source_file(img: Path, tmp_path: Path) -> None:
     status, out, _ = io(img, f"write -q -s {tmp_path / 'pat.bin'} 0 10", "read -v 0 10")
     assert status == 0
     assert out.startswith("00000000:  61 62 63 61 62 63 61 62 63 61  abcabcabca\n")
+
+
+def test_a_source_file_that_is_a_fifo_is_refused_not_waited_on(img: Path, tmp_path: Path) -> None:
+    """``write -s FIFO`` would block in open until a writer comes; it is refused at
+    once, and a device (``/dev/zero``) is still a source."""
+    fifo = tmp_path / "src.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.run(
+        [sys.executable, "-m", "addcow", "io", "-c", f"write -s {fifo} 0 1", "-c",
+         "write -s /dev/zero 0 1", str(img)], capture_output=True, text=True, timeout=15,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (
+        1, f"{fifo}: is a named pipe, not a regular file or device\n"
+    )  # fmt: skip
+    assert filter_timing(proc.stdout) == report("wrote", 1, 0, "1 bytes")
 
 
 def test_machine_readable_statistics(img: Path) -> None:

@@ -135,3 +135,35 @@ def test_syslog_or_a_clear_word_that_there_is_none(tmp_path: Path, image: Path) 
     assert out.stderr == serve_log.NO_LOG_WARNING + "\n"
     os.kill(int(pidfile.read_text()), signal.SIGTERM)
     wait_gone(pidfile)
+
+
+@pytest.mark.parametrize("mode", ["foreground", "detached"])
+def test_a_log_file_that_is_a_fifo_is_refused_not_waited_on(
+    tmp_path: Path, image: Path, mode: str
+) -> None:
+    """Opening a FIFO for writing blocks until a reader comes; --log-file refuses it
+    at once (with or without a reader), as it refuses a directory or a device."""
+    fifo, sock = tmp_path / "log.fifo", tmp_path / "s.sock"
+    os.mkfifo(fifo)
+    where = ("--foreground",) if mode == "foreground" else ("--pidfile", tmp_path / "s.pid")
+    for reader in (False, True):
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK) if reader else -1
+        try:
+            proc = subprocess.run(
+                [ADDCOW, "serve", *map(str, where), "--socket", str(sock),
+                 "--log-file", str(fifo), str(image)],
+                capture_output=True, text=True, timeout=15, env=env_with_addcow(),
+            )  # fmt: skip
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        assert (proc.returncode, proc.stderr) == (
+            1, f"addcow: --log-file {fifo}: is a named pipe, not a regular file\n"
+        )  # fmt: skip
+        assert proc.stdout == ""
+    assert fifo.is_fifo() and not sock.exists() and not (tmp_path / "s.pid").exists()
+    proc = addcow_cli("serve", "--foreground", "--socket", sock, "--log-file", "/dev/null", image,
+                      check=False)  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (
+        1, "addcow: --log-file /dev/null: is a character device, not a regular file\n"
+    )  # fmt: skip

@@ -55,6 +55,7 @@ import errno
 import math
 import os
 import re
+import stat
 import sys
 import time
 import traceback
@@ -62,6 +63,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TextIO
 
+from .. import sysio
 from ..errors import AddCowError, AddCowIOError
 from ..image import AddCowImage
 from .common import CommandError, add_backing_root_arg, parse_size
@@ -598,11 +600,22 @@ def _check_sector_aligned(s: Session, offset: int, count: int) -> None:
 def _source_buffer(s: Session, path: str, count: int) -> bytes:
     """``write -s FILE``: the file's first bytes, repeated to fill ``count``."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(count)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO would wait
     except OSError as exc:
         s.complain(f"{path}: {exc.strerror}")
         raise _Failed(path) from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+        os.close(fd)
+        s.complain(f"{path}: is {sysio.file_kind(mode)}, not a regular file or device")
+        raise _Failed(path)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as f:
+        try:
+            head = f.read(count)
+        except OSError as exc:
+            s.complain(f"{path}: {exc.strerror}")
+            raise _Failed(path) from None
     if count and not head:
         s.complain(f"{path}: file is empty")
         raise _Failed(path)

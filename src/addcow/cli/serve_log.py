@@ -2,7 +2,8 @@
 
 Destinations
     stderr always (until a detached server lets go of it), plus
-    ``--log-file FILE`` (appended to, created 0600) or ``--syslog``
+    ``--log-file FILE`` (appended to, created 0600; a regular file only, so a
+    FIFO is refused instead of waited on) or ``--syslog``
     (``/dev/log``, facility daemon: journald and rsyslog read it). A detached
     server without either logs to syslog when ``/dev/log`` exists; where it
     does not, a successful start says so on stderr after its ready line: the
@@ -27,6 +28,7 @@ Formats
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import logging.handlers
@@ -34,6 +36,7 @@ import os
 import stat
 import sys
 
+from .. import sysio
 from .common import CommandError
 
 SYSLOG_SOCKET = "/dev/log"
@@ -70,6 +73,34 @@ def syslog_available() -> bool:
         return False
 
 
+def open_log_file(path: str) -> int:
+    """Open ``--log-file`` to append to (created 0600): a regular file, or CommandError.
+
+    The open does not wait: a FIFO, whose open for writing blocks until a
+    reader comes, is refused at once (ENXIO without a reader), as a device is.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO and _kind(path) != "a regular file":
+            raise CommandError(f"--log-file {path}: is {_kind(path)}, not a regular file") from None
+        raise CommandError(f"--log-file {path}: {os.strerror(exc.errno or 0)}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CommandError(f"--log-file {path}: is {sysio.file_kind(mode)}, not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _kind(path: str) -> str:
+    try:
+        return sysio.file_kind(os.stat(path).st_mode)
+    except OSError:
+        return "a special file"
+
+
 def configure(
     *,
     verbose: bool,
@@ -95,14 +126,7 @@ def configure(
     )
     root.addHandler(stderr)
     if log_file is not None:
-        try:
-            fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise CommandError(f"--log-file {log_file}: {os.strerror(exc.errno or 0)}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CommandError(f"--log-file {log_file}: not a regular file")
-        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+        handler = logging.StreamHandler(os.fdopen(open_log_file(log_file), "a", buffering=1))
         handler.setFormatter(
             JSONFormatter()
             if json_format
