@@ -152,7 +152,9 @@ it is its copy on write, when the backing bytes are in the page cache
 MAX_FREE_BUFFERS = 16
 """Inline read buffers one connection keeps for reuse (and tracks while lent)."""
 MAX_HELD = 64
-"""Small replies held back at most before they are sent together."""
+"""Replies (buffers of them) held back at most before they are sent together."""
+MAX_HELD_BYTES = 256 << 10
+"""Bytes of replies held back at most before they are sent together."""
 SEND_BUFFER = 4 << 20
 """SO_SNDBUF asked for each connection (the kernel caps it at ``wmem_max``)."""
 _IOV_MAX = 1024
@@ -290,10 +292,13 @@ class _Client:
         # with a reply it could not send at once (free again once it is empty).
         self.free_buffers: list[bytearray] = []
         self.lent_buffers: list[bytearray] = []
-        # Small replies held back to leave with the next reply, or when the
-        # session goes back to the socket for more requests (one ``writev`` for
-        # a pipeline of write replies instead of one each).
-        self.held: list[bytes] = []
+        # Replies held back to leave with the next reply, or when the session
+        # goes back to the socket for more requests (one ``writev`` for a
+        # pipeline of replies instead of one each): small replies, and inline
+        # read replies whose buffers (``held_buffers``) are reused once sent.
+        self.held: list[bytes | memoryview] = []
+        self.held_buffers: list[bytearray] = []
+        self.held_bytes = 0
         self.conn: ServerConnection | None = None
         self.export: Export | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -312,13 +317,16 @@ class _Client:
         (everything was sent, or the connection is gone), so they may be reused.
         """
         writer = self.writer
+        lent, self.held_buffers = self.held_buffers, []
         if writer.is_closing():
             self.held.clear()
+            self.held_bytes = 0
             return True
         buffers = [data] if isinstance(data, bytes) else data
         if self.held:
             buffers = [*self.held, *buffers]
             self.held.clear()
+            self.held_bytes = 0
         elif isinstance(data, bytes) and not data:
             return True
         transport = writer.transport
@@ -329,6 +337,7 @@ class _Client:
             except OSError:
                 sent = 0  # full (or broken: the transport then finds out and reports it)
             if sent == sum(map(len, buffers)):
+                self._recycle(lent, self.free_buffers)
                 return True
         rest: list[bytes | memoryview] = []
         for b in buffers:
@@ -338,7 +347,25 @@ class _Client:
             rest.append(b[sent:] if sent else b)
             sent = 0
         writer.writelines(rest)
+        self._recycle(lent, self.lent_buffers)
         return False
+
+    @staticmethod
+    def _recycle(buffers: list[bytearray], into: list[bytearray]) -> None:
+        """Keep inline read buffers for reuse (free, or lent to the transport)."""
+        for buf in buffers:
+            if len(into) >= MAX_FREE_BUFFERS:
+                break
+            into.append(buf)
+
+    def hold_read(self, reply: Sequence[bytes | memoryview], buf: bytearray) -> None:
+        """Send an inline read's reply (views of ``buf``) with the next one, or at
+        the latest by :meth:`flush`; ``buf`` is reused once it is sent."""
+        self.held.extend(reply)
+        self.held_buffers.append(buf)
+        self.held_bytes += sum(map(len, reply))
+        if len(self.held) >= MAX_HELD or self.held_bytes >= MAX_HELD_BYTES:
+            self.flush()
 
     def hold(self, reply: bytes) -> None:
         """Send a small reply with the next one, or at the latest by :meth:`flush`."""
@@ -806,11 +833,13 @@ class NBDServer:
     def _inline_read(
         self, client: _Client, conn: ServerConnection, export: Export, req: Request
     ) -> None:
-        """A read done in the event loop, and its reply sent: no task, no thread hand-off.
+        """A read done in the event loop, and its reply queued: no task, no thread hand-off.
 
-        The data is read into the connection's reply buffer after room for the
-        chunk header, so a reply of one data chunk leaves in one ``writev`` of
-        one buffer; the buffer is reused when the socket took it all at once.
+        The data is read into one of the connection's reply buffers after room
+        for the chunk header, so a reply of one data chunk is one buffer. It is
+        held until the session goes back to the socket (or the held replies
+        reach :data:`MAX_HELD_BYTES`), so the replies to a pipeline of reads
+        leave in one ``writev``; a buffer is reused once the socket took it.
         A small read from the page cache is a copy that takes less time than
         the hand-off of a request to a worker thread and back, so the loop
         does it itself.
@@ -835,11 +864,7 @@ class NBDServer:
             free.append(buf)
             return
         df = bool(req.flags & wire.CMD_FLAG_DF)
-        if client.send(conn.reply_read_into(buf, req.cookie, req.offset, req.length, df=df)):
-            if len(free) < MAX_FREE_BUFFERS:
-                free.append(buf)
-        elif len(client.lent_buffers) < MAX_FREE_BUFFERS:
-            client.lent_buffers.append(buf)
+        client.hold_read(conn.reply_read_into(buf, req.cookie, req.offset, req.length, df=df), buf)
 
     def _sendfile_read(
         self, client: _Client, conn: ServerConnection, export: Export, req: Request
