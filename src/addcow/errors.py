@@ -29,6 +29,12 @@ The tree::
     +-- AmendError                  the header cannot be converted as asked
     +-- AddCowIOError               an operating-system I/O call failed (carries errno)
 
+Every class here is exported by ``addcow`` (``addcow.__all__``). The NBD
+server's own errors, for its protocol, TLS credentials, live operations and
+control socket, also derive from ``AddCowError`` but stay in their modules
+(``addcow.nbd.protocol``, ``addcow.nbd.tls``, ``addcow.nbd.live``,
+``addcow.nbd.control``): they are not raised by library calls.
+
 Messages name the field or file, the expected value and the value found, so a
 user can act on them without reading the code. Library code raises the most
 specific class; the CLI and the NBD server catch ``AddCowError``.
