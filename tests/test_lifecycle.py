@@ -1592,6 +1592,34 @@ def test_a_stream_refused_by_a_lock_does_not_suggest_force_share(tmp_path: Path)
         assert addcow_cli("map", "-U", img).returncode == 0
 
 
+def test_commands_without_u_never_suggest_it_when_a_lock_refuses_them(tmp_path: Path) -> None:
+    """A read lock refused: the commands that take -U offer it, the others (commit,
+    stream, detach, rebase, resize, create, serve) name the lock and stop there."""
+    base = tmp_path / "base.raw"
+    build_base(base, {0: 0xC0}, 2 * C)
+    mid, top = tmp_path / "mid.add-cow", tmp_path / "top.add-cow"
+    addcow.create(mid, image_file="mid.raw", backing_file="base.raw", backing_format="raw")
+    addcow.create(top, image_file="top.raw", backing_file=mid, backing_format="add-cow")
+    refused = f"addcow: {mid}: failed to get read lock: the image is in use by another process"
+    with addcow.open(mid):  # held read-write: every read-only open of it is refused
+        for args in (
+            ("commit", mid),  # its own image, opened read-only
+            ("stream", top), ("detach", top), ("rebase", "-b", "base.raw", "-F", "raw", top),
+            ("resize", top, "4M"), ("create", "-b", mid, "-F", "add-cow", tmp_path / "s.add-cow"),
+            ("serve", "--foreground", "--read-only", "--socket", tmp_path / "s.sock", mid),
+            ("serve", "--socket", tmp_path / "s.sock", top),  # the error the daemon relays
+        ):  # fmt: skip
+            proc = addcow_cli(*args, check=False)
+            assert (proc.returncode, proc.stderr) == (1, refused + "\n"), args
+        for args in (("map", mid), ("check", mid), ("info", "--backing-chain", top),
+                     ("convert", mid, tmp_path / "out.raw"), ("compare", mid, base),
+                     ("io", "-r", "-c", "read 0 1", mid)):  # fmt: skip
+            proc = addcow_cli(*args, check=False)
+            assert proc.returncode in (1, 2) and " -U " in proc.stderr, (args, proc.stderr)
+            assert addcow_cli(args[0], "-U", *args[1:], check=False).returncode == 0, args
+    assert not (tmp_path / "s.add-cow").exists() and not (tmp_path / "s.sock").exists()
+
+
 def test_detach_in_a_read_only_directory_says_why(tmp_path: Path) -> None:
     """Removing the .add-cow file needs write access to its directory; the message
     says so instead of a bare "Permission denied". Run as nobody (root may write

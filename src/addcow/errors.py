@@ -94,7 +94,19 @@ class PathPolicyError(AddCowError):
 
 
 class LockError(AddCowError):
-    """Another user holds a conflicting lock on one of the image's files."""
+    """Another user holds a conflicting lock on one of the image's files.
+
+    ``hint``, when set, is what a read-only caller can do about it (open with
+    ``force_share``, the CLI's ``-U``); a command that has no ``-U`` drops it.
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
 class RangeError(AddCowError):

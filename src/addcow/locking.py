@@ -46,7 +46,8 @@ _PERM_BASE = 100
 _SHARED_BASE = 200
 
 
-_INSPECT_HINT = "(read-only commands take -U / force_share to inspect it anyway)"
+INSPECT_HINT = "read-only commands take -U / force_share to inspect it anyway"
+"""The :attr:`~addcow.errors.LockError.hint` of a refused read-only open."""
 
 
 def _flock(fd: int, cmd: int, kind: int, start: int, length: int) -> int:
@@ -66,8 +67,8 @@ def lock_whole(fd: int, path: str, *, exclusive: bool) -> None:
                 f"{path}: failed to get write lock: the image is in use by another process"
             ) from exc
         raise LockError(
-            f"{path}: failed to get read lock: the image is in use by another process "
-            f"{_INSPECT_HINT}"
+            f"{path}: failed to get read lock: the image is in use by another process",
+            INSPECT_HINT,
         ) from exc
 
 
@@ -85,17 +86,19 @@ def lock_raw(fd: int, path: str, *, writable: bool) -> None:
                 _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _SHARED_BASE + bit_index, 1)
     except OSError as exc:
         raise LockError(f"{path}: failed to lock: the file is in use ({exc.strerror})") from exc
-    hint = "" if writable else f" {_INSPECT_HINT}"
+    hint = None if writable else INSPECT_HINT
     for bit_index, bit in enumerate(_PERM_BITS):
         if perms & bit and _held_by_other(fd, _SHARED_BASE + bit_index):
             raise LockError(
                 f'{path}: failed to get "{_PERM_NAMES[bit]}" lock: another process '
-                f"is using the file and does not share it{hint}"
+                "is using the file and does not share it",
+                hint,
             )
         if unshared & bit and _held_by_other(fd, _PERM_BASE + bit_index):
             raise LockError(
                 f'{path}: failed to get shared "{_PERM_NAMES[bit]}" lock: another process '
-                f"is using the file{hint}"
+                "is using the file",
+                hint,
             )
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..errors import AddCowError
+from ..errors import AddCowError, LockError
 from .common import CommandError
 
 COMMANDS = {
@@ -113,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import traceback  # only here: importing it slows every command's start
 
             traceback.print_exc()
+        if isinstance(exc, LockError) and not hasattr(args, "force_share"):
+            exc.hint = None  # it offers -U, which this command does not take
         message = str(exc) if not isinstance(exc, OSError) else _os_message(exc)
         print(f"addcow: {one_line(message)}", file=sys.stderr)
         return error_status

@@ -60,7 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import sysio
-from ..errors import AddCowError
+from ..errors import AddCowError, LockError
 from ..image import AddCowImage
 from ..nbd.control import ControlServer
 from ..nbd.live import LiveOptions
@@ -654,6 +654,8 @@ def _daemonize(serve: Callable[[Callable[[str], None]], int]) -> int:
     try:
         status = serve(ready)
     except (AddCowError, CommandError, OSError) as exc:
+        if isinstance(exc, LockError):
+            exc.hint = None  # it offers -U, which serve does not take
         if not reported:
             os.write(write_fd, f"error {exc}".encode())
     except BaseException as exc:
