@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,6 +294,29 @@ def test_o_help_lists_the_options_and_exits_0(tmp_path: Path) -> None:
         assert lines[0] == "Supported add-cow options:"
         assert sorted(line.split()[0] for line in lines[1:]) == sorted(names)
     assert not (tmp_path / "x.add-cow").exists()
+
+
+def test_help_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """``addcow create -o help | head -1``: a reader that went away is not an error,
+    for the help texts printed while parsing as for any command's output."""
+    image = tmp_path / "x.add-cow"
+    addcow.create(image, image_file="x.raw", size=1 << 20)
+    for args in (
+        ["create", "-o", "help"], ["convert", "-O", "add-cow", "-o", "help"],
+        ["amend", "-o", "help"], ["create", "--help"], ["--help"], ["--version"],
+        ["io", "-c", "help", str(image)], ["map", str(image)],
+    ):  # fmt: skip
+        reader, writer = os.pipe()
+        os.close(reader)  # closed before the command writes a byte
+        try:
+            proc = subprocess.run([sys.executable, "-m", "addcow", *args], stdout=writer,
+                                  stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+        finally:
+            os.close(writer)
+        assert (proc.returncode, proc.stderr) == (0, ""), args
+    proc = subprocess.run(["sh", "-c", f"{sys.executable} -m addcow create -o help | true"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "Traceback" not in proc.stderr and proc.stderr == ""
 
 
 def test_a_convert_target_that_is_a_fifo_is_refused(tmp_path: Path) -> None:

@@ -98,16 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # when they are not valid in the locale's encoding.
         sys.stdout.reconfigure(errors="surrogateescape")
     parser = build_parser(_command_in(argv))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)  # may print: --help, --version, -o help
+    except BrokenPipeError:
+        return _reader_gone()
     error_status: int = getattr(args, "error_status", 1)
     try:
         status: int = args.func(args)
         sys.stdout.flush()
         return status
     except BrokenPipeError:
-        # The reader went away (addcow map | head): not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return _reader_gone()
     except (AddCowError, CommandError, OSError) as exc:
         if args.debug:
             import traceback  # only here: importing it slows every command's start
@@ -121,6 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("addcow: interrupted", file=sys.stderr)
         return 130
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (addcow map | head): not an error of ours.
+
+    What is still buffered goes to /dev/null, so the flush at exit is quiet too.
+    """
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def one_line(message: str) -> str:
