@@ -105,3 +105,24 @@ def test_the_readme_warns_against_using_the_raw_file_of_an_incomplete_image(
                    timeout=60)  # fmt: skip
     after = subprocess.run(info, capture_output=True, text=True, timeout=60, check=True).stdout
     assert "    complete: true" in after.splitlines()
+
+
+def test_the_readme_states_what_serve_stdio_and_socket_activation_accept(tmp_path: Path) -> None:
+    """The rule of issue 10 item 6, in the README where serve is described (the
+    behaviour itself is tested in test_nbd_activation.py)."""
+    text = README.read_text()
+    commands = text[text.index("## Commands") : text.index("## From add-cow")]
+    paragraph = next((p for p in commands.split("\n\n") if "`serve --stdio`" in p), "")
+    for words in ("socket", "pipes", "socketpair", "regular file", "terminal",
+                  "listening socket", "refused", "socket activation", "`LISTEN_PID`",
+                  "`LISTEN_FDS", "fd 3", "qemu-nbd", "nbdkit", "docs/serving.md"):  # fmt: skip
+        assert words in paragraph, words
+    image = tmp_path / "d.add-cow"
+    addcow.create(image, image_file="d.raw", size=1 << 20)
+    with open(tmp_path / "out", "wb") as out:
+        proc = subprocess.run([sys.executable, "-m", "addcow", "serve", "--stdio", str(image)],
+                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE,
+                              text=True, timeout=60)  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (
+        1, "addcow: --stdio needs a socket or pipe on stdin/stdout, found a regular file\n"
+    )  # fmt: skip
