@@ -30,6 +30,7 @@ from tls_util import make_certs
 
 import addcow
 from addcow.errors import RemoteBackingError, RemoteChangedError, RemoteReplyError
+from addcow.nbd import store as nbd_store
 from addcow.nbd import wire
 from addcow.nbd.store import NBDStore
 
@@ -592,8 +593,11 @@ def test_requests_in_flight_together_on_one_connection(tmp_path: Path) -> None:
         assert store.connections_open == 1
 
 
-def test_a_long_read_goes_out_as_requests_sent_together(tmp_path: Path) -> None:
-    """1 MiB from one thread: four 256 KiB requests in flight at once."""
+def test_a_long_read_goes_out_as_requests_sent_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1 MiB from one thread in requests of 256 KiB: four in flight at once."""
+    monkeypatch.setattr(nbd_store, "READ_REQUEST", 256 * KiB)
     with hostile(tmp_path, _answer_when(4)) as uri, NBDStore.open(uri, timeout=5) as store:
         assert read(store, 0, SIZE) == page_bytes(0, SIZE)
         # Not aligned to the request size: four requests again, the first and last short.

@@ -110,7 +110,7 @@ READ_BUFFER = 1 << 16
 MAX_READ = wire.DEFAULT_MAX_BLOCK
 # A long read goes out as requests of this size (or the server's maximum), up to
 # READ_GROUP of them at once, so the server reads the next while it sends one.
-READ_REQUEST = 256 << 10
+READ_REQUEST = 1 << 20
 READ_GROUP = 8
 # The longest range one BLOCK_STATUS asks about; the loop asks again for the rest.
 MAX_STATUS_REQUEST = 1 << 30
