@@ -114,8 +114,9 @@ def test_force_replaces_an_image_nobody_has_open(used: Path, tmp_path: Path) -> 
 
 
 def test_an_image_file_holding_data_is_refused(used: Path, tmp_path: Path) -> None:
+    used.unlink()  # d.raw holds data and is no image's image file (that is refused anyway)
     target = tmp_path / "e.add-cow"
-    with untouched(used, tmp_path / "d.raw"):
+    with untouched(tmp_path / "d.raw"):
         err = fails("create", "-o", "image_file=d.raw", target)
         assert err.startswith(f"addcow: {tmp_path / 'd.raw'}: the image file holds data")
         assert "-o image_file=NAME,image_file_raw=on" in err
@@ -124,7 +125,48 @@ def test_an_image_file_holding_data_is_refused(used: Path, tmp_path: Path) -> No
         # the default image file name is never taken over, whatever it holds
         err = fails("create", "-o", "image_file_raw=on", tmp_path / "d.add-cow2")
         assert "image_file_raw=on needs the image file named explicitly" in err
-    assert listing(tmp_path) == ["d.add-cow", "d.raw"]
+    assert listing(tmp_path) == ["d.raw"]
+
+
+def test_another_images_image_file_is_refused_even_empty(tmp_path: Path) -> None:
+    """f.add-cow uses f.raw (all holes): a second image over f.raw would share it, each
+    overwriting the other's clusters, so it is refused whatever f.raw holds; the
+    image that --force replaces does not count, and an open image's locks refuse
+    it from anywhere."""
+    first, raw = tmp_path / "f.add-cow", tmp_path / "f.raw"
+    addcow_cli("create", "-q", "-o", "image_file=f.raw", first, "1M")
+    (tmp_path / "sub").mkdir()
+    refused = (
+        f"addcow: {raw}: is the image file of {first}; refusing to share it (two images "
+        "would overwrite each other's clusters): detach or remove that image first, or use "
+        "another image file"
+    )
+    with untouched(first, raw):
+        assert fails("create", "-o", "image_file=f.raw", tmp_path / "f2.add-cow", "1M") == refused
+        # named another way, from another directory, with image_file_raw=on
+        assert fails("create", "-o", "image_file=../f.raw,image_file_raw=on",
+                     tmp_path / "sub" / "g.add-cow", "1M") == refused.replace(
+                         str(tmp_path), str(tmp_path / "sub" / ".."))  # fmt: skip
+        os.symlink("f.raw", tmp_path / "alias.raw")
+        assert "is the image file of" in fails("create", "-o", "image_file=alias.raw",
+                                               tmp_path / "f3.add-cow", "1M")  # fmt: skip
+        with pytest.raises(ExistingFileError, match=f"is the image file of {first}"):
+            addcow.create(tmp_path / "f4.add-cow", image_file="f.raw", size=MiB)
+    assert listing(tmp_path) == ["alias.raw", "f.add-cow", "f.raw", "sub"]
+    assert listing(tmp_path / "sub") == []
+    # a file named *.add-cow that is no image names nothing
+    (tmp_path / "junk.add-cow").write_bytes(b"not an image")
+    addcow_cli("create", "-q", "-o", "image_file=j.raw", tmp_path / "j.add-cow", "1M")
+    # re-creating f.add-cow itself over its own image file (--force) is not sharing
+    addcow_cli("create", "-q", "--force", "-o", "image_file=f.raw", first, "2M")
+    assert json.loads(addcow_cli("info", "--output=json", first).stdout)["virtual-size"] == 2 * MiB
+    # an image elsewhere that names it is found by its locks while it is open
+    elsewhere = tmp_path / "sub" / "h.add-cow"
+    addcow.create(elsewhere, image_file="../h.raw", size=MiB)
+    with addcow.open(elsewhere, readonly=True):
+        err = fails("create", "-o", "image_file=h.raw", tmp_path / "h2.add-cow", "1M")
+        assert err.startswith(f"addcow: {tmp_path / 'h.raw'}: failed to get") and "lock" in err
+    assert not (tmp_path / "h2.add-cow").exists()
 
 
 def test_an_empty_or_all_hole_image_file_is_used(tmp_path: Path) -> None:
@@ -192,6 +234,7 @@ def test_image_file_raw_makes_the_data_clusters_part_of_the_disk(tmp_path: Path)
     assert read_disk(image, out) == want
     run([require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(out),
          str(tmp_path / "want.raw")])
+    image.unlink()  # d.raw is no other image's image file any more
     created = addcow.create(tmp_path / "again.add-cow", image_file="d.raw", backing_file="base.raw",
                             image_file_raw=True)
     assert (created.clusters, created.allocated) == (16, len(expected_clusters))

@@ -400,7 +400,9 @@ def test_open_refuses_two_add_cow_files_naming_each_other(tmp_path: Path) -> Non
                 addcow.open(tmp_path / f"{name}.add-cow", readonly=readonly)
             assert f"{name}.add-cow" in str(info.value)
             assert "must not loop" in str(info.value)
-    # Nothing was left locked or open: a plain image can use a.raw read-write now.
+    # Nothing was left locked or open: a plain image can use a.raw read-write now
+    # (once a.add-cow, which names it, is gone: two images never share one).
+    (tmp_path / "a.add-cow").unlink()
     addcow.create(tmp_path / "c.add-cow", image_file="a.raw")
     with addcow.open(tmp_path / "c.add-cow") as img:
         img.write(b"ok", 0)

@@ -64,6 +64,7 @@ from conftest import addcow as addcow_cli
 import addcow
 from addcow import lifecycle, streaming, sysio
 from addcow.errors import AddCowIOError
+from addcow.format import Header
 from addcow.image import AddCowImage
 
 C = CLUSTER
@@ -1133,7 +1134,12 @@ def test_rebase_onto_the_same_image_file_under_another_name_is_a_loop(twin: Twin
     """Through a symlink, or through another add-cow whose image file is d.raw."""
     (twin.root / "a" / "link.raw").symlink_to("d.raw")
     shared = twin.root / "a" / "shared.add-cow"
-    addcow.create(shared, image_file="d.raw", size=SIZE, image_file_raw=True)
+    addcow.create(shared, image_file="s.raw", size=SIZE)
+    # create refuses to give d.raw a second image: name it in the header by hand
+    with open(shared, "r+b") as f:
+        header = Header.unpack(f.read(4096))
+        f.seek(0)
+        f.write(header._replace(image_name=b"d.raw").pack())
     for name, fmt in (("link.raw", "raw"), ("shared.add-cow", "add-cow")):
         for unsafe in ([], ["-u"]):
             with untouched(twin.img, twin.raw):

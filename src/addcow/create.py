@@ -5,7 +5,9 @@ either no image or a valid one:
 
 1. Validate everything and open the backing chain (read-only) before touching
    any file; refuse loops (the image file, the .add-cow file and the backing
-   files must all be distinct files).
+   files must all be distinct files) and an image file that another image
+   names (the header of a ``*.add-cow`` file in its directory or ``path``'s),
+   whatever it holds: two images sharing one would overwrite each other.
 2. Check the .add-cow path: an existing file there is replaced only with
    ``force`` (and only while nobody has it open: its lock is held until the
    rename). Create the temporary .add-cow file next to it.
@@ -13,8 +15,9 @@ either no image or a valid one:
    call created it: only then does a failure remove it; an existing one only
    loses again the sparse tail this call added). An existing image file
    that holds data is refused unless ``image_file_raw`` accepts its content as
-   the disk; its data clusters then start allocated. Extend it sparse to the
-   virtual size and sync it, so that its data is durable before any bit says so.
+   the disk; its data clusters then start allocated; an open image's image
+   file is refused by its locks. Extend it sparse to the virtual size and
+   sync it, so that its data is durable before any bit says so.
 4. Write the .add-cow file (header, then the bitmap, sparse where zero) under
    the temporary name, sync it, rename it into place and sync the directory.
 """
@@ -57,6 +60,7 @@ from .format import (
 from .image import open_backing
 from .locking import lock_raw, lock_whole
 from .magic import HEAD_LENGTH, article, choose_backing_format, identify
+from .metafile import read_header
 from .names import ChainGuard, resolve_name
 
 
@@ -97,7 +101,8 @@ def create(
     An existing file at ``path`` is replaced only with ``force``. An existing
     image file that holds data is refused unless ``image_file_raw``: its content
     is then part of the disk (every cluster holding data starts allocated;
-    holes stay unallocated and read from the backing file).
+    holes stay unallocated and read from the backing file). An image file that
+    another image uses is refused (ExistingFileError), even an empty one.
     """
     path = os.fspath(path)
     image_name = os.fsencode(os.fspath(image_file))
@@ -164,6 +169,7 @@ def create(
         raw_header = header.pack()
         Header.unpack(raw_header)  # everything we write must read back
 
+        _refuse_another_images_file(path, image_path)
         old_fd = _claim_target(path, force)
         if old_fd is not None:
             stack.callback(os.close, old_fd)
@@ -446,6 +452,63 @@ def _header_size(version: int, image_name: bytes, backing_name: bytes | None) ->
     if needed > MAX_HEADER_SIZE:
         raise HeaderError("header_size", f"at most {MAX_HEADER_SIZE}", needed)
     return needed
+
+
+def _refuse_another_images_file(path: str, image_path: str) -> None:
+    """Refuse an image file that another image names (step 5 of the module docstring).
+
+    The images looked at are the ``*.add-cow`` files in the image file's directory
+    and in ``path``'s, ``path`` itself aside (``force`` replaces it). An image
+    elsewhere is refused by its locks while it is open.
+    """
+    try:
+        st = os.stat(image_path)
+        wanted: object = (st.st_dev, st.st_ino)
+    except OSError:
+        wanted = os.path.realpath(image_path)
+    seen: set[str] = set()
+    for directory in (os.path.dirname(image_path), os.path.dirname(path)):
+        real = os.path.realpath(directory or ".")
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            names = sorted(n for n in os.listdir(directory or ".") if n.endswith(".add-cow"))
+        except OSError:
+            continue
+        for name in names:
+            other = os.path.join(directory, name)
+            if not _same_file(other, path) and _file_key(_image_file_of(other)) == wanted:
+                raise ExistingFileError(
+                    f"{image_path}: is the image file of {other}; refusing to share it (two "
+                    "images would overwrite each other's clusters): detach or remove that "
+                    "image first, or use another image file"
+                )
+
+
+def _image_file_of(path: str) -> str | None:
+    """The image file the add-cow image ``path`` names; None if it is no readable image."""
+    try:
+        fd = sysio.open_file(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return resolve_name(read_header(fd, path).image_name, path)
+    except AddCowError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _file_key(path: str | None) -> object:
+    """What tells two names of one file apart from others: its inode, or its real path."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
 
 
 def _refuse_if_in_chain(path: str, guard: ChainGuard) -> None:
