@@ -52,11 +52,13 @@ test: venv system-deps lint
 
 # The long reliability campaigns (docs/reliability.md): power loss, kill -9,
 # faults at every I/O call site, hostile images and names, and (tests/crash/test_nbd_*,
-# test_lock_race) the NBD fuzzer, load soak, server faults and the open race.
-# Under 30 minutes on 2 cores.
+# test_lock_race) the NBD fuzzer, load soak, server faults and the open race; then the
+# hostile qcow2 fuzzer (200,000 examples; ADDCOW_QCOW2_FUZZ_EXAMPLES=N for another count).
+# Under 30 minutes on 2 cores, plus 16-22 for the qcow2 fuzzer.
 campaign: venv system-deps
 	ADDCOW_CAMPAIGN=1 $(BIN)/pytest -q -s tests/crash tests/test_hostile_images.py \
-		tests/test_backing_root_campaign.py tests/test_backing_root_race.py
+		tests/test_backing_root_campaign.py tests/test_backing_root_race.py \
+		tests/test_qcow2_hostile.py
 
 demo: venv system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
