@@ -23,18 +23,19 @@ rather than skip the check, so that a certificate the same CA issued to some
 other machine cannot stand in for the local server.
 
 Connections. Blocking sockets shared by the image's threads. A plain
-connection carries up to :data:`PIPELINE_DEPTH` requests at once, from as
-many threads: each sends its request whole, and one of them at a time reads
-replies for all, matching them to requests by cookie (:class:`_Link` says
-how the reading passes from thread to thread). A TLS connection carries one
-request at a time, since an ``ssl`` socket must not be read and written by
+connection carries the requests of up to :data:`PIPELINE_DEPTH` threads at
+once: each sends its requests whole, and one of them at a time reads replies
+for all, matching them to requests by cookie (:class:`_Link` says how the
+reading passes from thread to thread). A long read is several requests sent
+together (:data:`READ_REQUEST`, :data:`READ_GROUP`). A TLS connection serves
+one thread at a time, since an ``ssl`` socket must not be read and written by
 two threads at once. With ``NBD_FLAG_CAN_MULTI_CONN`` ("the server ...
 allows ... multiple connections" with a consistent view) the store opens up
 to ``connections`` (default :data:`MAX_CONNECTIONS`) on demand, a new one
 while every connection is busy, otherwise exactly one; requests go to the
 least busy connection with room, and past that threads queue. A server that
-accepts fewer connections than it advertises (the extra one fails or times out) lowers the
-pool's limit to what it has. An extra connection waits at most
+accepts fewer connections than it advertises (the extra one fails or times
+out) lowers the pool's limit to what it has. An extra connection waits at most
 :data:`EXTRA_GREETING_TIMEOUT` for the server's greeting: a server at its
 limit (``qemu-nbd --shared N`` with N clients) leaves it unanswered in its
 listen queue, and the request that opened it would otherwise wait the whole
@@ -45,26 +46,31 @@ by :class:`~addcow.nbd.client.ClientConnection`.
 
 Failures. A connection that breaks (EOF, a reset, a timeout of ``timeout``
 seconds on any socket call) fails every request on it; it is closed and
-reopened with exponential backoff (:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`) until
-``reconnect_delay`` seconds (QEMU's reconnect-delay) have passed since the
-failure; then the request, a READ or BLOCK_STATUS and so idempotent, is sent
-again on the new connection. When the delay runs out the request fails with
+reopened with exponential backoff (:data:`BACKOFF_FIRST` doubling to
+:data:`BACKOFF_MAX`) until ``reconnect_delay`` seconds (QEMU's
+reconnect-delay) have passed since the failure; then the requests, READs or
+BLOCK_STATUS and so idempotent, are sent again on the new connection. While
+the pool has no connection, one thread reconnects and the others wait for
+it, and a request that arrives during the outage gets the outage's delay,
+not one of its own. When the delay runs out the request fails with
 :class:`~addcow.errors.RemoteBackingError` and ``errno`` EIO, and so does
 every wait when the process stops (:func:`interrupt_waits`: ``addcow serve``
-shutting down, Ctrl-C of ``addcow stream``), rather than outlive the delay. A reconnected
-export must have the size pinned at open (else
+shutting down, Ctrl-C of ``addcow stream``), rather than outlive the delay.
+A reconnected export must have the size pinned at open (else
 :class:`~addcow.errors.RemoteChangedError`). The first connection, made by
 :meth:`NBDStore.open`, is not retried: a wrong URI fails at once. An error
 reply from the server (EIO, say) is not retried either; it raises
-:class:`~addcow.errors.RemoteBackingError` with the server's errno, and the
-connection, still in step, goes back to the pool. A reply that breaks the
-protocol raises :class:`~addcow.errors.RemoteReplyError` in every request
-on its connection, which is dropped. Refusals during a reconnect (no such export, a certificate that
-does not verify) are final as well. A failed request raises and names its
-range; bytes of its reply already in the caller's buffer (data chunks before
-an error chunk) are not valid, and
-:meth:`~addcow.image.AddCowImage.populate`, which sets bits only for what it
-wrote after a read returned, marks none of that range.
+:class:`~addcow.errors.RemoteBackingError` with the server's errno once
+every reply of its group has come (they land in the caller's buffer), and
+the connection, still in step, stays in the pool. A reply that breaks the
+protocol raises :class:`~addcow.errors.RemoteReplyError` in every request on
+its connection, which is dropped; a failing connection returns to its
+callers only once no thread is receiving into their buffers. Refusals
+during a reconnect (no such export, a certificate that does not verify) are
+final as well. A failed request raises and names its range; bytes of its
+reply already in the caller's buffer (data chunks before an error chunk) are
+not valid, and :meth:`~addcow.image.AddCowImage.populate`, which sets bits
+only for what it wrote after a read returned, marks none of that range.
 
 Block status. With ``base:allocation`` an extent is ``zero`` when the server
 sets NBD_STATE_ZERO; NBD_STATE_HOLE alone (unallocated, contents unknown) is
@@ -100,8 +106,9 @@ RECONNECT_DELAY = 30.0
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_PORT = 10809
 MAX_CONNECTIONS = 4
-# Requests in flight on one plain connection. A TLS connection carries one at a
-# time: an ssl socket must not be read and written by two threads at once.
+# Threads with requests in flight on one plain connection. A TLS connection
+# serves one at a time: an ssl socket must not be read and written by two
+# threads at once.
 PIPELINE_DEPTH = 16
 # Replies are read through a buffer of this size (small replies cost one receive).
 READ_BUFFER = 1 << 16
