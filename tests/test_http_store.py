@@ -10,6 +10,7 @@ server here answers with broken replies; each must end in a RemoteBackingError
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -27,7 +28,7 @@ import urllib3
 from conftest import require_tool, run
 from http_util import Nginx, nginx_server
 
-from addcow import http_store
+from addcow import http_store, remote
 from addcow.backing import Extent
 from addcow.errors import (
     AddCowError,
@@ -573,5 +574,31 @@ def test_empty_file() -> None:
             assert store.identity() == HTTPPin(0, '"e"', None)
             assert _read(store, 0, 100) == bytes(100)
             assert len(server.requests) == 1
+        finally:
+            store.close()
+
+
+def test_stopping_ends_the_retry_wait_at_once() -> None:
+    """A server answering 503 with a long Retry-After: interrupt_waits (serve's
+    shutdown, Ctrl-C of stream) ends the wait, the read fails with EIO at once."""
+    busy = b"HTTP/1.1 503 Busy\r\nRetry-After: 30\r\nContent-Length: 0\r\n\r\n"
+    with hostile(lambda first, last, headers: busy) as server:
+        store = HTTPStore.open(server.url, retries=3)
+        try:
+            stopper = threading.Timer(0.5, remote.interrupt_waits)
+            stopper.start()
+            start = time.monotonic()
+            with pytest.raises(RemoteBackingError, match="stopped retrying") as info:
+                _read(store, 5000, 10_000)
+            assert time.monotonic() - start < 5
+            assert info.value.errno == errno.EIO
+            stopper.join()
+        finally:
+            store.close()
+    # A store opened later is not affected.
+    with hostile(lambda first, last, headers: good(first, last)) as server:
+        store = HTTPStore.open(server.url, retries=1)
+        try:
+            assert _read(store, 0, 100) == DATA[:100]
         finally:
             store.close()

@@ -37,7 +37,9 @@ straight into the caller's buffer; header sizes are bounded by
 
 Retries. Connection errors, timeouts, a body cut short, ``429`` and ``5xx``
 are retried ``retries`` times with exponential backoff (a ``Retry-After`` of a
-few seconds is honoured), then :class:`RemoteBackingError`. Other ``4xx``,
+few seconds is honoured), then :class:`RemoteBackingError`. A process that is
+stopping (:func:`interrupt_waits`) ends every store's wait at once: the
+request fails as after its last retry. Other ``4xx``,
 TLS failures and replies that break the protocol (:class:`RemoteReplyError`)
 are not retried: asking again would get the same answer.
 
@@ -70,11 +72,12 @@ when a store is opened.
 
 from __future__ import annotations
 
+import errno
 import random
 import re
 import ssl
 import threading
-import time
+import weakref
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
@@ -223,6 +226,19 @@ def _describe(exc: BaseException, url: str) -> str:
     return text[:500]
 
 
+_open_stores: weakref.WeakSet[HTTPStore] = weakref.WeakSet()
+_open_stores_lock = threading.Lock()
+
+
+def interrupt_waits() -> None:
+    """End the retry waits of every store in this process, now and later: the
+    process is stopping. Their requests fail at once, as after the last retry."""
+    with _open_stores_lock:
+        stores = list(_open_stores)
+    for store in stores:
+        store._interrupted.set()
+
+
 class HTTPStore:
     """A raw golden image behind an http(s) URL, read with range requests.
 
@@ -252,6 +268,9 @@ class HTTPStore:
         self._next_offset = 0
         self._window = bytearray()
         self._window_offset = 0
+        self._interrupted = threading.Event()
+        with _open_stores_lock:
+            _open_stores.add(self)
 
     @classmethod
     def open(
@@ -399,7 +418,12 @@ class HTTPStore:
                 delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**n) * random.uniform(0.5, 1.0)
                 if exc.delay is not None:
                     delay = max(delay, exc.delay)
-                time.sleep(delay)
+                if self._interrupted.wait(delay):
+                    raise RemoteBackingError(
+                        f"{self.shown_url}: {what} failed ({exc.reason}); stopped retrying: "
+                        "addcow is stopping",
+                        errno.EIO,
+                    ) from None
         raise AssertionError("unreachable")
 
     def _request(self, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:

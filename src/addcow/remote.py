@@ -252,9 +252,11 @@ def _layer(store: BlockSource, uri: str, fmt: str, guard: ChainGuard) -> BlockSo
 
 def interrupt_waits() -> None:
     """End every remote store's wait for its server to come back: the process is stopping."""
-    from .nbd.store import interrupt_waits
+    from . import http_store
+    from .nbd import store
 
-    interrupt_waits()
+    store.interrupt_waits()
+    http_store.interrupt_waits()
 
 
 def refuse_for_rebase(backing: str) -> None:
