@@ -38,7 +38,7 @@ straight into the caller's buffer; header sizes are bounded by
 Retries. Connection errors, timeouts, a body cut short, ``429`` and ``5xx``
 are retried ``retries`` times with exponential backoff (a ``Retry-After`` of a
 few seconds is honoured), then :class:`RemoteBackingError`. A process that is
-stopping (:func:`interrupt_waits`) ends every store's wait at once: the
+stopping (:func:`addcow.remote.interrupt_waits`) ends every store's wait at once: the
 request fails as after its last retry. Other ``4xx``,
 TLS failures and replies that break the protocol (:class:`RemoteReplyError`)
 are not retried: asking again would get the same answer.
@@ -77,13 +77,12 @@ import random
 import re
 import ssl
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
-from . import __version__, sysio
+from . import __version__, remote, sysio
 from .backing import Extent
 from .errors import (
     ClosedImageError,
@@ -226,19 +225,6 @@ def _describe(exc: BaseException, url: str) -> str:
     return text[:500]
 
 
-_open_stores: weakref.WeakSet[HTTPStore] = weakref.WeakSet()
-_open_stores_lock = threading.Lock()
-
-
-def interrupt_waits() -> None:
-    """End the retry waits of every store in this process, now and later: the
-    process is stopping. Their requests fail at once, as after the last retry."""
-    with _open_stores_lock:
-        stores = list(_open_stores)
-    for store in stores:
-        store._interrupted.set()
-
-
 class HTTPStore:
     """A raw golden image behind an http(s) URL, read with range requests.
 
@@ -268,9 +254,7 @@ class HTTPStore:
         self._next_offset = 0
         self._window = bytearray()
         self._window_offset = 0
-        self._interrupted = threading.Event()
-        with _open_stores_lock:
-            _open_stores.add(self)
+        self._interrupted = remote.stop_event()
 
     @classmethod
     def open(

@@ -55,6 +55,8 @@ Opening
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from typing import NamedTuple
 
 from .backing import BlockSource
@@ -250,13 +252,27 @@ def _layer(store: BlockSource, uri: str, fmt: str, guard: ChainGuard) -> BlockSo
     )
 
 
-def interrupt_waits() -> None:
-    """End every remote store's wait for its server to come back: the process is stopping."""
-    from . import http_store
-    from .nbd import store
+_stop_events: weakref.WeakSet[threading.Event] = weakref.WeakSet()
+_stop_events_lock = threading.Lock()
 
-    store.interrupt_waits()
-    http_store.interrupt_waits()
+
+def stop_event() -> threading.Event:
+    """An event for one store to wait on between attempts; :func:`interrupt_waits`
+    sets it."""
+    event = threading.Event()
+    with _stop_events_lock:
+        _stop_events.add(event)
+    return event
+
+
+def interrupt_waits() -> None:
+    """End the waits of every remote store open in this process (an NBD store's for its
+    server to come back, an HTTP store's between retries), now and for the rest of
+    their lives: the process is stopping. Their requests fail at once with EIO."""
+    with _stop_events_lock:
+        events = list(_stop_events)
+    for event in events:
+        event.set()
 
 
 def refuse_for_rebase(backing: str) -> None:

@@ -54,7 +54,7 @@ the pool has no connection, one thread reconnects and the others wait for
 it, and a request that arrives during the outage gets the outage's delay,
 not one of its own. When the delay runs out the request fails with
 :class:`~addcow.errors.RemoteBackingError` and ``errno`` EIO, and so does
-every wait when the process stops (:func:`interrupt_waits`: ``addcow serve``
+every wait when the process stops (:func:`addcow.remote.interrupt_waits`: ``addcow serve``
 shutting down, Ctrl-C of ``addcow stream``), rather than outlive the delay.
 A reconnected export must have the size pinned at open (else
 :class:`~addcow.errors.RemoteChangedError`). The first connection, made by
@@ -88,12 +88,12 @@ import socket
 import ssl
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from typing import NamedTuple, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from .. import remote
 from ..backing import Extent
 from ..errors import RemoteBackingError, RemoteChangedError, RemoteReplyError
 from ..sysio import fill_zero
@@ -471,19 +471,6 @@ def _status_request(offset: int, length: int) -> Callable[[_Link], int | None]:
     return make
 
 
-_open_stores: weakref.WeakSet[NBDStore] = weakref.WeakSet()
-_open_stores_lock = threading.Lock()
-
-
-def interrupt_waits() -> None:
-    """End the reconnect waits of every store in this process, now and later: the
-    process is stopping. Their requests fail at once, as after the reconnect delay."""
-    with _open_stores_lock:
-        stores = list(_open_stores)
-    for store in stores:
-        store._interrupted.set()
-
-
 class NBDStore:
     """A read-only NBD export as a :class:`~addcow.backing.BlockSource`, shared by threads.
 
@@ -513,7 +500,7 @@ class NBDStore:
         self.connections_open = 0
         self._limit = 1
         self._closed = False
-        self._interrupted = threading.Event()
+        self._interrupted = remote.stop_event()
         self.size = -1
         first = self._connect()
         self.size = first.ready.size
@@ -526,8 +513,6 @@ class NBDStore:
         self.structured = first.ready.structured
         self.connections_open = 1
         self._links.append(first)
-        with _open_stores_lock:
-            _open_stores.add(self)
 
     parse_uri = staticmethod(parse_uri)
 
