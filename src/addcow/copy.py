@@ -10,7 +10,6 @@ so the copy stays sparse.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -124,17 +123,13 @@ def open_target(src: BlockSource, dst_path: str) -> int:
     locked for writing as QEMU would, so a file in use is refused.
     """
     try:
-        fd = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        fd = sysio.open_file(dst_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except sysio.WrongFileType as exc:
+        raise ImageFileError(f"{dst_path}: the target is {exc.kind}, not {exc.expected}") from None
     except OSError as exc:
         raise ImageFileError(f"{dst_path}: cannot create: {exc.strerror}") from exc
     try:
         st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise ImageFileError(
-                f"{dst_path}: the target is {sysio.file_kind(st.st_mode)}, not a regular "
-                "file or block device"
-            )
-        os.set_blocking(fd, True)
         if (st.st_dev, st.st_ino) in src.file_ids():
             raise ImageFileError(
                 f"{dst_path}: the target is a file of the source image; refusing to overwrite it"

@@ -16,7 +16,7 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import zeros
 from .errors import AddCowIOError
@@ -191,19 +191,41 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "a special file")
 
 
-def open_file(path: str, flags: int) -> int:
-    """``os.open`` that refuses anything but a regular file or a block device.
+class WrongFileType(OSError):
+    """:func:`open_file` found a file of a type it does not take: ``kind`` (``"a named
+    pipe"``) instead of ``expected``."""
 
-    A name read from a header may point at a FIFO, whose open would block
-    forever, or a directory or character device. The open is non-blocking, the
-    type is checked, then the descriptor is made blocking again. Raises OSError
-    (EINVAL, "not a regular file or block device") for other file types.
+    def __init__(self, path: str, kind: str, expected: str) -> None:
+        super().__init__(errno.EINVAL, f"not {expected}", path)
+        self.kind = kind
+        self.expected = expected
+
+
+def _regular_or_block(mode: int) -> bool:
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
+def open_file(
+    path: str,
+    flags: int,
+    mode: int = 0o666,
+    *,
+    accept: Callable[[int], bool] = _regular_or_block,
+    expected: str = "a regular file or block device",
+) -> int:
+    """``os.open`` that refuses a file whose type ``accept`` (of its ``st_mode``) refuses.
+
+    A name read from a header or given by a user may point at a FIFO, whose open
+    would block forever, or a directory or character device. The open is
+    non-blocking, the type is checked, then the descriptor is made blocking
+    again. Raises :class:`WrongFileType` (EINVAL, "not ``expected``") for other
+    file types.
     """
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     try:
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise OSError(errno.EINVAL, "not a regular file or block device", path)
+        st_mode = os.fstat(fd).st_mode
+        if not accept(st_mode):
+            raise WrongFileType(path, file_kind(st_mode), expected)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

@@ -597,19 +597,21 @@ def _check_sector_aligned(s: Session, offset: int, count: int) -> None:
         raise s.fail(f"{count} is not a sector-aligned value for 'count'")
 
 
+def _file_or_device(mode: int) -> bool:
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)
+
+
 def _source_buffer(s: Session, path: str, count: int) -> bytes:
     """``write -s FILE``: the file's first bytes, repeated to fill ``count``."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO would wait
+        fd = sysio.open_file(path, os.O_RDONLY, accept=_file_or_device,
+                             expected="a regular file or device")  # fmt: skip
+    except sysio.WrongFileType as exc:  # a FIFO would wait in the open
+        s.complain(f"{path}: is {exc.kind}, not {exc.expected}")
+        raise _Failed(path) from None
     except OSError as exc:
         s.complain(f"{path}: {exc.strerror}")
         raise _Failed(path) from None
-    mode = os.fstat(fd).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
-        os.close(fd)
-        s.complain(f"{path}: is {sysio.file_kind(mode)}, not a regular file or device")
-        raise _Failed(path)
-    os.set_blocking(fd, True)
     with os.fdopen(fd, "rb") as f:
         try:
             head = f.read(count)

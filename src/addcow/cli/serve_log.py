@@ -79,19 +79,15 @@ def open_log_file(path: str) -> int:
     The open does not wait: a FIFO, whose open for writing blocks until a
     reader comes, is refused at once (ENXIO without a reader), as a device is.
     """
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
     try:
-        fd = os.open(path, flags, 0o600)
+        return sysio.open_file(path, flags, 0o600, accept=stat.S_ISREG, expected="a regular file")
+    except sysio.WrongFileType as exc:
+        raise CommandError(f"--log-file {path}: is {exc.kind}, not {exc.expected}") from None
     except OSError as exc:
         if exc.errno == errno.ENXIO and _kind(path) != "a regular file":
             raise CommandError(f"--log-file {path}: is {_kind(path)}, not a regular file") from None
         raise CommandError(f"--log-file {path}: {os.strerror(exc.errno or 0)}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise CommandError(f"--log-file {path}: is {sysio.file_kind(mode)}, not a regular file")
-    os.set_blocking(fd, True)
-    return fd
 
 
 def _kind(path: str) -> str:
