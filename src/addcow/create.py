@@ -455,17 +455,13 @@ def _header_size(version: int, image_name: bytes, backing_name: bytes | None) ->
 
 
 def _refuse_another_images_file(path: str, image_path: str) -> None:
-    """Refuse an image file that another image names (step 5 of the module docstring).
+    """Refuse an image file that another image names (step 1 of the module docstring).
 
     The images looked at are the ``*.add-cow`` files in the image file's directory
     and in ``path``'s, ``path`` itself aside (``force`` replaces it). An image
     elsewhere is refused by its locks while it is open.
     """
-    try:
-        st = os.stat(image_path)
-        wanted: object = (st.st_dev, st.st_ino)
-    except OSError:
-        wanted = os.path.realpath(image_path)
+    wanted = _file_key(image_path)
     seen: set[str] = set()
     for directory in (os.path.dirname(image_path), os.path.dirname(path)):
         real = os.path.realpath(directory or ".")

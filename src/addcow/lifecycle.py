@@ -92,7 +92,7 @@ def stream(
     first burst larger).
     """
     if threads is None:
-        remote_copy = image.header.backing_uri and rate is None
+        remote_copy = bool(image.header.backing_uri) and rate is None
         threads = STREAM_THREADS_REMOTE if remote_copy else STREAM_THREADS
     run = _StreamRun(image, rate, progress)
     workers = [

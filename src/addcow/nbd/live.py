@@ -253,7 +253,7 @@ async def stream(pool: LivePool, export: Export) -> None:
     rate = state.rate = state.rate or RateLimit(state.options.stream_rate)
     total = image.unallocated_bytes
     log.info("%s: streaming %s from the backing file", image.path, _mib(total))
-    run = _StreamRun(pool, export, total)
+    run = _ServedStream(pool, export, total)
     pos = 0
     wrapped = False
     try:
@@ -294,7 +294,7 @@ async def stream(pool: LivePool, export: Export) -> None:
     check_complete(pool, export)
 
 
-class _StreamRun:
+class _ServedStream:
     """The spans a server's stream has in the pool, and what finishing one does."""
 
     def __init__(self, pool: LivePool, export: Export, total: int) -> None:
