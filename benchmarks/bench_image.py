@@ -118,6 +118,13 @@ class Row:
             else:  # times and sizes: the ratio is limit / figure, higher is better
                 self.ratios = [b / a for a, b in pairs if a]
 
+    @classmethod
+    def limit(cls, key: str, case: str, unit: str, figures: list[float], limit: float,
+              notes: str = "") -> Row:  # fmt: skip
+        """A row of times or sizes held to a fixed limit (ratio = limit / figure)."""
+        return cls(key, case, unit, figures, [limit] * len(figures), "", 1.0,
+                   higher_is_better=False, notes=notes)  # fmt: skip
+
     @property
     def addcow_median(self) -> float:
         return statistics.median(self.addcow)
@@ -795,15 +802,12 @@ class Bench:
                 extents = timed[0]["extents"]
                 for step in ("create", "open", "map"):
                     rows.append(
-                        Row(
+                        Row.limit(
                             key,
                             f"16 TiB {step}, {what}",
                             "s",
                             [r[step] for r in timed],
-                            [SCALE_SECONDS] * len(timed),
-                            "",
-                            1.0,
-                            higher_is_better=False,
+                            SCALE_SECONDS,
                             notes=(
                                 f"{SCALE_WRITES} clusters written, map walks {extents} extents"
                                 if step == "map"
@@ -812,15 +816,12 @@ class Bench:
                         )
                     )
                 rows.append(
-                    Row(
+                    Row.limit(
                         key,
                         f"16 TiB peak RSS, {what}",
                         "MB",
                         [r["max_rss"] / 1e6 for r in timed],
-                        [SCALE_MEGABYTES] * len(timed),
-                        "",
-                        1.0,
-                        higher_is_better=False,
+                        SCALE_MEGABYTES,
                         notes=(
                             f"whole subprocess ({start_mb:.0f} MB before the first step); "
                             "tracemalloc peak of the same steps: "
@@ -887,27 +888,21 @@ class Bench:
         remove(golden)
         what = f"{size_text(GOLDEN_SIZE)} zlib qcow2 golden ({golden_mb:.0f} MB file)"
         return [
-            Row(
+            Row.limit(
                 "7a",
                 f"create over {what}, library",
                 "s",
                 a,
-                [GOLDEN_CREATE_SECONDS] * len(a),
-                "",
-                1.0,
-                higher_is_better=False,
+                GOLDEN_CREATE_SECONDS,
                 notes="addcow.create (reads the qcow2 header, names and sizes; "
                 "creates the .add-cow and a sparse image file)",
             ),
-            Row(
+            Row.limit(
                 "7a",
                 "`addcow create -b G -F qcow2`, whole command",
                 "s",
                 b,
-                [GOLDEN_COMMAND_SECONDS] * len(b),
-                "",
-                1.0,
-                higher_is_better=False,
+                GOLDEN_COMMAND_SECONDS,
                 notes="wall time of the process, bytecode compiled (compileall) first",
             ),
         ]
@@ -949,62 +944,47 @@ class Bench:
         extents = results[0]["extents"]
         start_mb = results[0]["rss_at_start"] / 1e6
         rows = [
-            Row(
+            Row.limit(
                 "7b",
                 f"open add-cow over {what}",
                 "s",
                 [r["open"] for r in results],
-                [SCALE_SECONDS] * len(results),
-                "",
-                1.0,
-                higher_is_better=False,
+                SCALE_SECONDS,
                 notes="addcow.open(readonly=True) in a fresh subprocess: the add-cow "
                 "header and bitmap, the qcow2 header and L1 table",
             ),
-            Row(
+            Row.limit(
                 "7b",
                 f"map (block_status, whole disk) over {what}",
                 "s",
                 [r["map"] for r in results],
-                [SCALE_SECONDS] * len(results),
-                "",
-                1.0,
-                higher_is_better=False,
+                SCALE_SECONDS,
                 notes=f"{len(SPARSE_WRITES)} qemu-io writes in the qcow2, "
                 f"{extents} extents, the written bytes read back and checked",
             ),
-            Row(
+            Row.limit(
                 "7b",
                 f"peak RSS, open + map over {what}",
                 "MB",
                 [r["max_rss"] / 1e6 for r in results],
-                [SCALE_MEGABYTES] * len(results),
-                "",
-                1.0,
-                higher_is_better=False,
+                SCALE_MEGABYTES,
                 notes=f"ru_maxrss of the whole subprocess from wait4 ({start_mb:.0f} MB "
                 "VmHWM before the first step: interpreter and imports)",
             ),
-            Row(
+            Row.limit(
                 "7b",
                 f"`addcow map --output=json` over {what}, whole command",
                 "s",
                 [t for t, _ in commands],
-                [SCALE_SECONDS] * len(commands),
-                "",
-                1.0,
-                higher_is_better=False,
+                SCALE_SECONDS,
                 notes="wall time of the process, output parsed and checked against the writes",
             ),
-            Row(
+            Row.limit(
                 "7b",
                 "peak RSS, `addcow map` command",
                 "MB",
                 [m / 1e6 for _, m in commands],
-                [SCALE_MEGABYTES] * len(commands),
-                "",
-                1.0,
-                higher_is_better=False,
+                SCALE_MEGABYTES,
                 notes="ru_maxrss of the process from wait4, forked by a small launcher "
                 "(see LAUNCHER)",
             ),

@@ -7,6 +7,7 @@ test`` installs every tool the suite uses.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,6 +45,16 @@ def addcow(*args: str | os.PathLike[str], check: bool = True,
            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the addcow command line as a user would (python -m addcow)."""
     return run([sys.executable, "-m", "addcow", *map(str, args)], check=check, cwd=cwd)
+
+
+def allocated_clusters(image: Path) -> set[int]:
+    """Clusters at depth 0 in ``addcow map --output=json``."""
+    out: set[int] = set()
+    for ext in json.loads(addcow("map", "--output=json", image).stdout):
+        if ext["depth"] == 0:
+            end = ext["start"] + ext["length"]
+            out.update(range(ext["start"] // CLUSTER, -(-end // CLUSTER)))
+    return out
 
 
 def pattern(byte: int, length: int) -> bytes:

@@ -48,10 +48,10 @@ def create(path: Path, size: str | int, *options: str, backing: Path | None = No
     return path
 
 
-def convert_raw(path: Path) -> bytes:
-    """The guest disk as QEMU reads it (qemu-img convert -O raw)."""
-    out = path.with_suffix(".referee.raw")
-    qemu_img("convert", "-O", "raw", path, out)
+def convert_raw(path: Path, fmt: str = "qcow2") -> bytes:
+    """The guest disk as QEMU reads it (qemu-img convert -f FMT -O raw)."""
+    out = path.with_name(path.name + ".referee.raw")
+    qemu_img("convert", "-f", fmt, "-O", "raw", path, out)
     data = out.read_bytes()
     out.unlink()
     return data

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLUSTER, require_tool, run
+from conftest import CLUSTER, allocated_clusters, require_tool, run
 from conftest import addcow as addcow_cli
 from nbd_util import BIN, env_with_addcow, served
 
@@ -85,16 +85,6 @@ def wait_for_log(log: Path, text: str, timeout: float = 30) -> str:
 def image_content(path: Path) -> bytes:
     with addcow.open(path, readonly=True) as img:
         return img.read(0, img.size)
-
-
-def allocated_clusters(path: Path) -> set[int]:
-    """Clusters at depth 0 in ``addcow map --output=json``."""
-    out: set[int] = set()
-    for ext in json.loads(addcow_cli("map", "--output=json", path).stdout):
-        if ext["depth"] == 0:
-            end = ext["start"] + ext["length"]
-            out.update(range(ext["start"] // CLUSTER, -(-end // CLUSTER)))
-    return out
 
 
 def fds_of(pid: int) -> list[str]:

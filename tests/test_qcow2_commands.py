@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CLUSTER, require_tool, run
+from conftest import CLUSTER, allocated_clusters, require_tool, run
 from conftest import addcow as addcow_cli
 from nbd_util import BIN, env_with_addcow, served
-from qcow2_util import converted, qemu_img, qemu_io
+from qcow2_util import convert_raw, converted, qemu_img, qemu_io
 
 from addcow.cli.main import main as cli_main
 
@@ -44,28 +44,9 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def qemu_content(path: Path, fmt: str = "qcow2") -> bytes:
-    """The disk as QEMU reads it (qemu-img convert -O raw)."""
-    out = path.with_name(path.name + ".referee.raw")
-    qemu_img("convert", "-f", fmt, "-O", "raw", path, out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
-
-
 def identical(raw: Path, golden: Path) -> subprocess.CompletedProcess[str]:
     return run([require_tool("qemu-img"), "compare", "-f", "raw", "-F", "qcow2", str(raw),
                 str(golden)], check=False)  # fmt: skip
-
-
-def allocated_clusters(image: Path) -> set[int]:
-    """Clusters at depth 0 in ``addcow map --output=json``."""
-    out: set[int] = set()
-    for ext in json.loads(addcow_cli("map", "--output=json", image).stdout):
-        if ext["depth"] == 0:
-            end = ext["start"] + ext["length"]
-            out.update(range(ext["start"] // CLUSTER, -(-end // CLUSTER)))
-    return out
 
 
 def data_segments(path: Path) -> list[tuple[int, int]]:
@@ -106,7 +87,7 @@ def test_serve_copy_on_read_over_a_compressed_qcow2(tmp_path: Path) -> None:
     require_tool("qemu-io")
     golden = converted(tmp_path, "golden", compress=True)  # zlib; zeros from 2 to 6 MiB
     digest = sha256(golden)
-    content = qemu_content(golden)
+    content = convert_raw(golden)
     size = len(content)
     last = (size - 1) // CLUSTER
     assert size % CLUSTER and not any(content[40 * CLUSTER : 41 * CLUSTER])

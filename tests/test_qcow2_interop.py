@@ -57,7 +57,7 @@ from conftest import addcow as addcow_cli
 from conftest import require_tool, run
 from helpers import filter_timing
 from nbd_util import served
-from qcow2_util import IMAGES, l2_entry, patch, qemu_img
+from qcow2_util import IMAGES, convert_raw, l2_entry, patch, qemu_img
 from qcow2_util import converted as qemu_converted
 
 KiB = 1024
@@ -136,14 +136,6 @@ def make_overlay(golden: Path, path: Path, commands: list[str]) -> str:
     return run([require_tool("qemu-io"), "-f", "qcow2", *io_flags(commands), str(path)]).stdout
 
 
-def qemu_raw(path: Path, fmt: str = "qcow2") -> bytes:
-    out = path.with_name(path.name + ".qemu.raw")
-    qemu_img("convert", "-f", fmt, "-O", "raw", path, out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
-
-
 def qemu_map_of(path: Path, fmt: str = "qcow2") -> list[dict[str, Any]]:
     result: list[dict[str, Any]] = json.loads(
         qemu_img("map", "--output=json", "-f", fmt, path)
@@ -167,7 +159,7 @@ def goldens(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Golden]:
         printed = make_overlay(path, overlay, script(size))
         out[name] = Golden(
             name, path, work, size, info, overlay, printed, qemu_map_of(overlay),
-            qemu_raw(overlay), sha256(path),
+            convert_raw(overlay), sha256(path),
         )  # fmt: skip
     return out
 
@@ -360,7 +352,7 @@ def test_control_one_extra_write_on_the_overlay_is_caught(
     assert (proc.returncode, proc.stdout) == (1, f"Content mismatch at offset {1500 * KiB}!\n")
     mine = entries_of(json.loads(addcow_cli("map", "--output=json", o.image).stdout), g.size)
     theirs = entries_of(qemu_map_of(other), g.size)
-    content = qemu_raw(other)
+    content = convert_raw(other)
     a, b = normalise(mine, content), normalise(theirs, content)
     assert a != b
     assert at([(*r, None) for r in b], 1500 * KiB)[2][0] == 0
@@ -557,7 +549,7 @@ def test_convert_and_compare_of_the_golden_image_itself(
     assert "starts with a qcow2 header" in refused.stderr and "-f qcow2" in refused.stderr
     assert not out.exists()
     addcow_cli("convert", "-f", "qcow2", g.path, out)
-    assert out.read_bytes() == qemu_raw(g.path)
+    assert out.read_bytes() == convert_raw(g.path)
     same = addcow_cli("compare", "-f", "qcow2", "-F", "raw", g.path, out)
     assert same.stdout == "Images are identical.\n"
     with open(out, "r+b") as f:  # one byte differs

@@ -342,36 +342,57 @@ def test_serve_stream_and_a_client_read_wait_for_the_golden_server(
 # -- 3. the golden server stays away past the delay --------------------------------------
 
 
-def test_stream_fails_after_the_reconnect_delay_and_resumes(
-    tmp_path: Path, golden: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path, data = golden
+@contextmanager
+def stream_losing_its_server(
+    tmp_path: Path, golden: tuple[Path, bytes], delay: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Peer, Path, subprocess.Popen[str]]]:
+    """``addcow stream --rate 2M`` under reconnect delay ``delay``, its golden server
+    stopped once the copy has begun: (the server, the image, the stream)."""
+    path, _data = golden
     sock = tmp_path / "golden.sock"
-    raw = tmp_path / "d.raw"
-    monkeypatch.setenv(RECONNECT_DELAY_ENV, "1")
+    monkeypatch.setenv(RECONNECT_DELAY_ENV, delay)
     with peer(qemu_nbd(path, sock), sock=sock) as server:
         image = create_image(tmp_path, unix_uri(sock))
         with streaming(image, "--rate", "2M") as proc:
-            wait_for(lambda: written(raw) > 0, 10, "the stream copied nothing")
+            wait_for(lambda: written(tmp_path / "d.raw") > 0, 10, "the stream copied nothing")
             server.stop()
-            stopped = time.monotonic()
-            status, err = finish(proc)
-            took = time.monotonic() - stopped
+            yield server, image, proc
+
+
+def resume_after_the_server_returns(
+    server: Peer, image: Path, golden: tuple[Path, bytes]
+) -> set[int]:
+    """Every cluster the failed stream marked holds the golden bytes; with the server
+    back, a new stream completes the image. Returns the clusters kept."""
+    path, data = golden
+    raw = image.with_suffix(".raw")
+    kept = durable(image)
+    assert misplaced(raw, kept, data) == []
+    server.start()
+    again = cli("stream", image)
+    assert again.stderr.startswith(f"streamed {image}: ")
+    check_clean(image)
+    qemu_compare(raw, path)
+    return kept
+
+
+def test_stream_fails_after_the_reconnect_delay_and_resumes(
+    tmp_path: Path, golden: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with stream_losing_its_server(tmp_path, golden, "1", monkeypatch) as (server, image, proc):
+        stopped = time.monotonic()
+        status, err = finish(proc)
+        took = time.monotonic() - stopped
         assert status == 1
         line = one_error(err)
-        assert line.startswith(f"addcow: {unix_uri(sock)}: connection lost"), line
+        uri = unix_uri(tmp_path / "golden.sock")
+        assert line.startswith(f"addcow: {uri}: connection lost"), line
         assert "expected the server back within 1 s, found it still unreachable" in line
         assert took < 8, took
         # What was copied before the failure was kept (flushed on the way out), and
-        # only that: every cluster marked holds the golden bytes.
-        kept = durable(image)
+        # only that.
+        kept = resume_after_the_server_returns(server, image, golden)
         assert 0 < len(kept) < CLUSTERS
-        assert misplaced(raw, kept, data) == []
-        server.start()
-        again = cli("stream", image)
-        assert again.stderr.startswith(f"streamed {image}: ")
-        check_clean(image)
-    qemu_compare(raw, path)
 
 
 def test_ctrl_c_of_a_stream_waiting_for_the_golden_server_stops_at_once(
@@ -379,30 +400,17 @@ def test_ctrl_c_of_a_stream_waiting_for_the_golden_server_stops_at_once(
 ) -> None:
     """The golden server is gone and the reconnect delay is long: Ctrl-C ends the wait
     (exit 130 within seconds) and keeps what was copied."""
-    path, data = golden
-    sock = tmp_path / "golden.sock"
-    raw = tmp_path / "d.raw"
-    monkeypatch.setenv(RECONNECT_DELAY_ENV, "120")
-    with peer(qemu_nbd(path, sock), sock=sock) as server:
-        image = create_image(tmp_path, unix_uri(sock))
-        with streaming(image, "--rate", "2M") as proc:
-            wait_for(lambda: written(raw) > 0, 10, "the stream copied nothing")
-            server.stop()
-            time.sleep(1.0)  # every stream thread is waiting for the server by now
-            assert proc.poll() is None
-            proc.send_signal(signal.SIGINT)
-            interrupted = time.monotonic()
-            status, err = finish(proc)
-            took = time.monotonic() - interrupted
+    with stream_losing_its_server(tmp_path, golden, "120", monkeypatch) as (server, image, proc):
+        time.sleep(1.0)  # every stream thread is waiting for the server by now
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        status, err = finish(proc)
+        took = time.monotonic() - interrupted
         assert status == 130, err
         assert took < 5, f"Ctrl-C took {took:.1f} s"
         assert "Traceback" not in err
-        kept = durable(image)
-        assert misplaced(raw, kept, data) == []
-        server.start()
-        cli("stream", image)
-        check_clean(image)
-    qemu_compare(raw, path)
+        resume_after_the_server_returns(server, image, golden)
 
 
 def test_sigterm_of_serve_while_a_read_waits_for_the_golden_server(
