@@ -9,6 +9,7 @@ relative names start at the qcow2's directory, raw backings become
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -55,6 +56,34 @@ def convert_raw(path: Path, fmt: str = "qcow2") -> bytes:
     data = out.read_bytes()
     out.unlink()
     return data
+
+
+def data_segments(path: Path, lo: int = 0, hi: int | None = None,
+                  block: int = 1) -> list[tuple[int, int]]:  # fmt: skip
+    """The data segments (SEEK_DATA/SEEK_HOLE) of ``path`` in the whole blocks of
+    [lo, hi) (the whole file by default)."""
+    if hi is None:
+        hi = os.stat(path).st_size
+    lo, hi = -(-lo // block) * block, hi // block * block
+    found = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = lo
+        while pos < hi:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            if start >= hi:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            found.append((start, min(end, hi)))
+            pos = end
+    finally:
+        os.close(fd)
+    return found
 
 
 def qemu_map(path: Path) -> list[dict[str, Any]]:

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -32,7 +31,7 @@ import pytest
 from conftest import CLUSTER, allocated_clusters, require_tool, run
 from conftest import addcow as addcow_cli
 from nbd_util import BIN, env_with_addcow, served
-from qcow2_util import convert_raw, converted, qemu_img, qemu_io
+from qcow2_util import convert_raw, converted, data_segments, qemu_img, qemu_io
 
 from addcow.cli.main import main as cli_main
 
@@ -47,26 +46,6 @@ def sha256(path: Path) -> str:
 def identical(raw: Path, golden: Path) -> subprocess.CompletedProcess[str]:
     return run([require_tool("qemu-img"), "compare", "-f", "raw", "-F", "qcow2", str(raw),
                 str(golden)], check=False)  # fmt: skip
-
-
-def data_segments(path: Path) -> list[tuple[int, int]]:
-    """The data segments of a file (SEEK_DATA / SEEK_HOLE)."""
-    found = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size, pos = os.fstat(fd).st_size, 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            pos = os.lseek(fd, start, os.SEEK_HOLE)
-            found.append((start, pos))
-    finally:
-        os.close(fd)
-    return found
 
 
 # -- serve --copy-on-read over a compressed qcow2 ------------------------------------------

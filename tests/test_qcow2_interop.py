@@ -40,7 +40,6 @@ corrupt L2 entry found by ``check``.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import itertools
 import json
@@ -57,7 +56,7 @@ from conftest import addcow as addcow_cli
 from conftest import require_tool, run
 from helpers import filter_timing
 from nbd_util import served
-from qcow2_util import IMAGES, convert_raw, l2_entry, patch, qemu_img
+from qcow2_util import IMAGES, convert_raw, data_segments, l2_entry, patch, qemu_img
 from qcow2_util import converted as qemu_converted
 
 KiB = 1024
@@ -359,30 +358,6 @@ def test_control_one_extra_write_on_the_overlay_is_caught(
     assert at([(*r, None) for r in a], 1500 * KiB)[2][0] == 1
 
 
-def hole_free_blocks(path: Path, lo: int, hi: int, block: int) -> list[tuple[int, int]]:
-    """The data segments (SEEK_DATA/SEEK_HOLE) of ``path`` in the whole blocks of [lo, hi)."""
-    lo, hi = -(-lo // block) * block, hi // block * block
-    found = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = lo
-        while pos < hi:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            if start >= hi:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            found.append((start, min(end, hi)))
-            pos = end
-    finally:
-        os.close(fd)
-    return found
-
-
 @pytest.mark.parametrize("name", GOLDEN)
 def test_stream_and_detach_leave_the_overlays_disk_sparse(
     goldens: dict[str, Golden], name: str
@@ -408,7 +383,7 @@ def test_stream_and_detach_leave_the_overlays_disk_sparse(
     whole = sum(max(0, hi // block * block - -(-lo // block) * block) for lo, hi in zero_ranges)
     assert whole > 0, "the golden image has zero ranges of whole blocks"
     data_there = [(lo, hi, seg) for lo, hi in zero_ranges
-                  for seg in hole_free_blocks(raw, lo, hi, block)]  # fmt: skip
+                  for seg in data_segments(raw, lo, hi, block)]  # fmt: skip
     assert data_there == []
     # and QEMU's map of the raw disk says the same: no data in those ranges
     raw_map = qemu_map_of(raw, "raw")

@@ -162,6 +162,18 @@ def create_image(tmp_path: Path, uri: str, name: str = "d") -> Path:
 
 
 @contextmanager
+def golden_and_image(
+    tmp_path: Path, golden: tuple[Path, bytes], delay: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Peer, Path]]:
+    """qemu-nbd serving the golden image on ``golden.sock``, the reconnect delay set
+    to ``delay``, and an image over it: (the server, the image)."""
+    sock = tmp_path / "golden.sock"
+    monkeypatch.setenv(RECONNECT_DELAY_ENV, delay)
+    with peer(qemu_nbd(golden[0], sock), sock=sock) as server:
+        yield server, create_image(tmp_path, unix_uri(sock))
+
+
+@contextmanager
 def streaming(image: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
     """``addcow stream`` running in the background; killed if still running at the end."""
     proc = subprocess.Popen([sys.executable, "-m", "addcow", "stream", *args, str(image)],
@@ -241,11 +253,8 @@ def test_stream_killed_while_the_golden_server_restarts(
     tmp_path: Path, golden: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, data = golden
-    sock = tmp_path / "golden.sock"
     raw = tmp_path / "d.raw"
-    monkeypatch.setenv(RECONNECT_DELAY_ENV, "30")
-    with peer(qemu_nbd(path, sock), sock=sock) as server:
-        image = create_image(tmp_path, unix_uri(sock))
+    with golden_and_image(tmp_path, golden, "30", monkeypatch) as (server, image):
         with streaming(image, "--rate", "512K") as proc:
             # The stream commits COMMIT_SECONDS in; it needs about 8 s in all.
             wait_for(lambda: bool(durable(image)), 20, "no progress made durable")
@@ -278,11 +287,8 @@ def test_stream_rides_out_a_golden_server_restart(
     tmp_path: Path, golden: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, _data = golden
-    sock = tmp_path / "golden.sock"
     raw = tmp_path / "d.raw"
-    monkeypatch.setenv(RECONNECT_DELAY_ENV, "20")
-    with peer(qemu_nbd(path, sock), sock=sock) as server:
-        image = create_image(tmp_path, unix_uri(sock))
+    with golden_and_image(tmp_path, golden, "20", monkeypatch) as (server, image):
         with streaming(image, "--rate", "2M") as proc:
             wait_for(lambda: written(raw) > 0, 10, "the stream copied nothing")
             server.stop(signal.SIGTERM)
@@ -303,13 +309,10 @@ def test_serve_stream_and_a_client_read_wait_for_the_golden_server(
 ) -> None:
     """``addcow serve --stream``: its stream and a client's read of a cluster not copied
     yet both wait while the golden server is down, and go on when it is back."""
-    path, data = golden
-    sock = tmp_path / "golden.sock"
+    _path, data = golden
     raw = tmp_path / "d.raw"
-    monkeypatch.setenv(RECONNECT_DELAY_ENV, "20")
     script = "import sys; sys.stdout.buffer.write(h.pread(65536, 3 * 1024 * 1024))"
-    with peer(qemu_nbd(path, sock), sock=sock) as server:
-        image = create_image(tmp_path, unix_uri(sock))
+    with golden_and_image(tmp_path, golden, "20", monkeypatch) as (server, image):
         args = ("--stream", "--stream-rate", "2M", "--detach-when-complete")
         with served(tmp_path, image, args=args) as srv:
             wait_for(lambda: written(raw) > 0, 10, "the served stream copied nothing")
@@ -348,15 +351,13 @@ def stream_losing_its_server(
 ) -> Iterator[tuple[Peer, Path, subprocess.Popen[str]]]:
     """``addcow stream --rate 2M`` under reconnect delay ``delay``, its golden server
     stopped once the copy has begun: (the server, the image, the stream)."""
-    path, _data = golden
-    sock = tmp_path / "golden.sock"
-    monkeypatch.setenv(RECONNECT_DELAY_ENV, delay)
-    with peer(qemu_nbd(path, sock), sock=sock) as server:
-        image = create_image(tmp_path, unix_uri(sock))
-        with streaming(image, "--rate", "2M") as proc:
-            wait_for(lambda: written(tmp_path / "d.raw") > 0, 10, "the stream copied nothing")
-            server.stop()
-            yield server, image, proc
+    with (
+        golden_and_image(tmp_path, golden, delay, monkeypatch) as (server, image),
+        streaming(image, "--rate", "2M") as proc,
+    ):
+        wait_for(lambda: written(tmp_path / "d.raw") > 0, 10, "the stream copied nothing")
+        server.stop()
+        yield server, image, proc
 
 
 def resume_after_the_server_returns(
@@ -418,31 +419,30 @@ def test_sigterm_of_serve_while_a_read_waits_for_the_golden_server(
 ) -> None:
     """``addcow serve --stream`` with a client's read and its stream waiting for a golden
     server that is gone: SIGTERM stops it within seconds, not after the reconnect delay."""
-    path, data = golden
-    sock = tmp_path / "golden.sock"
+    _path, data = golden
     raw = tmp_path / "d.raw"
-    monkeypatch.setenv(RECONNECT_DELAY_ENV, "120")
-    with peer(qemu_nbd(path, sock), sock=sock) as server:
-        image = create_image(tmp_path, unix_uri(sock))
-        with served(tmp_path, image, args=("--stream", "--stream-rate", "2M")) as srv:
-            wait_for(lambda: written(raw) > 0, 10, "the served stream copied nothing")
-            server.stop()
-            reader = subprocess.Popen(
-                [require_tool("qemu-io"), "-f", "raw", "-c", "read 3M 64k", srv.uri],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            try:
-                time.sleep(1.0)
-                assert reader.poll() is None, "the client's read did not wait"
-                srv.proc.send_signal(signal.SIGTERM)
-                stopping = time.monotonic()
-                assert srv.proc.wait(timeout=60) == 0, srv.stderr()
-                took = time.monotonic() - stopping
-            finally:
-                reader.kill()
-                reader.communicate()
-            assert took < 10, f"SIGTERM took {took:.1f} s\n{srv.stderr()}"
-            assert "Traceback" not in srv.stderr()
+    with (
+        golden_and_image(tmp_path, golden, "120", monkeypatch) as (server, image),
+        served(tmp_path, image, args=("--stream", "--stream-rate", "2M")) as srv,
+    ):
+        wait_for(lambda: written(raw) > 0, 10, "the served stream copied nothing")
+        server.stop()
+        reader = subprocess.Popen(
+            [require_tool("qemu-io"), "-f", "raw", "-c", "read 3M 64k", srv.uri],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(1.0)
+            assert reader.poll() is None, "the client's read did not wait"
+            srv.proc.send_signal(signal.SIGTERM)
+            stopping = time.monotonic()
+            assert srv.proc.wait(timeout=60) == 0, srv.stderr()
+            took = time.monotonic() - stopping
+        finally:
+            reader.kill()
+            reader.communicate()
+        assert took < 10, f"SIGTERM took {took:.1f} s\n{srv.stderr()}"
+        assert "Traceback" not in srv.stderr()
     kept = durable(image)
     assert 0 < len(kept) < CLUSTERS
     assert misplaced(raw, kept, data) == []
