@@ -9,8 +9,10 @@ RemoteReplyError or RemoteBackingError within a timeout.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import re
 import signal
 import socket
 import struct
@@ -29,9 +31,10 @@ from nbd_util import served
 from tls_util import make_certs
 
 import addcow
-from addcow.errors import RemoteBackingError, RemoteChangedError, RemoteReplyError
+from addcow.errors import AddCowError, RemoteBackingError, RemoteChangedError, RemoteReplyError
+from addcow.nbd import loop_store, wire
 from addcow.nbd import store as nbd_store
-from addcow.nbd import wire
+from addcow.nbd.loop_store import LoopReader
 from addcow.nbd.store import NBDStore
 
 KiB = 1 << 10
@@ -455,7 +458,7 @@ def _option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
     return wire.OPTION_REPLY_HEADER.pack(wire.OPT_REPLY_MAGIC, option, reply, len(data)) + data
 
 
-def _serve_one(conn: socket.socket, behave: Behaviour, structured: bool) -> None:
+def _serve_one(conn: socket.socket, behave: Behaviour, structured: bool, flags: int) -> None:
     conn.sendall(wire.GREETING.pack(wire.NBDMAGIC, wire.IHAVEOPT, 3))
     _recv(conn, 4)
     while True:
@@ -469,7 +472,7 @@ def _serve_one(conn: socket.socket, behave: Behaviour, structured: bool) -> None
                                        struct.pack(">I", 1) + b"base:allocation")
                          + _option_reply(option, wire.REP_ACK))  # fmt: skip
         elif option == wire.OPT_GO:
-            info = wire.INFO_EXPORT_PAYLOAD.pack(wire.INFO_EXPORT, SIZE, 3)
+            info = wire.INFO_EXPORT_PAYLOAD.pack(wire.INFO_EXPORT, SIZE, flags)
             conn.sendall(_option_reply(option, wire.REP_INFO, info)
                          + _option_reply(option, wire.REP_ACK))  # fmt: skip
             break
@@ -486,7 +489,8 @@ def _serve_one(conn: socket.socket, behave: Behaviour, structured: bool) -> None
 
 
 @contextmanager
-def hostile(tmp_path: Path, behave: Behaviour, structured: bool = True) -> Iterator[str]:
+def hostile(tmp_path: Path, behave: Behaviour, structured: bool = True,
+            flags: int = wire.FLAG_HAS_FLAGS | wire.FLAG_READ_ONLY) -> Iterator[str]:  # fmt: skip
     path = tmp_path / "hostile.sock"
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
@@ -494,16 +498,21 @@ def hostile(tmp_path: Path, behave: Behaviour, structured: bool = True) -> Itera
     listener.settimeout(0.1)
     stop = threading.Event()
 
+    def one(conn: socket.socket) -> None:
+        with conn, suppress(OSError, EOFError):
+            conn.settimeout(5)
+            _serve_one(conn, behave, structured, flags)
+
     def loop() -> None:
         while not stop.is_set():
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
                 continue
-            with conn, suppress(OSError, EOFError):
-                conn.settimeout(5)
-                _serve_one(conn, behave, structured)
+            served.append(threading.Thread(target=one, args=(conn,), daemon=True))
+            served[-1].start()
 
+    served: list[threading.Thread] = []
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
@@ -511,6 +520,8 @@ def hostile(tmp_path: Path, behave: Behaviour, structured: bool = True) -> Itera
     finally:
         stop.set()
         thread.join(timeout=10)
+        for t in served:
+            t.join(timeout=10)
         listener.close()
 
 
@@ -689,3 +700,133 @@ def test_hostile_without_structured_replies(tmp_path: Path) -> None:
         assert next(iter(store.block_status_at(0, 10, 0))).zero is False
         with pytest.raises(RemoteReplyError, match="cookie"):
             read(store, 0, 10)
+
+
+# -- reads from an event loop (addcow.nbd.loop_store) ----------------------------------
+
+MULTI_CONN = wire.FLAG_HAS_FLAGS | wire.FLAG_READ_ONLY | wire.FLAG_CAN_MULTI_CONN
+Outcome = bytes | bool | AddCowError
+
+
+def loop_reads(store: NBDStore, reads: list[tuple[int, int]]) -> list[Outcome] | None:
+    """Send ``reads`` (offset, length) together on a LoopReader's connection, in one
+    turn of an event loop; each read's bytes, False (its connection broke) or its
+    error. None if the reader gets no connection."""
+
+    async def main() -> list[Outcome] | None:
+        reader = LoopReader(store)
+        reader.start()
+        if not await reader.opened():
+            return None
+        buffers = [bytearray(n) for _, n in reads]
+        pairs = zip(buffers, reads, strict=True)
+        started = [reader.read(memoryview(b), off) for b, (off, _) in pairs]
+        assert all(f is not None for f in started)
+        futures = [f for f in started if f is not None]
+        await asyncio.wait_for(asyncio.wait(futures), 10)
+        out: list[Outcome] = []
+        for future, buf, (off, n) in zip(futures, buffers, reads, strict=True):
+            try:
+                out.append(bytes(buf) if loop_store.outcome(future, store.uri, off, n) else False)
+            except AddCowError as exc:
+                out.append(exc)
+        broken = not reader.connected
+        await reader.close()
+        assert reader.read(memoryview(bytearray(512)), 0) is None  # closed
+        return [*out, broken]
+
+    return asyncio.run(main())
+
+
+def test_loop_reads_from_qemu_nbd(tmp_path: Path) -> None:
+    """Reads sent together from an event loop, against qemu-nbd with multi-conn."""
+    raw = tmp_path / "a.raw"
+    data = random_file(raw, 4 * MiB)
+    sock = tmp_path / "q.sock"
+    reads = [((i * 7919 * 4096) % (4 * MiB - 65536), 4096 * (1 + i % 16)) for i in range(64)]
+    reads.append((0, MiB))
+    with server(qemu_nbd(raw, sock, "-e", "4"), sock), NBDStore.open(unix_uri(sock)) as store:
+        got = loop_reads(store, reads)
+        assert got is not None
+        assert got[:-1] == [data[off : off + n] for off, n in reads]
+        assert got[-1] is False  # still connected at the end
+        # Only what the store would send unchanged: inside the export, one request long.
+        assert not store.loop_reads(4 * MiB - 4096, 8192)
+        assert not store.loop_reads(0, 2 * MiB)
+        assert store.loop_reads(4 * MiB - 4096, 4096)
+
+
+def test_loop_reads_only_with_multi_conn(tmp_path: Path) -> None:
+    """A server that does not advertise multi-conn may take one client at a time: the
+    reader never opens a connection of its own."""
+    with hostile(tmp_path, lambda cmd, c, off, n: data(c, off, n)) as uri, \
+            NBDStore.open(uri, timeout=2) as store:  # fmt: skip
+        assert not store.multi_conn
+        assert loop_reads(store, [(0, 4096)]) is None
+
+
+def test_loop_reads_not_over_tls(tmp_path: Path, certs: dict[str, Path]) -> None:
+    raw = tmp_path / "a.raw"
+    random_file(raw, MiB)
+    sock = tmp_path / "q.sock"
+    tls = ("--object", f"tls-creds-x509,id=tls0,dir={certs['srv']},endpoint=server",
+           "--tls-creds", "tls0")  # fmt: skip
+    with server(qemu_nbd(raw, sock, "-e", "4", *tls), sock), \
+            NBDStore.open(unix_uri(sock, scheme="nbds+unix"),
+                          tls_certificates=str(certs["client"])) as store:  # fmt: skip
+        assert store.multi_conn
+        assert loop_reads(store, [(0, 4096)]) is None
+
+
+def test_loop_reads_replies_out_of_order(tmp_path: Path) -> None:
+    with hostile(tmp_path, _answer_when(8), flags=MULTI_CONN) as uri, \
+            NBDStore.open(uri, timeout=5) as store:  # fmt: skip
+        got = loop_reads(store, [(i * 4096, 4096) for i in range(8)])
+        assert got == [bytes([i]) * 4096 for i in range(8)] + [False]
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_READS))
+def test_loop_reads_hostile_replies(tmp_path: Path, name: str) -> None:
+    """A reply that breaks the protocol fails its read with RemoteReplyError, fast,
+    and the connection is dropped."""
+    with hostile(tmp_path, BROKEN_READS[name], flags=MULTI_CONN) as uri, \
+            NBDStore.open(uri, timeout=2, reconnect_delay=0) as store:  # fmt: skip
+        start = time.monotonic()
+        got = loop_reads(store, [(4096, 1024)])
+        assert time.monotonic() - start < 3
+        assert got is not None and got[-1] is True
+        assert isinstance(got[0], RemoteReplyError), got[0]
+        assert re.search(r"expected .*found", str(got[0]))
+
+
+def test_loop_reads_truncated_and_silent_replies(tmp_path: Path) -> None:
+    """A reply cut short or never sent breaks the connection (after the store's
+    timeout at most): the read ends with False, for the store to retry."""
+    cases: list[Behaviour] = [
+        lambda cmd, c, off, n: data(c, off, n)[:-10] if off else None,
+        lambda cmd, c, off, n: b"",
+    ]
+    for behave in cases:
+        with hostile(tmp_path, behave, flags=MULTI_CONN) as uri, \
+                NBDStore.open(uri, timeout=1, reconnect_delay=0) as store:  # fmt: skip
+            start = time.monotonic()
+            assert loop_reads(store, [(4096, 4096)]) == [False, True]
+            assert time.monotonic() - start < 4
+        (tmp_path / "hostile.sock").unlink()
+
+
+def test_loop_reads_error_replies_keep_the_connection(tmp_path: Path) -> None:
+    def behave(cmd: int, c: int, off: int, n: int) -> bytes:
+        if off == 8192:
+            return chunk(c, wire.REPLY_TYPE_ERROR,
+                         struct.pack(">IH", errno.ENOSPC, 2) + b"no")  # fmt: skip
+        return data(c, off, n)
+
+    with hostile(tmp_path, behave, flags=MULTI_CONN) as uri, \
+            NBDStore.open(uri, timeout=2) as store:  # fmt: skip
+        got = loop_reads(store, [(8192, 512), (0, 512)])
+        assert got is not None
+        error, ok, broken = got
+        assert isinstance(error, RemoteBackingError) and not isinstance(error, RemoteReplyError)
+        assert error.errno == errno.ENOSPC and "ENOSPC: no" in str(error)
+        assert ok == bytes(512) and broken is False

@@ -27,9 +27,13 @@ from nbd_util import qemu_nbd, served, start_qemu_nbd, stop_qemu_nbd
 import addcow
 from addcow.errors import PathPolicyError, RemoteBackingError, RemoteChangedError
 from addcow.format import V2_INCOMPAT_BACKING_URI
+from addcow.nbd.loop_store import REOPEN_AFTER
 from addcow.remote import BackingURI
 
 SIZE = 64 * CLUSTER
+# What addcow serve logs when it reads unallocated clusters on its event loop's own
+# connection to an NBD golden server.
+LOOP_READS = "reads of unallocated clusters go out from the event loop"
 
 
 def golden_bytes() -> bytes:
@@ -289,7 +293,11 @@ def test_serve_clients_wait_while_the_golden_server_restarts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The golden server goes away and comes back within the reconnect delay: a client
-    of ``addcow serve`` sees its reads wait, not fail, and gets the right bytes."""
+    of ``addcow serve`` sees its reads wait, not fail, and gets the right bytes.
+
+    qemu-nbd advertises multi-conn, so the server reads unallocated clusters on
+    its event loop's own connection; when that breaks, the reads go through the
+    store, which reconnects, and the loop's connection is opened again after."""
     data = golden_bytes()
     golden = tmp_path / "golden.raw"
     write_golden(golden, data)
@@ -299,6 +307,7 @@ def test_serve_clients_wait_while_the_golden_server_restarts(
         image = image_over(tmp_path, f"nbd+unix:///?socket={sock}")
         monkeypatch.setenv("ADDCOW_RECONNECT_DELAY", "30")
         with served(tmp_path, image) as srv:
+            assert srv.logged(LOOP_READS), srv.stderr()
             run([require_tool("qemu-io"), "-f", "raw", "-c", "read 0 4k", srv.uri])
             stop_qemu_nbd(store)
             copy = subprocess.Popen(
@@ -311,5 +320,14 @@ def test_serve_clients_wait_while_the_golden_server_restarts(
             _, err = copy.communicate(timeout=90)
             assert copy.returncode == 0, err
             assert (tmp_path / "copy.raw").read_bytes() == data
+            assert srv.logged("the event loop's connection failed"), srv.stderr()
+            time.sleep(REOPEN_AFTER)
+            got = run([require_tool("qemu-io"), "-f", "raw", "-c", "read -v 0 16", "-c",
+                       "read -v 128k 16", srv.uri]).stdout  # fmt: skip
+            assert got.count("read 16/16 bytes") == 2
+            deadline = time.monotonic() + 10  # the first read starts the reopening
+            while srv.stderr().count(LOOP_READS) < 2:
+                assert time.monotonic() < deadline, srv.stderr()
+                time.sleep(0.05)
     finally:
         stop_qemu_nbd(store)

@@ -464,25 +464,32 @@ def test_latency_of_the_delay_filter(tmp_path: Path, golden: tuple[Path, bytes])
     qemu_compare(tmp_path / "d.raw", path)
 
 
-def test_eio_at_chosen_offsets_stops_the_stream_and_marks_none_of_them(
-    tmp_path: Path, golden: tuple[Path, bytes]
-) -> None:
-    """nbdkit's ddrescue filter fails reads of bytes 2 MiB .. 2 MiB + 64 KiB with EIO
-    (the error filter of nbdkit 1.32 injects by rate and trigger file, not by offset)."""
-    path, data = golden
-    sock = tmp_path / "golden.sock"
-    raw = tmp_path / "d.raw"
-    bad_lo, bad_hi = 2 * MiB, 2 * MiB + 65536
+BAD_LO, BAD_HI = 2 * MiB, 2 * MiB + 65536
+
+
+def failing_golden(tmp_path: Path, path: Path, sock: Path) -> list[str]:
+    """nbdkit serving ``path`` with reads of bytes BAD_LO .. BAD_HI failing with EIO
+    (its ddrescue filter: the error filter of nbdkit 1.32 injects by rate and trigger
+    file, not by offset)."""
     mapfile = tmp_path / "golden.map"
     mapfile.write_text(
         "# Mapfile. Created by GNU ddrescue version 1.27\n"
         "# current_pos  current_status  current_pass\n0x00000000     +               1\n"
         "#      pos        size  status\n"
-        f"0x00000000  {bad_lo:#010x}  +\n{bad_lo:#010x}  {bad_hi - bad_lo:#010x}  -\n"
-        f"{bad_hi:#010x}  {SIZE - bad_hi:#010x}  +\n"
+        f"0x00000000  {BAD_LO:#010x}  +\n{BAD_LO:#010x}  {BAD_HI - BAD_LO:#010x}  -\n"
+        f"{BAD_HI:#010x}  {SIZE - BAD_HI:#010x}  +\n"
     )
-    cmd = nbdkit(sock, "--filter=ddrescue", "file", str(path), f"ddrescue-mapfile={mapfile}")
-    with peer(cmd, sock=sock, probe=True):
+    return nbdkit(sock, "--filter=ddrescue", "file", str(path), f"ddrescue-mapfile={mapfile}")
+
+
+def test_eio_at_chosen_offsets_stops_the_stream_and_marks_none_of_them(
+    tmp_path: Path, golden: tuple[Path, bytes]
+) -> None:
+    """The golden server fails reads of bytes 2 MiB .. 2 MiB + 64 KiB with EIO."""
+    path, data = golden
+    sock = tmp_path / "golden.sock"
+    raw = tmp_path / "d.raw"
+    with peer(failing_golden(tmp_path, path, sock), sock=sock, probe=True):
         image = create_image(tmp_path, unix_uri(sock))
         failed = cli("stream", "--rate", "4M", image, check=False)
         assert failed.returncode == 1
@@ -490,7 +497,7 @@ def test_eio_at_chosen_offsets_stops_the_stream_and_marks_none_of_them(
         found = re.search(r"the server failed the read of bytes (\d+)-(\d+) with EIO$", line)
         assert found, line
         lo, hi = int(found[1]), int(found[2]) + 1
-        assert lo < bad_hi and hi > bad_lo, (lo, hi)
+        assert lo < BAD_HI and hi > BAD_LO, (lo, hi)
         kept = durable(image)
         assert kept, "nothing before the bad range was kept"
         assert not kept & set(range(lo // CLUSTER, -(-hi // CLUSTER))), sorted(kept)
@@ -499,6 +506,32 @@ def test_eio_at_chosen_offsets_stops_the_stream_and_marks_none_of_them(
         cli("stream", image)
         check_clean(image)
     qemu_compare(raw, path)
+
+
+def test_eio_from_the_golden_server_reaches_the_client_of_serve(
+    tmp_path: Path, golden: tuple[Path, bytes]
+) -> None:
+    """A client of ``addcow serve`` reading the failing range gets EIO; its other reads,
+    from the event loop's connection to the golden server (nbdkit advertises
+    multi-conn), get the golden bytes, before and after."""
+    path, data = golden
+    sock = tmp_path / "golden.sock"
+    qemu_io = require_tool("qemu-io")
+    with peer(failing_golden(tmp_path, path, sock), sock=sock, probe=True):
+        image = create_image(tmp_path, unix_uri(sock))
+        with served(tmp_path, image) as srv:
+            assert srv.logged("reads of unallocated clusters go out from the event loop")
+            for offset, fails in ((MiB, False), (BAD_LO + 4096, True), (3 * MiB, False)):
+                got = subprocess.run([qemu_io, "-f", "raw", "-c", f"read -v {offset} 16",
+                                      srv.uri], capture_output=True, text=True)  # fmt: skip
+                if fails:
+                    assert "Input/output error" in got.stdout + got.stderr, got
+                else:
+                    assert got.returncode == 0 and "read 16/16 bytes" in got.stdout, got
+                    assert data[offset : offset + 16].hex(" ") in got.stdout.replace("  ", " ")
+            assert "the server failed the read of bytes" in srv.stderr()
+            assert "the event loop's connection failed" not in srv.stderr()
+            assert "Traceback" not in srv.stderr()
 
 
 def test_retry_filter_over_a_plugin_that_fails_then_recovers(

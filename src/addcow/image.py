@@ -404,10 +404,30 @@ class AddCowImage:
         state = self.bitmap.state(offset >> self.cluster_bits, ((end - 1) >> self.cluster_bits) + 1)
         if state == 1:
             return self._image_fd
+        backing = self.backing_for(offset, length) if state == 0 else None
+        return backing.fd if type(backing) is RawFile else -1
+
+    def backing_for(self, offset: int, length: int) -> BlockSource | None:
+        """The backing store holding all ``length`` bytes at ``offset`` at that same
+        offset: no cluster of the range allocated, the range inside the store. None
+        otherwise (allocated or mixed, past the store's end, no backing, closed).
+
+        For callers that read such a range from the store themselves (``sendfile``
+        of a raw backing file, the server's own connection to an NBD golden
+        image). A bit set after this call does not make the answer wrong for a
+        read that was in flight with the write that set it (see "Copy on write"
+        above); the store is only valid until the next call that may release
+        the backing, so use it at once.
+        """
+        end = offset + length
+        if length <= 0 or offset < 0 or end > self.size or self._closed or self._all_allocated:
+            return None
         backing = self.backing
-        if state == 0 and type(backing) is RawFile and end <= backing.size:
-            return backing.fd
-        return -1
+        if backing is None or end > backing.size:
+            return None
+        if self.bitmap.state(offset >> self.cluster_bits, ((end - 1) >> self.cluster_bits) + 1):
+            return None
+        return backing
 
     def _backing_name(self) -> str:
         return str(getattr(self.backing, "path", None) or getattr(self.backing, "uri", "backing"))

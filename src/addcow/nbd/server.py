@@ -31,6 +31,13 @@ Design
     queued has reached the socket, which is also when the next large read can
     leave with ``sendfile`` again.
 
+    A read that lies wholly in an NBD backing (no cluster of it allocated)
+    needs no thread either: the loop sends it on a connection of its own to
+    the golden server (:mod:`addcow.nbd.loop_store`) and replies from the
+    callback when the data is in the reply buffer. Where that connection
+    cannot take it (TLS, no multi-conn, it broke), the pool reads it through
+    the store, which reconnects as it must.
+
     In the code: :meth:`NBDServer._session` is the dispatch loop over the
     connection's events; :meth:`NBDServer._request` decides where a request
     runs, with one small function per policy decision (``_writes_inline``,
@@ -69,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -93,8 +101,9 @@ from ..errors import (
     SlowZeroError,
 )
 from ..image import AddCowImage
-from . import live, wire
+from . import live, loop_store, wire
 from .live import LiveOptions, LiveState
+from .loop_store import LoopReader
 from .protocol import (
     NEED_DATA,
     TLS_OFF,
@@ -110,6 +119,7 @@ from .protocol import (
     StartTLS,
     TransmissionStarted,
 )
+from .store import NBDStore
 from .tls import Identity, TLSConfig, peer_identity
 
 log = logging.getLogger("addcow.serve")
@@ -204,6 +214,8 @@ class Export:
     image: AddCowImage
     live: LiveState = field(default_factory=LiveState)
     counters: Counters = field(default_factory=Counters)
+    # Reads of an NBD backing from the event loop (:mod:`addcow.nbd.loop_store`).
+    reader: LoopReader | None = None
 
     @classmethod
     def from_image(
@@ -218,7 +230,8 @@ class Export:
         description = f"add-cow image {image.path} (data in {image.image_path}"
         description += f", backing file {backing})" if backing else ")"
         info = ExportInfo(name=name, size=image.size, read_only=read_only, description=description)
-        return cls(info, image, LiveState(live or LiveOptions()))
+        reader = LoopReader(image.backing) if type(image.backing) is NBDStore else None
+        return cls(info, image, LiveState(live or LiveOptions()), reader=reader)
 
 
 _T = TypeVar("_T")
@@ -299,9 +312,12 @@ class _Client:
         self.held: list[bytes | memoryview] = []
         self.held_buffers: list[bytearray] = []
         self.held_bytes = 0
+        self._flush_due = False
         self.conn: ServerConnection | None = None
         self.export: Export | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
+        # Request tasks, and reads on the loop's connection to an NBD backing.
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self.backing_reads = 0
         self.budget = _Budget(MAX_REQUESTS, MAX_PAYLOAD)
         self.task: asyncio.Task[Any] | None = None
         self.finishing = False
@@ -349,6 +365,27 @@ class _Client:
         writer.writelines(rest)
         self._recycle(lent, self.lent_buffers)
         return False
+
+    def reply_buffer(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes for a read's reply (reused when free)."""
+        free = self.free_buffers
+        if self.lent_buffers and not self.writer.transport.get_write_buffer_size():
+            # Every byte queued in the transport has reached the socket: the
+            # buffers it was given may be written again.
+            free.extend(self.lent_buffers)
+            self.lent_buffers.clear()
+        buf = free.pop() if free else bytearray(size)
+        return buf if len(buf) >= size else bytearray(size)
+
+    def flush_soon(self) -> None:
+        """Send the held replies in the loop's next turn (once for all held by then)."""
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_due = False
+        self.flush()
 
     @staticmethod
     def _recycle(buffers: list[bytearray], into: list[bytearray]) -> None:
@@ -453,9 +490,12 @@ class NBDServer:
         return list(self._clients)
 
     def start_live(self) -> None:
-        """Start copy on read and streaming tasks; finish exports already complete."""
+        """Start copy on read and streaming tasks and the loop's connections to NBD
+        backings; finish exports already complete."""
         for export in self.exports:
             live.start(self, export)
+            if export.reader is not None and not export.image.complete:
+                export.reader.start()
 
     # -- listening ------------------------------------------------------------------
 
@@ -593,6 +633,8 @@ class NBDServer:
             await asyncio.wait(self._requests, timeout=SHUTDOWN_GRACE)
         for export in self.exports:
             await live.stop_tasks(export, SHUTDOWN_GRACE)
+            if export.reader is not None:
+                await export.reader.close()
         # No request may still be inside the library when its image closes: wait
         # for every thread, then close (which flushes) in this thread.
         self._pool.shutdown(wait=True)
@@ -806,6 +848,8 @@ class NBDServer:
         if _reads_inline(export, req):
             await self._serve_inline_read(client, conn, export, req)
             return
+        if self._start_backing_read(client, conn, export, req):
+            return
         await self._submit(client, req)
 
     async def _serve_inline_read(
@@ -847,24 +891,79 @@ class NBDServer:
         if req.length >= SENDFILE_MIN and self._sendfile_read(client, conn, export, req):
             return
         end = wire.READ_HEADROOM + req.length
-        free = client.free_buffers
-        if client.lent_buffers and not client.writer.transport.get_write_buffer_size():
-            # Every byte queued in the transport has reached the socket: the
-            # buffers it was given may be written again.
-            free.extend(client.lent_buffers)
-            client.lent_buffers.clear()
-        buf = free.pop() if free else bytearray(end)
-        if len(buf) < end:
-            buf = bytearray(end)
+        buf = client.reply_buffer(end)
         try:
             export.image.readinto(memoryview(buf)[wire.READ_HEADROOM : end], req.offset)
         except (AddCowError, OSError) as exc:
             log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
             client.send(conn.reply_error(req.cookie, nbd_errno(exc), str(exc)))
-            free.append(buf)
+            client.free_buffers.append(buf)
             return
         df = bool(req.flags & wire.CMD_FLAG_DF)
         client.hold_read(conn.reply_read_into(buf, req.cookie, req.offset, req.length, df=df), buf)
+
+    def _start_backing_read(
+        self, client: _Client, conn: ServerConnection, export: Export, req: Request
+    ) -> bool:
+        """Send a read that lies wholly in an NBD backing on the loop's own connection
+        to it, its reply to follow when the data comes; False if it cannot go there.
+
+        No task and no thread: :meth:`_backing_read_done` replies from the
+        reader's callback, into a reply buffer as inline reads do. Reads with
+        copy on read take the task path (:meth:`_read_backing`), whose queue may
+        make them wait. At most :data:`MAX_REQUESTS` of a connection's reads
+        are here at once, besides the budget of its pool requests.
+        """
+        reader = export.reader
+        if (
+            reader is None
+            or req.command != wire.CMD_READ
+            or client.backing_reads >= MAX_REQUESTS
+            or export.live.copies_on_read
+            or export.image.backing_for(req.offset, req.length) is not reader.store
+        ):
+            return False
+        end = wire.READ_HEADROOM + req.length
+        buf = client.reply_buffer(end)
+        read = reader.read(memoryview(buf)[wire.READ_HEADROOM : end], req.offset)
+        if read is None:
+            client.free_buffers.append(buf)
+            return False
+        client.backing_reads += 1
+        self._client_calls += 1
+        self._calls.add(read)
+        client.tasks.add(read)
+        read.add_done_callback(functools.partial(self._backing_read_done, client, req, buf))
+        return True
+
+    def _backing_read_done(
+        self, client: _Client, req: Request, buf: bytearray, read: asyncio.Future[Any]
+    ) -> None:
+        """Reply to a read :meth:`_start_backing_read` sent (or hand it to the pool)."""
+        client.backing_reads -= 1
+        self._client_calls -= 1
+        self._calls.discard(read)
+        client.tasks.discard(read)
+        conn, export = client.conn, client.export
+        if read.cancelled() or conn is None or export is None or client.writer.is_closing():
+            return
+        reader = export.reader
+        assert reader is not None
+        try:
+            done = loop_store.outcome(read, reader.store.uri, req.offset, req.length)
+        except AddCowError as exc:
+            log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
+            client.send(conn.reply_error(req.cookie, nbd_errno(exc), str(exc)))
+            return
+        if not done:  # the connection broke: the store reads it, reconnecting as needed
+            if not self._stopping:
+                task = asyncio.create_task(self._submit(client, req))
+                client.tasks.add(task)
+                task.add_done_callback(client.tasks.discard)
+            return
+        df = bool(req.flags & wire.CMD_FLAG_DF)
+        client.hold_read(conn.reply_read_into(buf, req.cookie, req.offset, req.length, df=df), buf)
+        client.flush_soon()
 
     def _sendfile_read(
         self, client: _Client, conn: ServerConnection, export: Export, req: Request
@@ -973,7 +1072,8 @@ class NBDServer:
         fua = bool(flags & wire.CMD_FLAG_FUA)
         if command == wire.CMD_READ:
             buf = bytearray(length)
-            await call(image.readinto, buf, offset)
+            if not await self._read_backing(export, buf, offset):
+                await call(image.readinto, buf, offset)
             return conn.reply_read(
                 req.cookie, offset, memoryview(buf), df=bool(flags & wire.CMD_FLAG_DF)
             )
@@ -1013,6 +1113,27 @@ class NBDServer:
             extents = await call(block_status, image, offset, length, contexts, req_one)
             return conn.reply_block_status(req.cookie, extents)
         return conn.reply_ok(req.cookie)
+
+    async def _read_backing(self, export: Export, buf: bytearray, offset: int) -> bool:
+        """Read a range that lies wholly in an NBD backing on the loop's own
+        connection to it; False if it does not (or that connection broke).
+
+        The read is one of :meth:`pending` until it is done, so completion
+        waits for it before it releases the backing, as for a call in the pool.
+        """
+        reader = export.reader
+        if reader is None or export.image.backing_for(offset, len(buf)) is not reader.store:
+            return False
+        read = reader.read(memoryview(buf), offset)
+        if read is None:
+            return False
+        self._calls.add(read)
+        read.add_done_callback(self._calls.discard)
+        self._client_calls += 1
+        try:
+            return await loop_store.finish(read, reader.store.uri, offset, len(buf))
+        finally:
+            self._client_calls -= 1
 
 
 def _write(image: AddCowImage, data: bytes, offset: int, fua: bool) -> None:

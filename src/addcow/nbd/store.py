@@ -561,9 +561,10 @@ class NBDStore:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _connect(self, greeting_timeout: float | None = None) -> _Link:
+    def _connect(self, greeting_timeout: float | None = None, *, start: bool = True) -> _Link:
         """Open and negotiate one connection; _Broken if the server is not there (or
-        sends no greeting within ``greeting_timeout``)."""
+        sends no greeting within ``greeting_timeout``). Without ``start`` nothing
+        has been read past the negotiation (the socket can change hands)."""
         target = self.target
         first_wait = min(self.timeout, greeting_timeout or self.timeout)
         try:
@@ -589,7 +590,8 @@ class NBDStore:
                     link.sock.settimeout(self.timeout)  # the server answered: full waits
             link.ready = conn.ready
             conn.events()  # the Ready event, kept above
-            link.start(1 if target.tls else PIPELINE_DEPTH)
+            if start:
+                link.start(1 if target.tls else PIPELINE_DEPTH)
         except OSError as exc:
             link.close()
             if _is_final_tls_error(exc):
@@ -661,6 +663,32 @@ class NBDStore:
             if left > 0:
                 self._interrupted.wait(min(wait, left))
                 wait = min(wait * 2, BACKOFF_MAX)
+
+    def loop_connection(self) -> tuple[socket.socket, ClientConnection] | None:
+        """A new negotiated connection outside the pool, for a caller that does its
+        own I/O (:mod:`addcow.nbd.loop_store`); None where there must be no extra
+        one: TLS (an ``ssl`` socket cannot change hands), or a server that does
+        not advertise multi-conn (it may take one client at a time). Blocks while
+        it connects; RemoteBackingError if it cannot, RemoteChangedError if the
+        export is not the one pinned at open."""
+        if self._context is not None or not self.multi_conn or self._closed:
+            return None
+        try:
+            link = self._connect(EXTRA_GREETING_TIMEOUT, start=False)
+        except _Broken as exc:
+            raise RemoteBackingError(f"{self.uri}: cannot connect: {exc}", errno.EIO) from None
+        link.sock.settimeout(None)
+        return link.sock, link.conn
+
+    def loop_reads(self, offset: int, length: int) -> bool:
+        """Whether a READ of exactly this range may be sent as it is: aligned to
+        the minimum block size, at most one request long, inside the export."""
+        return (
+            0 < length <= self._request
+            and offset >= 0
+            and offset + length <= self.size
+            and not (offset | length) % self._min
+        )
 
     # -- the pool ------------------------------------------------------------------------
 
