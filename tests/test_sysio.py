@@ -3,7 +3,9 @@
 ``write_sparse`` must leave the file equal to the buffer, report the bytes it
 wrote and left as zero exactly (4 KiB granules, the tail counted as one), and
 leave zero granules as holes. Its zero-run search gallops (steps double and
-halve), so runs of every length around the step sizes are generated.
+halve), so runs of every length around the step sizes are generated; its
+data-run search samples the first byte of each granule, so data granules that
+begin with a zero byte are generated too.
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ runs = st.lists(
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(layout=runs, tail=st.integers(min_value=0, max_value=G - 1), punch=st.booleans())
+@given(layout=runs, tail=st.integers(min_value=0, max_value=G - 1), punch=st.booleans(),
+       lead_zero=st.booleans())  # fmt: skip
 def test_write_sparse_matches_the_buffer_and_counts(
-    tmp_path: Path, layout: list[tuple[bool, int]], tail: int, punch: bool
+    tmp_path: Path, layout: list[tuple[bool, int]], tail: int, punch: bool, lead_zero: bool
 ) -> None:
+    granule = (b"\0" + b"\xa5" * (G - 1)) if lead_zero else b"\xa5" * G
     data = bytearray()
     for is_data, granules in layout:
-        data += (b"\xa5" * (granules * G)) if is_data else bytes(granules * G)
+        data += (granule * granules) if is_data else bytes(granules * G)
     data += b"\x01" * tail
     path = tmp_path / "f.raw"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -90,3 +94,18 @@ def test_is_hole_past_the_end_and_in_a_fresh_file(tmp_path: Path) -> None:
         assert sysio.is_hole(fd, 2 << 20, G)  # past the end: ENXIO
     finally:
         os.close(fd)
+
+
+@given(
+    kinds=st.lists(st.sampled_from([b"\0" * G, b"\0" + b"\x01" * (G - 1), b"\x02" * G,
+                                    b"\0" * (G - 1) + b"\x03"]), max_size=40),
+    tail=st.integers(min_value=0, max_value=G - 1),
+    start=st.integers(min_value=0, max_value=40),
+)  # fmt: skip
+def test_data_run_end_finds_the_first_zero_granule(
+    kinds: list[bytes], tail: int, start: int
+) -> None:
+    buf = bytearray(b"".join(kinds) + bytes(tail))
+    pos = min(start, len(kinds)) * G
+    expected = next((p for p in range(pos, len(buf), G) if not any(buf[p : p + G])), len(buf))
+    assert zeros.data_run_end(buf, pos, len(buf)) == expected

@@ -353,8 +353,7 @@ def write_sparse(
         if zero:
             stop = zeros.zero_run_end(buf, stop, length)
         else:
-            while stop < length and not zeros.is_zero_block(buf, stop, length):
-                stop = min(stop + zeros.GRANULE, length)
+            stop = zeros.data_run_end(buf, stop, length)
         if zero:
             _zero_run(fd, offset + pos, stop - pos, name, punch)
         else:
