@@ -104,6 +104,8 @@ def has_zero_segment(buf: Buffer, start: int, length: int, offset: int) -> bool:
     Looks at the first byte of each disk-aligned block with one strided slice
     and compares whole blocks only where that byte is zero.
     """
+    if length == GRANULE and not offset % GRANULE:  # one aligned block: the usual read
+        return not buf[start] and buf.startswith(_BLOCK, start)
     end = start + length
     first = min(end, start + (-offset) % GRANULE)  # the first disk-aligned block
     if first > start and not buf[start] and buf.startswith(ZEROS[: first - start], start):

@@ -41,7 +41,7 @@ Design
     In the code: :meth:`NBDServer._session` is the dispatch loop over the
     connection's events; :meth:`NBDServer._request` decides where a request
     runs, with one small function per policy decision (``_writes_inline``,
-    ``_reads_inline``, ``_wait_for_sendfile``, ``_bound_inline_replies``).
+    ``_reads_inline``, ``_sendfile_waits``, ``_replies_over_bound``).
 
 Live features
     The server is the :class:`~addcow.nbd.live.LivePool` of
@@ -85,7 +85,7 @@ import ssl
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -764,7 +764,9 @@ class NBDServer:
                     # The peer is gone: nobody will read the replies of what it
                     # still had in the pipe, so do not run them.
                     return
-                await self._request(client, conn, event)
+                waiting = self._request(client, conn, event)
+                if waiting is not None:
+                    await waiting
             elif isinstance(event, RequestError):
                 log.debug("%s: refused %s", client.label, event.message)
                 client.send(conn.reply_error(event.cookie, event.error, event.message))
@@ -828,11 +830,16 @@ class NBDServer:
 
     # -- requests -----------------------------------------------------------------------
 
-    async def _request(self, client: _Client, conn: ServerConnection, req: Request) -> None:
+    def _request(
+        self, client: _Client, conn: ServerConnection, req: Request
+    ) -> Coroutine[Any, Any, None] | None:
         """Serve one request: in the event loop where the policy allows, else in the pool.
 
-        Returns once the session may read on: an inline request has been
-        answered (or its reply held), a pool request has its task and budget.
+        Returns None once the session may read on (an inline request has been
+        answered or its reply held, a read sent to the NBD backing), else what
+        the session must await first: the waits around an inline read, or a
+        pool request getting its task and budget. The common inline read needs
+        no coroutine at all, which is most of its cost after the system calls.
         """
         export = client.export
         if export is None:  # pragma: no cover - set by TransmissionStarted
@@ -844,13 +851,16 @@ class NBDServer:
             reply = self._inline_write(client, conn, export, req)
             if reply is not None:
                 client.hold(reply)
-                return
+                return None
         if _reads_inline(export, req):
-            await self._serve_inline_read(client, conn, export, req)
-            return
+            if export.live.copies_on_read or _sendfile_waits(client, req):
+                return self._serve_inline_read(client, conn, export, req)
+            # _serve_inline_read with nothing to wait for before the read.
+            self._inline_read(client, conn, export, req)
+            return _bound_inline_replies(client) if _replies_over_bound(client) else None
         if self._start_backing_read(client, conn, export, req):
-            return
-        await self._submit(client, req)
+            return None
+        return self._submit(client, req)
 
     async def _serve_inline_read(
         self, client: _Client, conn: ServerConnection, export: Export, req: Request
@@ -1169,25 +1179,33 @@ def _reads_inline(export: Export, req: Request) -> bool:
     )
 
 
-async def _wait_for_sendfile(client: _Client, req: Request) -> None:
-    """Before an inline read that may leave with ``sendfile``: let the socket drain.
+def _sendfile_waits(client: _Client, req: Request) -> bool:
+    """Whether an inline read must first let the socket drain: it may leave with
+    ``sendfile``, which needs the transport empty (its bytes go straight to the
+    socket), and replies are queued."""
+    return req.length >= SENDFILE_MIN and bool(client.writer.transport.get_write_buffer_size())
 
-    ``sendfile`` needs the transport empty (its bytes go straight to the
-    socket), so when replies are queued, wait until the client has taken them.
-    """
-    if client.writer.transport.get_write_buffer_size() and req.length >= SENDFILE_MIN:
+
+async def _wait_for_sendfile(client: _Client, req: Request) -> None:
+    """Before an inline read that may leave with ``sendfile``: let the socket drain."""
+    if _sendfile_waits(client, req):
         client.flush()
         await _drain(client.writer)
 
 
-async def _bound_inline_replies(client: _Client) -> None:
-    """After an inline read: bound what it queued, as the budget bounds pool requests.
+def _replies_over_bound(client: _Client) -> bool:
+    """Whether inline replies queued in the transport pass :data:`MAX_PAYLOAD`.
 
-    Inline replies skip the payload budget; past :data:`MAX_PAYLOAD` queued in
-    the transport, the session waits for the client to read, so a client that
-    never reads its replies stops being read from.
+    Inline replies skip the payload budget; past this bound the session waits
+    for the client to read, so a client that never reads its replies stops
+    being read from.
     """
-    if client.writer.transport.get_write_buffer_size() > MAX_PAYLOAD:
+    return client.writer.transport.get_write_buffer_size() > MAX_PAYLOAD
+
+
+async def _bound_inline_replies(client: _Client) -> None:
+    """After an inline read: bound what it queued, as the budget bounds pool requests."""
+    if _replies_over_bound(client):
         client.flush()
         await _drain(client.writer)
 
