@@ -96,7 +96,7 @@ def pwrite_full(fd: int, buffers: list[memoryview], offset: int, name: str) -> N
         n = os.pwritev(fd, buffers, offset)
     except OSError as exc:
         raise AddCowIOError.wrap(f"{name}: write at offset {offset}", exc) from exc
-    total = sum(len(b) for b in buffers)
+    total = sum(map(len, buffers))
     while n < total:
         # Short write: continue from where it stopped, one buffer at a time.
         skip = n
