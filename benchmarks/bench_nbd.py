@@ -395,6 +395,7 @@ def main() -> int:
                         help="leave nbdkit out of copy, copy1, randread, randwrite")  # fmt: skip
     parser.add_argument("--addcow-args", default="", help="extra arguments for addcow serve")
     args = parser.parse_args()
+    os.environ.setdefault("ADDCOW_EVENT_LOOP", "asyncio")  # ADDCOW_EVENT_LOOP=uvloop to compare
     size = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1]]
     cases = args.cases.split(",")
     unknown = set(cases) - set(CASES)
@@ -500,6 +501,7 @@ def main() -> int:
         json.dump({"results": results, "tls_sessions": sessions}, sys.stdout, indent=2)
         print()
         return 0
+    print(f"addcow serve's event loop: {os.environ['ADDCOW_EVENT_LOOP']}")
     print(f"{'case':48} {'addcow':>10} {'qemu-nbd':>10} {'ratio':>7}")
     for name, r in results.items():
         q = f"{r['qemu-nbd']:10.0f}" if "qemu-nbd" in r else " " * 10

@@ -527,7 +527,7 @@ def print_report(bench: Bench, info: dict[str, object]) -> None:
         f"bench_remote: {info['size_text']} golden image, fleet {info['fleet_size_text']} per "
         f"host, {info['runs']} runs (medians), {info['cpus']} CPUs, Python {info['python']}, "
         f"{info['qemu_img']}, workdir {info['workdir']} ({info['workdir_fs']}), "
-        f"{info['seconds']:.0f} s in all"
+        f"addcow serve on {info['event_loop']}, {info['seconds']:.0f} s in all"
     )
     for row in bench.rows:
         figures = ", ".join(f"{side} {value:.1f}" for side, value in row.figures.items())
@@ -588,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cases", type=parse_cases, default=list(CASES),
                         help=f"comma-separated subset of {','.join(CASES)} (all)")  # fmt: skip
     args = parser.parse_args(argv)
+    os.environ.setdefault("ADDCOW_EVENT_LOOP", "asyncio")  # ADDCOW_EVENT_LOOP=uvloop to compare
     for tool in ("qemu-nbd", "qemu-img", "qemu-io", "nbdcopy", "nbdkit", "fio", "nginx",
                  "curl", "ss", "mke2fs"):  # fmt: skip
         if shutil.which(tool) is None:
@@ -619,6 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runs": args.runs,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            "event_loop": os.environ["ADDCOW_EVENT_LOOP"],
             "qemu_img": lifecycle.qemu_img_version(),
             "workdir": str(work),
             "workdir_fs": lifecycle.fs_type(str(work)),

@@ -18,6 +18,18 @@ import pytest
 
 CLUSTER = 65536
 
+# addcow serve runs on the standard asyncio loop unless a test asks for another
+# (the serve_loop fixture): uvloop, installed with the test extras, is what
+# `pip install addcow[fast]` users get, and the standard loop what everyone else gets.
+os.environ["ADDCOW_EVENT_LOOP"] = "asyncio"
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def serve_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The event loop addcow serve runs on in this test: each one it supports."""
+    monkeypatch.setenv("ADDCOW_EVENT_LOOP", request.param)
+    return str(request.param)
+
 
 def require_tool(name: str) -> str:
     """Path of an external program; fail the test if it is not installed."""

@@ -164,7 +164,9 @@ def _qemu_io(tool: str, fmt: str, target: str) -> list[str]:
     return [line for line in proc.stdout.splitlines() if " ops; " not in line]
 
 
-def test_qemu_io_script_matches_a_qcow2_overlay(tmp_path: Path, base_raw: Path) -> None:
+def test_qemu_io_script_matches_a_qcow2_overlay(
+    tmp_path: Path, base_raw: Path, serve_loop: str
+) -> None:
     qemu_io = require_tool("qemu-io")
     qemu_img = require_tool("qemu-img")
     ref = tmp_path / "ref.qcow2"
@@ -178,6 +180,7 @@ def test_qemu_io_script_matches_a_qcow2_overlay(tmp_path: Path, base_raw: Path) 
     with served(tmp_path, image) as srv:
         got = _qemu_io(qemu_io, "raw", srv.uri)
         assert got == expected
+        assert f"event loop: {serve_loop}" in srv.stderr()
     # Final contents equal, compared by qemu-img itself once the server is gone.
     final = tmp_path / "final.raw"
     final.write_bytes(content(image))
@@ -231,7 +234,7 @@ def test_nbdinfo_map_and_allocation_depth_match_addcow_map(
 
 
 def test_nbdcopy_both_directions_with_multi_conn(
-    tmp_path: Path, scenario: Path, base_raw: Path
+    tmp_path: Path, scenario: Path, base_raw: Path, serve_loop: str
 ) -> None:
     nbdcopy = require_tool("nbdcopy")
     out = tmp_path / "out.raw"
@@ -245,6 +248,7 @@ def test_nbdcopy_both_directions_with_multi_conn(
         log = srv.stderr()
     # Several connections were really used (the server advertised CAN_MULTI_CONN).
     assert log.count("serving export") >= 4, log
+    assert f"event loop: {serve_loop}" in log
     assert content(scenario) == new
 
 

@@ -91,7 +91,7 @@ def a_good_client_is_still_served(srv: TCPServer, certs: dict[str, Path]) -> Non
 
 @pytest.mark.parametrize("tls_server", [("--tls-verify-peer",)], indirect=True)
 def test_libnbd_clients_read_and_write_through_tls(
-    tls_server: TCPServer, certs: dict[str, Path], image: Path, tmp_path: Path
+    serve_loop: str, tls_server: TCPServer, certs: dict[str, Path], image: Path, tmp_path: Path
 ) -> None:
     uri = tls_uri(tls_server, certs["client"])
     assert tls_server.uri == f"nbds://127.0.0.1:{tls_server.port}/"
@@ -115,6 +115,7 @@ def test_libnbd_clients_read_and_write_through_tls(
     assert content(image)[5 * CLUSTER + 100 : 5 * CLUSTER + 8292] == b"\x5e" * 8192
     log = tls_server.stderr()
     assert "TLS started (TLSv1.3), client CN=client.example.com,O=Example Org" in log
+    assert f"event loop: {serve_loop}" in log  # serve_loop is set up before the server
 
 
 @pytest.mark.parametrize("tls_server", [("--tls-verify-peer",)], indirect=True)

@@ -290,7 +290,7 @@ def test_an_http_golden_image_pinned_streamed_and_replaced(tmp_path: Path) -> No
 
 
 def test_serve_clients_wait_while_the_golden_server_restarts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_loop: str
 ) -> None:
     """The golden server goes away and comes back within the reconnect delay: a client
     of ``addcow serve`` sees its reads wait, not fail, and gets the right bytes.
@@ -308,6 +308,7 @@ def test_serve_clients_wait_while_the_golden_server_restarts(
         monkeypatch.setenv("ADDCOW_RECONNECT_DELAY", "30")
         with served(tmp_path, image) as srv:
             assert srv.logged(LOOP_READS), srv.stderr()
+            assert f"event loop: {serve_loop}" in srv.stderr()
             run([require_tool("qemu-io"), "-f", "raw", "-c", "read 0 4k", srv.uri])
             stop_qemu_nbd(store)
             copy = subprocess.Popen(

@@ -286,3 +286,12 @@ def test_loopback_needs_no_warning(image: Path) -> None:
         _proc, ready, err = _start_tcp("--bind", host, "--port", "0", image)
         assert " on nbd://127.0.0.1:" in ready
         assert "TLS" not in err, err
+
+
+def test_an_unknown_event_loop_is_one_line(
+    tmp_path: Path, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADDCOW_EVENT_LOOP", "trio")
+    line = failed_start("--foreground", "--socket", tmp_path / "s.sock", image)
+    assert line == "addcow: ADDCOW_EVENT_LOOP: expected asyncio or uvloop, found 'trio'"
+    assert not (tmp_path / "s.sock").exists()

@@ -217,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--stream-rate must be more than 0")
     if args.shared < 0:
         raise CommandError(f"invalid --shared {args.shared}: expected 0 or more")
+    args.loop_factory = _loop_factory()
     names = list(args.export_name or [])
     if len(names) > len(args.files):
         raise CommandError(f"{len(names)} export names for {len(args.files)} files")
@@ -434,7 +435,7 @@ def _serve(
             # stdout is the protocol channel, or the launching client's own:
             # nothing else may be written to it.
             sys.stdout = sys.stderr
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=args.loop_factory) as runner:
             return runner.run(_main(args, exports, ready, pidfile, activation))
     finally:
         if pidfile is not None:
@@ -444,13 +445,22 @@ def _serve(
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when installed (``pip install addcow[fast]``), else asyncio's.
 
-    ``ADDCOW_EVENT_LOOP=asyncio`` forces the standard loop (to compare the two).
+    ``ADDCOW_EVENT_LOOP=asyncio`` forces the standard loop and ``=uvloop``
+    requires uvloop (to compare the two, and to test each).
     """
-    if os.environ.get("ADDCOW_EVENT_LOOP") == "asyncio":
+    wanted = os.environ.get("ADDCOW_EVENT_LOOP", "")
+    if wanted not in ("", "asyncio", "uvloop"):
+        raise CommandError(f"ADDCOW_EVENT_LOOP: expected asyncio or uvloop, found {wanted!r}")
+    if wanted == "asyncio":
         return None
     try:
         uvloop = importlib.import_module("uvloop")
     except ImportError:
+        if wanted == "uvloop":
+            raise CommandError(
+                "ADDCOW_EVENT_LOOP=uvloop: expected uvloop installed "
+                "(pip install addcow[fast]), found none"
+            ) from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
@@ -465,6 +475,8 @@ async def _main(
 ) -> int:
     server = NBDServer(exports, max_connections=args.shared, tls=args.tls_config)
     server.install_signal_handlers()
+    loop = asyncio.get_running_loop()
+    logging.getLogger("addcow.serve").debug("event loop: %s", type(loop).__module__.split(".")[0])
     tempdir: str | None = None
     control: ControlServer | None = None
     try:
