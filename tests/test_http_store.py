@@ -277,6 +277,39 @@ def test_threads(served: tuple[Nginx, Path, bytes]) -> None:
     assert not errors, errors[0]
 
 
+def test_each_thread_reads_ahead_in_its_own_window(served: tuple[Nginx, Path, bytes]) -> None:
+    """Two threads each make short sequential reads of their own run, in lock step, as
+    a stream's threads read the compressed clusters of their spans: each meets its own
+    readahead window (one window for both would see neither run as sequential and
+    send a request per read)."""
+    server, _root, data = served
+    store = HTTPStore.open(f"{server.url}/base.raw")
+    step = threading.Barrier(2, timeout=30)
+    runs = {0: 100, 1: 9 << 18}  # where each thread's run starts: 2.25 MiB apart
+    got: dict[int, bytes] = {}
+
+    def worker(k: int) -> None:
+        parts = []
+        for i in range(128):
+            step.wait()
+            parts.append(_read(store, runs[k] + i * 4096, 4096))
+        got[k] = b"".join(parts)
+
+    before = len(server.access_log())
+    threads = [threading.Thread(target=worker, args=(k,)) for k in runs]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        store.close()
+    for k, start in runs.items():
+        assert got[k] == data[start : start + (1 << 19)]
+    requests = len(server.access_log()) - before
+    assert requests <= 4, requests  # per thread: its first read, then one window
+
+
 def test_qemu_curl_referee(served: tuple[Nginx, Path, bytes], tmp_path: Path) -> None:
     """qemu-img's curl driver reads the URL as HTTPStore does (a copy made by HTTPStore)."""
     server = served[0]

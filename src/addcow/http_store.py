@@ -60,11 +60,15 @@ Connections and threads. One ``urllib3.PoolManager`` per store, with at most
 most ``timeout`` seconds); it is thread-safe, and so is everything here.
 Reads longer than :data:`MAX_REQUEST` are split into several requests.
 
-Readahead. A read that starts where the previous one ended and is shorter
-than :data:`READAHEAD` fetches :data:`READAHEAD` bytes instead, kept as the
-single window of the store; later reads inside it are served from memory. The
-window holds pinned bytes, so it never goes stale. Memory stays bounded: one
-window per store, plus one being fetched per reading thread.
+Readahead. A read that starts where the same thread's previous one ended
+and is shorter than :data:`READAHEAD` fetches :data:`READAHEAD` bytes
+instead, kept as that thread's window; its later reads inside it are served
+from memory. Windows are per thread because the readers of a stream each
+walk their own span (a qcow2 golden image's compressed clusters, one short
+read each): one shared window would see their reads interleaved and never
+as sequential. A window holds pinned bytes, so it never goes stale. Memory
+stays bounded: at most :data:`MAX_WINDOWS` windows (the least recently used
+goes), plus one being fetched per reading thread.
 
 urllib3 is an optional dependency (the ``http`` extra); it is imported only
 when a store is opened.
@@ -72,6 +76,7 @@ when a store is opened.
 
 from __future__ import annotations
 
+import collections
 import errno
 import random
 import re
@@ -100,6 +105,9 @@ MAX_REQUEST = 8 * 1024 * 1024
 
 READAHEAD = 2 * 1024 * 1024
 """Size of the readahead window fetched for short sequential reads."""
+
+MAX_WINDOWS = 16
+"""Readahead windows a store keeps (one per reading thread, the most recent)."""
 
 MAX_CONNECTIONS = 4
 """Connections a store keeps open to its server at most."""
@@ -251,9 +259,11 @@ class HTTPStore:
         self.size = 0
         self._lock = threading.Lock()
         self._closed = False
-        self._next_offset = 0
-        self._window = bytearray()
-        self._window_offset = 0
+        # Per reading thread: (where its window starts, the window, where its
+        # previous read ended), least recently used first.
+        self._windows: collections.OrderedDict[int, tuple[int, bytearray, int]] = (
+            collections.OrderedDict()
+        )
         self._interrupted = remote.stop_event()
 
     @classmethod
@@ -344,17 +354,18 @@ class HTTPStore:
         """Drop the connections; later reads raise :class:`ClosedImageError`."""
         self._closed = True
         with self._lock:
-            self._window = bytearray()
+            self._windows.clear()
         self._pool.clear()
 
     # -- reading -------------------------------------------------------------------
 
     def _read_inside(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` from inside the image, from the readahead window where it can."""
+        me = threading.get_ident()
         with self._lock:
-            window, start = self._window, self._window_offset
-            sequential = offset == self._next_offset
-            self._next_offset = offset + len(view)
+            start, window, previous_end = self._windows.pop(me, (0, bytearray(), 0))
+            sequential = offset == previous_end
+            self._remember(me, start, window, offset + len(view))
         end = start + len(window)
         if start <= offset < end:
             take = min(len(view), end - offset)
@@ -370,10 +381,17 @@ class HTTPStore:
             self._fetch(memoryview(ahead), offset)
             view[:] = memoryview(ahead)[: len(view)]
             with self._lock:  # never written again: readers copy from it without the lock
-                self._window, self._window_offset = ahead, offset
+                self._windows.pop(me, None)
+                self._remember(me, offset, ahead, offset + len(view))
             return
         for lo in range(0, len(view), MAX_REQUEST):
             self._fetch(view[lo : lo + MAX_REQUEST], offset + lo)
+
+    def _remember(self, thread: int, start: int, window: bytearray, read_end: int) -> None:
+        """Keep ``thread``'s window and where its last read ended (lock held)."""
+        self._windows[thread] = (start, window, read_end)
+        while len(self._windows) > MAX_WINDOWS:
+            self._windows.popitem(last=False)
 
     def _fetch(self, view: memoryview, offset: int) -> None:
         """One range request for [offset, offset+len(view)), with retries."""
