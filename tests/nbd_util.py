@@ -486,3 +486,17 @@ def qemu_nbd(path: Path, sock: Path) -> Iterator[str]:
         yield f"nbd+unix:///?socket={sock}"
     finally:
         stop_qemu_nbd(proc)
+
+
+def ddrescue_mapfile(path: Path, size: int, bad_lo: int, bad_hi: int) -> Path:
+    """A GNU ddrescue map of ``size`` bytes with [bad_lo, bad_hi) unreadable: nbdkit's
+    ddrescue filter then fails reads there with EIO (its error filter injects by rate
+    and trigger file, not by offset)."""
+    path.write_text(
+        "# Mapfile. Created by GNU ddrescue version 1.27\n"
+        "# current_pos  current_status  current_pass\n0x00000000     +               1\n"
+        "#      pos        size  status\n"
+        f"0x00000000  {bad_lo:#010x}  +\n{bad_lo:#010x}  {bad_hi - bad_lo:#010x}  -\n"
+        f"{bad_hi:#010x}  {size - bad_hi:#010x}  +\n"
+    )
+    return path

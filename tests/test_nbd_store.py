@@ -27,11 +27,17 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool
-from nbd_util import served
+from nbd_util import ddrescue_mapfile, served
 from tls_util import make_certs
 
 import addcow
-from addcow.errors import AddCowError, RemoteBackingError, RemoteChangedError, RemoteReplyError
+from addcow.errors import (
+    AddCowError,
+    RemoteBackingError,
+    RemoteChangedError,
+    RemoteReadError,
+    RemoteReplyError,
+)
 from addcow.nbd import loop_store, wire
 from addcow.nbd import store as nbd_store
 from addcow.nbd.loop_store import LoopReader
@@ -306,6 +312,25 @@ def test_error_reply_carries_errno_and_connection_survives(tmp_path: Path) -> No
         assert store.connections_open == 1
 
 
+def test_readahead_past_a_bad_range_does_not_fail_the_reads_before_it(tmp_path: Path) -> None:
+    """Short sequential reads just before a range the server fails with EIO: their
+    readahead window reaches into it, and is dropped; only reads that touch the
+    range fail, with RemoteReadError."""
+    raw = tmp_path / "a.raw"
+    data = random_file(raw, 4 * MiB)
+    mapfile = ddrescue_mapfile(tmp_path / "a.map", 4 * MiB, 2 * MiB, 2 * MiB + 65536)
+    sock = tmp_path / "k.sock"
+    cmd = nbdkit(sock, "--filter=ddrescue", "file", str(raw), f"ddrescue-mapfile={mapfile}")
+    with server(cmd, sock), NBDStore.open(unix_uri(sock), reconnect_delay=0) as store:
+        for off in range(2 * MiB - 16 * 4096, 2 * MiB, 4096):
+            assert read(store, off, 4096) == data[off : off + 4096]
+        with pytest.raises(RemoteReadError) as info:
+            read(store, 2 * MiB, 4096)
+        assert info.value.errno == errno.EIO
+        assert read(store, 3 * MiB, 4096) == data[3 * MiB : 3 * MiB + 4096]
+        assert store.connections_open == 1
+
+
 def test_slow_server_times_out(tmp_path: Path) -> None:
     sock = tmp_path / "k.sock"
     cmd = nbdkit(sock, "--filter=delay", "memory", "size=1M", "delay-read=5")
@@ -410,14 +435,14 @@ def test_reconnect_after_restart(tmp_path: Path) -> None:
 
 def test_no_restart_fails_with_eio_after_the_delay(tmp_path: Path) -> None:
     sock = tmp_path / "k.sock"
-    with server(nbdkit(sock, "memory", "size=1M"), sock) as proc:
+    with server(nbdkit(sock, "memory", "size=8M"), sock) as proc:
         store = NBDStore.open(unix_uri(sock), reconnect_delay=1)
         assert read(store, 0, 10) == bytes(10)
         proc.kill()
         proc.wait()
     start = time.monotonic()
     with pytest.raises(RemoteBackingError) as info:
-        read(store, 0, 10)
+        read(store, 6 * MiB, 10)  # past the first read's readahead window: the network
     elapsed = time.monotonic() - start
     assert info.value.errno == errno.EIO and "within 1 s" in str(info.value)
     assert 0.9 <= elapsed < 4
@@ -827,6 +852,6 @@ def test_loop_reads_error_replies_keep_the_connection(tmp_path: Path) -> None:
         got = loop_reads(store, [(8192, 512), (0, 512)])
         assert got is not None
         error, ok, broken = got
-        assert isinstance(error, RemoteBackingError) and not isinstance(error, RemoteReplyError)
+        assert isinstance(error, RemoteReadError)
         assert error.errno == errno.ENOSPC and "ENOSPC: no" in str(error)
         assert ok == bytes(512) and broken is False

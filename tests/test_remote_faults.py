@@ -33,7 +33,7 @@ import pytest
 from conftest import addcow as cli
 from conftest import require_tool, run
 from http_util import nginx_server
-from nbd_util import served
+from nbd_util import ddrescue_mapfile, served
 from tls_util import make_certs
 
 import addcow
@@ -471,14 +471,7 @@ def failing_golden(tmp_path: Path, path: Path, sock: Path) -> list[str]:
     """nbdkit serving ``path`` with reads of bytes BAD_LO .. BAD_HI failing with EIO
     (its ddrescue filter: the error filter of nbdkit 1.32 injects by rate and trigger
     file, not by offset)."""
-    mapfile = tmp_path / "golden.map"
-    mapfile.write_text(
-        "# Mapfile. Created by GNU ddrescue version 1.27\n"
-        "# current_pos  current_status  current_pass\n0x00000000     +               1\n"
-        "#      pos        size  status\n"
-        f"0x00000000  {BAD_LO:#010x}  +\n{BAD_LO:#010x}  {BAD_HI - BAD_LO:#010x}  -\n"
-        f"{BAD_HI:#010x}  {SIZE - BAD_HI:#010x}  +\n"
-    )
+    mapfile = ddrescue_mapfile(tmp_path / "golden.map", SIZE, BAD_LO, BAD_HI)
     return nbdkit(sock, "--filter=ddrescue", "file", str(path), f"ddrescue-mapfile={mapfile}")
 
 

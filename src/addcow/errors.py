@@ -16,6 +16,7 @@ The tree::
     |   |   +-- Qcow2CorruptError           a table entry or compressed cluster is inconsistent
     |   +-- RemoteBackingError          a remote backing (NBD, HTTP) cannot be reached or used
     |       +-- RemoteReplyError            the server's reply breaks its protocol
+    |       +-- RemoteReadError             the server answered a read with an error
     |       +-- RemoteChangedError          the golden image changed since the image was created
     +-- PathPolicyError             a file named by an image is outside the allowed tree
     +-- FormatChoiceError           a file named on the command line needs its format given
@@ -225,6 +226,11 @@ class RemoteBackingError(BackingError):
 
 class RemoteReplyError(RemoteBackingError):
     """A server's reply breaks its protocol (a wrong length, cookie, range or magic)."""
+
+
+class RemoteReadError(RemoteBackingError):
+    """The server answered a read with an error (its ``errno``: a bad sector's EIO,
+    say); the connection is still in step, and other ranges may read fine."""
 
 
 class RemoteChangedError(RemoteBackingError):

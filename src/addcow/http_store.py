@@ -60,15 +60,9 @@ Connections and threads. One ``urllib3.PoolManager`` per store, with at most
 most ``timeout`` seconds); it is thread-safe, and so is everything here.
 Reads longer than :data:`MAX_REQUEST` are split into several requests.
 
-Readahead. A read that starts where the same thread's previous one ended
-and is shorter than :data:`READAHEAD` fetches :data:`READAHEAD` bytes
-instead, kept as that thread's window; its later reads inside it are served
-from memory. Windows are per thread because the readers of a stream each
-walk their own span (a qcow2 golden image's compressed clusters, one short
-read each): one shared window would see their reads interleaved and never
-as sequential. A window holds pinned bytes, so it never goes stale. Memory
-stays bounded: at most :data:`MAX_WINDOWS` windows (the least recently used
-goes), plus one being fetched per reading thread.
+Readahead. Short sequential reads of each thread are served from a window
+of :data:`addcow.remote.READAHEAD` bytes fetched in one request
+(:class:`addcow.remote.ReadAhead`, which says why and how much memory).
 
 urllib3 is an optional dependency (the ``http`` extra); it is imported only
 when a store is opened.
@@ -76,12 +70,10 @@ when a store is opened.
 
 from __future__ import annotations
 
-import collections
 import errno
 import random
 import re
 import ssl
-import threading
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
@@ -103,11 +95,6 @@ if TYPE_CHECKING:
 MAX_REQUEST = 8 * 1024 * 1024
 """The longest range one request asks for; longer reads are split."""
 
-READAHEAD = 2 * 1024 * 1024
-"""Size of the readahead window fetched for short sequential reads."""
-
-MAX_WINDOWS = 16
-"""Readahead windows a store keeps (one per reading thread, the most recent)."""
 
 MAX_CONNECTIONS = 4
 """Connections a store keeps open to its server at most."""
@@ -257,13 +244,8 @@ class HTTPStore:
         self._retries = retries
         self._pin = HTTPPin(0, None, None)
         self.size = 0
-        self._lock = threading.Lock()
         self._closed = False
-        # Per reading thread: (where its window starts, the window, where its
-        # previous read ended), least recently used first.
-        self._windows: collections.OrderedDict[int, tuple[int, bytearray, int]] = (
-            collections.OrderedDict()
-        )
+        self._readahead = remote.ReadAhead(self._fetch_all, 0)
         self._interrupted = remote.stop_event()
 
     @classmethod
@@ -307,7 +289,7 @@ class HTTPStore:
         store = cls(url, pool, timeout=timeout, retries=retries)
         try:
             store._pin = store._probe(pin)
-            store.size = store._pin.size
+            store.size = store._readahead.size = store._pin.size
         except BaseException:
             pool.clear()
             raise
@@ -328,7 +310,7 @@ class HTTPStore:
         length = len(buffer)
         inside = max(0, min(length, self.size - offset))
         if inside:
-            self._read_inside(buffer[:inside], offset)
+            self._readahead.read(buffer[:inside], offset)
         if inside < length:
             sysio.fill_zero(buffer[inside:])
         return length
@@ -353,45 +335,15 @@ class HTTPStore:
     def close(self) -> None:
         """Drop the connections; later reads raise :class:`ClosedImageError`."""
         self._closed = True
-        with self._lock:
-            self._windows.clear()
+        self._readahead.clear()
         self._pool.clear()
 
     # -- reading -------------------------------------------------------------------
 
-    def _read_inside(self, view: memoryview, offset: int) -> None:
-        """Fill ``view`` from inside the image, from the readahead window where it can."""
-        me = threading.get_ident()
-        with self._lock:
-            start, window, previous_end = self._windows.pop(me, (0, bytearray(), 0))
-            sequential = offset == previous_end
-            self._remember(me, start, window, offset + len(view))
-        end = start + len(window)
-        if start <= offset < end:
-            take = min(len(view), end - offset)
-            view[:take] = memoryview(window)[offset - start : offset - start + take]
-            view = view[take:]
-            offset += take
-            sequential = True
-        if not view:
-            return
-        window_size = min(READAHEAD, MAX_REQUEST, self.size - offset)
-        if sequential and len(view) < window_size:
-            ahead = bytearray(window_size)
-            self._fetch(memoryview(ahead), offset)
-            view[:] = memoryview(ahead)[: len(view)]
-            with self._lock:  # never written again: readers copy from it without the lock
-                self._windows.pop(me, None)
-                self._remember(me, offset, ahead, offset + len(view))
-            return
+    def _fetch_all(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from inside the image: requests of at most MAX_REQUEST bytes."""
         for lo in range(0, len(view), MAX_REQUEST):
             self._fetch(view[lo : lo + MAX_REQUEST], offset + lo)
-
-    def _remember(self, thread: int, start: int, window: bytearray, read_end: int) -> None:
-        """Keep ``thread``'s window and where its last read ended (lock held)."""
-        self._windows[thread] = (start, window, read_end)
-        while len(self._windows) > MAX_WINDOWS:
-            self._windows.popitem(last=False)
 
     def _fetch(self, view: memoryview, offset: int) -> None:
         """One range request for [offset, offset+len(view)), with retries."""

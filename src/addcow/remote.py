@@ -50,17 +50,39 @@ Opening
     files, encryption, truncation refused alike. An add-cow golden image is
     two files (its .add-cow file names its image file) and is not read over a
     URI: serve it (``addcow serve --read-only``) and name the export as raw.
+
+Readahead (:class:`ReadAhead`, used by both stores)
+    A read that starts where the same thread's previous one ended and is
+    shorter than :data:`READAHEAD` fetches :data:`READAHEAD` bytes instead,
+    kept as that thread's window; its later reads inside it are served from
+    memory. Windows are per thread because the readers of a stream each walk
+    their own span (a qcow2 golden image's compressed clusters, one short
+    read each): one shared window would see their reads interleaved and never
+    as sequential. A window holds bytes of the pinned golden image, so it
+    never goes stale. Memory stays bounded: at most :data:`MAX_WINDOWS`
+    windows (the least recently used goes), plus one being fetched per
+    reading thread. A window the server answers with an error for some of
+    its range (:class:`~addcow.errors.RemoteReadError`) is dropped and the
+    read asked for alone, so an error reaches only the reads that touch it.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .backing import BlockSource
-from .errors import BackingFormatError, PathPolicyError, RemoteBackingError, RemoteChangedError
+from .errors import (
+    BackingFormatError,
+    PathPolicyError,
+    RemoteBackingError,
+    RemoteChangedError,
+    RemoteReadError,
+)
 from .names import ChainGuard
 from .qcow2 import Qcow2File, RemoteContainer
 
@@ -273,6 +295,73 @@ def interrupt_waits() -> None:
         events = list(_stop_events)
     for event in events:
         event.set()
+
+
+READAHEAD = 2 << 20
+"""Size of the readahead window fetched for short sequential reads."""
+
+MAX_WINDOWS = 16
+"""Readahead windows a store keeps (one per reading thread, the most recent)."""
+
+
+class ReadAhead:
+    """Per-thread readahead over ``fetch(view, offset)``, which fills ``view`` from
+    the remote file (any length inside its ``size`` bytes)."""
+
+    def __init__(self, fetch: Callable[[memoryview, int], None], size: int) -> None:
+        self._fetch = fetch
+        self.size = size
+        self._lock = threading.Lock()
+        # Per reading thread: (where its window starts, the window, where its
+        # previous read ended), least recently used first.
+        self._windows: collections.OrderedDict[int, tuple[int, bytearray, int]] = (
+            collections.OrderedDict()
+        )
+
+    def read(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` (inside the file) from ``offset``, from this thread's window
+        where it can."""
+        me = threading.get_ident()
+        with self._lock:
+            start, window, previous_end = self._windows.pop(me, (0, bytearray(), 0))
+            sequential = offset == previous_end
+            self._remember(me, start, window, offset + len(view))
+        end = start + len(window)
+        if start <= offset < end:
+            take = min(len(view), end - offset)
+            view[:take] = memoryview(window)[offset - start : offset - start + take]
+            view = view[take:]
+            offset += take
+            sequential = True
+        if not view:
+            return
+        window_size = min(READAHEAD, self.size - offset)
+        if sequential and len(view) < window_size:
+            ahead = bytearray(window_size)
+            try:
+                self._fetch(memoryview(ahead), offset)
+            except RemoteReadError:
+                # The server fails a range of the window (a bad sector past the
+                # read, say): the read itself may not touch it.
+                self._fetch(view, offset)
+                return
+            view[:] = memoryview(ahead)[: len(view)]
+            with self._lock:  # never written again: readers copy from it without the lock
+                self._windows.pop(me, None)
+                self._remember(me, offset, ahead, offset + len(view))
+            return
+        self._fetch(view, offset)
+
+    def clear(self) -> None:
+        """Drop every window."""
+        with self._lock:
+            self._windows.clear()
+
+    def _remember(self, thread: int, start: int, window: bytearray, read_end: int) -> None:
+        """Keep ``thread``'s window and where its last read ended (lock held)."""
+        self._windows[thread] = (start, window, read_end)
+        while len(self._windows) > MAX_WINDOWS:
+            self._windows.popitem(last=False)
 
 
 def refuse_for_rebase(backing: str) -> None:

@@ -33,7 +33,7 @@ aborted before the callers hear of it, so no more bytes land in their
 buffers, and what landed before is overwritten by that read. A new connection
 is opened on demand, at most once every :data:`REOPEN_AFTER` seconds. An
 error reply (the server's EIO, say) raises
-:class:`~addcow.errors.RemoteBackingError` with its errno, as the store does;
+:class:`~addcow.errors.RemoteReadError` with its errno, as the store does;
 a reply that breaks the protocol raises
 :class:`~addcow.errors.RemoteReplyError` in every read on the connection,
 which is dropped.
@@ -42,14 +42,13 @@ which is dropped.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from typing import cast
 
-from ..errors import AddCowError, RemoteBackingError
+from ..errors import AddCowError
 from .client import ClientConnection, Event, RequestFailed
-from .store import NBDStore
+from .store import NBDStore, failed_request
 
 log = logging.getLogger("addcow.serve")
 
@@ -281,11 +280,5 @@ def outcome(read: asyncio.Future[Event], uri: str, offset: int, length: int) -> 
         raise failure
     event = read.result()
     if isinstance(event, RequestFailed):
-        name = errno.errorcode.get(event.errno, str(event.errno))
-        detail = f": {event.message}" if event.message else ""
-        raise RemoteBackingError(
-            f"{uri}: the server failed the read of bytes {offset}-{offset + length - 1} "
-            f"with {name}{detail}",
-            event.errno,
-        )
+        raise failed_request(uri, f"the read of bytes {offset}-{offset + length - 1}", event)
     return True

@@ -42,7 +42,8 @@ listen queue, and the request that opened it would otherwise wait the whole
 ``timeout`` while the connections the pool has sit idle. Reads are split at
 the server's maximum block size (at most :data:`MAX_READ`) and widened to its
 minimum block size through a bounce buffer when unaligned; replies are checked
-by :class:`~addcow.nbd.client.ClientConnection`.
+by :class:`~addcow.nbd.client.ClientConnection`. Short sequential reads of
+each thread are served from a window read ahead (:class:`addcow.remote.ReadAhead`).
 
 Failures. A connection that breaks (EOF, a reset, a timeout of ``timeout``
 seconds on any socket call) fails every request on it; it is closed and
@@ -60,7 +61,7 @@ A reconnected export must have the size pinned at open (else
 :class:`~addcow.errors.RemoteChangedError`). The first connection, made by
 :meth:`NBDStore.open`, is not retried: a wrong URI fails at once. An error
 reply from the server (EIO, say) is not retried either; it raises
-:class:`~addcow.errors.RemoteBackingError` with the server's errno once
+:class:`~addcow.errors.RemoteReadError` with the server's errno once
 every reply of its group has come (they land in the caller's buffer), and
 the connection, still in step, stays in the pool. A reply that breaks the
 protocol raises :class:`~addcow.errors.RemoteReplyError` in every request on
@@ -95,7 +96,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .. import remote
 from ..backing import Extent
-from ..errors import RemoteBackingError, RemoteChangedError, RemoteReplyError
+from ..errors import RemoteBackingError, RemoteChangedError, RemoteReadError, RemoteReplyError
 from ..sysio import fill_zero
 from . import wire
 from .client import ClientConnection, Event, Ready, RequestFailed, StartTLS, StatusDone
@@ -451,6 +452,13 @@ class _Link:
             self.sock.close()
 
 
+def failed_request(uri: str, what: str, event: RequestFailed) -> RemoteReadError:
+    """The error for a request the server answered with an error (``what`` names it)."""
+    name = errno.errorcode.get(event.errno, str(event.errno))
+    detail = f": {event.message}" if event.message else ""
+    return RemoteReadError(f"{uri}: the server failed {what} with {name}{detail}", event.errno)
+
+
 def _load(link: _Link) -> int:
     return link.inflight
 
@@ -513,6 +521,7 @@ class NBDStore:
         self.structured = first.ready.structured
         self.connections_open = 1
         self._links.append(first)
+        self._readahead = remote.ReadAhead(self._read_all, self.size)
 
     parse_uri = staticmethod(parse_uri)
 
@@ -800,11 +809,7 @@ class NBDStore:
                     raise
                 for event, what in zip(events or (), names, strict=False):
                     if isinstance(event, RequestFailed):
-                        name = errno.errorcode.get(event.errno, str(event.errno))
-                        detail = f": {event.message}" if event.message else ""
-                        raise RemoteBackingError(
-                            f"{self.uri}: the server failed {what} with {name}{detail}",
-                            event.errno)  # fmt: skip
+                        raise failed_request(self.uri, what, event)
                 return events
         finally:
             if link is not None:
@@ -846,15 +851,20 @@ class NBDStore:
         """Fill ``buffer`` from ``offset``; zeros past the export's end."""
         view = buffer.cast("B") if buffer.format != "B" else buffer
         inside = max(0, min(len(view), self.size - offset))
-        group = self._request * READ_GROUP
-        pos = 0
-        while pos < inside:
-            n = min(inside - pos, group - (offset + pos) % self._request)
-            self._read_group(view[pos : pos + n], offset + pos)
-            pos += n
+        if inside:
+            self._readahead.read(view[:inside], offset)
         if inside < len(view):
             fill_zero(view[inside:])
         return len(view)
+
+    def _read_all(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from inside the export, a group of requests at a time."""
+        group = self._request * READ_GROUP
+        pos = 0
+        while pos < len(view):
+            n = min(len(view) - pos, group - (offset + pos) % self._request)
+            self._read_group(view[pos : pos + n], offset + pos)
+            pos += n
 
     def block_status_at(self, offset: int, length: int, depth: int) -> Iterator[Extent]:
         """Extents of [offset, offset+length) from base:allocation (all data without it)."""
