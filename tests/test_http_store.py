@@ -310,6 +310,34 @@ def test_each_thread_reads_ahead_in_its_own_window(served: tuple[Nginx, Path, by
     assert requests <= 4, requests  # per thread: its first read, then one window
 
 
+def test_one_run_read_by_threads_in_turn_is_read_ahead(served: tuple[Nginx, Path, bytes]) -> None:
+    """One client's sequential reads handed to whichever pool thread is free, here two
+    threads in turn: the run is still seen as sequential and read ahead."""
+    server, _root, data = served
+    store = HTTPStore.open(f"{server.url}/base.raw")
+    step = threading.Barrier(2, timeout=30)
+    got: dict[int, bytes] = {}
+
+    def worker(k: int) -> None:
+        for i in range(256):
+            step.wait()
+            if i % 2 == k:
+                got[i] = _read(store, 100 + i * 4096, 4096)
+
+    before = len(server.access_log())
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        store.close()
+    assert b"".join(got[i] for i in range(256)) == data[100 : 100 + (1 << 20)]
+    requests = len(server.access_log()) - before
+    assert requests <= 3, requests  # the first read, then one window
+
+
 def test_qemu_curl_referee(served: tuple[Nginx, Path, bytes], tmp_path: Path) -> None:
     """qemu-img's curl driver reads the URL as HTTPStore does (a copy made by HTTPStore)."""
     server = served[0]

@@ -52,18 +52,22 @@ Opening
     URI: serve it (``addcow serve --read-only``) and name the export as raw.
 
 Readahead (:class:`ReadAhead`, used by both stores)
-    A read that starts where the same thread's previous one ended and is
-    shorter than :data:`READAHEAD` fetches :data:`READAHEAD` bytes instead,
-    kept as that thread's window; its later reads inside it are served from
-    memory. Windows are per thread because the readers of a stream each walk
-    their own span (a qcow2 golden image's compressed clusters, one short
-    read each): one shared window would see their reads interleaved and never
-    as sequential. A window holds bytes of the pinned golden image, so it
+    A read shorter than :data:`READAHEAD` that starts where a recent read
+    ended (or runs on past a window) fetches :data:`READAHEAD` bytes instead,
+    kept as the window of the thread that fetched it; later reads inside any
+    window are served from memory. There is a window per thread because the
+    readers of a stream each walk their own span (a qcow2 golden image's
+    compressed clusters, one short read each): one window for all would be
+    replaced at every read and help none of them. Reads are matched against
+    every window and every recent end, not only their own thread's, because
+    the server's pool hands one client's sequential reads to whichever
+    thread is free. A window holds bytes of the pinned golden image, so it
     never goes stale. Memory stays bounded: at most :data:`MAX_WINDOWS`
-    windows (the least recently used goes), plus one being fetched per
-    reading thread. A window the server answers with an error for some of
-    its range (:class:`~addcow.errors.RemoteReadError`) is dropped and the
-    read asked for alone, so an error reaches only the reads that touch it.
+    windows and four times as many read ends (the least recently used go),
+    plus one window being fetched per reading thread. A window the server
+    answers with an error for some of its range
+    (:class:`~addcow.errors.RemoteReadError`) is dropped and the read asked
+    for alone, so an error reaches only the reads that touch it.
 """
 
 from __future__ import annotations
@@ -305,30 +309,36 @@ MAX_WINDOWS = 16
 
 
 class ReadAhead:
-    """Per-thread readahead over ``fetch(view, offset)``, which fills ``view`` from
-    the remote file (any length inside its ``size`` bytes)."""
+    """Readahead windows over ``fetch(view, offset)``, which fills ``view`` from the
+    remote file (any length inside its ``size`` bytes)."""
 
     def __init__(self, fetch: Callable[[memoryview, int], None], size: int) -> None:
         self._fetch = fetch
         self.size = size
         self._lock = threading.Lock()
-        # Per reading thread: (where its window starts, the window, where its
-        # previous read ended), least recently used first.
-        self._windows: collections.OrderedDict[int, tuple[int, bytearray, int]] = (
+        # Windows by the thread that fetched each: (where it starts, its bytes),
+        # least recently used first; and where recent reads ended, likewise.
+        self._windows: collections.OrderedDict[int, tuple[int, bytearray]] = (
             collections.OrderedDict()
         )
+        self._ends: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     def read(self, view: memoryview, offset: int) -> None:
-        """Fill ``view`` (inside the file) from ``offset``, from this thread's window
-        where it can."""
-        me = threading.get_ident()
+        """Fill ``view`` (inside the file) from ``offset``, from a window where it can."""
         with self._lock:
-            start, window, previous_end = self._windows.pop(me, (0, bytearray(), 0))
-            sequential = offset == previous_end
-            self._remember(me, start, window, offset + len(view))
-        end = start + len(window)
-        if start <= offset < end:
-            take = min(len(view), end - offset)
+            sequential = offset in self._ends
+            self._ends[offset + len(view)] = None
+            self._ends.move_to_end(offset + len(view))
+            while len(self._ends) > 4 * MAX_WINDOWS:
+                self._ends.popitem(last=False)
+            start, window = 0, bytearray()
+            for key, (lo, data) in self._windows.items():
+                if lo <= offset < lo + len(data):
+                    start, window = lo, data
+                    self._windows.move_to_end(key)
+                    break
+        if window:
+            take = min(len(view), start + len(window) - offset)
             view[:take] = memoryview(window)[offset - start : offset - start + take]
             view = view[take:]
             offset += take
@@ -347,8 +357,11 @@ class ReadAhead:
                 return
             view[:] = memoryview(ahead)[: len(view)]
             with self._lock:  # never written again: readers copy from it without the lock
+                me = threading.get_ident()
                 self._windows.pop(me, None)
-                self._remember(me, offset, ahead, offset + len(view))
+                self._windows[me] = (offset, ahead)
+                while len(self._windows) > MAX_WINDOWS:
+                    self._windows.popitem(last=False)
             return
         self._fetch(view, offset)
 
@@ -356,12 +369,7 @@ class ReadAhead:
         """Drop every window."""
         with self._lock:
             self._windows.clear()
-
-    def _remember(self, thread: int, start: int, window: bytearray, read_end: int) -> None:
-        """Keep ``thread``'s window and where its last read ended (lock held)."""
-        self._windows[thread] = (start, window, read_end)
-        while len(self._windows) > MAX_WINDOWS:
-            self._windows.popitem(last=False)
+            self._ends.clear()
 
 
 def refuse_for_rebase(backing: str) -> None:
