@@ -6,7 +6,8 @@ BIN    := $(VENV)/bin
 TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
           nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdcopy:libnbd-bin fio:fio \
           mke2fs:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs nbdkit:nbdkit \
-          nginx:nginx-light openssl:openssl systemd-socket-activate:systemd
+          nginx:nginx-light openssl:openssl systemd-socket-activate:systemd \
+          fincore:util-linux-extra
 # The Linux guest of tests/test_guest.py (program or file -> package), installed
 # without their recommends (no GUI, no firmware): QEMU's PC emulator, a static
 # busybox for its initramfs, and Debian's cloud kernel.

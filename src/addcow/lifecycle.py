@@ -10,7 +10,11 @@ any moment (Ctrl-C, kill -9, power loss) therefore leaves an image that reads
 correctly, and running it again skips every cluster whose bit reached the disk
 and copies the rest: the result is the same as an uninterrupted run. Spans
 finish in any order; their writeback is started in file order, so the file
-system lays the file out as one thread would.
+system lays the file out as one thread would. From a backing URI (without a
+rate) spans are smaller (:data:`STREAM_SPAN_REMOTE`), more are copied at once
+(:data:`STREAM_THREADS_REMOTE`), and the written spans are settled as the
+copy goes (:data:`SETTLE_LAG`): a performance hint only, since durability
+still comes from the commits' fdatasync.
 
 Detaching removes the .add-cow file of a complete image (every bit set, or
 ALL_ALLOCATED), leaving the image file as a plain raw disk. It happens while
@@ -57,6 +61,16 @@ STREAM_THREADS = min(4, os.cpu_count() or 1)
 overlap across cores (``preadv``, ``copy_file_range``, ``fdatasync``, zlib and zstd
 release the GIL)."""
 
+STREAM_SPAN_REMOTE = 8 << 20
+"""Span of a stream from a backing URI without a rate: smaller spans start their
+writeback sooner, and SETTLE_LAG of them bound what is not yet on disk."""
+
+SETTLE_LAG = 2
+"""Spans a stream from a backing URI leaves in writeback before it waits for the
+oldest and drops its pages from the page cache (as nbdcopy does): the copied
+pages neither pile up dirty nor crowd the cache, and writing them to disk
+overlaps the copy."""
+
 STREAM_THREADS_REMOTE = 8
 """Spans streamed at once from a backing URI: their reads wait on the network,
 not on a core, and one span's read is in flight while others are written."""
@@ -91,10 +105,10 @@ def stream(
     backing URI without a rate: under a rate more spans at once only make the
     first burst larger).
     """
+    remote_copy = bool(image.header.backing_uri) and rate is None
     if threads is None:
-        remote_copy = bool(image.header.backing_uri) and rate is None
         threads = STREAM_THREADS_REMOTE if remote_copy else STREAM_THREADS
-    run = _StreamRun(image, rate, progress)
+    run = _StreamRun(image, rate, progress, remote=remote_copy)
     workers = [
         threading.Thread(target=run.work_or_record, name=f"addcow-stream-{i}")
         for i in range(1, threads)
@@ -157,7 +171,12 @@ class _StreamRun:
     """
 
     def __init__(
-        self, image: AddCowImage, rate: int | None, progress: Callable[[int], None] | None
+        self,
+        image: AddCowImage,
+        rate: int | None,
+        progress: Callable[[int], None] | None,
+        *,
+        remote: bool = False,
     ) -> None:
         self.image = image
         self.rate = RateLimit(rate)
@@ -170,23 +189,33 @@ class _StreamRun:
         self.error: BaseException | None = None
         # Spans whose writeback is not started yet, in file order: [lo, hi, done, written].
         self.writeback_queue: collections.deque[list[int]] = collections.deque()
+        # A copy from a backing URI without a rate (``remote``) takes spans of
+        # STREAM_SPAN_REMOTE and settles them: of the spans whose writeback has
+        # started (oldest first), all but the last SETTLE_LAG are waited for and
+        # dropped from the page cache.
+        self.remote = remote
+        self.span_bytes = STREAM_SPAN_REMOTE if remote else STREAM_SPAN
+        self.writing_back: collections.deque[tuple[int, int]] = collections.deque()
 
     def next_span(self) -> tuple[int, int] | None:
         """The next span to copy (lock held), or None when the stream is over."""
         if self.stopping.is_set() or self.error is not None or self.image.complete:
             return None
-        span = next_span(self.image, self.pos, self.rate.span(STREAM_SPAN))
+        span = next_span(self.image, self.pos, self.rate.span(self.span_bytes))
         if span is None:
             return None
         lo, hi, self.pos = span
         self.writeback_queue.append([lo, hi, 0, 0])
         return lo, hi
 
-    def span_done(self, lo: int, written: int) -> None:
+    def span_done(self, lo: int, written: int) -> list[tuple[int, int]]:
         """Start writeback of the finished spans that no unfinished one precedes (lock held).
 
         In file order, as one thread would: the file system allocates blocks at
         writeback, and spans written back out of order end up in more extents.
+        Returns the spans to settle (:func:`addcow.sysio.settle_writeback`) once
+        the lock is released: for a ``remote`` copy, those more than SETTLE_LAG
+        spans behind the newest one written back.
         """
         for entry in self.writeback_queue:
             if entry[0] == lo:
@@ -197,6 +226,12 @@ class _StreamRun:
             if wrote:
                 # start writeback now, so the next flush has less to wait for
                 sysio.start_writeback(self.image.image_fd, first, last - first)
+                if self.remote:
+                    self.writing_back.append((first, last))
+        due: list[tuple[int, int]] = []
+        while len(self.writing_back) > SETTLE_LAG:
+            due.append(self.writing_back.popleft())
+        return due
 
     def work(self) -> None:
         """Copy spans until none is left (or another thread failed)."""
@@ -210,13 +245,15 @@ class _StreamRun:
             lo, hi = span
             written, zero = image.populate(lo, hi - lo, buffer)
             with self.lock:
-                self.span_done(lo, written)
+                due = self.span_done(lo, written)
                 self.stats.copied += written
                 self.stats.zero += zero
                 if self.progress is not None:
                     self.progress(hi - lo)
                 commit = self.commits.copied(written)
                 ahead = self.rate.delay(self.stats.total)
+            for first, last in due:
+                sysio.settle_writeback(image.image_fd, first, last - first)
             if commit:
                 image.flush()
             if ahead > 0:
