@@ -349,3 +349,40 @@ def test_a_stream_from_a_uri_leaves_its_copy_out_of_the_page_cache(tmp_path: Pat
                         str(raw)]).stdout)  # fmt: skip
     assert resident <= len(data) // 2, resident
     assert raw.read_bytes() == data
+
+
+def test_settling_never_waits_on_the_descriptor_that_makes_data_durable(
+    tmp_path: Path, golden: tuple[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waits of sync_file_range report a writeback error once per open file: on the
+    image file's own descriptor they would hide it from the commit's fdatasync. The
+    stream settles through a descriptor of its own, of the same file."""
+    from addcow import lifecycle, sysio
+
+    uri, data = golden
+    image_path = image_over(tmp_path, uri)
+    seen: list[tuple[int, int]] = []
+    settle = sysio.settle_writeback
+
+    def spy(fd: int, offset: int, length: int) -> None:
+        seen.append((fd, offset))
+        settle(fd, offset, length)
+
+    monkeypatch.setattr(sysio, "settle_writeback", spy)
+    monkeypatch.setattr(lifecycle, "STREAM_SPAN_REMOTE", 8 * CLUSTER)
+    with addcow.open(image_path) as image:
+        own = os.fstat(image.image_fd)
+        opened: list[os.stat_result] = []
+        reopen = sysio.reopen_for_settling
+
+        def spy_reopen(fd: int) -> int:
+            new = reopen(fd)
+            opened.append(os.fstat(new))
+            return new
+
+        monkeypatch.setattr(sysio, "reopen_for_settling", spy_reopen)
+        lifecycle.stream(image)
+        assert seen, "nothing was settled"
+        assert all(fd != image.image_fd for fd, _ in seen)
+        assert [(s.st_dev, s.st_ino) for s in opened] == [(own.st_dev, own.st_ino)]
+    assert (tmp_path / "d.raw").read_bytes() == data

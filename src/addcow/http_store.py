@@ -95,7 +95,6 @@ if TYPE_CHECKING:
 MAX_REQUEST = 8 * 1024 * 1024
 """The longest range one request asks for; longer reads are split."""
 
-
 MAX_CONNECTIONS = 4
 """Connections a store keeps open to its server at most."""
 

@@ -109,6 +109,18 @@ def stream(
     if threads is None:
         threads = STREAM_THREADS_REMOTE if remote_copy else STREAM_THREADS
     run = _StreamRun(image, rate, progress, remote=remote_copy)
+    try:
+        _run_stream(image, run, threads)
+    finally:
+        if run.settle_fd >= 0:
+            os.close(run.settle_fd)
+    image.flush()
+    run.stats.seconds = time.monotonic() - run.rate.started
+    return run.stats
+
+
+def _run_stream(image: AddCowImage, run: _StreamRun, threads: int) -> None:
+    """Copy with ``threads`` threads (the calling one among them) until done or failed."""
     workers = [
         threading.Thread(target=run.work_or_record, name=f"addcow-stream-{i}")
         for i in range(1, threads)
@@ -144,9 +156,6 @@ def stream(
     except BaseException:
         _keep_progress(image)
         raise
-    image.flush()
-    run.stats.seconds = time.monotonic() - run.rate.started
-    return run.stats
 
 
 def _keep_progress(image: AddCowImage) -> None:
@@ -196,6 +205,9 @@ class _StreamRun:
         self.remote = remote
         self.span_bytes = STREAM_SPAN_REMOTE if remote else STREAM_SPAN
         self.writing_back: collections.deque[tuple[int, int]] = collections.deque()
+        # Settling waits through a descriptor of its own, so that a writeback error
+        # stays for the commit's fdatasync to report (sysio.settle_writeback).
+        self.settle_fd = sysio.reopen_for_settling(image.image_fd) if remote else -1
 
     def next_span(self) -> tuple[int, int] | None:
         """The next span to copy (lock held), or None when the stream is over."""
@@ -226,7 +238,7 @@ class _StreamRun:
             if wrote:
                 # start writeback now, so the next flush has less to wait for
                 sysio.start_writeback(self.image.image_fd, first, last - first)
-                if self.remote:
+                if self.settle_fd >= 0:
                     self.writing_back.append((first, last))
         due: list[tuple[int, int]] = []
         while len(self.writing_back) > SETTLE_LAG:
@@ -253,7 +265,7 @@ class _StreamRun:
                 commit = self.commits.copied(written)
                 ahead = self.rate.delay(self.stats.total)
             for first, last in due:
-                sysio.settle_writeback(image.image_fd, first, last - first)
+                sysio.settle_writeback(self.settle_fd, first, last - first)
             if commit:
                 image.flush()
             if ahead > 0:

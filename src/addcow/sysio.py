@@ -409,11 +409,27 @@ def settle_writeback(fd: int, offset: int, length: int) -> None:
     For a copy nobody reads back soon (``addcow stream`` from a backing URI, as
     nbdcopy does for files): its written pages neither pile up dirty nor stay
     in the cache. Durability still comes only from fdatasync.
+
+    ``fd`` must be a descriptor of its own (:func:`reopen_for_settling`), never
+    the one whose fdatasync makes the data durable: the waits of
+    ``sync_file_range`` report a writeback error to the open file they are
+    called on, and only once (the kernel's errseq), so on the writer's own
+    descriptor they would take the error away from its next fdatasync, which
+    would then succeed over lost data.
     """
     flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
     if _sync_file_range(fd, offset, length, flags) == 0:
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def reopen_for_settling(fd: int) -> int:
+    """A new open file of the same file as ``fd`` (read-only), for
+    :func:`settle_writeback`; -1 if it cannot be had (then nothing is settled)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 def _zero_run(fd: int, offset: int, length: int, name: str, punch: bool) -> None:
