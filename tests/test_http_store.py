@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -247,6 +247,18 @@ def test_server_stopped(tmp_path: Path) -> None:
         HTTPStore.open(f"{server.url}/base.raw", timeout=1.0, retries=1)
 
 
+def run_threads(store: HTTPStore, worker: Callable[[int], None], args: Iterable[int]) -> None:
+    """``worker(arg)`` in a thread per arg, all joined; then the store is closed."""
+    threads = [threading.Thread(target=worker, args=(arg,)) for arg in args]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        store.close()
+
+
 def test_threads(served: tuple[Nginx, Path, bytes]) -> None:
     server, _root, data = served
     store = HTTPStore.open(f"{server.url}/base.raw")
@@ -266,14 +278,7 @@ def test_threads(served: tuple[Nginx, Path, bytes]) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    finally:
-        store.close()
+    run_threads(store, worker, range(12))
     assert not errors, errors[0]
 
 
@@ -296,14 +301,7 @@ def test_each_thread_reads_ahead_in_its_own_window(served: tuple[Nginx, Path, by
         got[k] = b"".join(parts)
 
     before = len(server.access_log())
-    threads = [threading.Thread(target=worker, args=(k,)) for k in runs]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    finally:
-        store.close()
+    run_threads(store, worker, runs)
     for k, start in runs.items():
         assert got[k] == data[start : start + (1 << 19)]
     requests = len(server.access_log()) - before
@@ -325,14 +323,7 @@ def test_one_run_read_by_threads_in_turn_is_read_ahead(served: tuple[Nginx, Path
                 got[i] = _read(store, 100 + i * 4096, 4096)
 
     before = len(server.access_log())
-    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    finally:
-        store.close()
+    run_threads(store, worker, (0, 1))
     assert b"".join(got[i] for i in range(256)) == data[100 : 100 + (1 << 20)]
     requests = len(server.access_log()) - before
     assert requests <= 3, requests  # the first read, then one window

@@ -25,6 +25,7 @@ from http_util import nginx_server
 from nbd_util import qemu_nbd, served, start_qemu_nbd, stop_qemu_nbd
 
 import addcow
+from addcow import lifecycle, sysio
 from addcow.errors import PathPolicyError, RemoteBackingError, RemoteChangedError
 from addcow.format import V2_INCOMPAT_BACKING_URI
 from addcow.nbd.loop_store import REOPEN_AFTER
@@ -357,8 +358,6 @@ def test_settling_never_waits_on_the_descriptor_that_makes_data_durable(
     """The waits of sync_file_range report a writeback error once per open file: on the
     image file's own descriptor they would hide it from the commit's fdatasync. The
     stream settles through a descriptor of its own, of the same file."""
-    from addcow import lifecycle, sysio
-
     uri, data = golden
     image_path = image_over(tmp_path, uri)
     seen: list[tuple[int, int]] = []

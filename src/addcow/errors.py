@@ -16,7 +16,7 @@ The tree::
     |   |   +-- Qcow2CorruptError           a table entry or compressed cluster is inconsistent
     |   +-- RemoteBackingError          a remote backing (NBD, HTTP) cannot be reached or used
     |       +-- RemoteReplyError            the server's reply breaks its protocol
-    |       +-- RemoteReadError             the server answered a read with an error
+    |       +-- RemoteReadError             the server answered a request with an error
     |       +-- RemoteChangedError          the golden image changed since the image was created
     +-- PathPolicyError             a file named by an image is outside the allowed tree
     +-- FormatChoiceError           a file named on the command line needs its format given
@@ -229,8 +229,9 @@ class RemoteReplyError(RemoteBackingError):
 
 
 class RemoteReadError(RemoteBackingError):
-    """The server answered a read with an error (its ``errno``: a bad sector's EIO,
-    say); the connection is still in step, and other ranges may read fine."""
+    """The server answered a request (a read, a block status) with an error (its
+    ``errno``: a bad sector's EIO, say); the connection is still in step, and other
+    ranges may read fine."""
 
 
 class RemoteChangedError(RemoteBackingError):

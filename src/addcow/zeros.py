@@ -102,7 +102,7 @@ def has_zero_segment(buf: Buffer, start: int, length: int, offset: int) -> bool:
     """Whether a run of :func:`segments` would be zero, without building the runs.
 
     Looks at the first byte of each disk-aligned block with one strided slice
-    and compares whole blocks only where that byte is zero.
+    and compares whole blocks only where that byte is zero (:func:`data_run_end`).
     """
     if length == GRANULE and not offset % GRANULE:  # one aligned block: the usual read
         return not buf[start] and buf.startswith(_BLOCK, start)
@@ -110,11 +110,4 @@ def has_zero_segment(buf: Buffer, start: int, length: int, offset: int) -> bool:
     first = min(end, start + (-offset) % GRANULE)  # the first disk-aligned block
     if first > start and not buf[start] and buf.startswith(ZEROS[: first - start], start):
         return True
-    samples = buf[first:end:GRANULE]
-    i = samples.find(0)
-    while i >= 0:
-        pos = first + i * GRANULE
-        if buf.startswith(ZEROS[: min(GRANULE, end - pos)], pos):
-            return True
-        i = samples.find(0, i + 1)
-    return False
+    return data_run_end(buf, first, end) < end

@@ -924,35 +924,57 @@ class NBDServer:
         make them wait. At most :data:`MAX_REQUESTS` of a connection's reads
         are here at once, besides the budget of its pool requests.
         """
-        reader = export.reader
         if (
-            reader is None
+            export.reader is None
             or req.command != wire.CMD_READ
             or client.backing_reads >= MAX_REQUESTS
             or export.live.copies_on_read
-            or export.image.backing_for(req.offset, req.length) is not reader.store
         ):
             return False
         end = wire.READ_HEADROOM + req.length
         buf = client.reply_buffer(end)
-        read = reader.read(memoryview(buf)[wire.READ_HEADROOM : end], req.offset)
+        read = self._send_backing_read(
+            export, memoryview(buf)[wire.READ_HEADROOM : end], req.offset
+        )
         if read is None:
             client.free_buffers.append(buf)
             return False
         client.backing_reads += 1
-        self._client_calls += 1
-        self._calls.add(read)
         client.tasks.add(read)
         read.add_done_callback(functools.partial(self._backing_read_done, client, req, buf))
         return True
+
+    def _send_backing_read(
+        self, export: Export, view: memoryview, offset: int
+    ) -> asyncio.Future[Any] | None:
+        """Send a read that lies wholly in an NBD backing on the loop's own connection
+        to it; None if it does not, or that connection cannot take it now.
+
+        The read is one of :meth:`pending` until it is done, so completion waits
+        for it before it releases the backing, as for a call in the pool; and it
+        counts as a client's call, which streaming yields to.
+        """
+        reader = export.reader
+        if reader is None or export.image.backing_for(offset, len(view)) is not reader.store:
+            return None
+        read = reader.read(view, offset)
+        if read is None:
+            return None
+        self._client_calls += 1
+        self._calls.add(read)
+
+        def done(_: asyncio.Future[Any]) -> None:
+            self._client_calls -= 1
+            self._calls.discard(read)
+
+        read.add_done_callback(done)
+        return read
 
     def _backing_read_done(
         self, client: _Client, req: Request, buf: bytearray, read: asyncio.Future[Any]
     ) -> None:
         """Reply to a read :meth:`_start_backing_read` sent (or hand it to the pool)."""
         client.backing_reads -= 1
-        self._client_calls -= 1
-        self._calls.discard(read)
         client.tasks.discard(read)
         conn, export = client.conn, client.export
         if read.cancelled() or conn is None or export is None or client.writer.is_closing():
@@ -1125,25 +1147,12 @@ class NBDServer:
         return conn.reply_ok(req.cookie)
 
     async def _read_backing(self, export: Export, buf: bytearray, offset: int) -> bool:
-        """Read a range that lies wholly in an NBD backing on the loop's own
-        connection to it; False if it does not (or that connection broke).
-
-        The read is one of :meth:`pending` until it is done, so completion
-        waits for it before it releases the backing, as for a call in the pool.
-        """
-        reader = export.reader
-        if reader is None or export.image.backing_for(offset, len(buf)) is not reader.store:
+        """:meth:`_send_backing_read` into ``buf``, awaited; False if it did not go
+        there (or that connection broke)."""
+        read = self._send_backing_read(export, memoryview(buf), offset)
+        if read is None or export.reader is None:
             return False
-        read = reader.read(memoryview(buf), offset)
-        if read is None:
-            return False
-        self._calls.add(read)
-        read.add_done_callback(self._calls.discard)
-        self._client_calls += 1
-        try:
-            return await loop_store.finish(read, reader.store.uri, offset, len(buf))
-        finally:
-            self._client_calls -= 1
+        return await loop_store.finish(read, export.reader.store.uri, offset, len(buf))
 
 
 def _write(image: AddCowImage, data: bytes, offset: int, fua: bool) -> None:
