@@ -34,6 +34,8 @@ from pathlib import Path
 from conftest import require_tool
 
 START_TIMEOUT = 10.0
+LOG_SETTLE = 0.05
+"""Seconds the access log must stay the same size before it is read."""
 
 
 @dataclass
@@ -46,8 +48,19 @@ class Nginx:
     proc: subprocess.Popen[bytes]
 
     def access_log(self) -> list[list[str]]:
-        """The access log so far, one list of tab-separated fields per request."""
+        """The access log so far, one list of tab-separated fields per request.
+
+        nginx writes a request's line once the response has gone, so a client may
+        hold the response before the line is there: the log is read once it has
+        not grown for :data:`LOG_SETTLE` seconds (at most a second of waiting)."""
         path = self.work / "access.log"
+        size, deadline = -1, time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            now = path.stat().st_size if path.exists() else 0
+            if now == size:
+                break
+            size = now
+            time.sleep(LOG_SETTLE)
         if not path.exists():
             return []
         return [line.split("\t") for line in path.read_text().splitlines() if line]
