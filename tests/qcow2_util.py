@@ -21,9 +21,9 @@ from typing import Any
 
 from conftest import require_tool, run
 
-from addcow.backing import BlockSource, Extent, RawFile
-from addcow.names import ChainGuard, resolve_name
-from addcow.qcow2 import Qcow2File
+from addcow.stores import BlockSource, Extent, RawFile
+from addcow.stores.chain import ChainGuard, resolve_name
+from addcow.stores.qcow2 import Qcow2File
 
 
 def qemu_img(*args: str | os.PathLike[str]) -> str:

@@ -85,7 +85,7 @@ from typing import NamedTuple
 import pytest
 
 import addcow
-import addcow.names
+import addcow.stores.chain
 from addcow import AddCowError, BackingLoopError, PathPolicyError
 from addcow.format import MAX_HEADER_SIZE, PAGE, Header
 
@@ -1050,8 +1050,8 @@ def test_mutation_without_the_root_check_is_caught(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With ``_inside_root`` a no-op, the same generator must find violations."""
-    assert callable(addcow.names._inside_root)
-    monkeypatch.setattr(addcow.names, "_inside_root", lambda root, real, path: None)
+    assert callable(addcow.stores.chain._inside_root)
+    monkeypatch.setattr(addcow.stores.chain, "_inside_root", lambda root, real, path: None)
     stats = run_campaign(range(150), tmp_path, cli=False)
     kinds = Counter(v.kind for v in stats.violations)
     print(f"\nmutant (no root check): {dict(kinds)} in {stats.cases} cases")

@@ -38,7 +38,7 @@ from conftest import CLUSTER
 
 import addcow
 from addcow.errors import PathPolicyError
-from addcow.names import ChainGuard
+from addcow.stores.chain import ChainGuard
 
 CAMPAIGN = os.environ.get("ADDCOW_CAMPAIGN") == "1"
 ROUNDS = 5000 if CAMPAIGN else 400

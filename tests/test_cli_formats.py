@@ -26,12 +26,12 @@ from conftest import CLUSTER, require_tool, run
 from conftest import addcow as addcow_cli
 
 import addcow
-from addcow.backing import RawFile
 from addcow.cli.common import split_options
 from addcow.copy import open_source
 from addcow.errors import AddCowError, ForeignFormatError, FormatChoiceError, HeaderError
 from addcow.format import Header
 from addcow.image import AddCowImage
+from addcow.stores import RawFile
 
 MiB = 1 << 20
 SECRET = b"host secret " * 5000

@@ -10,7 +10,12 @@ import sys
 import addcow
 from addcow import errors
 
-SERVER_MODULES = {"addcow.nbd.protocol", "addcow.nbd.tls", "addcow.nbd.live", "addcow.nbd.control"}
+SERVER_MODULES = {
+    "addcow.nbd.protocol",
+    "addcow.serve.tls",
+    "addcow.serve.live",
+    "addcow.serve.control",
+}
 """Modules whose own AddCowError subclasses are the NBD server's, not the library's."""
 
 

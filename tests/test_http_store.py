@@ -28,15 +28,10 @@ import urllib3
 from conftest import require_tool, run
 from http_util import Nginx, nginx_server
 
-from addcow import http_store, remote
-from addcow.backing import Extent
-from addcow.errors import (
-    AddCowError,
-    RemoteBackingError,
-    RemoteChangedError,
-    RemoteReplyError,
-)
-from addcow.http_store import HTTPPin, HTTPStore
+from addcow.errors import AddCowError, RemoteBackingError, RemoteChangedError, RemoteReplyError
+from addcow.stores import Extent, remote
+from addcow.stores.remote import http as http_store
+from addcow.stores.remote.http import HTTPPin, HTTPStore
 
 SIZE = 3 * 1024 * 1024 + 12345
 SECRET = "X-Amz-Signature=5ecret"

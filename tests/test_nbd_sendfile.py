@@ -28,8 +28,8 @@ from nbd_util import STRUCTURED_REPLY_MAGIC, RawClient, served
 import addcow
 from addcow.errors import AddCowIOError
 from addcow.image import AddCowImage
-from addcow.nbd import server as nbd_server
-from addcow.nbd.server import Export, NBDServer
+from addcow.serve import server as nbd_server
+from addcow.serve.server import Export, NBDServer
 
 OFFSET_DATA, OFFSET_HOLE, NONE = 1, 2, 0
 DONE = 1

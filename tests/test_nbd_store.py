@@ -1,4 +1,4 @@
-"""The NBD backing store (addcow.nbd.store) against real servers and hostile ones.
+"""The NBD backing store (addcow.stores.remote.nbd) against real servers and hostile ones.
 
 Real peers: qemu-nbd (raw files over Unix sockets and TCP, TLS, multi-conn,
 killed and restarted), nbdkit (pattern, memory, sparse-random, --no-sr, the
@@ -38,10 +38,11 @@ from addcow.errors import (
     RemoteReadError,
     RemoteReplyError,
 )
-from addcow.nbd import loop_store, wire
-from addcow.nbd import store as nbd_store
-from addcow.nbd.loop_store import LoopReader
-from addcow.nbd.store import NBDStore
+from addcow.nbd import wire
+from addcow.serve import loop_reader as loop_store
+from addcow.serve.loop_reader import LoopReader
+from addcow.stores.remote import nbd as nbd_store
+from addcow.stores.remote.nbd import NBDStore
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -727,7 +728,7 @@ def test_hostile_without_structured_replies(tmp_path: Path) -> None:
             read(store, 0, 10)
 
 
-# -- reads from an event loop (addcow.nbd.loop_store) ----------------------------------
+# -- reads from an event loop (addcow.serve.loop_reader) ----------------------------------
 
 MULTI_CONN = wire.FLAG_HAS_FLAGS | wire.FLAG_READ_ONLY | wire.FLAG_CAN_MULTI_CONN
 Outcome = bytes | bool | AddCowError

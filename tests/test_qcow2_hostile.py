@@ -50,7 +50,7 @@ from addcow.errors import (
     Qcow2Error,
     Qcow2UnsupportedError,
 )
-from addcow.names import ChainGuard
+from addcow.stores.chain import ChainGuard
 
 KiB = 1024
 MiB = 1 << 20

@@ -28,8 +28,8 @@ import addcow
 from addcow import lifecycle, sysio
 from addcow.errors import PathPolicyError, RemoteBackingError, RemoteChangedError
 from addcow.format import V2_INCOMPAT_BACKING_URI
-from addcow.nbd.loop_store import REOPEN_AFTER
-from addcow.remote import BackingURI
+from addcow.serve.loop_reader import REOPEN_AFTER
+from addcow.stores.remote import BackingURI
 
 SIZE = 64 * CLUSTER
 # What addcow serve logs when it reads unallocated clusters on its event loop's own

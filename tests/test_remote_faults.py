@@ -37,9 +37,9 @@ from nbd_util import ddrescue_mapfile, served
 from tls_util import make_certs
 
 import addcow
-from addcow import metafile
-from addcow.nbd.store import EXTRA_GREETING_TIMEOUT, NBDStore
-from addcow.remote import RECONNECT_DELAY_ENV, TLS_CERTIFICATES_ENV
+from addcow.image import metafile
+from addcow.stores.remote import RECONNECT_DELAY_ENV, TLS_CERTIFICATES_ENV
+from addcow.stores.remote.nbd import EXTRA_GREETING_TIMEOUT, NBDStore
 
 MiB = 1 << 20
 SIZE = 4 * MiB

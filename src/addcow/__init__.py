@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .backing import Extent
 from .create import create
 from .errors import (
     AddCowError,
@@ -47,7 +46,8 @@ from .errors import (
 )
 from .format import Header
 from .image import AddCowImage
-from .names import MAX_CHAIN_DEPTH
+from .stores import Extent
+from .stores.chain import MAX_CHAIN_DEPTH
 
 __version__ = "0.1.0"
 

@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import sysio
-from .backing import BlockSource
 from .bitmap import Bitmap
 from .errors import (
     AddCowError,
@@ -65,22 +64,18 @@ from .errors import (
     Qcow2Error,
     Qcow2UnsupportedError,
 )
-from .format import (
-    V2_AUTOCLEAR_FEATURES,
-    V2_COMPAT_ALL_ALLOCATED,
-    Header,
-    bitmap_length,
-)
+from .format import V2_AUTOCLEAR_FEATURES, V2_COMPAT_ALL_ALLOCATED, Header, bitmap_length
 from .image import open_header_backing
-from .metafile import (
+from .image.metafile import (
     open_image_files,
     read_bitmap,
     read_header,
     write_bitmap_pages,
     write_features,
 )
-from .names import ChainGuard
-from .qcow2 import Qcow2File
+from .stores import BlockSource
+from .stores.chain import ChainGuard
+from .stores.qcow2 import Qcow2File
 
 REPAIR_MODES = ("leaks", "all")
 

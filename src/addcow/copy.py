@@ -1,7 +1,7 @@
 """Whole-disk copies and comparisons between add-cow images and raw files.
 
-Both work on any :class:`~addcow.backing.BlockSource`: an open
-:class:`AddCowImage` or a :class:`~addcow.backing.RawFile`. Ranges a source
+Both work on any :class:`~addcow.stores.BlockSource`: an open
+:class:`AddCowImage` or a :class:`~addcow.stores.RawFile`. Ranges a source
 reports as zero are not read at all; data ranges are read in large chunks
 into one reused buffer, and zero-filled 4 KiB blocks inside them are skipped,
 so the copy stays sparse.
@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import sysio, zeros
-from .backing import BlockSource, RawFile
 from .errors import AddCowError, FormatChoiceError, ImageFileError
 from .image import AddCowImage, open_store
 from .locking import lock_raw
-from .magic import article, identify, read_head
-from .names import ChainGuard
+from .stores import BlockSource, RawFile
+from .stores.chain import ChainGuard
+from .stores.magic import article, identify, read_head
 
 CHUNK = 4 << 20
 """Bytes read per request while copying or comparing."""

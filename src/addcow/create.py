@@ -29,8 +29,7 @@ import stat
 from contextlib import ExitStack, suppress
 from typing import NamedTuple
 
-from . import remote, sysio
-from .backing import BlockSource
+from . import sysio
 from .bitmap import Bitmap
 from .errors import (
     AddCowError,
@@ -58,10 +57,11 @@ from .format import (
     largest_image_size,
 )
 from .image import open_backing
+from .image.metafile import read_header
 from .locking import lock_raw, lock_whole
-from .magic import HEAD_LENGTH, article, choose_backing_format, identify
-from .metafile import read_header
-from .names import ChainGuard, resolve_name
+from .stores import BlockSource, remote
+from .stores.chain import ChainGuard, resolve_name
+from .stores.magic import HEAD_LENGTH, article, choose_backing_format, identify
 
 
 class Created(NamedTuple):
@@ -92,7 +92,7 @@ def create(
     starts with ``nbd://``, ``nbds://``, ``nbd+unix://``, ``nbds+unix://``,
     ``http://`` or ``https://`` is a backing URI (version 2 only): its size,
     and for HTTP its ETag or Last-Modified, are pinned in the image
-    (:mod:`addcow.remote`); a local file of such a name is given as ``./nbd:...``.
+    (:mod:`addcow.stores.remote`); a local file of such a name is given as ``./nbd:...``.
     ``backing_format`` defaults to ``raw`` when the backing file does not start with a known image
     magic; if it does, the format must be given. ``size`` defaults to the
     backing file's virtual size (or, without a backing file, the size of an

@@ -33,8 +33,8 @@ The tree::
 Every class here is exported by ``addcow`` (``addcow.__all__``). The NBD
 server's own errors, for its protocol, TLS credentials, live operations and
 control socket, also derive from ``AddCowError`` but stay in their modules
-(``addcow.nbd.protocol``, ``addcow.nbd.tls``, ``addcow.nbd.live``,
-``addcow.nbd.control``): they are not raised by library calls.
+(``addcow.nbd.protocol``, ``addcow.serve.tls``, ``addcow.serve.live``,
+``addcow.serve.control``): they are not raised by library calls.
 
 Messages name the field or file, the expected value and the value found, so a
 user can act on them without reading the code. Library code raises the most

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from . import remote, sysio
+from . import sysio
 from .errors import BackingLoopError, ImageFileError
 from .format import (
     V1_FEATURES,
@@ -21,15 +21,16 @@ from .format import (
     V2_INCOMPATIBLE_FEATURES,
     Header,
 )
+from .image.metafile import open_metafile, read_bitmap, read_header, virtual_size
 from .locking import lock_whole
-from .metafile import open_metafile, read_bitmap, read_header, virtual_size
-from .names import MAX_CHAIN_DEPTH, ChainGuard, resolve_name
-from .qcow2 import Qcow2File
-from .qcow2.format import COMPAT_LAZY_REFCOUNTS as QCOW2_COMPAT_LAZY_REFCOUNTS
-from .qcow2.format import INCOMPAT_CORRUPT as QCOW2_INCOMPAT_CORRUPT
-from .qcow2.format import INCOMPAT_DIRTY as QCOW2_INCOMPAT_DIRTY
-from .qcow2.format import Header as Qcow2Header
-from .qcow2.store import read_header as read_qcow2_header
+from .stores import remote
+from .stores.chain import MAX_CHAIN_DEPTH, ChainGuard, resolve_name
+from .stores.qcow2 import Qcow2File
+from .stores.qcow2.format import COMPAT_LAZY_REFCOUNTS as QCOW2_COMPAT_LAZY_REFCOUNTS
+from .stores.qcow2.format import INCOMPAT_CORRUPT as QCOW2_INCOMPAT_CORRUPT
+from .stores.qcow2.format import INCOMPAT_DIRTY as QCOW2_INCOMPAT_DIRTY
+from .stores.qcow2.format import Header as Qcow2Header
+from .stores.qcow2.store import read_header as read_qcow2_header
 
 
 def image_info(

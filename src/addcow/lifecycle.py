@@ -31,20 +31,15 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from . import remote, sysio
-from .backing import BlockSource, read_as_backing
-from .errors import (
-    AddCowError,
-    AmendError,
-    BackingFormatError,
-    IncompleteImageError,
-)
+from . import sysio
+from .errors import AddCowError, AmendError, BackingFormatError, IncompleteImageError
 from .format import V1_CLUSTER_BITS, V1_HEADER_SIZE, Header
 from .image import AddCowImage, open_backing
+from .image.metafile import open_image_file
 from .locking import lock_raw
-from .magic import choose_backing_format
-from .metafile import open_image_file
-from .names import ChainGuard, resolve_name
+from .stores import BlockSource, read_as_backing, remote
+from .stores.chain import ChainGuard, resolve_name
+from .stores.magic import choose_backing_format
 from .streaming import CommitPolicy, RateLimit, next_span
 
 STREAM_SPAN = 32 << 20

@@ -2,7 +2,7 @@
 
 Two drivers copy every unallocated cluster of an image from its backing chain
 into its image file: the threads of :func:`addcow.lifecycle.stream` (``addcow
-stream``) and the event-loop task of :func:`addcow.nbd.live.stream` (``addcow
+stream``) and the event-loop task of :func:`addcow.serve.live.stream` (``addcow
 serve --stream``). Both copy with :meth:`~addcow.image.AddCowImage.populate`,
 which claims the clusters, writes their data and only then sets their bits, so
 a span may be copied while clients write, and spans may finish in any order.

@@ -7,17 +7,11 @@ import os
 import sys
 from collections.abc import Callable
 
-from ..backing import BlockSource
 from ..copy import copy_to_addcow, copy_to_raw, first_difference, open_source
 from ..create import create
 from ..image import AddCowImage
-from .common import (
-    CommandError,
-    add_backing_root_arg,
-    add_options_arg,
-    parse_options,
-    parse_size,
-)
+from ..stores import BlockSource
+from .common import CommandError, add_backing_root_arg, add_options_arg, parse_options, parse_size
 from .progress import progress_bar
 
 _FORMATS = ("add-cow", "qcow2", "raw")

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..create import create
-from ..remote import shown
+from ..stores.remote import shown
 from .common import CommandError, add_options_arg, parse_options, parse_size, size_arg
 
 OPTIONS = {

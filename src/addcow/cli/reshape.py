@@ -6,13 +6,7 @@ import argparse
 
 from ..image import AddCowImage
 from ..lifecycle import amend, rebase
-from .common import (
-    CommandError,
-    add_backing_root_arg,
-    add_options_arg,
-    parse_options,
-    parse_size,
-)
+from .common import CommandError, add_backing_root_arg, add_options_arg, parse_options, parse_size
 from .progress import progress_bar
 
 AMEND_OPTIONS = {"compat": "the header version to convert to, 1 or 2"}

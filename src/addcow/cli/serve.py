@@ -13,7 +13,7 @@ syslog (:mod:`addcow.cli.serve_log`). ``--stdio`` serves one connection on
 stdin/stdout, which must be a socket or pipes, and exits when it ends (for
 ``nbdsh``'s ``connect_command`` and inetd); logs then go to stderr (and a
 log file or syslog if asked). ``--control PATH`` adds the control socket of
-:mod:`addcow.nbd.control`.
+:mod:`addcow.serve.control`.
 
 Socket activation (systemd, libnbd's ``[ CMD ]``): when ``LISTEN_PID`` is this
 process and ``LISTEN_FDS`` is set, the server serves the one socket on fd 3:
@@ -62,11 +62,11 @@ from dataclasses import dataclass
 from .. import sysio
 from ..errors import AddCowError, LockError
 from ..image import AddCowImage
-from ..nbd.control import ControlServer
-from ..nbd.live import LiveOptions
 from ..nbd.protocol import TLS_MODES, TLS_OFF, TLS_REQUIRE
-from ..nbd.server import Export, NBDServer, stdio_problem
-from ..nbd.tls import TLSConfig, load_credentials, parse_allowed
+from ..serve.control import ControlServer
+from ..serve.live import LiveOptions
+from ..serve.server import Export, NBDServer, stdio_problem
+from ..serve.tls import TLSConfig, load_credentials, parse_allowed
 from . import serve_log
 from .common import CommandError, add_backing_root_arg, size_arg
 

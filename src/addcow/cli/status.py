@@ -2,7 +2,7 @@
 
 ``addcow status SOCKET`` prints the server's ``query`` for people (or, with
 ``--output=json``, the reply as it came); ``addcow control SOCKET COMMAND``
-sends one command. The protocol is :mod:`addcow.nbd.control`'s.
+sends one command. The protocol is :mod:`addcow.serve.control`'s.
 """
 
 from __future__ import annotations

@@ -4,14 +4,14 @@
 replies as bytes, no sockets (in the manner of h11). Its wire layout (magics,
 numbers, limits, one struct per record) is :mod:`addcow.nbd.wire`, and its
 states with the table of transitions between them :mod:`addcow.nbd.state`.
-:mod:`addcow.nbd.server` is the asyncio loop around it that owns sockets,
-images and threads; :mod:`addcow.nbd.live` finishes images while they are
-served, through the narrow :class:`~addcow.nbd.live.LivePool` interface.
+:mod:`addcow.serve.server` is the asyncio loop around it that owns sockets,
+images and threads; :mod:`addcow.serve.live` finishes images while they are
+served, through the narrow :class:`~addcow.serve.live.LivePool` interface.
 
 The client side shares the wire layout: :mod:`addcow.nbd.client` is the
-protocol alone, :mod:`addcow.nbd.store` a golden image on an NBD server as a
+protocol alone, :mod:`addcow.stores.remote.nbd` a golden image on an NBD server as a
 backing store (blocking sockets shared by threads), and
-:mod:`addcow.nbd.loop_store` the server's reads of such a store from its own
+:mod:`addcow.serve.loop_reader` the server's reads of such a store from its own
 event loop.
 """
 

@@ -8,7 +8,7 @@ Design note
 ===========
 
 Sans-IO. :class:`ClientConnection` never touches a socket. Its caller (the
-NBD backing store, :mod:`addcow.nbd.store`) loops: send what
+NBD backing store, :mod:`addcow.stores.remote.nbd`) loops: send what
 :meth:`~ClientConnection.data_to_send` returns, look at
 :attr:`~ClientConnection.need` (how many bytes the protocol wants next, and
 optionally the buffer they must land in), receive exactly that many bytes and

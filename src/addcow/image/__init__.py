@@ -2,7 +2,7 @@
 
 Three files make one image: the .add-cow file (header and bitmap), the image
 file (raw, holds every allocated cluster at its guest offset) and the backing
-store (read-only; :mod:`addcow.backing`). A cluster is in one of two states::
+store (read-only; :mod:`addcow.stores`). A cluster is in one of two states::
 
     bit 0  UNALLOCATED  reads come from the backing chain (zeros past its end)
     bit 1  ALLOCATED    reads come from the image file
@@ -93,10 +93,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from . import remote, sysio
-from .backing import BlockSource, Extent, RawFile, read_as_backing
-from .bitmap import Bitmap
-from .errors import (
+from .. import sysio
+from ..bitmap import Bitmap
+from ..errors import (
     AddCowError,
     AddCowIOError,
     BackingError,
@@ -108,7 +107,7 @@ from .errors import (
     ReadOnlyError,
     SlowZeroError,
 )
-from .format import (
+from ..format import (
     BACKING_FORMATS,
     MAX_CLUSTERS,
     MAX_IMAGE_SIZE,
@@ -118,7 +117,10 @@ from .format import (
     bitmap_length,
     cluster_count,
 )
-from .magic import choose_backing_format
+from ..stores import BlockSource, Extent, RawFile, read_as_backing, remote
+from ..stores.chain import ChainGuard, resolve_name
+from ..stores.magic import choose_backing_format
+from ..stores.qcow2 import Qcow2File
 from .metafile import (
     ImageFiles,
     backing_format,
@@ -127,8 +129,6 @@ from .metafile import (
     write_features,
     write_header,
 )
-from .names import ChainGuard, resolve_name
-from .qcow2 import Qcow2File
 
 Buffer = bytes | bytearray | memoryview
 
@@ -1235,7 +1235,7 @@ def open_backing(
     this same function, under the same guard: one depth limit, one loop check
     and one ``backing_root`` policy for the whole chain. With ``uri`` (the
     header's BACKING_URI bit) ``name`` is a URI record, opened by
-    :func:`addcow.remote.open_remote`.
+    :func:`addcow.stores.remote.open_remote`.
     """
     if uri:
         return remote.open_remote(remote.BackingURI.decode(name), fmt, guard=guard)

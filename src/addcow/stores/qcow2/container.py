@@ -4,7 +4,7 @@ Design note
 ===========
 
 A qcow2 image is a file of bytes (header, tables, clusters) that encodes a
-guest disk. :class:`~addcow.qcow2.store.Qcow2File` needs four things of those
+guest disk. :class:`~addcow.stores.qcow2.store.Qcow2File` needs four things of those
 bytes, and takes them from a :class:`Container` only:
 
 * ``size``, taken once at open: it bounds every offset the header and the
@@ -22,7 +22,7 @@ The two containers:
 * :class:`LocalContainer`, an open descriptor: ``preadv`` straight into the
   caller's buffer (:func:`addcow.sysio.pread_full`), the size from ``lseek``;
 * :class:`RemoteContainer`, a remote store holding the qcow2 file as bytes
-  (:class:`~addcow.nbd.store.NBDStore`, :class:`~addcow.http_store.HTTPStore`):
+  (:class:`~addcow.stores.remote.nbd.NBDStore`, :class:`~addcow.stores.remote.http.HTTPStore`):
   its ``readinto(buffer, offset)`` and ``size``, pinned by the store. A read
   that would reach past that size is refused here, because a store fills such
   bytes with zeros.
@@ -33,9 +33,9 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from .. import sysio
-from ..backing import BlockSource
-from ..errors import AddCowIOError
+from ... import sysio
+from ...errors import AddCowIOError
+from .. import BlockSource
 
 
 class Container(Protocol):

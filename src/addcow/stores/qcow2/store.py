@@ -56,7 +56,7 @@ stream may be cut short, as qemu-io writes them. The file size is taken at
 open; a file that shrinks later fails its reads (:func:`sysio.pread_full`).
 
 Where the bytes come from. Every byte of the qcow2 file is read through its
-:class:`~addcow.qcow2.container.Container`: a local descriptor
+:class:`~addcow.stores.qcow2.container.Container`: a local descriptor
 (:class:`LocalContainer`, ``preadv`` into the caller's buffer), or a remote
 store holding the file (:class:`RemoteContainer`, a qcow2 golden image behind
 a backing URI). The container's size is the file size above, for both. A
@@ -79,17 +79,17 @@ from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import NamedTuple
 
-from .. import sysio
-from ..backing import BlockSource, Extent, read_as_backing
-from ..errors import (
+from ... import sysio
+from ...errors import (
     BackingError,
     BackingFormatError,
     Qcow2CorruptError,
     Qcow2Error,
     Qcow2UnsupportedError,
 )
-from ..locking import lock_raw
-from ..names import ChainGuard
+from ...locking import lock_raw
+from .. import BlockSource, Extent, read_as_backing
+from ..chain import ChainGuard
 from . import format as fmt
 from .container import Container, LocalContainer
 from .format import Header
@@ -161,18 +161,18 @@ def _read_bytes(container: Container, length: int, offset: int) -> bytes:
 
 
 class Qcow2File:
-    """A qcow2 file read as a backing store: a :class:`~addcow.backing.BlockSource`.
+    """A qcow2 file read as a backing store: a :class:`~addcow.stores.BlockSource`.
 
     ``open_backing(name, format)`` opens this file's own backing file (the
     caller resolves the stored name, applies its path policy and the chain
     guard); it may be None for a file without one. ``guard`` records this
-    file in the chain as :class:`~addcow.backing.RawFile` does, and applies
+    file in the chain as :class:`~addcow.stores.RawFile` does, and applies
     its ``backing_root`` when the file is a backing (``guard.depth`` > 0), not
     a file the user named. Closes only
     what it opened: its own descriptor and the backing it got from
     ``open_backing``.
 
-    With ``container`` (a :class:`~addcow.qcow2.container.RemoteContainer`)
+    With ``container`` (a :class:`~addcow.stores.qcow2.container.RemoteContainer`)
     the qcow2 file is read from it instead of opened at ``path``, which then
     only names it in messages; the file is closed with the container, and a
     backing file it names is refused. ``fd`` is the local descriptor, or -1.

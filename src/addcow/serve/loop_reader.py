@@ -12,14 +12,14 @@ QEMU's NBD client runs in its block layer's AIO context. Requests made in one
 turn of the loop leave in one write; the replies that one receive brings are
 parsed in one pass.
 
-What it takes from the store. :meth:`~addcow.nbd.store.NBDStore.loop_connection`
+What it takes from the store. :meth:`~addcow.stores.remote.nbd.NBDStore.loop_connection`
 opens and negotiates the connection in a worker thread (connecting blocks),
 with the checks of every reconnection (the size and block limits pinned at
 open); the socket then becomes an asyncio transport. There is none for TLS
 (an ``ssl`` socket cannot change hands after its handshake) nor for a server
 that does not advertise multi-conn (it may serve one client at a time, and
 the store already holds that one). Only reads the store would send unchanged
-come here (:meth:`~addcow.nbd.store.NBDStore.loop_reads`: aligned, one
+come here (:meth:`~addcow.stores.remote.nbd.NBDStore.loop_reads`: aligned, one
 request long, inside the export); replies are checked by the same
 :class:`~addcow.nbd.client.ClientConnection`, and land straight in the
 caller's buffer.
@@ -47,8 +47,8 @@ import time
 from typing import cast
 
 from ..errors import AddCowError
-from .client import ClientConnection, Event, RequestFailed
-from .store import NBDStore, failed_request
+from ..nbd.client import ClientConnection, Event, RequestFailed
+from ..stores.remote.nbd import NBDStore, failed_request
 
 log = logging.getLogger("addcow.serve")
 
@@ -176,7 +176,7 @@ class _Channel(asyncio.Protocol):
 
 
 class LoopReader:
-    """Reads of one :class:`~addcow.nbd.store.NBDStore` from the event loop."""
+    """Reads of one :class:`~addcow.stores.remote.nbd.NBDStore` from the event loop."""
 
     def __init__(self, store: NBDStore) -> None:
         self.store = store

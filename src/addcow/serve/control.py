@@ -138,7 +138,7 @@ def _export(export: Export) -> dict[str, Any]:
 
 
 class ControlServer:
-    """Serves the control socket for an :class:`~addcow.nbd.server.NBDServer`."""
+    """Serves the control socket for an :class:`~addcow.serve.server.NBDServer`."""
 
     def __init__(self, server: NBDServer) -> None:
         self.server = server

@@ -38,7 +38,7 @@ straight into the caller's buffer; header sizes are bounded by
 Retries. Connection errors, timeouts, a body cut short, ``429`` and ``5xx``
 are retried ``retries`` times with exponential backoff (a ``Retry-After`` of a
 few seconds is honoured), then :class:`RemoteBackingError`. A process that is
-stopping (:func:`addcow.remote.interrupt_waits`) ends every store's wait at once: the
+stopping (:func:`addcow.stores.remote.interrupt_waits`) ends every store's wait at once: the
 request fails as after its last retry. Other ``4xx``,
 TLS failures and replies that break the protocol (:class:`RemoteReplyError`)
 are not retried: asking again would get the same answer.
@@ -61,8 +61,8 @@ most ``timeout`` seconds); it is thread-safe, and so is everything here.
 Reads longer than :data:`MAX_REQUEST` are split into several requests.
 
 Readahead. Short sequential reads of each thread are served from a window
-of :data:`addcow.remote.READAHEAD` bytes fetched in one request
-(:class:`addcow.remote.ReadAhead`, which says why and how much memory).
+of :data:`addcow.stores.remote.READAHEAD` bytes fetched in one request
+(:class:`addcow.stores.remote.ReadAhead`, which says why and how much memory).
 
 urllib3 is an optional dependency (the ``http`` extra); it is imported only
 when a store is opened.
@@ -79,15 +79,15 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
-from . import __version__, remote, sysio
-from .backing import Extent
-from .errors import (
+from ... import __version__, sysio
+from ...errors import (
     ClosedImageError,
     RangeError,
     RemoteBackingError,
     RemoteChangedError,
     RemoteReplyError,
 )
+from .. import Extent, remote
 
 if TYPE_CHECKING:
     import urllib3

@@ -43,7 +43,7 @@ listen queue, and the request that opened it would otherwise wait the whole
 the server's maximum block size (at most :data:`MAX_READ`) and widened to its
 minimum block size through a bounce buffer when unaligned; replies are checked
 by :class:`~addcow.nbd.client.ClientConnection`. Short sequential reads of
-each thread are served from a window read ahead (:class:`addcow.remote.ReadAhead`).
+each thread are served from a window read ahead (:class:`addcow.stores.remote.ReadAhead`).
 
 Failures. A connection that breaks (EOF, a reset, a timeout of ``timeout``
 seconds on any socket call) fails every request on it; it is closed and
@@ -55,7 +55,7 @@ the pool has no connection, one thread reconnects and the others wait for
 it, and a request that arrives during the outage gets the outage's delay,
 not one of its own. When the delay runs out the request fails with
 :class:`~addcow.errors.RemoteBackingError` and ``errno`` EIO, and so does
-every wait when the process stops (:func:`addcow.remote.interrupt_waits`: ``addcow serve``
+every wait when the process stops (:func:`addcow.stores.remote.interrupt_waits`: ``addcow serve``
 shutting down, Ctrl-C of ``addcow stream``), rather than outlive the delay.
 A reconnected export must have the size pinned at open (else
 :class:`~addcow.errors.RemoteChangedError`). The first connection, made by
@@ -77,7 +77,7 @@ Block status. With ``base:allocation`` an extent is ``zero`` when the server
 sets NBD_STATE_ZERO; NBD_STATE_HOLE alone (unallocated, contents unknown) is
 data. A server without it (no structured replies, or the context refused)
 has every byte reported as data. Ranges past the export's end are not
-present and read as zero, as for :class:`~addcow.backing.RawFile`.
+present and read as zero, as for :class:`~addcow.stores.RawFile`.
 """
 
 from __future__ import annotations
@@ -94,12 +94,11 @@ from contextlib import suppress
 from typing import NamedTuple, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .. import remote
-from ..backing import Extent
-from ..errors import RemoteBackingError, RemoteChangedError, RemoteReadError, RemoteReplyError
-from ..sysio import fill_zero
-from . import wire
-from .client import ClientConnection, Event, Ready, RequestFailed, StartTLS, StatusDone
+from ...errors import RemoteBackingError, RemoteChangedError, RemoteReadError, RemoteReplyError
+from ...nbd import wire
+from ...nbd.client import ClientConnection, Event, Ready, RequestFailed, StartTLS, StatusDone
+from ...sysio import fill_zero
+from .. import Extent, remote
 
 # QEMU's default reconnect-delay is 0; a golden image outliving a server restart
 # is the point of reconnecting, so the default here waits.
@@ -480,7 +479,7 @@ def _status_request(offset: int, length: int) -> Callable[[_Link], int | None]:
 
 
 class NBDStore:
-    """A read-only NBD export as a :class:`~addcow.backing.BlockSource`, shared by threads.
+    """A read-only NBD export as a :class:`~addcow.stores.BlockSource`, shared by threads.
 
     ``size`` is the export's size, pinned at open; ``connections_open`` counts the
     connections the pool holds now.
@@ -675,7 +674,7 @@ class NBDStore:
 
     def loop_connection(self) -> tuple[socket.socket, ClientConnection] | None:
         """A new negotiated connection outside the pool, for a caller that does its
-        own I/O (:mod:`addcow.nbd.loop_store`); None where there must be no extra
+        own I/O (:mod:`addcow.serve.loop_reader`); None where there must be no extra
         one: TLS (an ``ssl`` socket cannot change hands), or a server that does
         not advertise multi-conn (it may take one client at a time). Blocks while
         it connects; RemoteBackingError if it cannot, RemoteChangedError if the

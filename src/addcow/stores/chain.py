@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .errors import BackingLoopError, PathPolicyError
+from ..errors import BackingLoopError, PathPolicyError
 
 MAX_CHAIN_DEPTH = 16
 """Most backing files below one image (specification, "Backing chains")."""
@@ -38,7 +38,7 @@ class ChainGuard:
     """Files already met while opening one chain, and how deep it goes.
 
     With a ``root``, every file an image names must resolve inside that directory,
-    and every URI must start with one of ``allowed_uris`` (:mod:`addcow.remote`).
+    and every URI must start with one of ``allowed_uris`` (:mod:`addcow.stores.remote`).
     (A plain class: importing ``dataclasses`` would slow every command's start.)
     """
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from ..errors import Qcow2Error, Qcow2UnsupportedError
+from ...errors import Qcow2Error, Qcow2UnsupportedError
 
 MAGIC = b"QFI\xfb"
 VERSIONS = (2, 3)

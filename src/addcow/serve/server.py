@@ -33,7 +33,7 @@ Design
 
     A read that lies wholly in an NBD backing (no cluster of it allocated)
     needs no thread either: the loop sends it on a connection of its own to
-    the golden server (:mod:`addcow.nbd.loop_store`) and replies from the
+    the golden server (:mod:`addcow.serve.loop_reader`) and replies from the
     callback when the data is in the reply buffer. Where that connection
     cannot take it (TLS, no multi-conn, it broke), the pool reads it through
     the store, which reconnects as it must.
@@ -44,8 +44,8 @@ Design
     ``_reads_inline``, ``_sendfile_waits``, ``_replies_over_bound``).
 
 Live features
-    The server is the :class:`~addcow.nbd.live.LivePool` of
-    :mod:`addcow.nbd.live` (its thread pool, the client calls in it, whether
+    The server is the :class:`~addcow.serve.live.LivePool` of
+    :mod:`addcow.serve.live` (its thread pool, the client calls in it, whether
     it stops) and tells it what requests did: ``live.check_complete`` after
     one that allocates, ``live.copy_on_read`` after a read's reply.
 
@@ -90,7 +90,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .. import remote, sysio
+from .. import sysio
 from ..errors import (
     AddCowError,
     AddCowIOError,
@@ -101,10 +101,8 @@ from ..errors import (
     SlowZeroError,
 )
 from ..image import AddCowImage
-from . import live, loop_store, wire
-from .live import LiveOptions, LiveState
-from .loop_store import LoopReader
-from .protocol import (
+from ..nbd import wire
+from ..nbd.protocol import (
     NEED_DATA,
     TLS_OFF,
     AbortRequested,
@@ -119,7 +117,12 @@ from .protocol import (
     StartTLS,
     TransmissionStarted,
 )
-from .store import NBDStore
+from ..stores import remote
+from ..stores.remote.nbd import NBDStore
+from . import live
+from . import loop_reader as loop_store
+from .live import LiveOptions, LiveState
+from .loop_reader import LoopReader
 from .tls import Identity, TLSConfig, peer_identity
 
 log = logging.getLogger("addcow.serve")
@@ -214,7 +217,7 @@ class Export:
     image: AddCowImage
     live: LiveState = field(default_factory=LiveState)
     counters: Counters = field(default_factory=Counters)
-    # Reads of an NBD backing from the event loop (:mod:`addcow.nbd.loop_store`).
+    # Reads of an NBD backing from the event loop (:mod:`addcow.serve.loop_reader`).
     reader: LoopReader | None = None
 
     @classmethod

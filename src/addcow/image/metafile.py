@@ -22,9 +22,9 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-from . import sysio
-from .bitmap import Bitmap
-from .errors import (
+from .. import sysio
+from ..bitmap import Bitmap
+from ..errors import (
     AddCowError,
     BackingFormatError,
     BackingLoopError,
@@ -33,7 +33,7 @@ from .errors import (
     HeaderError,
     ImageFileError,
 )
-from .format import (
+from ..format import (
     MAX_CLUSTERS,
     MAX_IMAGE_SIZE,
     PAGE,
@@ -42,9 +42,9 @@ from .format import (
     cluster_count,
     header_length,
 )
-from .locking import lock_raw, lock_whole
-from .magic import HEAD_LENGTH, identify, sniff_format
-from .names import ChainGuard, resolve_name
+from ..locking import lock_raw, lock_whole
+from ..stores.chain import ChainGuard, resolve_name
+from ..stores.magic import HEAD_LENGTH, identify, sniff_format
 
 
 def open_metafile(path: str, *, writable: bool) -> int:

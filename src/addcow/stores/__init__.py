@@ -6,7 +6,7 @@ The stores:
 
 * :class:`RawFile` (here), a plain file or block device. Bytes past its end
   read as zero, so a raw image file larger than its backing reads zeros there.
-* :class:`addcow.qcow2.Qcow2File`, a qcow2 file read natively.
+* :class:`addcow.stores.qcow2.Qcow2File`, a qcow2 file read natively.
 * another add-cow image (:class:`addcow.image.AddCowImage`), opened read-only.
 
 The qcow2 and add-cow stores may have backings of their own: a chain, opened
@@ -20,10 +20,10 @@ import os
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
-from . import sysio
-from .errors import BackingError
-from .locking import lock_raw
-from .names import ChainGuard
+from .. import sysio
+from ..errors import BackingError
+from ..locking import lock_raw
+from .chain import ChainGuard
 
 
 class Extent(NamedTuple):

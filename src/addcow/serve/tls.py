@@ -15,7 +15,7 @@ Modes (proto.md, "Server-side requirements")
     clear. ``on`` offers STARTTLS to clients that ask and serves others in
     clear (SELECTIVETLS with no TLS-only export). The protocol side is
     :class:`~addcow.nbd.protocol.ServerConnection`; the handshake itself runs in
-    :mod:`addcow.nbd.server` on the connection's stream.
+    :mod:`addcow.serve.server` on the connection's stream.
 
 Who may connect
     With ``verify_peer`` the client must present a certificate signed by the

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 
-from . import sysio
-from .errors import BackingError, BackingFormatError
-from .format import BACKING_FORMATS, MAGIC
-from .names import ChainGuard, resolve_name
+from .. import sysio
+from ..errors import BackingError, BackingFormatError
+from ..format import BACKING_FORMATS, MAGIC
+from .chain import ChainGuard, resolve_name
 
 KNOWN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
     (0, MAGIC, "add-cow"),

@@ -41,10 +41,10 @@ Trust (docs/reliability.md, "Threat model")
 
 Opening
     :func:`open_remote` checks the policy, opens the store for the scheme
-    (:mod:`addcow.nbd.store` for ``nbd*``, :mod:`addcow.http_store` for
+    (:mod:`addcow.stores.remote.nbd` for ``nbd*``, :mod:`addcow.stores.remote.http` for
     ``http(s)``), checks the pin, and returns the store itself as a raw
-    backing, or a :class:`~addcow.qcow2.Qcow2File` reading the store as its
-    file (:class:`~addcow.qcow2.RemoteContainer`) for ``qcow2``. Such a qcow2
+    backing, or a :class:`~addcow.stores.qcow2.Qcow2File` reading the store as its
+    file (:class:`~addcow.stores.qcow2.RemoteContainer`) for ``qcow2``. Such a qcow2
     may not name a backing file (a file of this host, chosen by the image's
     author), and the qcow2 checks are those of a local file: external data
     files, encryption, truncation refused alike. An add-cow golden image is
@@ -79,16 +79,16 @@ import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
-from .backing import BlockSource
-from .errors import (
+from ...errors import (
     BackingFormatError,
     PathPolicyError,
     RemoteBackingError,
     RemoteChangedError,
     RemoteReadError,
 )
-from .names import ChainGuard
-from .qcow2 import Qcow2File, RemoteContainer
+from .. import BlockSource
+from ..chain import ChainGuard
+from ..qcow2 import Qcow2File, RemoteContainer
 
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 HTTP_SCHEMES = ("http", "https")
@@ -384,14 +384,14 @@ def refuse_for_rebase(backing: str) -> None:
 def _open_store(uri: str, ref: BackingURI | None) -> BlockSource:
     scheme = scheme_of(uri)
     if scheme in NBD_SCHEMES:
-        from .nbd.store import NBDStore
+        from .nbd import NBDStore
 
         return NBDStore.open(
             uri,
             tls_certificates=os.environ.get(TLS_CERTIFICATES_ENV),
             reconnect_delay=_reconnect_delay(),
         )
-    from . import http_store
+    from . import http as http_store
 
     pinned = None
     if ref is not None:
@@ -400,7 +400,7 @@ def _open_store(uri: str, ref: BackingURI | None) -> BlockSource:
 
 
 def _reconnect_delay() -> float:
-    from .nbd.store import RECONNECT_DELAY
+    from .nbd import RECONNECT_DELAY
 
     text = os.environ.get(RECONNECT_DELAY_ENV)
     if text is None:
