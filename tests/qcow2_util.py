@@ -21,9 +21,10 @@ from typing import Any
 
 from conftest import require_tool, run
 
-from addcow.stores import BlockSource, Extent, RawFile
+from addcow.stores import BlockSource, Extent
 from addcow.stores.chain import ChainGuard, resolve_name
 from addcow.stores.qcow2 import Qcow2File
+from addcow.stores.raw import RawFile
 
 
 def qemu_img(*args: str | os.PathLike[str]) -> str:

@@ -31,7 +31,7 @@ from addcow.copy import open_source
 from addcow.errors import AddCowError, ForeignFormatError, FormatChoiceError, HeaderError
 from addcow.format import Header
 from addcow.image import AddCowImage
-from addcow.stores import RawFile
+from addcow.stores.raw import RawFile
 
 MiB = 1 << 20
 SECRET = b"host secret " * 5000

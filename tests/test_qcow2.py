@@ -46,10 +46,11 @@ from qcow2_util import (
 )
 
 from addcow.errors import BackingError, BackingLoopError, LockError, Qcow2UnsupportedError
-from addcow.stores import Extent, RawFile
+from addcow.stores import Extent
 from addcow.stores.chain import ChainGuard
 from addcow.stores.qcow2 import Qcow2File
 from addcow.stores.qcow2 import store as qstore
+from addcow.stores.raw import RawFile
 
 COMPRESSED = {n for n in IMAGES if "zlib" in n or "zstd" in n or "compressed" in n}
 ZERO_CLUSTERS = {"v3_zero_clusters", "extl2", "extl2_16k", "over_raw", "over_qcow2"}

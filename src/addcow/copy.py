@@ -1,7 +1,7 @@
 """Whole-disk copies and comparisons between add-cow images and raw files.
 
 Both work on any :class:`~addcow.stores.BlockSource`: an open
-:class:`AddCowImage` or a :class:`~addcow.stores.RawFile`. Ranges a source
+:class:`AddCowImage` or a :class:`~addcow.stores.raw.RawFile`. Ranges a source
 reports as zero are not read at all; data ranges are read in large chunks
 into one reused buffer, and zero-filled 4 KiB blocks inside them are skipped,
 so the copy stays sparse.
@@ -14,12 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import sysio, zeros
-from .errors import AddCowError, FormatChoiceError, ImageFileError
-from .image import AddCowImage, open_store
+from .errors import FormatChoiceError, ImageFileError
+from .image import AddCowImage
 from .locking import lock_raw
-from .stores import BlockSource, RawFile
+from .stores import BlockSource, open_store, registry
 from .stores.chain import ChainGuard
 from .stores.magic import article, identify, read_head
+from .stores.raw import RawFile
 
 CHUNK = 4 << 20
 """Bytes read per request while copying or comparing."""
@@ -52,28 +53,19 @@ def open_source(
     """
     given = fmt is not None
     fmt = fmt if fmt is not None else format_of_name(path)
-    if fmt == "add-cow":
-        return AddCowImage.open(
-            path,
-            readonly=True,
-            force_share=force_share,
-            backing_root=backing_root,
-            allowed_uris=allowed_uris,
-        )
-    if fmt == "qcow2":
-        guard = ChainGuard(backing_root, allowed_uris)
-        return open_store(path, "qcow2", guard=guard, force_share=force_share)
     if fmt != "raw":
-        raise AddCowError(f"unsupported format {fmt!r}: expected add-cow, qcow2 or raw")
+        guard = ChainGuard(backing_root, allowed_uris)
+        return open_store(path, fmt, guard=guard, force_share=force_share)
     try:
         found = identify(read_head(path))
     except OSError as exc:
         raise ImageFileError(f"{path}: cannot open: {exc.strerror}") from exc
     if found is not None and not given:
-        if found in ("add-cow", "qcow2"):
+        if found in registry.names():
             hint = f", or -f {found} to open it as an image"
         else:
-            hint = f" (addcow reads add-cow, qcow2 and raw images; qemu-img reads {found})"
+            readable = ", ".join(registry.names())
+            hint = f" (addcow reads {readable} images; qemu-img reads {found})"
         raise FormatChoiceError(
             f"{path} starts with {article(found)} header: give -f raw to copy it as a raw "
             f"disk{hint}"

@@ -56,10 +56,9 @@ from .format import (
     cluster_count,
     largest_image_size,
 )
-from .image import open_backing
 from .image.metafile import read_header
 from .locking import lock_raw, lock_whole
-from .stores import BlockSource, remote
+from .stores import BlockSource, open_backing, registry, remote
 from .stores.chain import ChainGuard, resolve_name
 from .stores.magic import HEAD_LENGTH, article, choose_backing_format, identify
 
@@ -183,10 +182,11 @@ def _refuse_image_header(backing: BlockSource, uri: str, fmt: str | None) -> Non
     found = identify(bytes(head))
     if found is None:
         return
-    if found in remote.FORMATS:
+    over_uri = registry.names(over_uri=True)
+    if found in over_uri:
         advice = f"if it is {article(found)} image, give -F {found}"
     else:
-        advice = f"addcow reads {', '.join(remote.FORMATS)} golden images over a URI, not {found}"
+        advice = f"addcow reads {', '.join(over_uri)} golden images over a URI, not {found}"
     if fmt is None:
         raise BackingFormatError(
             f"{remote.shown(uri)}: the golden image starts with {article(found)} header; "

@@ -34,10 +34,10 @@ from typing import Protocol
 from . import sysio
 from .errors import AddCowError, AmendError, BackingFormatError, IncompleteImageError
 from .format import V1_CLUSTER_BITS, V1_HEADER_SIZE, Header
-from .image import AddCowImage, open_backing
+from .image import AddCowImage
 from .image.metafile import open_image_file
 from .locking import lock_raw
-from .stores import BlockSource, read_as_backing, remote
+from .stores import BlockSource, open_backing, read_as_backing, registry, remote
 from .stores.chain import ChainGuard, resolve_name
 from .stores.magic import choose_backing_format
 from .streaming import CommitPolicy, RateLimit, next_span
@@ -47,9 +47,6 @@ STREAM_SPAN = 32 << 20
 
 WRITEBACK_BYTES = 8 << 20
 """Commit starts writeback of the raw backing after copying this many bytes."""
-
-COMMIT_FORMATS = ("raw", "add-cow")
-"""Backing formats commit writes into (qcow2 backings are read-only stores)."""
 
 STREAM_THREADS = min(4, os.cpu_count() or 1)
 """Spans streamed at once: reading the backing, scanning it for zeros and writing
@@ -426,10 +423,11 @@ def commit(image: AddCowImage, *, progress: Callable[[int], None] | None = None)
             f"{image.path}: the backing is a URI, which addcow only reads; commit writes into "
             "local backing files"
         )
-    if header.backing_format not in COMMIT_FORMATS:
+    targets = registry.names(commit_target=True)
+    if header.backing_format not in targets:
         raise BackingFormatError(
             f"{image.path}: the backing file is {header.backing_format}, which addcow only "
-            f"reads; commit writes into {' or '.join(COMMIT_FORMATS)} backing files"
+            f"reads; commit writes into {' or '.join(targets)} backing files"
         )
     path = resolve_name(header.backing_name, image.path)
     guard = image.chain_guard()

@@ -10,11 +10,10 @@ from collections.abc import Callable
 from ..copy import copy_to_addcow, copy_to_raw, first_difference, open_source
 from ..create import create
 from ..image import AddCowImage
-from ..stores import BlockSource
+from ..stores import BlockSource, registry
 from .common import CommandError, add_backing_root_arg, add_options_arg, parse_options, parse_size
 from .progress import progress_bar
 
-_FORMATS = ("add-cow", "qcow2", "raw")
 _OUTPUT_FORMATS = ("add-cow", "raw")
 _FORMAT_RULE = (
     "Without -f (and -F for compare's second image) a name ending in .add-cow is an "
@@ -37,7 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=f"Copy the whole virtual disk of SOURCE to TARGET. {_FORMAT_RULE}",
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    p.add_argument("-f", dest="src_fmt", choices=_FORMATS, help="source format")
+    p.add_argument("-f", dest="src_fmt", choices=registry.names(), help="source format")
     p.add_argument(
         "-O", dest="dst_fmt", default="raw", choices=_OUTPUT_FORMATS, help="output format"
     )
@@ -55,8 +54,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=f"Compare the virtual disks of two images. {_FORMAT_RULE}",
     )
     p.add_argument("-s", dest="strict", action="store_true", help="strict: sizes must match")
-    p.add_argument("-f", dest="fmt1", choices=_FORMATS, help="format of the first image")
-    p.add_argument("-F", dest="fmt2", choices=_FORMATS, help="format of the second image")
+    p.add_argument("-f", dest="fmt1", choices=registry.names(), help="format of the first image")
+    p.add_argument("-F", dest="fmt2", choices=registry.names(), help="format of the second image")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-U", "--force-share", action="store_true", help="open without locking")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")

@@ -99,7 +99,6 @@ from ..errors import (
     AddCowError,
     AddCowIOError,
     BackingError,
-    BackingFormatError,
     ClosedImageError,
     ImageFileError,
     LockError,
@@ -109,6 +108,7 @@ from ..errors import (
 )
 from ..format import (
     BACKING_FORMATS,
+    MAGIC,
     MAX_CLUSTERS,
     MAX_IMAGE_SIZE,
     V2_COMPAT_ALL_ALLOCATED,
@@ -117,10 +117,12 @@ from ..format import (
     bitmap_length,
     cluster_count,
 )
-from ..stores import BlockSource, Extent, RawFile, read_as_backing, remote
-from ..stores.chain import ChainGuard, resolve_name
+from ..stores import open_backing, registry, remote
+from ..stores.base import BackingOpener, BlockSource, Extent, StoreFormat, read_as_backing
+from ..stores.chain import ChainGuard
 from ..stores.magic import choose_backing_format
 from ..stores.qcow2 import Qcow2File
+from ..stores.raw import RawFile
 from .metafile import (
     ImageFiles,
     backing_format,
@@ -1219,31 +1221,6 @@ class ImageFile(io.RawIOBase):
 # -- opening a backing chain ----------------------------------------------------------
 
 
-def open_backing(
-    name: bytes,
-    fmt: str,
-    relative_to: str,
-    *,
-    guard: ChainGuard,
-    force_share: bool,
-    uri: bool = False,
-) -> BlockSource:
-    """Open the backing file ``name``, stored in the file at ``relative_to``, as ``fmt``.
-
-    Every store of :data:`addcow.format.BACKING_FORMATS` has its branch here;
-    stores that have backings of their own (add-cow, qcow2) open them through
-    this same function, under the same guard: one depth limit, one loop check
-    and one ``backing_root`` policy for the whole chain. With ``uri`` (the
-    header's BACKING_URI bit) ``name`` is a URI record, opened by
-    :func:`addcow.stores.remote.open_remote`.
-    """
-    if uri:
-        return remote.open_remote(remote.BackingURI.decode(name), fmt, guard=guard)
-    path = resolve_name(name, relative_to)
-    guard.descend(path)
-    return open_store(path, fmt, guard=guard, force_share=force_share)
-
-
 def open_header_backing(
     header: Header, path: str, *, guard: ChainGuard, force_share: bool, probe: bool = False
 ) -> BlockSource:
@@ -1261,22 +1238,19 @@ def open_header_backing(
     )
 
 
-def open_store(path: str, fmt: str, *, guard: ChainGuard, force_share: bool) -> BlockSource:
-    """Open the file at ``path`` as a read-only store of format ``fmt``.
+def _open_as_backing(
+    path: str, *, guard: ChainGuard, force_share: bool, open_backing: BackingOpener
+) -> AddCowImage:
+    """Open the add-cow image at ``path`` read-only as a store of a chain (its own
+    backing is opened by the chain opener, under the same guard)."""
+    return AddCowImage.open(path, readonly=True, force_share=force_share, guard=guard)
 
-    ``guard.depth`` 0 means the user named the file (``convert -f qcow2 x``);
-    the guard's root then applies to the files it names, not to it.
-    """
-    if fmt == "raw":
-        return RawFile(path, force_share=force_share, guard=guard)
-    if fmt == "qcow2":
 
-        def below(child: bytes, child_fmt: str) -> BlockSource:
-            return open_backing(child, child_fmt, path, guard=guard, force_share=force_share)
-
-        return Qcow2File(path, guard=guard, force_share=force_share, open_backing=below)
-    if fmt == "add-cow":
-        return AddCowImage.open(path, readonly=True, force_share=force_share, guard=guard)
-    raise BackingFormatError(
-        f"{path}: unsupported format {fmt!r}: expected one of {', '.join(BACKING_FORMATS)}"
-    )
+FORMAT = StoreFormat(
+    "add-cow",
+    _open_as_backing,
+    magic=((0, MAGIC),),
+    commit_target=True,
+    names_backing=BACKING_FORMATS,
+)
+registry.register(FORMAT)

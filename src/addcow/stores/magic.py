@@ -13,12 +13,11 @@ import os
 
 from .. import sysio
 from ..errors import BackingError, BackingFormatError
-from ..format import BACKING_FORMATS, MAGIC
+from ..format import BACKING_FORMATS
+from . import registry
 from .chain import ChainGuard, resolve_name
 
-KNOWN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
-    (0, MAGIC, "add-cow"),
-    (0, b"QFI\xfb", "qcow2"),
+OTHER_MAGICS: tuple[tuple[int, bytes, str], ...] = (
     (0, b"QED\0", "qed"),
     (0, b"KDMV", "vmdk"),
     (0, b"# Disk DescriptorFile", "vmdk"),
@@ -29,15 +28,23 @@ KNOWN_MAGICS: tuple[tuple[int, bytes, str], ...] = (
     (0, b"WithouFreSpacExt", "parallels"),
     (64, b"\x7f\x10\xda\xbe", "vdi"),
 )
-"""(offset, magic, format name) of every format whose header is recognised."""
+"""(offset, magic, format name) of the image formats addcow does not read,
+recognised so that a file of one is never taken for a raw disk."""
+
+
+def known_magics() -> tuple[tuple[int, bytes, str], ...]:
+    """(offset, magic, format name) of every format whose header is recognised:
+    the registered formats' own and :data:`OTHER_MAGICS`."""
+    return registry.magics() + OTHER_MAGICS
+
 
 HEAD_LENGTH = 128
-"""Bytes at the start of a file that hold every magic of :data:`KNOWN_MAGICS`."""
+"""Bytes at the start of a file that hold every magic of :func:`known_magics`."""
 
 
 def identify(head: bytes) -> str | None:
     """The format whose magic ``head`` (the first bytes of a file) starts with, or None."""
-    for offset, magic, name in KNOWN_MAGICS:
+    for offset, magic, name in known_magics():
         if head[offset : offset + len(magic)] == magic:
             return name
     return None

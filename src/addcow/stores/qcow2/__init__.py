@@ -11,6 +11,6 @@ from __future__ import annotations
 
 from .container import LocalContainer, RemoteContainer
 from .format import Header
-from .store import Qcow2File
+from .store import FORMAT, Qcow2File
 
-__all__ = ["Header", "LocalContainer", "Qcow2File", "RemoteContainer"]
+__all__ = ["FORMAT", "Header", "LocalContainer", "Qcow2File", "RemoteContainer"]

@@ -35,7 +35,7 @@ from typing import Protocol
 
 from ... import sysio
 from ...errors import AddCowIOError
-from .. import BlockSource
+from ..base import BlockSource
 
 
 class Container(Protocol):

@@ -88,7 +88,7 @@ from ...errors import (
     Qcow2UnsupportedError,
 )
 from ...locking import lock_raw
-from .. import BlockSource, Extent, read_as_backing
+from ..base import BlockSource, Extent, StoreFormat, read_as_backing
 from ..chain import ChainGuard
 from . import format as fmt
 from .container import Container, LocalContainer
@@ -719,3 +719,8 @@ def _merged(extents: Iterable[Extent]) -> Iterator[Extent]:
         pending = ext
     if pending is not None:
         yield pending
+
+
+FORMAT = StoreFormat(
+    "qcow2", Qcow2File, magic=((0, fmt.MAGIC),), over_uri=True, names_backing=BACKING_FORMATS
+)

@@ -86,15 +86,14 @@ from ...errors import (
     RemoteChangedError,
     RemoteReadError,
 )
-from .. import BlockSource
+from .. import registry
+from ..base import BlockSource
 from ..chain import ChainGuard
 from ..qcow2 import Qcow2File, RemoteContainer
 
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 HTTP_SCHEMES = ("http", "https")
 SCHEMES = NBD_SCHEMES + HTTP_SCHEMES
-FORMATS = ("raw", "qcow2")
-"""Formats read over a URI."""
 
 MAX_RECORD = 8192
 """Longest URI record (bytes): a URI and its pin, not a file."""
@@ -260,10 +259,11 @@ def _check_format(uri: str, fmt: str) -> None:
             "golden image is two files; serve it with addcow serve --read-only and give "
             "that export's URI with -F raw"
         )
-    if fmt not in FORMATS:
+    formats = registry.names(over_uri=True)
+    if fmt not in formats:
         raise BackingFormatError(
             f"{shown(uri)}: backing format {fmt!r} over a URI is not read; "
-            f"expected one of {', '.join(FORMATS)}"
+            f"expected one of {', '.join(formats)}"
         )
 
 

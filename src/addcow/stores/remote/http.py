@@ -87,7 +87,8 @@ from ...errors import (
     RemoteChangedError,
     RemoteReplyError,
 )
-from .. import Extent, remote
+from .. import remote
+from ..base import Extent
 
 if TYPE_CHECKING:
     import urllib3

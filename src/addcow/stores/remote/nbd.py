@@ -98,7 +98,8 @@ from ...errors import RemoteBackingError, RemoteChangedError, RemoteReadError, R
 from ...nbd import wire
 from ...nbd.client import ClientConnection, Event, Ready, RequestFailed, StartTLS, StatusDone
 from ...sysio import fill_zero
-from .. import Extent, remote
+from .. import remote
+from ..base import Extent
 
 # QEMU's default reconnect-delay is 0; a golden image outliving a server restart
 # is the point of reconnecting, so the default here waits.
