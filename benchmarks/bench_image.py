@@ -534,14 +534,17 @@ class Bench:
     def case1(self) -> list[Row]:
         log("case 1: sequential 1 MiB reads, fully allocated image vs raw file")
         view = memoryview(bytearray(MiB))
-        almost = self.make_full("almost-full.add-cow", all_but_last=True)
-        full = self.make_full("full.add-cow")
-        recache(self.data)
         rows = []
-        for key, meta, what, checked in (
-            ("1a", almost, "all clusters but the last: bitmap consulted", (0, self.size // 2)),
-            ("1b", full, "fully allocated (ALL_ALLOCATED)", (0, self.size // 2, self.size - MiB)),
-        ):
+        # One image over data.raw at a time: create refuses an image file that
+        # another image names, so 1a's .add-cow file goes before 1b's is made.
+        for key, name, all_but_last, what, checked in (
+            ("1a", "almost-full.add-cow", True, "all clusters but the last: bitmap consulted",
+             (0, self.size // 2)),
+            ("1b", "full.add-cow", False, "fully allocated (ALL_ALLOCATED)",
+             (0, self.size // 2, self.size - MiB)),
+        ):  # fmt: skip
+            meta = self.make_full(name, all_but_last=all_but_last)
+            recache(self.data)
             rows.append(
                 self.read_case(
                     key,
@@ -556,6 +559,7 @@ class Bench:
                     check_at=checked,
                 )
             )
+            remove(meta)
         return rows
 
     # 2. sequential reads, empty image over a raw backing -----------------------------
