@@ -64,18 +64,19 @@ campaign: venv system-deps
 demo: venv system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
-# Benchmarks (docs/performance.md): ratios against qemu-img / qemu-nbd / the raw file.
+# Benchmarks (docs/performance.md): ratios against qemu-img / qemu-nbd / the raw file;
+# each run leaves its result file in benchmarks/results/.
 bench: venv system-deps
-	$(BIN)/python benchmarks/bench_image.py
+	$(BIN)/python benchmarks/bench_image.py --json
 
 bench-lifecycle: venv system-deps
-	$(BIN)/python benchmarks/bench_lifecycle.py
+	$(BIN)/python benchmarks/bench_lifecycle.py --json
 
 bench-nbd: venv system-deps
-	$(BIN)/python benchmarks/bench_nbd.py
+	$(BIN)/python benchmarks/bench_nbd.py --json
 
 bench-remote: venv system-deps
-	$(BIN)/python benchmarks/bench_remote.py
+	$(BIN)/python benchmarks/bench_remote.py --json
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -10,7 +10,10 @@ and ``CLOCK``); write cases alternate whole runs, timed by the wall clock. The
 page cache is warm and in the same state for both sides (see ``recache``).
 
     .venv/bin/python benchmarks/bench_image.py [--size 1G] [--runs 5] [--workdir DIR]
-        [--json] [--cases 1,3,6] [--keep] [--wall-clock] [--fail-on-miss]
+        [--json [DIR]] [--cases 1,3,6] [--keep] [--wall-clock] [--fail-on-miss]
+
+``--json`` also writes the run's samples, medians and verdicts to one file in
+``benchmarks/results/`` (or DIR); ``record.py`` describes it.
 
 Cases (docs/performance.md explains each one):
 
@@ -56,6 +59,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 
 import golden as golden_image
+import record
 
 import addcow
 
@@ -329,17 +333,6 @@ def fs_type(path: str) -> str:
     return kind
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 def qemu_img_version() -> str:
     try:
         out = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True, check=True)
@@ -534,14 +527,17 @@ class Bench:
     def case1(self) -> list[Row]:
         log("case 1: sequential 1 MiB reads, fully allocated image vs raw file")
         view = memoryview(bytearray(MiB))
-        almost = self.make_full("almost-full.add-cow", all_but_last=True)
-        full = self.make_full("full.add-cow")
-        recache(self.data)
         rows = []
-        for key, meta, what, checked in (
-            ("1a", almost, "all clusters but the last: bitmap consulted", (0, self.size // 2)),
-            ("1b", full, "fully allocated (ALL_ALLOCATED)", (0, self.size // 2, self.size - MiB)),
-        ):
+        # One image over data.raw at a time: create refuses an image file that
+        # another image names, so 1a's .add-cow file goes before 1b's is made.
+        for key, name, all_but_last, what, checked in (
+            ("1a", "almost-full.add-cow", True, "all clusters but the last: bitmap consulted",
+             (0, self.size // 2)),
+            ("1b", "full.add-cow", False, "fully allocated (ALL_ALLOCATED)",
+             (0, self.size // 2, self.size - MiB)),
+        ):  # fmt: skip
+            meta = self.make_full(name, all_but_last=all_but_last)
+            recache(self.data)
             rows.append(
                 self.read_case(
                     key,
@@ -556,6 +552,7 @@ class Bench:
                     check_at=checked,
                 )
             )
+            remove(meta)
         return rows
 
     # 2. sequential reads, empty image over a raw backing -----------------------------
@@ -1154,7 +1151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workdir",
         help="directory in which a temporary work directory is made and removed (default: $TMPDIR)",
     )
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    record.add_option(p)
     p.add_argument("--cases", default="1,2,3,4,5,6,7", help="which cases to run (default all)")
     p.add_argument("--keep", action="store_true", help="keep the files afterwards")
     p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
@@ -1198,6 +1195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cases <= set("1234567"):
         p.error(f"unknown case in --cases {args.cases!r} (use 1..7)")
 
+    run = record.Run("bench_image", args)
     parent = args.workdir or tempfile.gettempdir()
     os.makedirs(parent, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="addcow-bench-", dir=parent)
@@ -1221,7 +1219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python": platform.python_version(),
         "addcow_module": os.path.dirname(addcow.__file__),
         "platform": platform.platform(),
-        "cpu_model": cpu_model(),
+        "cpu_model": record.cpu_model(),
         "qemu_img": qemu_img_version(),
         "workdir": workdir,
         "workdir_fs": fs_type(parent),
@@ -1231,12 +1229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "read_clock": "wall clock" if args.wall_clock else "thread CPU time",
         "seconds": round(time.perf_counter() - started, 1),
     }
-    if args.json:
-        json.dump({"info": info, "rows": [r.as_dict() for r in rows]}, sys.stdout, indent=2)
-        print()
-    else:
-        print_table(rows, info)
-        print(f"({info['seconds']} s)")
+    print_table(rows, info)
+    print(f"({info['seconds']} s)")
+    run.write(info=info, rows=[r.as_dict() for r in rows])
     if args.fail_on_miss and any(r.result == "MISS" for r in rows):
         return 1
     return 0

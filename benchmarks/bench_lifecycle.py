@@ -11,7 +11,10 @@ no command pays for another's dirty pages. Disk usage is ``st_blocks`` of the
 output file after that ``sync``.
 
     .venv/bin/python benchmarks/bench_lifecycle.py [--size 1G] [--runs 3] [--workdir DIR]
-                                                   [--cases a,b,c,commit] [--json] [--keep]
+                                                   [--cases a,b,c,commit] [--json [DIR]] [--keep]
+
+``--json`` also writes the run's samples, medians and verdicts to one file in
+``benchmarks/results/`` (or DIR); ``record.py`` describes it.
 
 Run it against another copy of the library with ``PYTHONPATH=DIR`` (the
 ``addcow`` processes inherit the environment; the first line of the output
@@ -67,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import random
@@ -83,6 +85,7 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 
 import golden as golden_image
+import record
 
 import addcow
 
@@ -569,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=parse_size, default=GiB, help="backing size (1G)")
     parser.add_argument("--runs", type=int, default=3, help="runs per case (3)")
     parser.add_argument("--workdir", help="directory for the files (a new temporary one)")
-    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    record.add_option(parser)
     parser.add_argument("--keep", action="store_true", help="keep the files")
     parser.add_argument(
         "--cases",
@@ -584,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.access(ADDCOW, os.X_OK):
         raise SystemExit(f"{ADDCOW} not found: run from the project's venv")
     compile_package()
+    run = record.Run("bench_lifecycle", args)
     started = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="bench-lifecycle-", dir=args.workdir)
     try:
@@ -616,8 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{'PASS' if create['command'] < 0.2 else 'MISS'})"
             )
             info["create"] = create
-        if args.json:
-            print(json.dumps({"info": info, "rows": [r.as_dict() for r in rows]}, indent=1))
+        run.write(info=info, rows=[r.as_dict() for r in rows])
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -12,8 +12,11 @@ changing from run to run); the table shows median figures and the median of
 the per-run ratios.
 
     .venv/bin/python benchmarks/bench_nbd.py [--size 1G] [--runs 3] [--seconds 5]
-                                             [--workdir DIR] [--json] [--cases ...]
+                                             [--workdir DIR] [--json [DIR]] [--cases ...]
                                              [--no-anchors] [--addcow-args "..."]
+
+``--json`` also writes the run's figures and ratios to one file in
+``benchmarks/results/`` (or DIR); ``record.py`` describes it.
 
 Anchors (cases copy, copy1, randread, randwrite; left out with ``--no-anchors``
 or when ``nbdkit`` is missing), measured in the same runs as the two servers:
@@ -50,7 +53,7 @@ tlsread the same four servers under ``fio --ioengine=nbd --rw=randread --bs=4k
 randwrite ``fio --ioengine=nbd --rw=randwrite --bs=4k --iodepth=32`` into
         fresh half-allocated images, IOPS;
 randwrite128k  the same with ``--bs=128k`` (writes over several clusters; no
-        target in the issue, informational);
+        target, informational);
 qcow2read  ``fio --rw=randread --bs=4k --iodepth=32`` of an add-cow image over a
         golden qcow2 built like a cloud image (ext4 40% full, zlib,
         benchmarks/golden.py), half of its clusters allocated (every other
@@ -82,6 +85,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import golden as golden_image
+import record
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDCOW = str(Path(sys.executable).parent / "addcow")
@@ -389,13 +393,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--workdir")
-    parser.add_argument("--json", action="store_true")
+    record.add_option(parser)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--no-anchors", action="store_true",
                         help="leave nbdkit out of copy, copy1, randread, randwrite")  # fmt: skip
     parser.add_argument("--addcow-args", default="", help="extra arguments for addcow serve")
     args = parser.parse_args()
     os.environ.setdefault("ADDCOW_EVENT_LOOP", "asyncio")  # ADDCOW_EVENT_LOOP=uvloop to compare
+    run = record.Run("bench_nbd", args)
     size = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1]]
     cases = args.cases.split(",")
     unknown = set(cases) - set(CASES)
@@ -497,10 +502,6 @@ def main() -> int:
         results["addcow serve RSS, 1 TiB image (MiB, peak)"] = {"addcow": rss}
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        json.dump({"results": results, "tls_sessions": sessions}, sys.stdout, indent=2)
-        print()
-        return 0
     print(f"addcow serve's event loop: {os.environ['ADDCOW_EVENT_LOOP']}")
     print(f"{'case':48} {'addcow':>10} {'qemu-nbd':>10} {'ratio':>7}")
     for name, r in results.items():
@@ -512,6 +513,9 @@ def main() -> int:
         print(f"{name:48} {r['addcow']:10.0f} {q} {ratio:>7}{tail}")
     for kind, session in sessions.items():
         print(f"TLS session with {kind}: {session}")
+    info = {"size": size, "runs": args.runs, "fio_seconds": args.seconds, "anchors": list(anchors),
+            "event_loop": os.environ["ADDCOW_EVENT_LOOP"]}  # fmt: skip
+    run.write(info=info, results=results, tls_sessions=sessions)
     return 0
 
 

@@ -11,7 +11,10 @@ inside the timed command.
 
     .venv/bin/python benchmarks/bench_remote.py [--size 1G] [--runs 3] [--seconds 5]
         [--fleet-size 256M] [--fleet-hosts 1,4,8] [--stream-rate 50M] [--workdir DIR]
-        [--keep] [--json] [--cases nbd,nbd8,http,randread,latency,fleet,qcow2]
+        [--keep] [--json [DIR]] [--cases nbd,nbd8,http,randread,latency,fleet,qcow2]
+
+``--json`` also writes the run's figures, ratios and fleet samples to one file in
+``benchmarks/results/`` (or DIR); ``record.py`` describes it.
 
 Golden images: ``golden.raw``, ``--size`` of random data; for ``fleet``, its
 own ``fleet.raw`` of ``--fleet-size``; for ``qcow2``, the golden qcow2 of
@@ -80,6 +83,7 @@ from pathlib import Path
 import bench_lifecycle as lifecycle
 import bench_nbd as nbd
 import golden as golden_image
+import record
 from bench_nbd import ADDCOW
 
 MiB = 1 << 20
@@ -584,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stream-rate", default="50M", help="--stream-rate of latency (50M)")
     parser.add_argument("--workdir", help="directory for the files (a new one under /var/tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the files")
-    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    record.add_option(parser)
     parser.add_argument("--cases", type=parse_cases, default=list(CASES),
                         help=f"comma-separated subset of {','.join(CASES)} (all)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -596,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.access(ADDCOW, os.X_OK):
         raise SystemExit(f"{ADDCOW} not found: run from the project's venv")
     lifecycle.compile_package()
+    run = record.Run("bench_remote", args)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="bench-remote-", dir=args.workdir or "/var/tmp"))
     bench = Bench(args, work)
@@ -627,10 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": time.monotonic() - started,
         }
         print_report(bench, info)
-        if args.json:
-            fleet = [{**asdict(r), "summary": r.summary()} for r in bench.fleet]
-            print(json.dumps({"info": info, "rows": [asdict(r) for r in bench.rows],
-                              "fleet": fleet}, indent=1))  # fmt: skip
+        fleet = [{**asdict(r), "summary": r.summary()} for r in bench.fleet]
+        run.write(info=info, rows=[asdict(r) for r in bench.rows], fleet=fleet)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

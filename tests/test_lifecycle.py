@@ -1,10 +1,10 @@
-"""The image lifecycle (issue 4): stream, detach, commit, rebase, resize, amend, convert.
+"""The image lifecycle: stream, detach, commit, rebase, resize, amend, convert.
 
 Every command is run as a user runs it (``python -m addcow ...``) and checked
 three ways: against a small reference model of the virtual disk written here,
 against QEMU doing the same job on a qcow2 overlay (``qemu-img commit``,
 ``rebase [-u]``, ``resize [--shrink]``, ``convert -O raw``) compared with
-``qemu-img compare``, and, where the issue says so, against the files on disk
+``qemu-img compare``, and, where a command promises it, against the files on disk
 (holes, hashes and mtimes of backing files, the .add-cow header).
 
 Each QEMU comparison builds two twin directories from the same recipe: ``a/``
@@ -812,7 +812,8 @@ def test_detach_of_an_image_file_longer_than_the_disk(tmp_path: Path) -> None:
 
 
 def test_detach_keeps_the_backing_with_keep_backing(twin: Twin) -> None:
-    """The issue's ``addcow detach [--keep-backing] [--dry-run] FILE``."""
+    """``addcow detach --keep-backing``: the image file becomes the disk, the backing
+    file stays as it was."""
     addcow_cli("stream", twin.img)
     with untouched(twin.base):
         proc = addcow_cli("detach", "--keep-backing", twin.img)

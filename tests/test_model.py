@@ -15,7 +15,7 @@ After every step the full disk and a random range must read as the model
 says; ``allocated_clusters``, ``block_status`` and (after a close) the bitmap
 on disk must agree with the model's allocation flags.
 
-Semantics modelled, from the issue and the image module's design note:
+Semantics modelled, from docs/specification.md and the image module's design note:
 
 * write: every touched cluster that is unallocated is first copied from the
   backing (copy on write), then the data lands; the clusters become allocated.
@@ -335,7 +335,8 @@ del _name, _layout, _machine
 
 
 def test_model_layouts_cover_the_required_cases() -> None:
-    """The layouts above are the cases the issue asks for; keep them covered."""
+    """The layouts above cover both versions, 4 KiB and 64 KiB clusters, sizes that are
+    not a multiple of the cluster and backings smaller and larger than the disk."""
     cases = LAYOUTS.values()
     assert {lay.cluster for lay in cases} >= {4 * KiB, 64 * KiB}
     assert {lay.version for lay in cases} == {1, 2}

@@ -108,8 +108,9 @@ def test_the_readme_warns_against_using_the_raw_file_of_an_incomplete_image(
 
 
 def test_the_readme_states_what_serve_stdio_and_socket_activation_accept(tmp_path: Path) -> None:
-    """The rule of issue 10 item 6, in the README where serve is described (the
-    behaviour itself is tested in test_nbd_activation.py)."""
+    """The README, where serve is described, says which descriptors ``serve --stdio``
+    and socket activation accept and which they refuse (the behaviour itself is
+    tested in test_nbd_activation.py)."""
     text = README.read_text()
     commands = text[text.index("## Commands") : text.index("## From add-cow")]
     paragraph = next((p for p in commands.split("\n\n") if "`serve --stdio`" in p), "")

@@ -1,6 +1,6 @@
 """``addcow stream`` killed with SIGKILL at random moments, then resumed.
 
-The issue's promise: interrupted at any point, running the stream again
+The promise of ``addcow stream``: interrupted at any point, running the stream again
 continues where it stopped and the result is byte-identical to an
 uninterrupted run; at every interruption point the image still reads
 correctly. Two tests:
