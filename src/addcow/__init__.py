@@ -48,8 +48,7 @@ from .format import Header
 from .image import AddCowImage
 from .stores import Extent
 from .stores.chain import MAX_CHAIN_DEPTH
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def open(
@@ -114,6 +113,7 @@ __all__ = [
     "RemoteReplyError",
     "SlowZeroError",
     "UnsupportedFeatureError",
+    "__version__",
     "create",
     "open",
 ]

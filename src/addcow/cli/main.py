@@ -18,8 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .. import __version__
 from ..errors import AddCowError, LockError
+from ..version import __version__
 from .common import CommandError
 
 COMMANDS = {

@@ -79,7 +79,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
-from ... import __version__, sysio
+from ... import sysio
 from ...errors import (
     ClosedImageError,
     RangeError,
@@ -87,6 +87,7 @@ from ...errors import (
     RemoteChangedError,
     RemoteReplyError,
 )
+from ...version import __version__
 from .. import remote
 from ..base import Extent
 
