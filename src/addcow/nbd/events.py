@@ -29,7 +29,8 @@ Steps
     :class:`Skip` a refused payload, :class:`Move` along a transition of
     :data:`addcow.nbd.state.TRANSITIONS`), or None when a message was answered
     with queued replies alone. The phases never change the connection's state
-    themselves: only the connection moves, and only through the table.
+    themselves: only the connection moves, and only through the table. Both
+    take a whole message off the buffer with :func:`take`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ __all__ = [
     "StartTLS",
     "Step",
     "TransmissionStarted",
+    "take",
 ]
 
 # -- errors ----------------------------------------------------------------------------
@@ -254,3 +256,11 @@ class Move(NamedTuple):
 
 Step = Event | Need | Skip | Move | None
 """What a phase answers for the message at the head of the buffer."""
+
+
+def take(buf: bytearray, start: int, end: int) -> bytes:
+    """``buf[start:end]``, a message's payload, after which the message leaves ``buf``."""
+    with memoryview(buf) as view:  # one copy (a bytearray slice would be two)
+        data = bytes(view[start:end])
+    del buf[:end]
+    return data

@@ -41,6 +41,7 @@ from .events import (
     StartTLS,
     Step,
     TransmissionStarted,
+    take,
 )
 from .state import Trigger
 from .wire import (
@@ -196,9 +197,7 @@ class Negotiation:
         end = OPTION_HEADER.size + length
         if len(buf) < end:
             return Need("an option payload")
-        with memoryview(buf) as view:  # one copy (a bytearray slice would be two)
-            data = bytes(view[OPTION_HEADER.size : end])
-        del buf[:end]
+        data = take(buf, OPTION_HEADER.size, end)
         self._options_seen += 1
         try:
             return self._option(option, data, trailing=bool(buf))

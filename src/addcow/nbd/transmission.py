@@ -41,6 +41,7 @@ from .events import (
     Skip,
     Step,
     TransmissionStarted,
+    take,
 )
 from .negotiation import truncate_utf8
 from .state import Trigger
@@ -135,9 +136,7 @@ class Transmission:
             end = REQUEST_HEADER.size + length
             if len(buf) < end:
                 return Need("a write payload")
-            with memoryview(buf) as view:  # one copy (a bytearray slice would be two)
-                data = bytes(view[REQUEST_HEADER.size : end])
-            del buf[:end]
+            data = take(buf, REQUEST_HEADER.size, end)
         else:
             del buf[: REQUEST_HEADER.size]
         if command == CMD_DISC:
