@@ -11,7 +11,7 @@ import addcow
 from addcow import errors
 
 SERVER_MODULES = {
-    "addcow.nbd.protocol",
+    "addcow.nbd.events",
     "addcow.serve.tls",
     "addcow.serve.live",
     "addcow.serve.control",

@@ -29,14 +29,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from addcow import zeros
-from addcow.nbd import protocol as p
-from addcow.nbd.protocol import ExportInfo, ServerConnection, TransmissionStarted
+from addcow.nbd import wire
+from addcow.nbd.connection import ServerConnection
+from addcow.nbd.events import ExportInfo, TransmissionStarted
 
 CAMPAIGN = os.environ.get("ADDCOW_CAMPAIGN") == "1"
 EXAMPLES = 20_000 if CAMPAIGN else 300
 MiB = 1 << 20
 GRANULE = zeros.GRANULE
-HEADROOM = p.READ_HEADROOM
+HEADROOM = wire.READ_HEADROOM
 DISK = ExportInfo("disk", 1 << 50)
 COOKIE = 0x1122334455667788
 
@@ -46,9 +47,9 @@ def transmitting(structured: bool) -> ServerConnection:
     conn = ServerConnection([DISK])
     conn.initiate()
     name = struct.pack(">I", 0) + struct.pack(">H", 0)
-    opts = struct.pack(">QII", p.IHAVEOPT, p.OPT_STRUCTURED_REPLY, 0) if structured else b""
-    opts += struct.pack(">QII", p.IHAVEOPT, p.OPT_GO, len(name)) + name
-    conn.receive_data(struct.pack(">I", p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES) + opts)
+    opts = struct.pack(">QII", wire.IHAVEOPT, wire.OPT_STRUCTURED_REPLY, 0) if structured else b""
+    opts += struct.pack(">QII", wire.IHAVEOPT, wire.OPT_GO, len(name)) + name
+    conn.receive_data(struct.pack(">I", wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES) + opts)
     assert isinstance(conn.next_event(), TransmissionStarted)
     conn.data_to_send()
     return conn
@@ -79,7 +80,7 @@ def chunks(reply: bytes, cookie: int) -> list[Chunk]:
     while pos < len(reply):
         assert len(reply) - pos >= 20, "a truncated chunk header"
         magic, flags, kind, handle, length = struct.unpack_from(">IHHQI", reply, pos)
-        assert magic == p.STRUCTURED_REPLY_MAGIC
+        assert magic == wire.STRUCTURED_REPLY_MAGIC
         # "the server MUST use the same value for handle as was sent by the client"
         assert handle == cookie
         payload = reply[pos + 20 : pos + 20 + length]
@@ -96,31 +97,31 @@ def reassemble(reply: bytes, *, structured: bool, df: bool, offset: int, length:
         # (MAY be zero); S: 64 bits, handle; S: (length bytes of data if the request
         # is of type NBD_CMD_READ)"
         magic, error, handle = struct.unpack_from(">IIQ", reply)
-        assert (magic, error, handle) == (p.SIMPLE_REPLY_MAGIC, 0, COOKIE)
+        assert (magic, error, handle) == (wire.SIMPLE_REPLY_MAGIC, 0, COOKIE)
         assert len(reply) == 16 + length
         return reply[16:]
     found = chunks(reply, COOKIE)
     assert found, "a structured reply has at least one chunk"
     # "the NBD_REPLY_FLAG_DONE reply flag is used to identify the final chunk";
     # "the chunk with the flag NBD_REPLY_FLAG_DONE MUST be sent last".
-    assert [c.flags for c in found] == [0] * (len(found) - 1) + [p.REPLY_FLAG_DONE]
+    assert [c.flags for c in found] == [0] * (len(found) - 1) + [wire.REPLY_FLAG_DONE]
     data = bytearray()
     pos = offset
     content = 0
     for chunk in found:
-        if chunk.type == p.REPLY_TYPE_NONE:
+        if chunk.type == wire.REPLY_TYPE_NONE:
             # "length MUST be 0"; "MUST always be used with the NBD_REPLY_FLAG_DONE bit set"
-            assert chunk.payload == b"" and chunk.flags & p.REPLY_FLAG_DONE
+            assert chunk.payload == b"" and chunk.flags & wire.REPLY_FLAG_DONE
             continue
         content += 1
-        if chunk.type == p.REPLY_TYPE_OFFSET_DATA:
+        if chunk.type == wire.REPLY_TYPE_OFFSET_DATA:
             # "length MUST be at least 9"; "64 bits: offset (unsigned); length - 8
             # bytes: data"
             assert len(chunk.payload) >= 9
             (at,) = struct.unpack_from(">Q", chunk.payload)
             piece = chunk.payload[8:]
         else:
-            assert chunk.type == p.REPLY_TYPE_OFFSET_HOLE, f"chunk type {chunk.type}"
+            assert chunk.type == wire.REPLY_TYPE_OFFSET_HOLE, f"chunk type {chunk.type}"
             # "length MUST be exactly 12"; "64 bits: offset (unsigned); 32 bits: hole
             # size (unsigned, MUST be nonzero)"
             assert len(chunk.payload) == 12
@@ -149,13 +150,13 @@ def holes_are_whole(reply: bytes, data: bytes) -> None:
     disk, cut to the request) that is zero is in a hole and none in a data
     chunk, and adjacent chunks differ in type.
     """
-    found = [c for c in chunks(reply, COOKIE) if c.type != p.REPLY_TYPE_NONE]
+    found = [c for c in chunks(reply, COOKIE) if c.type != wire.REPLY_TYPE_NONE]
     if bytes(GRANULE) not in data:
-        assert [c.type for c in found] == [p.REPLY_TYPE_OFFSET_DATA]
+        assert [c.type for c in found] == [wire.REPLY_TYPE_OFFSET_DATA]
         return
     assert all(a.type != b.type for a, b in itertools.pairwise(found))
     for chunk in found:
-        if chunk.type != p.REPLY_TYPE_OFFSET_DATA:
+        if chunk.type != wire.REPLY_TYPE_OFFSET_DATA:
             continue
         (at,) = struct.unpack_from(">Q", chunk.payload)
         data = chunk.payload[8:]

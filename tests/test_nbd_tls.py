@@ -28,7 +28,7 @@ from nbd_util import ADDCOW, IHAVEOPT, TCPRawClient, TCPServer, env_with_addcow,
 from tls_util import TLSRawClient, client_context, fingerprint, make_certs
 
 import addcow
-from addcow.nbd import protocol as nbd
+from addcow.nbd import wire
 
 SIZE = 64 * CLUSTER
 OPT_STARTTLS, OPT_GO, OPT_INFO, OPT_ABORT, OPT_EXPORT_NAME = 5, 7, 6, 2, 1
@@ -163,7 +163,7 @@ def test_a_plain_client_gets_tls_required_and_nothing_is_served(
             payload = struct.pack(">I", 0) + struct.pack(">H", 0)
             c.option(option, payload if option in (OPT_INFO, OPT_GO) else b"")
             got, reply, data = c.option_reply()
-            assert (got, reply) == (option, nbd.REP_ERR_TLS_REQD), (option, reply, data)
+            assert (got, reply) == (option, wire.REP_ERR_TLS_REQD), (option, reply, data)
         # "it MUST terminate the session" on EXPORT_NAME before TLS
         c.option(OPT_EXPORT_NAME, b"")
         assert c.closed_by_server()
@@ -171,7 +171,7 @@ def test_a_plain_client_gets_tls_required_and_nothing_is_served(
         c.greeting()
         c.client_flags()
         c.option(OPT_ABORT)  # ABORT is honoured before TLS
-        assert c.option_reply()[:2] == (OPT_ABORT, nbd.REP_ACK)
+        assert c.option_reply()[:2] == (OPT_ABORT, wire.REP_ACK)
     a_good_client_is_still_served(tls_server, certs)
 
 
@@ -210,7 +210,7 @@ def test_garbage_instead_of_a_handshake_and_data_after_starttls(
         c.greeting()
         c.client_flags()
         c.option(OPT_STARTTLS)
-        assert c.option_reply()[:2] == (OPT_STARTTLS, nbd.REP_ACK)
+        assert c.option_reply()[:2] == (OPT_STARTTLS, wire.REP_ACK)
         c.sock.sendall(b"this is not a TLS ClientHello" * 10)
         assert c.closed_by_server()
     with TCPRawClient(tls_server.port) as c:
@@ -234,14 +234,14 @@ def test_negotiation_before_tls_is_forgotten(tls_server: TCPServer, certs: dict[
         raw.sendall(struct.pack(">I", 3))
         raw.sendall(struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0))
         _magic, option, reply, length = struct.unpack(">QIII", raw.recv(20))
-        assert (option, reply, length) == (OPT_STARTTLS, nbd.REP_ACK, 0)
+        assert (option, reply, length) == (OPT_STARTTLS, wire.REP_ACK, 0)
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
             tls.sendall(struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0))
             _m, option, reply, length = struct.unpack(">QIII", tls.recv(20))
             message = tls.recv(length) if length else b""
             # "If the server receives NBD_OPT_STARTTLS when TLS has already been
             # negotiated, it MUST reply with NBD_REP_ERR_INVALID."
-            assert (option, reply) == (OPT_STARTTLS, nbd.REP_ERR_INVALID), message
+            assert (option, reply) == (OPT_STARTTLS, wire.REP_ERR_INVALID), message
     a_good_client_is_still_served(tls_server, certs)
 
 
@@ -351,7 +351,7 @@ def test_a_tls_client_that_aborts_with_data_in_flight_is_closed_promptly(
     with socket.create_connection(("127.0.0.1", tls_server.port), timeout=10) as raw:
         raw.recv(18)
         raw.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0))
-        assert struct.unpack(">QIII", raw.recv(20))[1:3] == (OPT_STARTTLS, nbd.REP_ACK)
+        assert struct.unpack(">QIII", raw.recv(20))[1:3] == (OPT_STARTTLS, wire.REP_ACK)
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
         while True:
@@ -383,7 +383,7 @@ def test_a_tls_client_that_aborts_with_data_in_flight_is_closed_promptly(
         reply = b""
         with contextlib.suppress(ssl.SSLError):  # the reply, then possibly a cut record
             reply = tls.read(20)
-    assert struct.unpack(">QIII", reply) == (OPT_REPLY_MAGIC, OPT_ABORT, nbd.REP_ACK, 0), reply
+    assert struct.unpack(">QIII", reply) == (OPT_REPLY_MAGIC, OPT_ABORT, wire.REP_ACK, 0), reply
     deadline = time.monotonic() + 5
     while server_sockets(pid) > quiet and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -33,7 +33,7 @@ The tree::
 Every class here is exported by ``addcow`` (``addcow.__all__``). The NBD
 server's own errors, for its protocol, TLS credentials, live operations and
 control socket, also derive from ``AddCowError`` but stay in their modules
-(``addcow.nbd.protocol``, ``addcow.serve.tls``, ``addcow.serve.live``,
+(``addcow.nbd.events``, ``addcow.serve.tls``, ``addcow.serve.live``,
 ``addcow.serve.control``): they are not raised by library calls.
 
 Messages name the field or file, the expected value and the value found, so a

@@ -3,7 +3,7 @@
 Every "is this all zero?" in addcow is answered here: the sparse writer
 behind streaming and copy on read (:func:`addcow.sysio.write_sparse`),
 convert and compare (:mod:`addcow.copy`), and the NBD server's OFFSET_HOLE
-chunks (:mod:`addcow.nbd.protocol`). A comparison is ``startswith`` of a zero
+chunks (:mod:`addcow.nbd.transmission`). A comparison is ``startswith`` of a zero
 buffer at an offset: memcmp in C, no copy of the data, and no Python loop per
 byte. Where one C-level search can settle a whole buffer (``find`` of a zero
 block, a strided slice of first bytes), it is used before any per-block test.

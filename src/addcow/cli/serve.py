@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from .. import sysio
 from ..errors import AddCowError, LockError
 from ..image import AddCowImage
-from ..nbd.protocol import TLS_MODES, TLS_OFF, TLS_REQUIRE
+from ..nbd.negotiation import TLS_MODES, TLS_OFF, TLS_REQUIRE
 from ..serve.control import ControlServer
 from ..serve.live import LiveOptions
 from ..serve.server import Export, NBDServer, stdio_problem

@@ -1,18 +1,36 @@
-"""The NBD server behind ``addcow serve``.
+"""The NBD protocol without sockets: bytes in, events out, replies as bytes (as h11 does).
 
-:mod:`addcow.nbd.protocol` is the protocol alone: bytes in, events out,
-replies as bytes, no sockets (in the manner of h11). Its wire layout (magics,
-numbers, limits, one struct per record) is :mod:`addcow.nbd.wire`, and its
-states with the table of transitions between them :mod:`addcow.nbd.state`.
-:mod:`addcow.serve.server` is the asyncio loop around it that owns sockets,
-images and threads; :mod:`addcow.serve.live` finishes images while they are
-served, through the narrow :class:`~addcow.serve.live.LivePool` interface.
+Nothing in this package opens, reads or writes a socket; its users do.
 
-The client side shares the wire layout: :mod:`addcow.nbd.client` is the
-protocol alone, :mod:`addcow.stores.remote.nbd` a golden image on an NBD server as a
-backing store (blocking sockets shared by threads), and
-:mod:`addcow.serve.loop_reader` the server's reads of such a store from its own
-event loop.
+Server side
+    :mod:`addcow.nbd.connection`
+        :class:`~addcow.nbd.connection.ServerConnection`, the object a server
+        holds for each connection: it buffers the peer's bytes, keeps the
+        state and composes the two phases below.
+    :mod:`addcow.nbd.negotiation`
+        The handshake: client flags and options, answered from the export table.
+    :mod:`addcow.nbd.transmission`
+        Requests parsed and checked; replies built.
+    :mod:`addcow.nbd.events`
+        The exports the connection is given, the events it reports and the
+        errors it raises.
+    :mod:`addcow.nbd.state`
+        The states and the table of transitions between them.
+
+Both sides
+    :mod:`addcow.nbd.wire`
+        The wire layout: magics, numbers, limits, one struct per record.
+
+Client side
+    :mod:`addcow.nbd.client`
+        :class:`~addcow.nbd.client.ClientConnection`, the client's protocol alone.
+
+The asyncio server around :class:`~addcow.nbd.connection.ServerConnection`,
+which owns sockets, images and threads, is :mod:`addcow.serve.server`. A golden
+image on an NBD server used as a backing store is
+:mod:`addcow.stores.remote.nbd` (blocking sockets shared by threads), and
+:mod:`addcow.serve.loop_reader` reads such a store from the server's own event
+loop; both drive :mod:`addcow.nbd.client`.
 """
 
 from __future__ import annotations

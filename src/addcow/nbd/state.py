@@ -1,9 +1,9 @@
 """The states of an NBD connection (server side) and the table of moves between them.
 
-:class:`~addcow.nbd.protocol.ServerConnection` changes state only by looking
+:class:`~addcow.nbd.connection.ServerConnection` changes state only by looking
 a :class:`Trigger` up in :data:`TRANSITIONS`; a trigger the table does not
 list for the current state is a bug in the server, raised as
-:class:`~addcow.nbd.protocol.LocalProtocolError`. A peer cannot cause one:
+:class:`~addcow.nbd.events.LocalProtocolError`. A peer cannot cause one:
 each state parses only the messages that the table lists for it, and anything
 else the peer sends there is an error reply or a :data:`Trigger.PEER_ERROR`.
 

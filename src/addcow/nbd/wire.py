@@ -7,10 +7,11 @@ Every integer on the wire is big endian ("network byte order"). This module
 owns every magic, flag, option, reply, command, information type, error value,
 metadata context and limit of the protocol as this server speaks it, and one
 precompiled :class:`struct.Struct` per record, each with its size and the
-quote that names it; :mod:`addcow.nbd.protocol` builds and parses messages
-with them and hard-codes no layout of its own. A record covers the fixed
-fields of a message; the variable part that follows (a name, a payload) is
-the caller's, sized by a field of the record.
+quote that names it; the server's two phases (:mod:`addcow.nbd.negotiation`,
+:mod:`addcow.nbd.transmission`) build and parse messages with them and
+hard-code no layout of their own. A record covers the fixed fields of a
+message; the variable part that follows (a name, a payload) is the caller's,
+sized by a field of the record.
 
 Record sizes (bytes)::
 

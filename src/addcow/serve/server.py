@@ -9,7 +9,7 @@ Design
     every write that any connection has completed durable.
 
     Each connection runs one task that reads bytes, feeds them to the sans-IO
-    :class:`~addcow.nbd.protocol.ServerConnection` and starts one task per
+    :class:`~addcow.nbd.connection.ServerConnection` and starts one task per
     request. Request tasks run the library call in the thread pool and write
     their reply when it is done, so replies leave in completion order
     ("Replies need not be sent in the same order as requests", proto.md). A
@@ -61,7 +61,7 @@ Errors
     Library errors (:class:`~addcow.errors.AddCowError`) and ``OSError`` become
     NBD error replies (:func:`nbd_errno`); a request never takes the server
     down. A peer that breaks the protocol so that the spec lets us hang up
-    (:class:`~addcow.nbd.protocol.RemoteProtocolError`) loses its connection
+    (:class:`~addcow.nbd.events.RemoteProtocolError`) loses its connection
     only, with one log line.
 
 Shutdown
@@ -102,9 +102,9 @@ from ..errors import (
 )
 from ..image import AddCowImage
 from ..nbd import wire
-from ..nbd.protocol import (
+from ..nbd.connection import ServerConnection
+from ..nbd.events import (
     NEED_DATA,
-    TLS_OFF,
     AbortRequested,
     ConnectionClosed,
     Disconnect,
@@ -113,10 +113,10 @@ from ..nbd.protocol import (
     RemoteProtocolError,
     Request,
     RequestError,
-    ServerConnection,
     StartTLS,
     TransmissionStarted,
 )
+from ..nbd.negotiation import TLS_OFF
 from ..stores import remote
 from ..stores.remote.nbd import NBDStore
 from . import live

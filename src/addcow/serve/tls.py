@@ -14,7 +14,7 @@ Modes (proto.md, "Server-side requirements")
     with ``NBD_REP_ERR_TLS_REQD`` until TLS is up, so nothing is served in
     clear. ``on`` offers STARTTLS to clients that ask and serves others in
     clear (SELECTIVETLS with no TLS-only export). The protocol side is
-    :class:`~addcow.nbd.protocol.ServerConnection`; the handshake itself runs in
+    :class:`~addcow.nbd.connection.ServerConnection`; the handshake itself runs in
     :mod:`addcow.serve.server` on the connection's stream.
 
 Who may connect
