@@ -46,6 +46,7 @@ lint: venv
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src
 	$(BIN)/mypy --strict src
+	$(BIN)/lint-imports --no-cache
 
 # Two workers: most tests wait on real peers (qemu-img, nbdcopy, a guest), not on a core.
 test: venv system-deps lint
