@@ -51,6 +51,16 @@ Opening
     two files (its .add-cow file names its image file) and is not read over a
     URI: serve it (``addcow serve --read-only``) and name the export as raw.
 
+Retrying (:class:`RetryPolicy`, used by both stores)
+    One policy for every remote store: a request that fails in a way another
+    attempt may cure (a lost NBD connection, a refused or broken HTTP
+    connection, a timeout, HTTP ``429`` or ``5xx``) is tried again with
+    backoff until the policy's window has passed since it first failed, so a
+    golden server restarted within the window never reaches the guest, whatever
+    its protocol. The window is :data:`RETRY_WINDOW` seconds unless
+    :data:`RECONNECT_DELAY_ENV` sets it; :func:`interrupt_waits` ends every wait
+    at once when the process stops.
+
 Readahead (:class:`ReadAhead`, used by both stores)
     A read shorter than :data:`READAHEAD` that starts where a recent read
     ended (or runs on past a window) fetches :data:`READAHEAD` bytes instead,
@@ -74,9 +84,12 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from .backing import BlockSource
@@ -100,6 +113,11 @@ MAX_RECORD = 8192
 """Longest URI record (bytes): a URI and its pin, not a file."""
 TLS_CERTIFICATES_ENV = "ADDCOW_TLS_CERTIFICATES"
 RECONNECT_DELAY_ENV = "ADDCOW_RECONNECT_DELAY"
+"""The retry window of every remote store, in seconds (:class:`RetryPolicy`)."""
+RETRY_WINDOW = 30.0
+"""The default retry window: a golden server's restart must not reach the guest.
+(QEMU's default reconnect-delay is 0; outliving a restart is the point here.)"""
+MAX_RETRY_WINDOW = 3600.0
 
 _KEYS = ("size", "etag", "last-modified")
 
@@ -301,6 +319,61 @@ def interrupt_waits() -> None:
         event.set()
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How every remote store rides out a failing server: it tries again for ``window``
+    seconds after a request first failed (NBD: since the connection was lost), waiting
+    ``first`` seconds, then twice as long each time up to ``most``, each wait drawn
+    from its upper half so that the clients of one restarted server do not return in
+    step. A server's own ``Retry-After`` is honoured up to what is left of the window.
+    Waits end at once when the process stops (:func:`interrupt_waits`)."""
+
+    window: float = RETRY_WINDOW
+    first: float = 0.1
+    most: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.window <= MAX_RETRY_WINDOW or not 0 < self.first <= self.most:
+            raise RemoteBackingError(
+                f"retry policy: expected a window of 0 to {MAX_RETRY_WINDOW:g} s and waits "
+                f"0 < first <= most, found {self.window}, {self.first}, {self.most}"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> RetryPolicy:
+        """The policy with the window :data:`RECONNECT_DELAY_ENV` sets (else the default)."""
+        text = environ.get(RECONNECT_DELAY_ENV)
+        if text is None:
+            return cls()
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= MAX_RETRY_WINDOW:
+            raise RemoteBackingError(
+                f"{RECONNECT_DELAY_ENV}: expected seconds between 0 and "
+                f"{MAX_RETRY_WINDOW:g}, found {text!r}"
+            )
+        return cls(window=value)
+
+    def pause(self, attempt: int, since: float, asked: float | None = None) -> float | None:
+        """Seconds to wait after failed attempt ``attempt`` (0 for the first) of a
+        request failing since ``since`` (:func:`time.monotonic`), at least ``asked``
+        (a Retry-After) but never past the window; None once the window has run out."""
+        left = since + self.window - time.monotonic()
+        if left <= 0:
+            return None
+        delay: float = min(self.most, self.first * 2.0 ** min(attempt, 32))
+        delay *= random.uniform(0.5, 1.0)
+        if asked is not None:
+            delay = max(delay, asked)
+        return min(delay, left)
+
+    def gave_up(self) -> str:
+        """The end of a message for a request that failed for the whole window."""
+        return f"expected the server back within {self.window:g} s ({RECONNECT_DELAY_ENV})"
+
+
 READAHEAD = 2 << 20
 """Size of the readahead window fetched for short sequential reads."""
 
@@ -383,34 +456,16 @@ def refuse_for_rebase(backing: str) -> None:
 
 def _open_store(uri: str, ref: BackingURI | None) -> BlockSource:
     scheme = scheme_of(uri)
+    retry = RetryPolicy.from_env()
     if scheme in NBD_SCHEMES:
         from .nbd.store import NBDStore
 
         return NBDStore.open(
-            uri,
-            tls_certificates=os.environ.get(TLS_CERTIFICATES_ENV),
-            reconnect_delay=_reconnect_delay(),
+            uri, tls_certificates=os.environ.get(TLS_CERTIFICATES_ENV), retry=retry
         )
     from . import http_store
 
     pinned = None
     if ref is not None:
         pinned = http_store.HTTPPin(ref.size, ref.etag, ref.last_modified)
-    return http_store.HTTPStore.open(uri, pin=pinned)
-
-
-def _reconnect_delay() -> float:
-    from .nbd.store import RECONNECT_DELAY
-
-    text = os.environ.get(RECONNECT_DELAY_ENV)
-    if text is None:
-        return RECONNECT_DELAY
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 3600:
-        raise RemoteBackingError(
-            f"{RECONNECT_DELAY_ENV}: expected seconds between 0 and 3600, found {text!r}"
-        )
-    return value
+    return http_store.HTTPStore.open(uri, pin=pinned, retry=retry)
