@@ -3,7 +3,9 @@
 ``addcow status`` / ``addcow control`` (the CLI over it) and raw JSON lines on
 the socket; ``query`` checked against ``addcow info -U``; a stream paused,
 resumed and re-rated while qemu-io writes; detach and flush; bad requests
-answered while serving goes on; the socket private to its owner.
+answered while serving goes on; the socket private to its owner; a stream
+started on a server run without ``--stream``, cancelled mid-way and started
+again, its content compared with ``qemu-img compare``.
 
 The disk: 8 MiB, 64 KiB clusters (128), over a backing of random bytes.
 """
@@ -85,6 +87,22 @@ def read_all(uri: str, tmp_path: Path) -> bytes:
     out = tmp_path / "copy.raw"
     subprocess.run([require_tool("nbdcopy"), uri, str(out)], check=True, timeout=60)
     return out.read_bytes()
+
+
+def same_content(uri: str, model: bytearray, tmp_path: Path) -> None:
+    """qemu-img compare of what the server serves with the model (exit 0: identical)."""
+    expected = tmp_path / "expected.raw"
+    expected.write_bytes(model)
+    proc = subprocess.run(
+        [require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(expected), uri],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def stream_of(control: Control) -> dict[str, Any]:
+    stream: dict[str, Any] = control("query")["exports"][0]["stream"]
+    return stream
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 30) -> None:
@@ -207,6 +225,146 @@ def test_stream_paused_resumed_and_rerated_while_a_client_writes(
         assert line in log, log
 
 
+def test_stream_started_on_a_server_run_without_stream(
+    tmp_path: Path, setup: tuple[Path, bytearray]
+) -> None:
+    image, model = setup
+    sock = tmp_path / "control.sock"
+    with served(tmp_path, image, args=("--control", str(sock))) as srv:
+        qemu_io(srv.uri, f"write -P 0x61 {3 * CLUSTER} {5 * CLUSTER}", "write -P 0x62 100k 8k")
+        model[3 * CLUSTER : 8 * CLUSTER] = b"\x61" * (5 * CLUSTER)
+        model[100 << 10 : 108 << 10] = b"\x62" * (8 << 10)
+        status = addcow_cli("status", str(sock)).stdout
+        assert "stream:" not in status  # not streaming
+        assert addcow_cli("control", str(sock), "stream-start").stdout == ""
+        control = Control(sock)
+        try:
+            wait_until(lambda: control("query")["exports"][0]["complete"], timeout=20)
+            done = control("query")["exports"][0]
+            assert done["stream"]["status"] == "concluded" and done["stream"]["offset"] == SIZE
+            assert done["stream"]["copied"] == SIZE - 6 * CLUSTER  # the rest was written
+            assert srv.logged("backing file closed; serving the raw file directly")
+            released = control("query")["exports"][0]
+            assert released["backing-file"] is None and not released["detached"]
+        finally:
+            control.close()
+        same_content(srv.uri, model, tmp_path)
+        # Complete: nothing more to stream, nothing to cancel; the state stays concluded.
+        again = addcow_cli("control", str(sock), "stream-start")
+        assert again.stdout == "addcow: the export is complete: nothing to stream\n"
+        cancel = addcow_cli("control", str(sock), "stream-cancel")
+        assert cancel.stdout == "addcow: the stream had already ended\n"
+        assert "stream: concluded, 8 MiB of 8 MiB" in addcow_cli("status", str(sock)).stdout
+    assert image.exists()  # no --detach-when-complete
+    assert (tmp_path / "d.raw").read_bytes() == bytes(model)
+
+
+def test_stream_start_completes_as_serve_options_say(
+    tmp_path: Path, setup: tuple[Path, bytearray]
+) -> None:
+    """With --detach-when-complete, a stream started later detaches on completion too."""
+    image, model = setup
+    sock = tmp_path / "control.sock"
+    args = ("--control", str(sock), "--detach-when-complete")
+    with served(tmp_path, image, args=args) as srv:
+        control = Control(sock)
+        try:
+            assert control("stream-start", speed=0) == {"changed": True}
+            wait_until(lambda: control("query")["exports"][0]["detached"], timeout=20)
+        finally:
+            control.close()
+        assert srv.logged("detached: removed the .add-cow file")
+        assert not image.exists()
+        same_content(srv.uri, model, tmp_path)
+    assert (tmp_path / "d.raw").read_bytes() == bytes(model)
+
+
+def test_stream_cancelled_mid_way_and_started_again(
+    tmp_path: Path, setup: tuple[Path, bytearray]
+) -> None:
+    image, model = setup
+    sock = tmp_path / "control.sock"
+    with served(tmp_path, image, args=("--control", str(sock))) as srv:
+        qemu_io(srv.uri, f"write -P 0x71 {10 * CLUSTER} {2 * CLUSTER}")
+        model[10 * CLUSTER : 12 * CLUSTER] = b"\x71" * (2 * CLUSTER)
+        control = Control(sock)
+        try:
+            # 512 KiB/s: the 8 MiB disk would take 16 s.
+            assert control("stream-start", speed=512 << 10) == {"changed": True}
+            wait_until(lambda: stream_of(control)["copied"] > 2 * CLUSTER)
+            already = control.send_line(b'{"execute": "stream-start"}')
+            assert already["error"]["desc"] == "d.add-cow: already streaming (status running)"
+            assert control("stream-cancel") == {"changed": True}
+            cancelled = control("query")["exports"][0]
+            assert cancelled["stream"]["status"] == "none" and not cancelled["complete"]
+            assert cancelled["stream"]["copied"] > 0 and cancelled["stream"]["offset"] < SIZE
+            # What was copied is durable: the file says what the server says.
+            info = json.loads(addcow_cli("info", "-U", "--output=json", str(image)).stdout)
+            on_disk = info["format-specific"]["data"]["allocated-clusters"]
+            assert on_disk == cancelled["allocated-clusters"]
+            time.sleep(0.5)  # nothing goes on copying
+            assert stream_of(control) == cancelled["stream"]
+            assert "stream:" not in addcow_cli("status", str(sock)).stdout
+            # Served with copy on write as before: a write, then the content.
+            qemu_io(srv.uri, f"write -P 0x72 {120 * CLUSTER} 4k")
+            model[120 * CLUSTER : 120 * CLUSTER + 4096] = b"\x72" * 4096
+            same_content(srv.uri, model, tmp_path)
+            # Cancelled while it waits to keep its rate (at 1 byte/s, hours after
+            # its first cluster), and while it waits paused: it ends at once.
+            copied = stream_of(control)["copied"]
+            assert control("stream-start", speed=1) == {"changed": True}
+            wait_until(lambda: stream_of(control)["copied"] > copied)
+            assert control("stream-cancel") == {"changed": True}
+            assert control("stream-start", speed=512 << 10) == {"changed": True}
+            assert control("stream-pause") == {"changed": True}
+            time.sleep(0.3)  # the span in flight finishes; the stream waits for a resume
+            assert control("stream-cancel") == {"changed": True}
+            assert stream_of(control)["status"] == "none"
+            left = SIZE - stream_of(control)["offset"]
+            # Started again, no limit: it copies only what is left and completes.
+            assert addcow_cli("control", str(sock), "stream-start").stdout == ""
+            wait_until(lambda: control("query")["exports"][0]["complete"], timeout=20)
+            assert stream_of(control)["status"] == "concluded"
+            assert addcow_cli("control", str(sock), "stream-cancel").returncode == 0
+        finally:
+            control.close()
+        same_content(srv.uri, model, tmp_path)
+    log = srv.stderr()
+    assert log.count("stream cancelled") == 3, log
+    assert f"streaming {left / (1 << 20):.1f} MiB from the backing file" in log, log
+    assert (tmp_path / "d.raw").read_bytes() == bytes(model)
+
+
+def test_stream_start_refused_while_streaming_and_on_a_read_only_export(
+    tmp_path: Path, setup: tuple[Path, bytearray]
+) -> None:
+    image, _ = setup
+    sock = tmp_path / "control.sock"
+    args = ("--control", str(sock), "--stream", "--stream-rate", "256k")
+    with served(tmp_path, image, args=args):
+        assert addcow_cli("control", str(sock), "stream-pause").returncode == 0
+        refused = addcow_cli("control", str(sock), "stream-start", "1M", check=False)
+        assert refused.returncode == 1
+        assert refused.stderr == "addcow: d.add-cow: already streaming (status paused)\n"
+        no_rate = addcow_cli("control", str(sock), "stream-cancel", "1M", check=False)
+        assert (no_rate.returncode, no_rate.stderr) == (1, "addcow: stream-cancel takes no RATE\n")
+        # A cancel of --stream's own stream, and a start with the serve's --stream-rate.
+        assert addcow_cli("control", str(sock), "stream-cancel").stdout == ""
+        assert addcow_cli("control", str(sock), "stream-start").stdout == ""
+        status = json.loads(addcow_cli("status", "--output=json", str(sock)).stdout)
+        stream = status["exports"][0]["stream"]
+        assert stream["status"] == "running" and stream["speed"] == 256 << 10
+    sock_ro = tmp_path / "control-ro.sock"
+    with served(tmp_path, image, args=("--control", str(sock_ro), "--read-only"), name="ro"):
+        refused = addcow_cli("control", str(sock_ro), "stream-start", check=False)
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "addcow: d.add-cow: read-only export; streaming needs it writable\n"
+        )
+        status = json.loads(addcow_cli("status", "--output=json", str(sock_ro)).stdout)
+        assert status["exports"][0]["stream"]["status"] == "none"
+
+
 def test_a_new_rate_ends_a_wait_computed_under_the_old_one(
     tmp_path: Path, setup: tuple[Path, bytearray]
 ) -> None:
@@ -260,7 +418,15 @@ def test_detach_through_the_control_socket(tmp_path: Path, setup: tuple[Path, by
         (b'{"execute": "reboot"}', "unknown command 'reboot'; expected one of query, "),
         (b'{"execute": "query", "arguments": {"x": 1}}', "unknown argument 'x' (expected none)"),
         (b'{"execute": "stream-set-rate", "arguments": {"speed": -5}}', "speed: expected bytes"),
-        (b'{"execute": "stream-pause"}', "d.add-cow: not streaming (the server was started"),
+        (b'{"execute": "stream-pause"}', "d.add-cow: not streaming (stream-start starts a"),
+        (b'{"execute": "stream-cancel"}', "d.add-cow: not streaming (stream-start starts a"),
+        (b'{"execute": "stream-start", "arguments": {"export": "nope"}}',
+         "export: expected one of 'd.add-cow', found 'nope'"),
+        (b'{"execute": "stream-cancel", "arguments": {"export": "nope"}}',
+         "export: expected one of 'd.add-cow', found 'nope'"),
+        (b'{"execute": "stream-start", "arguments": {"speed": "1M"}}', "speed: expected bytes"),
+        (b'{"execute": "stream-start", "arguments": {"rate": 1}}',
+         "unknown argument 'rate' (expected export, speed)"),
         (b'{"execute": "flush", "arguments": {"export": "nope"}}',
          "export: expected one of 'd.add-cow', found 'nope'"),
         (b'{"execute": "query", "bogus": true}', "unknown member 'bogus'"),

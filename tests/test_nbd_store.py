@@ -41,6 +41,7 @@ from addcow.errors import (
 from addcow.nbd import wire
 from addcow.serve import loop_reader as loop_store
 from addcow.serve.loop_reader import LoopReader
+from addcow.stores.remote import RetryPolicy
 from addcow.stores.remote import nbd as nbd_store
 from addcow.stores.remote.nbd import NBDStore
 
@@ -301,7 +302,7 @@ def test_error_reply_carries_errno_and_connection_survives(tmp_path: Path) -> No
     trigger.touch()
     cmd = nbdkit(sock, "--filter=error", "pattern", "size=1M", "error-pread=EIO",
                  "error-pread-rate=1", f"error-pread-file={trigger}")  # fmt: skip
-    with server(cmd, sock), NBDStore.open(unix_uri(sock), reconnect_delay=5) as store:
+    with server(cmd, sock), NBDStore.open(unix_uri(sock), retry=RetryPolicy(5)) as store:
         start = time.monotonic()
         with pytest.raises(RemoteBackingError) as info:
             read(store, 4096, 8192)
@@ -322,7 +323,7 @@ def test_readahead_past_a_bad_range_does_not_fail_the_reads_before_it(tmp_path: 
     mapfile = ddrescue_mapfile(tmp_path / "a.map", 4 * MiB, 2 * MiB, 2 * MiB + 65536)
     sock = tmp_path / "k.sock"
     cmd = nbdkit(sock, "--filter=ddrescue", "file", str(raw), f"ddrescue-mapfile={mapfile}")
-    with server(cmd, sock), NBDStore.open(unix_uri(sock), reconnect_delay=0) as store:
+    with server(cmd, sock), NBDStore.open(unix_uri(sock), retry=RetryPolicy(0)) as store:
         for off in range(2 * MiB - 16 * 4096, 2 * MiB, 4096):
             assert read(store, off, 4096) == data[off : off + 4096]
         with pytest.raises(RemoteReadError) as info:
@@ -336,7 +337,7 @@ def test_slow_server_times_out(tmp_path: Path) -> None:
     sock = tmp_path / "k.sock"
     cmd = nbdkit(sock, "--filter=delay", "memory", "size=1M", "delay-read=5")
     with server(cmd, sock), \
-            NBDStore.open(unix_uri(sock), timeout=0.5, reconnect_delay=0) as store:  # fmt: skip
+            NBDStore.open(unix_uri(sock), timeout=0.5, retry=RetryPolicy(0)) as store:  # fmt: skip
         start = time.monotonic()
         with pytest.raises(RemoteBackingError) as info:
             read(store, 0, 512)
@@ -409,7 +410,7 @@ def test_reconnect_after_restart(tmp_path: Path) -> None:
     data = random_file(raw, 2 * MiB)
     sock = tmp_path / "q.sock"
     with server(qemu_nbd(raw, sock), sock) as first:
-        store = NBDStore.open(unix_uri(sock), reconnect_delay=15, timeout=5)
+        store = NBDStore.open(unix_uri(sock), retry=RetryPolicy(15), timeout=5)
         assert read(store, 0, 4096) == data[:4096]
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -437,7 +438,7 @@ def test_reconnect_after_restart(tmp_path: Path) -> None:
 def test_no_restart_fails_with_eio_after_the_delay(tmp_path: Path) -> None:
     sock = tmp_path / "k.sock"
     with server(nbdkit(sock, "memory", "size=8M"), sock) as proc:
-        store = NBDStore.open(unix_uri(sock), reconnect_delay=1)
+        store = NBDStore.open(unix_uri(sock), retry=RetryPolicy(1))
         assert read(store, 0, 10) == bytes(10)
         proc.kill()
         proc.wait()
@@ -455,7 +456,7 @@ def test_no_restart_fails_with_eio_after_the_delay(tmp_path: Path) -> None:
 def test_reconnect_to_a_changed_export(tmp_path: Path) -> None:
     sock = tmp_path / "k.sock"
     with server(nbdkit(sock, "memory", "size=1M"), sock) as proc:
-        store = NBDStore.open(unix_uri(sock), reconnect_delay=10)
+        store = NBDStore.open(unix_uri(sock), retry=RetryPolicy(10))
         proc.kill()
         proc.wait()
     with server(nbdkit(sock, "memory", "size=2M"), sock), \
@@ -644,7 +645,7 @@ def test_a_long_read_goes_out_as_requests_sent_together(
 @pytest.mark.parametrize("name", sorted(BROKEN_READS))
 def test_hostile_read_replies(tmp_path: Path, name: str) -> None:
     with hostile(tmp_path, BROKEN_READS[name]) as uri, \
-            NBDStore.open(uri, timeout=2, reconnect_delay=0) as store:  # fmt: skip
+            NBDStore.open(uri, timeout=2, retry=RetryPolicy(0)) as store:  # fmt: skip
         start = time.monotonic()
         with pytest.raises(RemoteReplyError, match=r"expected .*found"):
             read(store, 4096, 1000)
@@ -670,7 +671,7 @@ BROKEN_STATUS: dict[str, Behaviour] = {
 @pytest.mark.parametrize("name", sorted(BROKEN_STATUS))
 def test_hostile_block_status_replies(tmp_path: Path, name: str) -> None:
     with hostile(tmp_path, BROKEN_STATUS[name]) as uri, \
-            NBDStore.open(uri, timeout=2, reconnect_delay=0) as store, \
+            NBDStore.open(uri, timeout=2, retry=RetryPolicy(0)) as store, \
             pytest.raises(RemoteReplyError, match=r"expected .*found"):  # fmt: skip
         list(store.block_status_at(4096, 8192, 0))
 
@@ -708,7 +709,7 @@ def test_hostile_truncated_and_silent_replies(tmp_path: Path) -> None:
     ]
     for behave in cases:
         with hostile(tmp_path, behave) as uri, \
-                NBDStore.open(uri, timeout=1, reconnect_delay=0.5) as store:  # fmt: skip
+                NBDStore.open(uri, timeout=1, retry=RetryPolicy(0.5)) as store:  # fmt: skip
             start = time.monotonic()
             with pytest.raises(RemoteBackingError) as info:
                 read(store, 0, 4096)
@@ -816,7 +817,7 @@ def test_loop_reads_hostile_replies(tmp_path: Path, name: str) -> None:
     """A reply that breaks the protocol fails its read with RemoteReplyError, fast,
     and the connection is dropped."""
     with hostile(tmp_path, BROKEN_READS[name], flags=MULTI_CONN) as uri, \
-            NBDStore.open(uri, timeout=2, reconnect_delay=0) as store:  # fmt: skip
+            NBDStore.open(uri, timeout=2, retry=RetryPolicy(0)) as store:  # fmt: skip
         start = time.monotonic()
         got = loop_reads(store, [(4096, 1024)])
         assert time.monotonic() - start < 3
@@ -834,7 +835,7 @@ def test_loop_reads_truncated_and_silent_replies(tmp_path: Path) -> None:
     ]
     for behave in cases:
         with hostile(tmp_path, behave, flags=MULTI_CONN) as uri, \
-                NBDStore.open(uri, timeout=1, reconnect_delay=0) as store:  # fmt: skip
+                NBDStore.open(uri, timeout=1, retry=RetryPolicy(0)) as store:  # fmt: skip
             start = time.monotonic()
             assert loop_reads(store, [(4096, 4096)]) == [False, True]
             assert time.monotonic() - start < 4

@@ -215,11 +215,15 @@ def test_a_file_named_like_a_uri_stays_a_file(tmp_path: Path) -> None:
 def test_uri_records_are_parsed_strictly() -> None:
     good = BackingURI("https://h.example/g.raw", 10, '"abc"')
     assert BackingURI.decode(good.encode()) == good
+    digested = BackingURI("nbd://h/x", 10, sha256="0123456789abcdef" * 4)
+    assert BackingURI.decode(digested.encode()) == digested
     for raw, problem in (
         (b"nbd://h/x", "size=BYTES"),
         (b"nbd://h/x\nsize=0", "size=BYTES"),
         (b"nbd://h/x\nsize=1\nsize=1", "once each"),
-        (b"nbd://h/x\nsize=1\netag=\"a\"", "only size= for an NBD URI"),
+        (b"nbd://h/x\nsize=1\netag=\"a\"", "only size= and sha256= for an NBD URI"),
+        (b"nbd://h/x\nsize=1\nsha256=" + b"A" * 64, "sha256: expected 64 lower-case"),
+        (b"nbd://h/x\nsize=1\nsha256=" + b"a" * 63, "sha256: expected 64 lower-case"),
         (b"nbd://h/x\nsize=1\ncolour=blue", "once each"),
         (b"file:///etc/passwd\nsize=1", "expected one of nbd://"),
         (b"nbd://h/x\tsize=1", "printable ASCII"),
@@ -234,7 +238,6 @@ def test_commands_that_cannot_take_a_uri_say_so(tmp_path: Path, golden: tuple[st
     uri, _ = golden
     image = image_over(tmp_path, uri)
     for args, message in (
-        (("rebase", "-b", uri, "-F", "raw", image), "rebase onto a backing URI is not offered"),
         (("amend", "-o", "compat=1", image), "a backing URI (version 1 records file names only)"),
         (("commit", image), "the backing is a URI, which addcow only reads"),
         (("create", "-q", "-b", uri, "-F", "raw", "-o", "compat=1,image_file=v1.raw",

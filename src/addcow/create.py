@@ -58,9 +58,9 @@ from .format import (
 )
 from .image.metafile import read_header
 from .locking import lock_raw, lock_whole
-from .stores import BlockSource, open_backing, registry, remote
+from .stores import BlockSource, open_backing, remote
 from .stores.chain import ChainGuard, resolve_name
-from .stores.magic import HEAD_LENGTH, article, choose_backing_format, identify
+from .stores.magic import choose_backing_format
 
 
 class Created(NamedTuple):
@@ -120,10 +120,8 @@ def create(
         guard = ChainGuard()
         backing: BlockSource | None = None
         if uri is not None:
-            ref, backing = remote.pin(uri, backing_format or "raw", guard=guard)
+            ref, backing = remote.pin(uri, backing_format, guard=guard)
             stack.callback(backing.close)
-            if backing_format in (None, "raw"):
-                _refuse_image_header(backing, uri, backing_format)
             backing_name, backing_format = ref.encode(), backing_format or "raw"
         elif backing_name is not None:
             if not backing_name:
@@ -173,30 +171,6 @@ def create(
         if old_fd is not None:
             stack.callback(os.close, old_fd)
         return _write_image(path, image_path, raw_header, header, size, image_file_raw)
-
-
-def _refuse_image_header(backing: BlockSource, uri: str, fmt: str | None) -> None:
-    """Record a remote golden image as raw only if it does not start with an image header."""
-    head = memoryview(bytearray(min(HEAD_LENGTH, backing.size)))
-    backing.readinto(head, 0)
-    found = identify(bytes(head))
-    if found is None:
-        return
-    over_uri = registry.names(over_uri=True)
-    if found in over_uri:
-        advice = f"if it is {article(found)} image, give -F {found}"
-    else:
-        advice = f"addcow reads {', '.join(over_uri)} golden images over a URI, not {found}"
-    if fmt is None:
-        raise BackingFormatError(
-            f"{remote.shown(uri)}: the golden image starts with {article(found)} header; "
-            f"refusing to guess its format (a guest can write such a header into a raw disk): "
-            f"{advice}"
-        )
-    raise BackingFormatError(
-        f"{remote.shown(uri)} starts with {article(found)} header; refusing to record it as raw "
-        f"(a raw disk must not start with an image header): {advice}"
-    )
 
 
 def _check_size(size: int, cluster_bits: int) -> None:

@@ -32,7 +32,13 @@ from collections.abc import Callable
 from typing import Protocol
 
 from . import sysio
-from .errors import AddCowError, AmendError, BackingFormatError, IncompleteImageError
+from .errors import (
+    AddCowError,
+    AmendError,
+    BackingFormatError,
+    IncompleteImageError,
+    RemoteChangedError,
+)
 from .format import V1_CLUSTER_BITS, V1_HEADER_SIZE, Header
 from .image import AddCowImage
 from .image.metafile import open_image_file
@@ -301,17 +307,27 @@ def rebase(
     fmt: str | None = None,
     *,
     progress: Callable[[int], None] | None = None,
+    backing_sha256: str | None = None,
 ) -> int:
     """Switch to a new backing file (None: no backing) keeping the content identical.
 
     Every unallocated cluster whose content differs between the old and the new
     backing is first copied into the image file from the old one; the header
     changes last, after that data is durable. Returns the bytes copied.
+
+    ``backing`` may be a backing URI (:func:`addcow.stores.remote.pin` records it, under
+    the image's policy): ``fmt`` defaults to the recorded format when the backing
+    is a URI already, else raw. With ``backing_sha256`` the whole new golden image
+    is read and must have that SHA-256, which is then recorded. When the old and
+    the new record pin the same HTTP resource (same URI, size and validator), no
+    cluster can differ and none is read. The old backing must be readable (the
+    image opened with it); for one whose pin no longer holds, see :func:`repin`.
     """
     guard = image.chain_guard()
     new: BlockSource | None = None
+    if backing is not None and remote.scheme_of(backing) is not None:
+        return _rebase_onto_uri(image, backing, fmt, backing_sha256, progress)
     if backing is not None:
-        remote.refuse_for_rebase(backing)
         name = os.fsencode(backing)
         fmt = choose_backing_format(name, fmt, image.path, image.header.version, guard=guard)
         new = open_backing(name, fmt, image.path, guard=guard, force_share=False)
@@ -323,6 +339,94 @@ def rebase(
             new.close()
     image.set_backing(backing, fmt)
     return copied
+
+
+def _rebase_onto_uri(
+    image: AddCowImage,
+    uri: str,
+    fmt: str | None,
+    sha256: str | None,
+    progress: Callable[[int], None] | None,
+) -> int:
+    old = recorded_uri(image)
+    fmt = fmt or (image.header.backing_format if old is not None else None)
+    ref, new = remote.pin(uri, fmt, guard=image.chain_guard(), sha256=sha256)
+    try:
+        same = (
+            old is not None
+            and (ref.etag or ref.last_modified) is not None
+            and old._replace(sha256=None) == ref._replace(sha256=None)
+            and fmt == image.header.backing_format
+        )
+        copied = 0 if same else _copy_differences(image, new, progress)
+    except BaseException:
+        new.close()
+        raise
+    if same and old is not None and ref.sha256 is None:
+        ref = ref._replace(sha256=old.sha256)  # the same pinned bytes: their digest holds
+    image.set_backing_uri(ref, fmt or "raw", new)
+    return copied
+
+
+def recorded_uri(image: AddCowImage) -> remote.BackingURI | None:
+    """The URI record of an image whose backing is a URI, else None."""
+    header = image.header
+    if not header.backing_uri or header.backing_name is None:
+        return None
+    return remote.BackingURI.decode(header.backing_name)
+
+
+def repin(
+    image: AddCowImage,
+    uri: str,
+    fmt: str | None = None,
+    *,
+    unsafe: bool = False,
+    sha256: str | None = None,
+    why: str = "",
+) -> None:
+    """Record ``uri`` as the backing without reading the old golden image: for an
+    image whose pin no longer holds (the server's ETag changed, say), opened with
+    ``with_backing=False``. ``why`` says what the old pin met (for a refusal).
+
+    With ``unsafe`` (``rebase -u``) the caller asserts the content is the same: the
+    record takes the server's current identity (the policy checks of ``create``
+    apply), and keeps a recorded sha256, which digests the content asserted
+    unchanged. Otherwise the image's recorded sha256 is the only proof the new
+    golden image holds the old one's bytes: the whole resource is read at its new
+    pin and must digest to it, in the recorded format; an image without one is
+    refused, unchanged. ``sha256`` (``--backing-sha256``), when given, must be the
+    recorded one (or, with ``unsafe``, is checked against the resource and recorded).
+    """
+    old = recorded_uri(image)
+    recorded_fmt = image.header.backing_format if old is not None else None
+    fmt = fmt or recorded_fmt
+    guard = image.chain_guard()
+    if unsafe:
+        ref, new = remote.pin(uri, fmt, guard=guard, sha256=sha256)
+        if ref.sha256 is None and old is not None:
+            ref = ref._replace(sha256=old.sha256)
+        image.set_backing_uri(ref, fmt or "raw", new)
+        return
+    reason = f"{why}; " if why else ""
+    if old is None or old.sha256 is None:
+        raise RemoteChangedError(
+            f"{reason}{image.path}: the golden image this image was made over cannot be "
+            "read to compare with, and no sha256 of it is recorded, so a safe rebase cannot "
+            f"check {remote.shown(uri)}; if its content is the same, rebase -u re-pins it"
+        )
+    if sha256 is not None and sha256 != old.sha256:
+        raise RemoteChangedError(
+            f"{reason}{image.path}: expected --backing-sha256 to be the recorded "
+            f"sha256 {old.sha256}, found {sha256}"
+        )
+    if fmt != recorded_fmt:
+        raise BackingFormatError(
+            f"{image.path}: expected backing format {recorded_fmt} (the recorded one: the "
+            f"same bytes read as another format are another disk), found {fmt}"
+        )
+    ref, new = remote.pin(uri, fmt, guard=guard, sha256=old.sha256)
+    image.set_backing_uri(ref, fmt or "raw", new)
 
 
 def _copy_differences(

@@ -3,19 +3,20 @@ and an NBD client writes.
 
 One server streams a 64 MiB image (at a rate the fuzzer keeps changing) while
 qemu-io writes known patterns into it. Seeded cases open one to three control
-connections and send, in random pieces and pipelined: valid commands with
-random arguments (``stream-pause``/``-resume``/``-set-rate`` with speeds good
-and bad, ``flush``, ``query``, ``detach`` before completion, export names that
-exist and do not), requests mutated byte by byte, JSON that is deep, huge,
-duplicated or not UTF-8, lines cut off by a close, more connections than the
-server takes. The judge: every request line gets exactly one reply line, in
-order, a JSON object with either ``return`` or an ``error`` of class
+connections and send, in random pieces and pipelined: valid commands with random
+arguments (``stream-start``/``-cancel``/``-pause``/``-resume``/``-set-rate``
+with speeds good and bad, ``flush``, ``query``, ``detach`` before completion,
+export names that exist and do not), requests mutated byte by byte, JSON that is
+deep, huge, duplicated or not UTF-8, lines cut off by a close, more connections
+than the server takes. The judge: every request line gets exactly one reply
+line, in order, a JSON object with either ``return`` or an ``error`` of class
 ``GenericError`` with a description, and ``id`` echoed when the request was an
 object with one; valid commands get the reply their state implies; the server
-never logs an internal error. At the end the stream is resumed unthrottled and
-completes, the disk reads back as the model (the backing, then the client's
-writes), ``detach`` through the socket leaves the raw file alone holding the
-same bytes, and the server's descriptors are back to their count.
+never logs an internal error. At the end the stream is started (if a cancel left
+it stopped) and resumed unthrottled, and completes, the disk reads back as the
+model (the backing, then the client's writes), ``detach`` through the socket
+leaves the raw file alone holding the same bytes, and the server's descriptors
+are back to their count.
 
 :data:`CASES` cases in ``make test``; ``make campaign`` (ADDCOW_CAMPAIGN=1)
 runs many more.
@@ -83,13 +84,14 @@ class Conn:
 
 def valid_request(rng: random.Random) -> dict[str, Any]:
     command = rng.choice(
-        ["query", "stream-pause", "stream-resume", "stream-set-rate", "flush", "detach"]
-    )
+        ["query", "stream-start", "stream-cancel", "stream-pause", "stream-resume",
+         "stream-set-rate", "flush", "detach"]
+    )  # fmt: skip
     request: dict[str, Any] = {"execute": command}
     arguments: dict[str, Any] = {}
     if command != "query" and rng.random() < 0.4:
         arguments["export"] = rng.choice([NAME, NAME, "", "nope", 7, None, [NAME]])
-    if command == "stream-set-rate":
+    if command == "stream-set-rate" or (command == "stream-start" and rng.random() < 0.7):
         # Mostly rates that keep the stream going for the whole fuzz; now and then none.
         arguments["speed"] = rng.choice(
             [256 << 10, 512 << 10, 1 << 20] * 6
@@ -172,16 +174,24 @@ def judge(request: bytes, reply_line: bytes, state: dict[str, Any]) -> None:
         assert "return" in reply, reply_line
         (export,) = reply["return"]["exports"]
         assert export["name"] == NAME and export["total-clusters"] == SIZE // CLUSTER
-        assert export["stream"]["status"] in ("running", "paused", "concluded"), reply_line
+        status = export["stream"]["status"]
+        assert status in ("none", "running", "paused", "concluded"), reply_line
+        assert status != "concluded" or export["complete"], reply_line
         state["complete"] = export["complete"]
-    elif command in ("stream-pause", "stream-resume") and isinstance(arguments, dict):
-        if good_export and set(arguments) <= {"export"}:
-            assert "return" in reply and set(reply["return"]) == {"changed"}, reply_line
-    elif command == "stream-set-rate" and isinstance(arguments, dict) and good_export:
-        speed = arguments.get("speed")
+    elif command in ("stream-cancel", "stream-pause", "stream-resume"):
+        if isinstance(arguments, dict) and good_export and set(arguments) <= {"export"}:
+            # A cancel (from any connection) leaves no stream to steer until a start.
+            returned(reply, reply_line, {"changed"}, "not streaming")
+    elif command in ("stream-start", "stream-set-rate") and isinstance(arguments, dict):
+        speed = arguments.get("speed", 0 if command == "stream-start" else None)
         good = isinstance(speed, int) and not isinstance(speed, bool) and speed >= 0
-        if set(arguments) <= {"export", "speed"}:
-            assert ("return" in reply) == good, (request[:200], reply_line)
+        if good_export and set(arguments) <= {"export", "speed"}:
+            if not good:
+                assert "error" in reply and "speed: expected" in reply["error"]["desc"], reply_line
+            elif command == "stream-start":
+                returned(reply, reply_line, {"changed"}, "already streaming")
+            else:
+                returned(reply, reply_line, set(), "not streaming")
     elif command == "detach" and arguments == {}:
         # The stream may complete during the fuzz (a fast rate): then detach works.
         if "return" in reply:
@@ -189,6 +199,14 @@ def judge(request: bytes, reply_line: bytes, state: dict[str, Any]) -> None:
             state["detached"] = True
         else:
             assert "not complete" in reply["error"]["desc"], reply_line
+
+
+def returned(reply: dict[str, Any], line: bytes, keys: set[str], refusal: str) -> None:
+    """A return with ``keys``, or the one error the export's stream state may cause."""
+    if "return" in reply:
+        assert set(reply["return"]) == keys, line
+    else:
+        assert refusal in reply["error"]["desc"], line
 
 
 def writer(
@@ -291,6 +309,10 @@ def test_control_socket_fuzz(tmp_path: Path) -> None:
         # The end: unthrottled, resumed, complete, as the model says.
         final = Conn(control)
         try:
+            start = b'{"execute": "stream-start", "arguments": {"speed": 0}}'
+            final.sock.sendall(start + b"\n")
+            started = json.loads(final.reply(start))  # or it was streaming (or paused)
+            assert "return" in started or "already streaming" in started["error"]["desc"]
             for line in (b'{"execute": "stream-set-rate", "arguments": {"speed": 0}}',
                          b'{"execute": "stream-resume"}'):  # fmt: skip
                 final.sock.sendall(line + b"\n")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import RemoteChangedError
 from ..image import AddCowImage
-from ..lifecycle import amend, rebase
+from ..lifecycle import amend, rebase, repin
+from ..stores import remote
 from .common import CommandError, add_backing_root_arg, add_options_arg, parse_options, parse_size
 from .progress import progress_bar
 
@@ -26,6 +28,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-F", dest="backing_fmt", help="new backing format: raw, add-cow or qcow2")
     p.add_argument("-f", dest="fmt", choices=("add-cow",), help="image format (add-cow)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument(
+        "--backing-sha256",
+        metavar="HEX",
+        help="for a backing URI: the SHA-256 the whole golden image must have (read "
+        "and checked, then recorded); a safe re-pin of a golden image whose ETag changed "
+        "checks it against the one recorded",
+    )
     p.add_argument("filename")
     add_backing_root_arg(p)
     p.set_defaults(func=run_rebase)
@@ -51,6 +60,10 @@ def run_rebase(args: argparse.Namespace) -> int:
     backing = args.backing or None
     if backing is None and args.backing_fmt:
         raise CommandError("-F needs a backing file (-b)")
+    if backing is not None and remote.scheme_of(backing) is not None:
+        return _rebase_onto_uri(args, backing)
+    if args.backing_sha256 is not None:
+        raise CommandError("--backing-sha256 is for a backing URI")
     if args.unsafe:
         with AddCowImage.open(
             args.filename,
@@ -66,6 +79,30 @@ def run_rebase(args: argparse.Namespace) -> int:
         todo = (image.total_clusters - image.allocated_clusters) << image.cluster_bits
         with progress_bar(todo, args.progress, "rebase") as update:
             rebase(image, backing, args.backing_fmt, progress=update)
+    return 0
+
+
+def _rebase_onto_uri(args: argparse.Namespace, uri: str) -> int:
+    """Safe: compare with the old golden image where it can still be read, else check
+    the recorded sha256 (:func:`addcow.lifecycle.repin`); -u: re-pin unchecked."""
+    sha256 = None
+    if args.backing_sha256 is not None:
+        sha256 = remote.check_sha256(args.backing_sha256)
+    where = {"backing_root": args.backing_root, "allowed_uris": args.allow_backing_uri}
+    why = ""
+    if not args.unsafe:
+        try:
+            image = AddCowImage.open(args.filename, **where)
+        except RemoteChangedError as exc:
+            why = str(exc)  # the old pin no longer holds: only a digest can vouch
+        else:
+            with image:
+                todo = (image.total_clusters - image.allocated_clusters) << image.cluster_bits
+                with progress_bar(todo, args.progress, "rebase") as update:
+                    rebase(image, uri, args.backing_fmt, progress=update, backing_sha256=sha256)
+            return 0
+    with AddCowImage.open(args.filename, with_backing=False, **where) as image:
+        repin(image, uri, args.backing_fmt, unsafe=args.unsafe, sha256=sha256, why=why)
     return 0
 
 

@@ -152,8 +152,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--control",
         metavar="PATH",
-        help="a control socket at PATH (JSON lines: query, stream-pause, stream-resume, "
-        "stream-set-rate, detach, flush); see addcow status and addcow control",
+        help="a control socket at PATH (JSON lines: query, stream-start, stream-cancel, "
+        "stream-pause, stream-resume, stream-set-rate, detach, flush); see addcow status and "
+        "addcow control",
     )
     logs = p.add_argument_group("logging (stderr, and a file or syslog)")
     logs.add_argument("--log-file", metavar="FILE", help="append the log to FILE")

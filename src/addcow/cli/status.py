@@ -17,7 +17,22 @@ from .info import human_size
 
 TIMEOUT = 30.0
 """Seconds to wait for the server's reply (a detach flushes and syncs)."""
-CONTROL_COMMANDS = ("stream-pause", "stream-resume", "stream-set-rate", "detach", "flush")
+CONTROL_COMMANDS = (
+    "stream-start",
+    "stream-cancel",
+    "stream-pause",
+    "stream-resume",
+    "stream-set-rate",
+    "detach",
+    "flush",
+)
+UNCHANGED = {
+    "stream-start": "the export is complete: nothing to stream",
+    "stream-cancel": "the stream had already ended",
+    "stream-pause": "the stream was already paused",
+    "stream-resume": "the stream was already running",
+}
+"""What ``addcow control`` says when a command found nothing to change."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,7 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "control",
-        help="pause, resume or rate-limit a running server's stream; detach; flush",
+        help="start, cancel, pause, resume or rate-limit a running server's stream; detach; flush",
         description="Send one command to a running 'addcow serve --control SOCKET'.",
     )
     p.add_argument("socket", metavar="SOCKET", help="the server's --control socket")
@@ -43,7 +58,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         nargs="?",
         type=size_arg,
         metavar="RATE",
-        help="for stream-set-rate: bytes per second (k, M, G suffixes; 0: no limit)",
+        help="for stream-set-rate, and optional for stream-start (default: the server's "
+        "--stream-rate): bytes per second (k, M, G suffixes; 0: no limit)",
     )
     p.add_argument("--export", metavar="NAME", help="the export (default: the first)")
     p.set_defaults(func=run_control)
@@ -92,18 +108,17 @@ def run_control(args: argparse.Namespace) -> int:
     arguments: dict[str, Any] = {}
     if args.export is not None:
         arguments["export"] = args.export
-    if args.command == "stream-set-rate":
-        if args.rate is None:
-            raise CommandError("stream-set-rate needs RATE (bytes per second; 0: no limit)")
+    if args.command == "stream-set-rate" and args.rate is None:
+        raise CommandError("stream-set-rate needs RATE (bytes per second; 0: no limit)")
+    if args.rate is not None:
+        if args.command not in ("stream-set-rate", "stream-start"):
+            raise CommandError(f"{args.command} takes no RATE")
         arguments["speed"] = args.rate
-    elif args.rate is not None:
-        raise CommandError(f"{args.command} takes no RATE")
     result = request(args.socket, args.command, arguments)
     if args.command == "detach":
         print(f"addcow: detached: serving {result['image-file']} alone")
     elif isinstance(result, dict) and result.get("changed") is False:
-        state = "paused" if args.command == "stream-pause" else "running"
-        print(f"addcow: the stream was already {state}")
+        print(f"addcow: {UNCHANGED[args.command]}")
     return 0
 
 

@@ -99,6 +99,7 @@ from ..errors import (
     AddCowError,
     AddCowIOError,
     BackingError,
+    BackingFormatError,
     ClosedImageError,
     ImageFileError,
     LockError,
@@ -972,7 +973,11 @@ class AddCowImage:
                 backing_name=None, backing_format=None, incompatible_features=features
             )
         else:
-            remote.refuse_for_rebase(name)
+            if remote.scheme_of(name) is not None:
+                raise BackingFormatError(
+                    f"{remote.shown(name)}: a backing URI is pinned, not named: use "
+                    "addcow.lifecycle.repin (or a local file of that name: ./NAME)"
+                )
             raw = os.fsencode(name)
             fmt = choose_backing_format(
                 raw, fmt, self.path, self.header.version, guard=self.chain_guard()
@@ -992,6 +997,35 @@ class AddCowImage:
                 new_backing.close()
             raise
         old, self.backing = self.backing, new_backing
+        if old is not None:
+            old.close()
+
+    def set_backing_uri(
+        self, ref: remote.BackingURI, fmt: str, backing: BlockSource | None
+    ) -> None:
+        """Record the backing URI ``ref`` (pinned by :func:`addcow.remote.pin`), read
+        as ``fmt``, without touching data; the header is rewritten last. ``backing``,
+        the golden image ``ref`` pins, becomes the image's backing (it is closed if
+        the header cannot be written)."""
+        try:
+            self._check_write(0, 0)
+            if self.header.version != 2:
+                raise BackingFormatError(
+                    f"{self.path}: a backing URI needs a version 2 image, not version "
+                    f"{self.header.version} (addcow amend -o compat=2 first)"
+                )
+            header = self.header.with_changes(
+                backing_name=ref.encode(),
+                backing_format=fmt,
+                incompatible_features=self.header.incompatible_features | V2_INCOMPAT_BACKING_URI,
+            )
+            self.flush()
+            self._rewrite_header(header)
+        except BaseException:
+            if backing is not None:
+                backing.close()
+            raise
+        old, self.backing = self.backing, backing
         if old is not None:
             old.close()
 

@@ -12,10 +12,12 @@ Protocol
         -> {"execute": "detach"}
         <- {"error": {"class": "GenericError", "desc": "disk: not complete: ..."}}
 
-    Commands: ``query``, ``stream-pause``, ``stream-resume``,
-    ``stream-set-rate`` (``speed``: bytes per second, 0 for no limit),
-    ``detach`` (a complete export: remove its .add-cow file and go on serving
-    the raw file) and ``flush``. All but ``query`` take an optional
+    Commands: ``query``, ``stream-start`` (optional ``speed``, as
+    ``--stream-rate``; default that option) and ``stream-cancel``, as QEMU's
+    ``block-stream`` and ``block-job-cancel``; ``stream-pause``,
+    ``stream-resume``, ``stream-set-rate`` (``speed``: bytes per second, 0 for
+    no limit), ``detach`` (a complete export: remove its .add-cow file and go
+    on serving the raw file) and ``flush``. All but ``query`` take an optional
     ``export`` (a name; default: every export for ``flush``, the only or the
     default export otherwise). A line that is not JSON, not an object, too
     long (:data:`MAX_LINE`), or names an unknown command or argument gets an
@@ -72,7 +74,16 @@ MAX_CLIENTS = 8
 JSON_SPACE = b" \t\r\n"
 """What a blank line, which gets no reply, may hold (RFC 8259's whitespace)."""
 
-COMMANDS = ("query", "stream-pause", "stream-resume", "stream-set-rate", "detach", "flush")
+COMMANDS = (
+    "query",
+    "stream-start",
+    "stream-cancel",
+    "stream-pause",
+    "stream-resume",
+    "stream-set-rate",
+    "detach",
+    "flush",
+)
 
 
 class ControlError(AddCowError):
@@ -241,6 +252,8 @@ class ControlServer:
     def _handlers(self) -> dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]]:
         return {
             "query": self._query,
+            "stream-start": self._start,
+            "stream-cancel": self._cancel,
             "stream-pause": self._pause,
             "stream-resume": self._resume,
             "stream-set-rate": self._set_rate,
@@ -252,6 +265,16 @@ class ControlServer:
         _expect(arguments, ())
         return query(self.server)
 
+    async def _start(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        _expect(arguments, ("export", "speed"))
+        export = self._export(arguments)
+        speed = _speed(arguments) if "speed" in arguments else export.live.options.stream_rate
+        return {"changed": live.start_stream(self.server, export, speed)}
+
+    async def _cancel(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        _expect(arguments, ("export",))
+        return {"changed": await live.cancel_stream(self.server, self._export(arguments))}
+
     async def _pause(self, arguments: dict[str, Any]) -> dict[str, Any]:
         _expect(arguments, ("export",))
         return {"changed": live.pause_stream(self._export(arguments))}
@@ -262,11 +285,7 @@ class ControlServer:
 
     async def _set_rate(self, arguments: dict[str, Any]) -> dict[str, Any]:
         _expect(arguments, ("export", "speed"))
-        speed = arguments.get("speed")
-        if not isinstance(speed, int) or isinstance(speed, bool) or speed < 0:
-            raise ControlError(
-                f"speed: expected bytes per second (an integer, 0 for no limit), found {speed!r}"
-            )
+        speed = _speed(arguments)
         live.set_stream_rate(self._export(arguments), speed)
         return {}
 
@@ -300,6 +319,15 @@ def _expect(arguments: dict[str, Any], allowed: tuple[str, ...]) -> None:
         if key not in allowed:
             expected = ", ".join(allowed) if allowed else "none"
             raise ControlError(f"unknown argument {key!r} (expected {expected})")
+
+
+def _speed(arguments: dict[str, Any]) -> int:
+    speed = arguments.get("speed")
+    if not isinstance(speed, int) or isinstance(speed, bool) or speed < 0:
+        raise ControlError(
+            f"speed: expected bytes per second (an integer, 0 for no limit), found {speed!r}"
+        )
+    return speed
 
 
 def _same_user(writer: asyncio.StreamWriter) -> bool:

@@ -26,6 +26,18 @@
     a new rate or a resume counts from that moment, so time spent paused
     never turns into a burst.
 
+Starting and cancelling a stream while serving
+    :func:`start_stream` (the control socket's ``stream-start``) starts the
+    same task on a server started without ``--stream``, or again after a
+    cancel; it walks the bitmap from the start, so what is allocated is
+    skipped. :func:`cancel_stream` (``stream-cancel``) asks the task to stop:
+    it starts no new span, lets the spans in the pool finish (each one's data
+    is written before its bits are set, as for any populate) and ends; then
+    the image is flushed, so what was copied is durable when the reply goes.
+    Nothing is cancelled mid-call. Completion stays that of the image: when
+    the last bit is set, by whichever stream, client or copy on read,
+    :func:`check_complete` finishes it as below.
+
 Completion (always, for writable exports)
     When every bit is set (by streaming, copy on read or client writes) the
     server waits for the library calls that were in the pool at that moment
@@ -142,8 +154,10 @@ class LiveState:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     finish_task: asyncio.Task[None] | None = None
     stream_status: str = STREAM_NONE
-    stream_done: int = 0  # bytes of the virtual disk the stream has dealt with
-    stream_copied: int = 0  # of which copied from the backing (the rest: left as zero)
+    stream_task: asyncio.Task[None] | None = None
+    cancelling: bool = False  # the stream is to stop after the spans in the pool
+    stream_done: int = 0  # bytes of the virtual disk this stream has dealt with
+    stream_copied: int = 0  # bytes streams copied from the backing (not left as zero)
     rate: RateLimit | None = None
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
     rate_changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -166,14 +180,38 @@ def start(pool: LivePool, export: Export) -> None:
     if state.options.copy_on_read:
         state.cor_queue = asyncio.Queue(COR_QUEUE)
         state.tasks.append(asyncio.create_task(copy_on_read_worker(pool, export)))
-    if state.options.stream:
-        state.rate = RateLimit(state.options.stream_rate)
-        if export.image.complete:
-            state.stream_status = STREAM_CONCLUDED
-        else:
-            state.stream_status = STREAM_RUNNING
-            state.tasks.append(asyncio.create_task(stream(pool, export)))
+    if state.options.stream and state.stream_status == STREAM_NONE:
+        start_stream(pool, export, state.options.stream_rate)
     check_complete(pool, export)
+
+
+def start_stream(pool: LivePool, export: Export, rate: int | None) -> bool:
+    """Start streaming the export at ``rate`` bytes per second (None or 0: no limit).
+
+    False, and the stream concluded, if the export is already complete. A
+    :class:`LiveError` if it is read-only, already streaming or the server is
+    stopping.
+    """
+    state = export.live
+    name = export.info.name
+    if export.info.read_only:
+        raise LiveError(f"{name}: read-only export; streaming needs it writable")
+    if state.stream_status in (STREAM_RUNNING, STREAM_PAUSED):
+        raise LiveError(f"{name}: already streaming (status {state.stream_status})")
+    if pool.stopping:
+        raise LiveError(f"{name}: the server is shutting down")
+    state.rate = RateLimit(rate or None)
+    if export.image.complete:
+        state.stream_status = STREAM_CONCLUDED
+        return False
+    state.stream_status = STREAM_RUNNING
+    state.stream_done = 0
+    state.cancelling = False
+    state.resumed.set()
+    state.tasks = [task for task in state.tasks if not task.done()]
+    state.stream_task = asyncio.create_task(stream(pool, export))
+    state.tasks.append(state.stream_task)
+    return True
 
 
 def check_complete(pool: LivePool, export: Export) -> None:
@@ -257,7 +295,7 @@ async def stream(pool: LivePool, export: Export) -> None:
     pos = 0
     wrapped = False
     try:
-        while not image.complete:
+        while not image.complete and not state.cancelling:
             if not state.resumed.is_set():
                 await run.settle_all()
                 await state.resumed.wait()
@@ -283,13 +321,18 @@ async def stream(pool: LivePool, export: Export) -> None:
         await run.settle_all()
     finally:
         run.abandon()
+    ended = "complete" if image.complete else "cancelled"
     log.info(
-        "%s: stream complete: %s copied, %s left as zero, %.2f s",
+        "%s: stream %s: %s copied, %s left as zero, %.2f s",
         image.path,
+        ended,
         _mib(run.copied),
         _mib(run.zero),
         time.monotonic() - rate.started,
     )
+    if not image.complete:
+        state.stream_status = STREAM_NONE
+        return
     state.stream_status = STREAM_CONCLUDED
     check_complete(pool, export)
 
@@ -337,7 +380,7 @@ class _ServedStream:
         assert rate is not None
         self.copied, self.zero = self.copied + w, self.zero + z
         state.stream_done += length
-        state.stream_copied = self.copied
+        state.stream_copied += w
         if self.commits.copied(w):
             await self.pool.call(image.flush)
         now = time.monotonic()
@@ -355,8 +398,8 @@ class _ServedStream:
                 state.stream_done / (1 << 20) / max(now - rate.started, 1e-9),
             )
         ahead = rate.delay(state.stream_done)
-        if ahead > 0:
-            # A wait computed under a slow rate must not outlast a new one.
+        if ahead > 0 and not state.cancelling:
+            # A wait computed under a slow rate must not outlast a new one (or a cancel).
             state.rate_changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(state.rate_changed.wait(), ahead)
@@ -409,9 +452,7 @@ async def finish(pool: LivePool, export: Export) -> None:
 def _streaming(export: Export) -> LiveState:
     state = export.live
     if state.stream_status == STREAM_NONE:
-        raise LiveError(
-            f"{export.info.name}: not streaming (the server was started without --stream)"
-        )
+        raise LiveError(f"{export.info.name}: not streaming (stream-start starts a stream)")
     return state
 
 
@@ -436,6 +477,26 @@ def resume_stream(export: Export) -> bool:
     state.rate_changed.set()
     log.info("%s: stream resumed", export.image.path)
     return True
+
+
+async def cancel_stream(pool: LivePool, export: Export) -> bool:
+    """Stop the export's stream after the spans in the pool, then flush; False if it
+    was not running or paused (it concluded, or another cancel stopped it)."""
+    state = _streaming(export)
+    task = state.stream_task
+    if state.stream_status not in (STREAM_RUNNING, STREAM_PAUSED) or task is None:
+        return False
+    first = not state.cancelling
+    if first:
+        state.cancelling = True
+        state.resumed.set()  # a paused stream wakes up to end
+        state.rate_changed.set()  # and one waiting to keep its rate
+        log.info("%s: stream cancelling", export.image.path)
+    await asyncio.wait([task])
+    image = export.image
+    if not image.closed and not image.detached:
+        await pool.call(image.flush)
+    return first and state.stream_status == STREAM_NONE
 
 
 def set_stream_rate(export: Export, rate: int) -> None:

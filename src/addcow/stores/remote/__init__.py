@@ -24,7 +24,16 @@ Pinning
     when the image was created. Opening checks them, and an HTTP store sends them
     with every read (``If-Match`` / ``If-Unmodified-Since``), so an image
     never reads a golden image that changed under it: the clusters it has
-    not copied yet would otherwise mix two disks.
+    not copied yet would otherwise mix two disks. A record may also carry
+    ``sha256``, the digest of the whole resource, written only after it was
+    read and checked (:func:`check_digest`; ``rebase -b URI --backing-sha256``).
+
+Re-pinning (:func:`addcow.lifecycle.rebase`, :func:`addcow.lifecycle.repin`)
+    A server may change the validator of unchanged bytes (nginx's ETag follows
+    the file's mtime). ``rebase -u -b URI`` re-pins on the user's word;
+    a safe ``rebase -b URI`` compares clusters while the old pin still
+    holds, and once it does not, re-pins only when the whole resource at its
+    new pin digests to the recorded ``sha256``.
 
 Trust (docs/reliability.md, "Threat model")
     A URI stored in an image is a network request that the image's author
@@ -51,6 +60,16 @@ Opening
     two files (its .add-cow file names its image file) and is not read over a
     URI: serve it (``addcow serve --read-only``) and name the export as raw.
 
+Retrying (:class:`RetryPolicy`, used by both stores)
+    One policy for every remote store: a request that fails in a way another
+    attempt may cure (a lost NBD connection, a refused or broken HTTP
+    connection, a timeout, HTTP ``429`` or ``5xx``) is tried again with
+    backoff until the policy's window has passed since it first failed, so a
+    golden server restarted within the window never reaches the guest, whatever
+    its protocol. The window is :data:`RETRY_WINDOW` seconds unless
+    :data:`RECONNECT_DELAY_ENV` sets it; :func:`interrupt_waits` ends every wait
+    at once when the process stops.
+
 Readahead (:class:`ReadAhead`, used by both stores)
     A read shorter than :data:`READAHEAD` that starts where a recent read
     ended (or runs on past a window) fetches :data:`READAHEAD` bytes instead,
@@ -73,10 +92,15 @@ Readahead (:class:`ReadAhead`, used by both stores)
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
+import random
+import re
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from ...errors import (
@@ -89,6 +113,7 @@ from ...errors import (
 from .. import registry
 from ..base import BlockSource
 from ..chain import ChainGuard
+from ..magic import HEAD_LENGTH, article, identify
 from ..qcow2 import Qcow2File, RemoteContainer
 
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
@@ -99,17 +124,27 @@ MAX_RECORD = 8192
 """Longest URI record (bytes): a URI and its pin, not a file."""
 TLS_CERTIFICATES_ENV = "ADDCOW_TLS_CERTIFICATES"
 RECONNECT_DELAY_ENV = "ADDCOW_RECONNECT_DELAY"
+"""The retry window of every remote store, in seconds (:class:`RetryPolicy`)."""
+RETRY_WINDOW = 30.0
+"""The default retry window: a golden server's restart must not reach the guest.
+(QEMU's default reconnect-delay is 0; outliving a restart is the point here.)"""
+MAX_RETRY_WINDOW = 3600.0
 
-_KEYS = ("size", "etag", "last-modified")
+_KEYS = ("size", "etag", "last-modified", "sha256")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+DIGEST_PIECE = 8 << 20
+"""Bytes read per request while a golden image is digested."""
 
 
 class BackingURI(NamedTuple):
-    """A URI record: the golden image's URI and its identity when it was pinned."""
+    """A URI record: the golden image's URI, its identity when it was pinned and,
+    when known, the SHA-256 of its bytes."""
 
     uri: str
     size: int
     etag: str | None = None
     last_modified: str | None = None
+    sha256: str | None = None
 
     @property
     def scheme(self) -> str:
@@ -121,6 +156,8 @@ class BackingURI(NamedTuple):
             lines.append(f"etag={self.etag}")
         if self.last_modified is not None:
             lines.append(f"last-modified={self.last_modified}")
+        if self.sha256 is not None:
+            lines.append(f"sha256={self.sha256}")
         record = "\n".join(lines).encode("ascii")
         BackingURI.decode(record)  # everything written must read back
         return record
@@ -143,7 +180,8 @@ class BackingURI(NamedTuple):
             key, sep, value = line.partition("=")
             if not sep or key not in _KEYS or key in fields or not value:
                 raise RemoteBackingError(
-                    f"backing URI record: expected size=, etag= or last-modified= once each, "
+                    f"backing URI record: expected size=, etag=, last-modified= or sha256= "
+                    "once each, "
                     f"found {line[:80]!r}"
                 )
             fields[key] = value
@@ -152,12 +190,18 @@ class BackingURI(NamedTuple):
             raise RemoteBackingError(
                 f"backing URI record: expected size=BYTES (more than 0), found {size!r}"
             )
-        if scheme_of(first) in NBD_SCHEMES and len(fields) > 1:
+        if scheme_of(first) in NBD_SCHEMES and fields.keys() - {"size", "sha256"}:
             raise RemoteBackingError(
-                "backing URI record: expected only size= for an NBD URI, "
+                "backing URI record: expected only size= and sha256= for an NBD URI, "
                 f"found {', '.join(sorted(fields))}"
             )
-        return cls(first, int(size), fields.get("etag"), fields.get("last-modified"))
+        digest = fields.get("sha256")
+        if digest is not None and not _SHA256.fullmatch(digest):
+            raise RemoteBackingError(
+                "backing URI record: sha256: expected 64 lower-case hexadecimal digits, "
+                f"found {digest[:80]!r}"
+            )
+        return cls(first, int(size), fields.get("etag"), fields.get("last-modified"), digest)
 
 
 def scheme_of(text: str) -> str | None:
@@ -231,12 +275,20 @@ def open_remote(ref: BackingURI, fmt: str, *, guard: ChainGuard) -> BlockSource:
     return _layer(store, ref.uri, fmt, guard)
 
 
-def pin(uri: str, fmt: str, *, guard: ChainGuard) -> tuple[BackingURI, BlockSource]:
-    """Open ``uri`` for a new image (``create -b URI``): its record and the open golden
-    image (the store, or the qcow2 read from it)."""
+def pin(
+    uri: str, fmt: str | None, *, guard: ChainGuard, sha256: str | None = None
+) -> tuple[BackingURI, BlockSource]:
+    """Open ``uri`` to record it in an image (``create -b URI``, ``rebase -b URI``): its
+    record and the open golden image (the store, or the qcow2 read from it).
+
+    ``fmt`` None means raw; a raw golden image that starts with an image header is
+    refused (a guest can write one into a raw disk, so it is never guessed). With
+    ``sha256`` the whole resource is read at its pin and must digest to it
+    (:class:`RemoteChangedError` if not); the record then carries it.
+    """
     check_uri(uri)
     check_policy(uri, guard)
-    _check_format(uri, fmt)
+    _check_format(uri, fmt or "raw")
     store = _open_store(uri, None)
     try:
         etag = last_modified = None
@@ -244,12 +296,67 @@ def pin(uri: str, fmt: str, *, guard: ChainGuard) -> tuple[BackingURI, BlockSour
         if scheme_of(uri) in HTTP_SCHEMES and identity is not None:
             found = identity()
             etag, last_modified = found.etag, found.last_modified
-        ref = BackingURI(uri, store.size, etag, None if etag else last_modified)
+        if sha256 is not None:
+            check_digest(store, uri, sha256)
+        ref = BackingURI(uri, store.size, etag, None if etag else last_modified, sha256)
         ref.encode()
+        if fmt in (None, "raw"):
+            _refuse_image_header(store, uri, fmt)
     except BaseException:
         store.close()
         raise
-    return ref, _layer(store, uri, fmt, guard)
+    return ref, _layer(store, uri, fmt or "raw", guard)
+
+
+def check_sha256(text: str) -> str:
+    """A SHA-256 given by the user (``--backing-sha256``) in hex, in lower case."""
+    digest = text.strip().lower()
+    if not _SHA256.fullmatch(digest):
+        raise RemoteBackingError(
+            f"--backing-sha256: expected 64 hexadecimal digits (a SHA-256), found {text[:80]!r}"
+        )
+    return digest
+
+
+def check_digest(store: BlockSource, uri: str, sha256: str) -> None:
+    """Read the whole of ``store`` (at its pin) and refuse it unless its SHA-256 is
+    ``sha256``: :class:`RemoteChangedError` naming both."""
+    digest = hashlib.sha256()
+    buf = bytearray(min(DIGEST_PIECE, store.size))
+    view = memoryview(buf)
+    for offset in range(0, store.size, DIGEST_PIECE):
+        piece = view[: min(DIGEST_PIECE, store.size - offset)]
+        store.readinto(piece, offset)
+        digest.update(piece)
+    if digest.hexdigest() != sha256:
+        raise RemoteChangedError(
+            f"{shown(uri)}: expected the golden image's SHA-256 {sha256}, found "
+            f"{digest.hexdigest()}: not the content this image was made over"
+        )
+
+
+def _refuse_image_header(backing: BlockSource, uri: str, fmt: str | None) -> None:
+    """Record a remote golden image as raw only if it does not start with an image header."""
+    head = memoryview(bytearray(min(HEAD_LENGTH, backing.size)))
+    backing.readinto(head, 0)
+    found = identify(bytes(head))
+    if found is None:
+        return
+    over_uri = registry.names(over_uri=True)
+    if found in over_uri:
+        advice = f"if it is {article(found)} image, give -F {found}"
+    else:
+        advice = f"addcow reads {', '.join(over_uri)} golden images over a URI, not {found}"
+    if fmt is None:
+        raise BackingFormatError(
+            f"{shown(uri)}: the golden image starts with {article(found)} header; "
+            f"refusing to guess its format (a guest can write such a header into a raw disk): "
+            f"{advice}"
+        )
+    raise BackingFormatError(
+        f"{shown(uri)} starts with {article(found)} header; refusing to record it as raw "
+        f"(a raw disk must not start with an image header): {advice}"
+    )
 
 
 def _check_format(uri: str, fmt: str) -> None:
@@ -299,6 +406,61 @@ def interrupt_waits() -> None:
         events = list(_stop_events)
     for event in events:
         event.set()
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How every remote store rides out a failing server: it tries again for ``window``
+    seconds after a request first failed (NBD: since the connection was lost), waiting
+    ``first`` seconds, then twice as long each time up to ``most``, each wait drawn
+    from its upper half so that the clients of one restarted server do not return in
+    step. A server's own ``Retry-After`` is honoured up to what is left of the window.
+    Waits end at once when the process stops (:func:`interrupt_waits`)."""
+
+    window: float = RETRY_WINDOW
+    first: float = 0.1
+    most: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.window <= MAX_RETRY_WINDOW or not 0 < self.first <= self.most:
+            raise RemoteBackingError(
+                f"retry policy: expected a window of 0 to {MAX_RETRY_WINDOW:g} s and waits "
+                f"0 < first <= most, found {self.window}, {self.first}, {self.most}"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> RetryPolicy:
+        """The policy with the window :data:`RECONNECT_DELAY_ENV` sets (else the default)."""
+        text = environ.get(RECONNECT_DELAY_ENV)
+        if text is None:
+            return cls()
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= MAX_RETRY_WINDOW:
+            raise RemoteBackingError(
+                f"{RECONNECT_DELAY_ENV}: expected seconds between 0 and "
+                f"{MAX_RETRY_WINDOW:g}, found {text!r}"
+            )
+        return cls(window=value)
+
+    def pause(self, attempt: int, since: float, asked: float | None = None) -> float | None:
+        """Seconds to wait after failed attempt ``attempt`` (0 for the first) of a
+        request failing since ``since`` (:func:`time.monotonic`), at least ``asked``
+        (a Retry-After) but never past the window; None once the window has run out."""
+        left = since + self.window - time.monotonic()
+        if left <= 0:
+            return None
+        delay: float = min(self.most, self.first * 2.0 ** min(attempt, 32))
+        delay *= random.uniform(0.5, 1.0)
+        if asked is not None:
+            delay = max(delay, asked)
+        return min(delay, left)
+
+    def gave_up(self) -> str:
+        """The end of a message for a request that failed for the whole window."""
+        return f"expected the server back within {self.window:g} s ({RECONNECT_DELAY_ENV})"
 
 
 READAHEAD = 2 << 20
@@ -372,45 +534,18 @@ class ReadAhead:
             self._ends.clear()
 
 
-def refuse_for_rebase(backing: str) -> None:
-    """Rebase takes local file names only: a backing URI is given when an image is created."""
-    if scheme_of(backing) is not None:
-        raise BackingFormatError(
-            f"{shown(backing)}: rebase onto a backing URI is not offered; create a new image "
-            "over it (addcow create -b URI -F raw|qcow2), or name a local file of that name ./NAME"
-        )
-
-
 def _open_store(uri: str, ref: BackingURI | None) -> BlockSource:
     scheme = scheme_of(uri)
+    retry = RetryPolicy.from_env()
     if scheme in NBD_SCHEMES:
         from .nbd import NBDStore
 
         return NBDStore.open(
-            uri,
-            tls_certificates=os.environ.get(TLS_CERTIFICATES_ENV),
-            reconnect_delay=_reconnect_delay(),
+            uri, tls_certificates=os.environ.get(TLS_CERTIFICATES_ENV), retry=retry
         )
     from . import http as http_store
 
     pinned = None
     if ref is not None:
         pinned = http_store.HTTPPin(ref.size, ref.etag, ref.last_modified)
-    return http_store.HTTPStore.open(uri, pin=pinned)
-
-
-def _reconnect_delay() -> float:
-    from .nbd import RECONNECT_DELAY
-
-    text = os.environ.get(RECONNECT_DELAY_ENV)
-    if text is None:
-        return RECONNECT_DELAY
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 3600:
-        raise RemoteBackingError(
-            f"{RECONNECT_DELAY_ENV}: expected seconds between 0 and 3600, found {text!r}"
-        )
-    return value
+    return http_store.HTTPStore.open(uri, pin=pinned, retry=retry)

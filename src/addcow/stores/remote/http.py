@@ -36,8 +36,11 @@ straight into the caller's buffer; header sizes are bounded by
 ``http.client``. Connect and read timeouts bound every wait.
 
 Retries. Connection errors, timeouts, a body cut short, ``429`` and ``5xx``
-are retried ``retries`` times with exponential backoff (a ``Retry-After`` of a
-few seconds is honoured), then :class:`RemoteBackingError`. A process that is
+are retried under the store's :class:`~addcow.stores.remote.RetryPolicy`, the one of
+every remote store: with backoff (and a ``Retry-After`` honoured) until its
+window has passed since the request first failed, then
+:class:`RemoteBackingError` with ``errno`` EIO. A web server restarted (a
+second or two refusing connections) is ridden out, as an NBD server's is. A process that is
 stopping (:func:`addcow.stores.remote.interrupt_waits`) ends every store's wait at once: the
 request fails as after its last retry. Other ``4xx``,
 TLS failures and replies that break the protocol (:class:`RemoteReplyError`)
@@ -71,9 +74,9 @@ when a store is opened.
 from __future__ import annotations
 
 import errno
-import random
 import re
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
@@ -102,10 +105,6 @@ MAX_CONNECTIONS = 4
 
 PIECE = 256 * 1024
 """The most bytes read from a response body in one call."""
-
-BACKOFF_FIRST = 0.25
-BACKOFF_MAX = 4.0
-"""Seconds to wait before the first retry, and at most before any retry."""
 
 MAX_SIZE = 2**63 - 1
 MAX_VALIDATOR = 256
@@ -235,14 +234,14 @@ class HTTPStore:
         pool: urllib3.PoolManager,
         *,
         timeout: float,
-        retries: int,
+        retry: remote.RetryPolicy,
     ) -> None:
         """Use :meth:`open`: it checks the URL and the server before anything reads."""
         self.url = url
         self.shown_url = redact(url)
         self._pool = pool
         self._timeout = timeout
-        self._retries = retries
+        self._retry = retry
         self._pin = HTTPPin(0, None, None)
         self.size = 0
         self._closed = False
@@ -257,17 +256,19 @@ class HTTPStore:
         pin: HTTPPin | None = None,
         ca_file: str | None = None,
         timeout: float = 30.0,
-        retries: int = 3,
+        retry: remote.RetryPolicy | None = None,
     ) -> HTTPStore:
         """Open ``url``: find its size and validators, and check them against ``pin``.
 
         Without ``pin`` the identity found is pinned for the life of the store
         (:meth:`identity` returns it, to be recorded in a new image). ``ca_file``
-        replaces the system CA store for https (it is not used for http).
+        replaces the system CA store for https (it is not used for http); ``retry``
+        (default: :class:`~addcow.stores.remote.RetryPolicy`'s) says how long failing requests
+        are retried.
         """
         check_url(url)
-        if timeout <= 0 or retries < 0:
-            raise ValueError(f"expected timeout > 0 and retries >= 0, found {timeout}, {retries}")
+        if timeout <= 0:
+            raise ValueError(f"expected timeout > 0, found {timeout}")
         try:
             import urllib3
         except ImportError:
@@ -287,7 +288,7 @@ class HTTPStore:
             ssl_context=context,
             cert_reqs="CERT_REQUIRED",
         )
-        store = cls(url, pool, timeout=timeout, retries=retries)
+        store = cls(url, pool, timeout=timeout, retry=retry or remote.RetryPolicy())
         try:
             store._pin = store._probe(pin)
             store.size = store._readahead.size = store._pin.size
@@ -358,28 +359,31 @@ class HTTPStore:
         self._with_retries(what, lambda: self._fetch_once(view, offset, headers))
 
     def _with_retries(self, what: str, attempt: Callable[[], _T]) -> _T:
-        """Run ``attempt`` until it returns, retrying :class:`_Retry` with backoff."""
-        for n in range(self._retries + 1):
+        """Run ``attempt`` until it returns, retrying :class:`_Retry` under the policy."""
+        since: float | None = None
+        n = 0
+        while True:
             if self._closed:
                 raise ClosedImageError(f"{self.shown_url}: the HTTP backing store is closed")
             try:
                 return attempt()
             except _Retry as exc:
-                if n == self._retries:
-                    tries = "1 attempt" if n == 0 else f"{n + 1} attempts"
+                since = time.monotonic() if since is None else since
+                delay = self._retry.pause(n, since, exc.delay)
+                n += 1
+                if delay is None:
+                    tries = "1 attempt" if n == 1 else f"{n} attempts"
                     raise RemoteBackingError(
-                        f"{self.shown_url}: {what} failed after {tries}: {exc.reason}"
+                        f"{self.shown_url}: {what} failed after {tries} ({exc.reason}); "
+                        f"{self._retry.gave_up()}",
+                        errno.EIO,
                     ) from None
-                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**n) * random.uniform(0.5, 1.0)
-                if exc.delay is not None:
-                    delay = max(delay, exc.delay)
                 if self._interrupted.wait(delay):
                     raise RemoteBackingError(
                         f"{self.shown_url}: {what} failed ({exc.reason}); stopped retrying: "
                         "addcow is stopping",
                         errno.EIO,
                     ) from None
-        raise AssertionError("unreachable")
 
     def _request(self, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
         """Send one GET; connection failures become :class:`_Retry` or RemoteBackingError."""
@@ -456,8 +460,8 @@ class HTTPStore:
 
     def _retry_after(self, resp: urllib3.BaseHTTPResponse) -> float | None:
         value = resp.headers.get("Retry-After", "").strip()
-        if _DIGITS.fullmatch(value) and int(value) <= BACKOFF_MAX:
-            return float(value)
+        if _DIGITS.fullmatch(value):
+            return float(value)  # the policy waits no longer than its window
         return None
 
     def _check_headers(self, resp: urllib3.BaseHTTPResponse, first: int, last: int,

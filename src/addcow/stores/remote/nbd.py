@@ -47,16 +47,16 @@ each thread are served from a window read ahead (:class:`addcow.stores.remote.Re
 
 Failures. A connection that breaks (EOF, a reset, a timeout of ``timeout``
 seconds on any socket call) fails every request on it; it is closed and
-reopened with exponential backoff (:data:`BACKOFF_FIRST` doubling to
-:data:`BACKOFF_MAX`) until ``reconnect_delay`` seconds (QEMU's
-reconnect-delay) have passed since the failure; then the requests, READs or
+reopened under the store's :class:`~addcow.stores.remote.RetryPolicy` (the one of every
+remote store: backoff, until its window, QEMU's reconnect-delay, has passed
+since the failure); then the requests, READs or
 BLOCK_STATUS and so idempotent, are sent again on the new connection. While
 the pool has no connection, one thread reconnects and the others wait for
-it, and a request that arrives during the outage gets the outage's delay,
-not one of its own. When the delay runs out the request fails with
+it, and a request that arrives during the outage gets the outage's window,
+not one of its own. When the window runs out the request fails with
 :class:`~addcow.errors.RemoteBackingError` and ``errno`` EIO, and so does
 every wait when the process stops (:func:`addcow.stores.remote.interrupt_waits`: ``addcow serve``
-shutting down, Ctrl-C of ``addcow stream``), rather than outlive the delay.
+shutting down, Ctrl-C of ``addcow stream``), rather than outlive the window.
 A reconnected export must have the size pinned at open (else
 :class:`~addcow.errors.RemoteChangedError`). The first connection, made by
 :meth:`NBDStore.open`, is not retried: a wrong URI fails at once. An error
@@ -101,9 +101,6 @@ from ...sysio import fill_zero
 from .. import remote
 from ..base import Extent
 
-# QEMU's default reconnect-delay is 0; a golden image outliving a server restart
-# is the point of reconnecting, so the default here waits.
-RECONNECT_DELAY = 30.0
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_PORT = 10809
 MAX_CONNECTIONS = 4
@@ -122,8 +119,6 @@ READ_REQUEST = 1 << 20
 READ_GROUP = 8
 # The longest range one BLOCK_STATUS asks about; the loop asks again for the rest.
 MAX_STATUS_REQUEST = 1 << 30
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 2.0
 # A live server greets at once; one at its connection limit never does.
 EXTRA_GREETING_TIMEOUT = 2.0
 
@@ -491,14 +486,14 @@ class NBDStore:
         target: NBDURI,
         *,
         context: ssl.SSLContext | None,
-        reconnect_delay: float,
+        retry: remote.RetryPolicy,
         connections: int | None,
         timeout: float,
     ) -> None:
         self.target = target
         self.uri = target.uri
         self._context = context
-        self.reconnect_delay = reconnect_delay
+        self.retry = retry
         self.timeout = timeout
         self._wanted = connections or MAX_CONNECTIONS
         self._cond = threading.Condition()
@@ -527,17 +522,16 @@ class NBDStore:
 
     @classmethod
     def open(cls, uri: str, *, tls_certificates: str | None = None,
-             reconnect_delay: float = RECONNECT_DELAY, connections: int | None = None,
+             retry: remote.RetryPolicy | None = None, connections: int | None = None,
              timeout: float = DEFAULT_TIMEOUT) -> NBDStore:  # fmt: skip
-        """Connect to the export ``uri`` names; TLS credentials come from the caller."""
+        """Connect to the export ``uri`` names; TLS credentials come from the caller.
+        ``retry`` (default: :class:`~addcow.stores.remote.RetryPolicy`'s) says how long a lost
+        connection is reopened."""
         target = parse_uri(uri)
         if connections is not None and connections < 1:
             raise RemoteBackingError(f"NBD connections: expected 1 or more, found {connections}")
-        if reconnect_delay < 0 or timeout <= 0:
-            raise RemoteBackingError(
-                f"NBD timing: expected reconnect_delay >= 0 and timeout "
-                f"> 0, found {reconnect_delay} and {timeout}"
-            )
+        if timeout <= 0:
+            raise RemoteBackingError(f"NBD timeout: expected more than 0 s, found {timeout}")
         context = None
         if target.tls:
             if tls_certificates is None:
@@ -547,7 +541,7 @@ class NBDStore:
                 )
             context = tls_context(tls_certificates)
         try:
-            return cls(target, context=context, reconnect_delay=reconnect_delay,
+            return cls(target, context=context, retry=retry or remote.RetryPolicy(),
                        connections=connections, timeout=timeout)  # fmt: skip
         except _Broken as exc:
             raise RemoteBackingError(f"{uri}: cannot connect: {exc}", errno.EIO) from None
@@ -644,17 +638,17 @@ class NBDStore:
             )
 
     def _reconnect(self, failed_at: float, cause: str, *, try_once: bool = False) -> _Link:
-        """Reopen a connection until reconnect_delay has passed since ``failed_at``
+        """Reopen a connection until the retry window has passed since ``failed_at``
         (with ``try_once``, at least one attempt even when it already has)."""
-        wait = BACKOFF_FIRST
+        attempt = 0
+        wait = self.retry.pause(attempt, failed_at)
         while True:
             if self._closed:
                 raise RemoteBackingError(f"{self.uri}: the store was closed", errno.EIO)
-            left = failed_at + self.reconnect_delay - time.monotonic()
-            if left <= 0 and not try_once:
+            if wait is None and not try_once:
                 raise RemoteBackingError(
-                    f"{self.uri}: connection lost ({cause}); expected the server back within "
-                    f"{self.reconnect_delay:g} s, found it still unreachable",
+                    f"{self.uri}: connection lost ({cause}); {self.retry.gave_up()}, "
+                    "found it still unreachable",
                     errno.EIO,
                 )
             if self._interrupted.is_set():
@@ -668,10 +662,10 @@ class NBDStore:
                 return self._connect()
             except _Broken as exc:
                 cause = str(exc)
-            left = failed_at + self.reconnect_delay - time.monotonic()
-            if left > 0:
-                self._interrupted.wait(min(wait, left))
-                wait = min(wait * 2, BACKOFF_MAX)
+            wait = self.retry.pause(attempt, failed_at)
+            attempt += 1
+            if wait is not None:
+                self._interrupted.wait(wait)
 
     def loop_connection(self) -> tuple[socket.socket, ClientConnection] | None:
         """A new negotiated connection outside the pool, for a caller that does its
