@@ -28,8 +28,9 @@ from nbd_util import STRUCTURED_REPLY_MAGIC, RawClient, served
 import addcow
 from addcow.errors import AddCowIOError
 from addcow.image import AddCowImage
-from addcow.serve import server as nbd_server
-from addcow.serve.server import Export, NBDServer
+from addcow.serve import routing
+from addcow.serve.export import Export
+from addcow.serve.server import NBDServer
 
 OFFSET_DATA, OFFSET_HOLE, NONE = 1, 2, 0
 DONE = 1
@@ -178,7 +179,7 @@ def test_socket_full_mid_sendfile_sends_the_rest_from_a_buffer(
             return os.sendfile(out_fd, in_fd, offset, min(count, 1000))
         raise BlockingIOError(errno.EAGAIN, "full")
 
-    monkeypatch.setattr(nbd_server.os, "sendfile", short_sendfile)
+    monkeypatch.setattr(routing.os, "sendfile", short_sendfile)
     srv = InProcessServer(image, tmp_path / "p.sock")
     try:
         with RawClient(srv.sock) as c:
@@ -213,7 +214,7 @@ def test_failure_after_the_reply_began_closes_only_that_connection(
             raise BlockingIOError(errno.EAGAIN, "full")
 
         monkeypatch.setattr(srv.image, "readinto", readinto)
-        monkeypatch.setattr(nbd_server.os, "sendfile", no_sendfile)
+        monkeypatch.setattr(routing.os, "sendfile", no_sendfile)
         with RawClient(srv.sock) as c:
             c.start()
             failing.set()

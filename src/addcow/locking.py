@@ -16,6 +16,9 @@ the open file and vanish when it is closed, even after kill -9:
 
 ``force_share`` (the CLI's ``-U``) takes no lock at all, for inspecting an image
 that is in use; what it reads may be inconsistent.
+
+:func:`record_lock_holder` names the process holding a POSIX record lock, as
+``addcow serve``'s pidfile is locked (:mod:`addcow.serve.daemon`).
 """
 
 from __future__ import annotations
@@ -50,10 +53,11 @@ INSPECT_HINT = "read-only commands take -U / force_share to inspect it anyway"
 """The :attr:`~addcow.errors.LockError.hint` of a refused read-only open."""
 
 
-def _flock(fd: int, cmd: int, kind: int, start: int, length: int) -> int:
+def _flock(fd: int, cmd: int, kind: int, start: int, length: int) -> tuple[int, int]:
+    """One lock call on ``fd``; the ``l_type`` and ``l_pid`` the kernel hands back."""
     packed = _FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
-    result = fcntl.fcntl(fd, cmd, packed)
-    return int(_FLOCK.unpack(result)[0])
+    l_type, _whence, _start, _length, l_pid = _FLOCK.unpack(fcntl.fcntl(fd, cmd, packed))
+    return int(l_type), int(l_pid)
 
 
 def lock_whole(fd: int, path: str, *, exclusive: bool) -> None:
@@ -105,7 +109,19 @@ def lock_raw(fd: int, path: str, *, writable: bool) -> None:
 def _held_by_other(fd: int, byte: int) -> bool:
     """True if another open file holds any lock on ``byte``."""
     try:
-        kind = _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte, 1)
+        kind, _pid = _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte, 1)
     except OSError:
         return False
     return kind != fcntl.F_UNLCK
+
+
+def record_lock_holder(fd: int) -> int | None:
+    """The pid of a process whose POSIX record lock (``fcntl.lockf``) keeps this
+    one from write-locking all of ``fd``'s file; None if there is none, or if
+    the conflicting lock is an open-file-description lock (which names no pid).
+    """
+    try:
+        kind, pid = _flock(fd, fcntl.F_GETLK, fcntl.F_WRLCK, 0, 0)
+    except OSError:
+        return None
+    return pid if kind != fcntl.F_UNLCK and pid > 0 else None

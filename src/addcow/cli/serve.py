@@ -44,28 +44,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
-import fcntl
 import importlib
 import ipaddress
 import logging
 import os
 import socket
 import ssl
-import stat
-import struct
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from .. import sysio
-from ..errors import AddCowError, LockError
+from ..errors import AddCowError
 from ..image import AddCowImage
 from ..nbd.negotiation import TLS_MODES, TLS_OFF, TLS_REQUIRE
 from ..serve.control import ControlServer
-from ..serve.live import LiveOptions
-from ..serve.server import Export, NBDServer, stdio_problem
+from ..serve.daemon import Activation, Pidfile, daemonize, socket_activation
+from ..serve.export import Export, LiveOptions
+from ..serve.server import NBDServer
+from ..serve.sockets import stdio_problem
 from ..serve.tls import TLSConfig, load_credentials, parse_allowed
 from . import serve_log
 from .common import CommandError, add_backing_root_arg, size_arg
@@ -197,7 +193,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    activation = _socket_activation()
+    activation = socket_activation()
     if activation is not None:
         _refuse_with_activation(args, activation)
     if args.stdio and (args.bind is not None or args.port is not None):
@@ -249,13 +245,13 @@ def run(args: argparse.Namespace) -> int:
         return _serve(args, names, _print_ready_to_stderr, activation)
     if args.stdio or args.foreground:
         return _serve(args, names, _print_ready, None)
-    status = _daemonize(lambda ready: _serve(args, names, ready, None))
+    status = daemonize(lambda ready: _serve(args, names, ready, None))
     if not keeps_log:
         print(serve_log.NO_LOG_WARNING, file=sys.stderr, flush=True)
     return status
 
 
-def _check_exposure(args: argparse.Namespace, activation: _Activation | None) -> None:
+def _check_exposure(args: argparse.Namespace, activation: Activation | None) -> None:
     """Refuse a writable export that the network can reach without TLS; warn for the rest.
 
     A TCP address other than loopback (``--bind 0.0.0.0``, a host's address, a
@@ -346,45 +342,7 @@ def _print_ready_to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-@dataclass
-class _Activation:
-    """The socket a socket-activating launcher passed on fd 3."""
-
-    sock: socket.socket
-    listening: bool
-
-
-def _socket_activation() -> _Activation | None:
-    """The socket passed by socket activation (LISTEN_PID, LISTEN_FDS), or None.
-
-    The variables count only when LISTEN_PID is this process; they are then
-    removed from the environment and fd 3 is made close-on-exec, so that
-    nothing this process starts takes them for its own.
-    """
-    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
-    if pid is None or count is None or pid.strip() != str(os.getpid()):
-        return None
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
-    if count.strip() != "1":
-        raise CommandError(
-            f"socket activation passed LISTEN_FDS={count}: addcow serve takes exactly 1 socket"
-        )
-    try:
-        os.set_inheritable(3, False)
-        sock = socket.socket(fileno=3)
-    except OSError as exc:
-        what = "is not open" if exc.errno == errno.EBADF else "is not a socket"
-        raise CommandError(f"socket activation: fd 3 {what}") from None
-    if sock.type != socket.SOCK_STREAM or sock.family not in (
-        socket.AF_UNIX, socket.AF_INET, socket.AF_INET6
-    ):  # fmt: skip
-        raise CommandError("socket activation: fd 3 is not a Unix or TCP stream socket")
-    listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    return _Activation(sock, listening)
-
-
-def _refuse_with_activation(args: argparse.Namespace, activation: _Activation) -> None:
+def _refuse_with_activation(args: argparse.Namespace, activation: Activation) -> None:
     """One line for the first option that socket activation leaves no sense in."""
     given = (
         ("--socket", args.socket is not None),
@@ -403,9 +361,9 @@ def _serve(
     args: argparse.Namespace,
     names: list[str],
     ready: Callable[[str], None],
-    activation: _Activation | None,
+    activation: Activation | None,
 ) -> int:
-    pidfile = _Pidfile.acquire(args.pidfile) if args.pidfile is not None else None
+    pidfile = Pidfile.acquire(args.pidfile) if args.pidfile is not None else None
     try:
         images: list[AddCowImage] = []
         try:
@@ -471,8 +429,8 @@ async def _main(
     args: argparse.Namespace,
     exports: list[Export],
     ready: Callable[[str], None],
-    pidfile: _Pidfile | None,
-    activation: _Activation | None,
+    pidfile: Pidfile | None,
+    activation: Activation | None,
 ) -> int:
     server = NBDServer(exports, max_connections=args.shared, tls=args.tls_config)
     server.install_signal_handlers()
@@ -522,157 +480,3 @@ async def _main(
             with contextlib.suppress(OSError):
                 os.rmdir(tempdir)
     return 0
-
-
-# struct flock: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad).
-_FLOCK = struct.Struct("hhqqi4x" if struct.calcsize("l") == 8 else "hhqqi")
-
-
-class _Pidfile:
-    """A pidfile locked (POSIX record lock, as qemu-nbd's) while the server runs.
-
-    :meth:`acquire` opens it, creating it if missing, and locks it before
-    anything else happens; :meth:`write` puts the pid in once the server
-    listens; :meth:`release` unlinks it only if this process created or wrote
-    it and the path still names the file locked.
-    """
-
-    def __init__(self, path: str, fd: int, st: os.stat_result, created: bool) -> None:
-        self.path = path
-        self.fd = fd
-        self.identity = (st.st_dev, st.st_ino)
-        self.created = created
-        self.written = False
-
-    @classmethod
-    def acquire(cls, path: str) -> _Pidfile:
-        """Open and lock ``path``, or raise CommandError if another process holds it."""
-        for _ in range(10):
-            created = True
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileExistsError:
-                created = False
-                try:
-                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    continue  # removed since: try to create it again
-                except OSError as exc:
-                    raise CommandError(f"{path}: cannot open the pidfile: {exc.strerror}") from None
-            except OSError as exc:
-                raise CommandError(f"{path}: cannot create the pidfile: {exc.strerror}") from None
-            try:
-                pidfile = cls._lock(path, fd, created)
-            except BaseException:
-                os.close(fd)
-                raise
-            if pidfile is not None:
-                return pidfile
-            os.close(fd)
-        raise CommandError(f"{path}: the pidfile keeps being replaced")
-
-    @classmethod
-    def _lock(cls, path: str, fd: int, created: bool) -> _Pidfile | None:
-        """Lock the open ``fd``; None if ``path`` no longer names it (open again)."""
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CommandError(f"{path}: the pidfile is {sysio.file_kind(st.st_mode)}, not a file")
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise CommandError(f"{path}: cannot lock the pidfile: {exc.strerror}") from None
-            holder = _lock_holder(fd)
-            who = f"another server (pid {holder})" if holder else "another process"
-            raise CommandError(f"{who} holds the pidfile {path}") from None
-        try:
-            now = os.stat(path)
-        except FileNotFoundError:
-            return None  # its holder removed it as it exited, after we opened it
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-            return None
-        return cls(path, fd, st, created)
-
-    def write(self, pid: int) -> None:
-        """Put ``pid`` in the locked file (once the server listens)."""
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{pid}\n".encode(), 0)
-        self.written = True
-
-    def release(self) -> None:
-        """Unlink the pidfile if it is this process's and still at its path; unlock it."""
-        try:
-            if self.created or self.written:
-                st = os.lstat(self.path)
-                if (st.st_dev, st.st_ino) == self.identity:
-                    os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(self.fd)
-
-
-def _lock_holder(fd: int) -> int | None:
-    """The pid of the process whose lock conflicts with ours on ``fd``, if known."""
-    with contextlib.suppress(OSError, struct.error):
-        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        kind, _whence, _start, _length, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
-        if kind != fcntl.F_UNLCK and pid > 0:
-            return int(pid)
-    # An open-file-description lock names no pid: the holder wrote its own.
-    with contextlib.suppress(OSError, ValueError):
-        text = os.pread(fd, 32, 0).decode().strip()
-        return int(text) if text.isdigit() and int(text) > 0 else None
-    return None
-
-
-def _daemonize(serve: Callable[[Callable[[str], None]], int]) -> int:
-    """Run ``serve`` in a detached process; print its ready line here, then exit.
-
-    The daemon reports through a pipe: ``ok <ready line>`` once it listens, or
-    ``error <message>`` if it fails first.
-    """
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            report = pipe.read().decode(errors="replace")
-        os.waitpid(pid, 0)
-        kind, _, text = report.partition(" ")
-        if kind == "ok":
-            print(text, flush=True)
-            return 0
-        raise CommandError(text.strip() or "the server exited before it was ready")
-    # First child: a new session, then fork again so the daemon is no session leader.
-    os.close(read_fd)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    reported = False
-
-    def ready(line: str) -> None:
-        nonlocal reported
-        os.write(write_fd, f"ok {line}".encode())
-        os.close(write_fd)
-        reported = True
-        # Let go of the caller's terminal or pipes: a detached server logs nothing
-        # (run it with --foreground to see its log on stderr).
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
-
-    status = 1
-    try:
-        status = serve(ready)
-    except (AddCowError, CommandError, OSError) as exc:
-        if isinstance(exc, LockError):
-            exc.hint = None  # it offers -U, which serve does not take
-        if not reported:
-            os.write(write_fd, f"error {exc}".encode())
-    except BaseException as exc:
-        if not reported:
-            os.write(write_fd, f"error {type(exc).__name__}: {exc}".encode())
-    finally:
-        os._exit(status)

@@ -62,7 +62,9 @@ from typing import Any
 
 from ..errors import AddCowError
 from . import live
-from .server import Export, NBDServer, bind_unix
+from .export import STREAM_PAUSED, Export
+from .server import NBDServer
+from .sockets import bind_unix
 
 log = logging.getLogger("addcow.serve")
 
@@ -141,7 +143,7 @@ def _export(export: Export) -> dict[str, Any]:
             "offset": size - image.unallocated_bytes,
             "len": size,
             "speed": (state.rate.rate or 0) if state.rate is not None else 0,
-            "paused": state.stream_status == live.STREAM_PAUSED,
+            "paused": state.stream_status == STREAM_PAUSED,
             "copied": state.stream_copied,
         },
         **export.counters.as_dict(),

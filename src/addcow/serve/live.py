@@ -57,10 +57,14 @@ What this module needs of the server
     serve clients (:attr:`LivePool.busy`, which streaming yields to), the calls
     in it at a given moment (:meth:`LivePool.pending`, which completion waits
     for) and whether the server is shutting down (:attr:`LivePool.stopping`;
-    completion does not begin then). The server implements it, keeps the
+    completion does not begin then). The server implements it (through
+    :class:`~addcow.serve.routing.Router`, which owns the pool), keeps the
     dispatch of requests, and tells this module what each one did:
     :func:`check_complete` after a request that allocates, :func:`copy_on_read`
-    after a read whose reply has been sent.
+    after a read whose reply has been sent. The state it keeps per export
+    (:class:`~addcow.serve.export.LiveOptions`,
+    :class:`~addcow.serve.export.LiveState`) is a field of the
+    :class:`~addcow.serve.export.Export`, defined beside it, below this module.
 """
 
 from __future__ import annotations
@@ -70,14 +74,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..errors import AddCowError
 from ..streaming import CommitPolicy, RateLimit, next_span
-
-if TYPE_CHECKING:
-    from .server import Export
+from .export import (
+    STREAM_CONCLUDED,
+    STREAM_NONE,
+    STREAM_PAUSED,
+    STREAM_RUNNING,
+    Export,
+    LiveState,
+)
 
 log = logging.getLogger("addcow.serve.live")
 
@@ -120,56 +128,8 @@ class LivePool(Protocol):
         """Whether the server is shutting down."""
 
 
-@dataclass
-class LiveOptions:
-    """What the server does to finish an export while serving it."""
-
-    copy_on_read: bool = False
-    stream: bool = False
-    stream_rate: int | None = None
-    detach_when_complete: bool = False
-
-
-STREAM_NONE, STREAM_RUNNING, STREAM_PAUSED, STREAM_CONCLUDED = (
-    "none",
-    "running",
-    "paused",
-    "concluded",
-)
-"""States of an export's stream, named as QEMU's block job statuses where they exist."""
-
-
 class LiveError(AddCowError):
     """A control request the export's state does not allow (nothing was changed)."""
-
-
-@dataclass
-class LiveState:
-    """Per-export run-time state of the live features."""
-
-    options: LiveOptions = field(default_factory=LiveOptions)
-    last_request: float = 0.0
-    finishing: bool = False
-    cor_queue: asyncio.Queue[tuple[int, int]] | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    finish_task: asyncio.Task[None] | None = None
-    stream_status: str = STREAM_NONE
-    stream_task: asyncio.Task[None] | None = None
-    cancelling: bool = False  # the stream is to stop after the spans in the pool
-    stream_done: int = 0  # bytes of the virtual disk this stream has dealt with
-    stream_copied: int = 0  # bytes streams copied from the backing (not left as zero)
-    rate: RateLimit | None = None
-    resumed: asyncio.Event = field(default_factory=asyncio.Event)
-    rate_changed: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set by a new rate or a resume: ends the stream's wait to keep the old rate."""
-
-    def __post_init__(self) -> None:
-        self.resumed.set()
-
-    @property
-    def copies_on_read(self) -> bool:
-        """Whether reads of this export are followed by :func:`copy_on_read`."""
-        return self.cor_queue is not None
 
 
 def start(pool: LivePool, export: Export) -> None:

@@ -1,0 +1,549 @@
+"""How a request is served: in the event loop, on the loop's connection to an NBD
+backing, or in the thread pool.
+
+Design
+    Each request the session reads goes to :meth:`Router._request`, which
+    decides where it runs, with one small function per policy decision
+    (``_writes_inline``, ``_reads_inline``, ``_sendfile_waits``,
+    ``_replies_over_bound``).
+
+    The hot paths stay in the event loop: reads up to ``INLINE_READ_MAX``, and
+    writes up to ``INLINE_WRITE_MAX`` into allocated clusters or inside one
+    cluster (copy on write included, when the backing bytes are in the page
+    cache). An inline read is read into a reply buffer of the connection
+    (:mod:`addcow.serve.session`), or, from ``SENDFILE_MIN`` bytes on and when
+    the range lies in one file, sent with ``sendfile`` (page cache to socket,
+    no copy in Python); the small replies of inline requests are held and sent
+    together when the session next waits.
+
+    A read that lies wholly in an NBD backing (no cluster of it allocated)
+    needs no thread either: the loop sends it on a connection of its own to
+    the golden server (:mod:`addcow.serve.loop_reader`) and replies from the
+    callback when the data is in the reply buffer. Where that connection
+    cannot take it (TLS, no multi-conn, it broke), the pool reads it through
+    the store, which reconnects as it must.
+
+    Everything else runs in the thread pool (:meth:`Router._execute`, one
+    task per request, counted against the connection's budget); its reply
+    leaves when the library call is done, so replies leave in completion
+    order ("Replies need not be sent in the same order as requests",
+    proto.md).
+
+The pool
+    :class:`Router` owns the thread pool and knows which library calls are in
+    it; it is the :class:`~addcow.serve.live.LivePool` of
+    :mod:`addcow.serve.live`, and tells it what requests did:
+    ``live.check_complete`` after one that allocates, ``live.copy_on_read``
+    after a read's reply. :class:`~addcow.serve.server.NBDServer` is a
+    Router: it adds the sockets, the export table, the connections and the
+    shutdown, and hands each request of a session to :meth:`Router._request`.
+
+Errors
+    Library errors (:class:`~addcow.errors.AddCowError`) and ``OSError`` become
+    NBD error replies (:func:`nbd_errno`); a request never takes the server
+    down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from ..errors import (
+    AddCowError,
+    AddCowIOError,
+    ClosedImageError,
+    RangeError,
+    ReadOnlyError,
+    RemoteBackingError,
+    SlowZeroError,
+)
+from ..image import AddCowImage
+from ..nbd import wire
+from ..nbd.connection import ServerConnection
+from ..nbd.events import Request
+from . import live
+from . import loop_reader as loop_store
+from .export import Export, block_status
+from .limits import INLINE_READ_MAX, INLINE_WRITE_MAX, MAX_PAYLOAD, MAX_REQUESTS, SENDFILE_MIN
+from .session import Client, drain
+
+log = logging.getLogger("addcow.serve")
+
+_T = TypeVar("_T")
+
+
+class Router:
+    """Serves the requests of every connection, and owns the thread pool they may run in."""
+
+    def __init__(self, workers: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="addcow-io")
+        # Request tasks in the pool (shutdown waits for them), and whether the
+        # server is stopping.
+        self._requests: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        # Library calls in the pool (completion waits for them) and how many of
+        # them serve clients (streaming yields to those).
+        self._calls: set[asyncio.Future[Any]] = set()
+        self._client_calls = 0
+
+    # -- the thread pool, as live.LivePool ---------------------------------------------
+
+    def call(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run a library call in the pool, tracked in :meth:`pending` until it is done."""
+        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        self._calls.add(future)
+        future.add_done_callback(self._calls.discard)
+        return future
+
+    @property
+    def busy(self) -> int:
+        """Library calls in the pool on behalf of clients right now."""
+        return self._client_calls
+
+    def pending(self) -> set[asyncio.Future[Any]]:
+        """The library calls in the pool right now (a new set)."""
+        return set(self._calls)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`~addcow.serve.server.NBDServer.stop` has been called."""
+        return self._stopping
+
+    async def _client_call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        self._client_calls += 1
+        try:
+            return await self.call(fn, *args)
+        finally:
+            self._client_calls -= 1
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _request(
+        self, client: Client, conn: ServerConnection, req: Request
+    ) -> Coroutine[Any, Any, None] | None:
+        """Serve one request: in the event loop where the policy allows, else in the pool.
+
+        Returns None once the session may read on (an inline request has been
+        answered or its reply held, a read sent to the NBD backing), else what
+        the session must await first: the waits around an inline read, or a
+        pool request getting its task and budget. The common inline read needs
+        no coroutine at all, which is most of its cost after the system calls.
+        """
+        export = client.export
+        if export is None:  # pragma: no cover - set by TransmissionStarted
+            raise RuntimeError("request before the export is known")
+        export.live.last_request = time.monotonic()
+        client.counters.count(req.command, req.length)
+        export.counters.count(req.command, req.length)
+        if _writes_inline(req):
+            reply = self._inline_write(client, conn, export, req)
+            if reply is not None:
+                client.hold(reply)
+                return None
+        if _reads_inline(export, req):
+            if export.live.copies_on_read or _sendfile_waits(client, req):
+                return self._serve_inline_read(client, conn, export, req)
+            # _serve_inline_read with nothing to wait for before the read.
+            self._inline_read(client, conn, export, req)
+            return _bound_inline_replies(client) if _replies_over_bound(client) else None
+        if self._start_backing_read(client, conn, export, req):
+            return None
+        return self._submit(client, req)
+
+    async def _serve_inline_read(
+        self, client: Client, conn: ServerConnection, export: Export, req: Request
+    ) -> None:
+        """An inline read with the waits around it: for sendfile, for room, for copy on read."""
+        await _wait_for_sendfile(client, req)
+        self._inline_read(client, conn, export, req)
+        await _bound_inline_replies(client)
+        if export.live.copies_on_read:
+            client.flush()
+            await live.copy_on_read(export, req.offset, req.length)
+
+    async def _submit(self, client: Client, req: Request) -> None:
+        """Hand a request to the pool once the budget has room; its task sends the reply."""
+        cost = req.length if req.command in _PAYLOAD_COMMANDS else 0
+        client.flush()
+        await client.budget.acquire(cost)
+        task = asyncio.create_task(self._execute(client, req, cost))
+        client.tasks.add(task)
+        task.add_done_callback(client.tasks.discard)
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    def _inline_read(
+        self, client: Client, conn: ServerConnection, export: Export, req: Request
+    ) -> None:
+        """A read done in the event loop, and its reply queued: no task, no thread hand-off.
+
+        The data is read into one of the connection's reply buffers after room
+        for the chunk header, so a reply of one data chunk is one buffer. It is
+        held until the session goes back to the socket (or the held replies
+        reach :data:`MAX_HELD_BYTES`), so the replies to a pipeline of reads
+        leave in one ``writev``; a buffer is reused once the socket took it.
+        A small read from the page cache is a copy that takes less time than
+        the hand-off of a request to a worker thread and back, so the loop
+        does it itself.
+        """
+        if req.length >= SENDFILE_MIN and self._sendfile_read(client, conn, export, req):
+            return
+        end = wire.READ_HEADROOM + req.length
+        buf = client.reply_buffer(end)
+        try:
+            export.image.readinto(memoryview(buf)[wire.READ_HEADROOM : end], req.offset)
+        except (AddCowError, OSError) as exc:
+            log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
+            client.send(conn.reply_error(req.cookie, nbd_errno(exc), str(exc)))
+            client.free_buffers.append(buf)
+            return
+        df = bool(req.flags & wire.CMD_FLAG_DF)
+        client.hold_read(conn.reply_read_into(buf, req.cookie, req.offset, req.length, df=df), buf)
+
+    def _start_backing_read(
+        self, client: Client, conn: ServerConnection, export: Export, req: Request
+    ) -> bool:
+        """Send a read that lies wholly in an NBD backing on the loop's own connection
+        to it, its reply to follow when the data comes; False if it cannot go there.
+
+        No task and no thread: :meth:`_backing_read_done` replies from the
+        reader's callback, into a reply buffer as inline reads do. Reads with
+        copy on read take the task path (:meth:`_read_backing`), whose queue may
+        make them wait. At most :data:`MAX_REQUESTS` of a connection's reads
+        are here at once, besides the budget of its pool requests.
+        """
+        if (
+            export.reader is None
+            or req.command != wire.CMD_READ
+            or client.backing_reads >= MAX_REQUESTS
+            or export.live.copies_on_read
+        ):
+            return False
+        end = wire.READ_HEADROOM + req.length
+        buf = client.reply_buffer(end)
+        read = self._send_backing_read(
+            export, memoryview(buf)[wire.READ_HEADROOM : end], req.offset
+        )
+        if read is None:
+            client.free_buffers.append(buf)
+            return False
+        client.backing_reads += 1
+        client.tasks.add(read)
+        read.add_done_callback(functools.partial(self._backing_read_done, client, req, buf))
+        return True
+
+    def _send_backing_read(
+        self, export: Export, view: memoryview, offset: int
+    ) -> asyncio.Future[Any] | None:
+        """Send a read that lies wholly in an NBD backing on the loop's own connection
+        to it; None if it does not, or that connection cannot take it now.
+
+        The read is one of :meth:`pending` until it is done, so completion waits
+        for it before it releases the backing, as for a call in the pool; and it
+        counts as a client's call, which streaming yields to.
+        """
+        reader = export.reader
+        if reader is None or export.image.backing_for(offset, len(view)) is not reader.store:
+            return None
+        read = reader.read(view, offset)
+        if read is None:
+            return None
+        self._client_calls += 1
+        self._calls.add(read)
+
+        def done(_: asyncio.Future[Any]) -> None:
+            self._client_calls -= 1
+            self._calls.discard(read)
+
+        read.add_done_callback(done)
+        return read
+
+    def _backing_read_done(
+        self, client: Client, req: Request, buf: bytearray, read: asyncio.Future[Any]
+    ) -> None:
+        """Reply to a read :meth:`_start_backing_read` sent (or hand it to the pool)."""
+        client.backing_reads -= 1
+        client.tasks.discard(read)
+        conn, export = client.conn, client.export
+        if read.cancelled() or conn is None or export is None or client.writer.is_closing():
+            return
+        reader = export.reader
+        assert reader is not None
+        try:
+            done = loop_store.outcome(read, reader.store.uri, req.offset, req.length)
+        except AddCowError as exc:
+            log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
+            client.send(conn.reply_error(req.cookie, nbd_errno(exc), str(exc)))
+            return
+        if not done:  # the connection broke: the store reads it, reconnecting as needed
+            if not self._stopping:
+                task = asyncio.create_task(self._submit(client, req))
+                client.tasks.add(task)
+                task.add_done_callback(client.tasks.discard)
+            return
+        df = bool(req.flags & wire.CMD_FLAG_DF)
+        client.hold_read(conn.reply_read_into(buf, req.cookie, req.offset, req.length, df=df), buf)
+        client.flush_soon()
+
+    def _sendfile_read(
+        self, client: Client, conn: ServerConnection, export: Export, req: Request
+    ) -> bool:
+        """Send a read of data that lies in one file with ``sendfile``; False if it cannot.
+
+        Only when the transport has nothing queued (so the bytes go straight to
+        the socket in order) and the range starts with data in that file (one
+        ``lseek(SEEK_DATA)``; a range that starts in a file hole is left to the
+        buffered path, which sends it as OFFSET_HOLE). Zero bytes after that
+        start go out as data: a server MAY send holes, it need not. If the
+        socket fills up, the rest is read into a buffer and queued; if that read
+        fails, the header has promised bytes that cannot follow, so the
+        connection is closed.
+        """
+        offset, length = req.offset, req.length
+        fd = export.image.source_fd(offset, length)
+        writer = client.writer
+        if fd < 0 or client.fd < 0 or writer.is_closing():
+            return False
+        if writer.transport.get_write_buffer_size():
+            return False
+        try:
+            if os.lseek(fd, offset, os.SEEK_DATA) != offset:
+                return False
+        except OSError:  # ENXIO: no data from offset to the end of the file
+            return False
+        head, tail = conn.reply_read_around(req.cookie, offset, length)
+        sent = 0
+        if client.send(head):
+            while sent < length:
+                try:
+                    count = os.sendfile(client.fd, fd, offset + sent, length - sent)
+                except OSError:  # the socket is full (or the file misbehaves)
+                    break
+                if not count:
+                    break
+                sent += count
+        if sent < length:
+            rest = bytearray(length - sent)
+            try:
+                export.image.readinto(rest, offset + sent)
+            except (AddCowError, OSError) as exc:
+                log.error(
+                    "%s: %s failed after its reply began, closing: %s",
+                    client.label, _describe(req), exc,
+                )  # fmt: skip
+                writer.transport.abort()
+                return True
+            client.send([memoryview(rest)])
+        if tail:
+            client.hold(tail)
+        return True
+
+    def _inline_write(
+        self, client: Client, conn: ServerConnection, export: Export, req: Request
+    ) -> bytes | None:
+        """A small write done in the event loop, or None (for the pool).
+
+        Into allocated clusters: one ``pwrite``. Inside one unallocated cluster:
+        its copy on write when nothing needs waiting for (no other writer's claim,
+        backing bytes in the page cache). Either is cheaper than a round trip
+        through the pool, where the loop and the workers contend for the GIL and
+        the request waits for a thread to be scheduled.
+        """
+        try:
+            data = req.data if req.data is not None else b""
+            if not export.image.write_nowait(data, req.offset):
+                return None
+        except (AddCowError, OSError) as exc:
+            log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
+            return conn.reply_error(req.cookie, nbd_errno(exc), str(exc))
+        live.check_complete(self, export)
+        return conn.reply_ok(req.cookie)
+
+    async def _execute(self, client: Client, req: Request, cost: int) -> None:
+        conn, export = client.conn, client.export
+        try:
+            if conn is None or export is None:  # pragma: no cover - set before requests
+                return
+            try:
+                reply = await self._perform(conn, export, req)
+            except (AddCowError, OSError) as exc:
+                code = nbd_errno(exc)
+                log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
+                reply = conn.reply_error(req.cookie, code, str(exc))
+            except Exception as exc:
+                log.exception("%s: %s failed unexpectedly", client.label, _describe(req))
+                reply = conn.reply_error(req.cookie, wire.EIO, f"internal error: {exc}")
+            client.send(reply)
+            command = req.command
+            if command in _ALLOCATING_COMMANDS:
+                live.check_complete(self, export)
+            elif command in _PAYLOAD_COMMANDS and export.live.copies_on_read:
+                await live.copy_on_read(export, req.offset, req.length)
+            await drain(client.writer)
+        finally:
+            await client.budget.release(cost)
+
+    async def _perform(
+        self, conn: ServerConnection, export: Export, req: Request
+    ) -> bytes | list[bytes | memoryview]:
+        image = export.image
+        call = self._client_call
+        command, flags, offset, length = req.command, req.flags, req.offset, req.length
+        fua = bool(flags & wire.CMD_FLAG_FUA)
+        if command == wire.CMD_READ:
+            buf = bytearray(length)
+            if not await self._read_backing(export, buf, offset):
+                await call(image.readinto, buf, offset)
+            return conn.reply_read(
+                req.cookie, offset, memoryview(buf), df=bool(flags & wire.CMD_FLAG_DF)
+            )
+        if command == wire.CMD_WRITE:
+            data = req.data if req.data is not None else b""
+            await call(_write, image, data, offset, fua)
+        elif command == wire.CMD_FLUSH:
+            await call(image.flush)
+        elif command == wire.CMD_TRIM:
+            await call(_then_flush(image, fua, image.discard), offset, length)
+        elif command == wire.CMD_WRITE_ZEROES:
+            may_unmap = not flags & wire.CMD_FLAG_NO_HOLE
+            fast = bool(flags & wire.CMD_FLAG_FAST_ZERO)
+
+            def zero() -> None:
+                image.write_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
+                if fua:
+                    image.flush()
+
+            try:
+                await call(zero)
+            except SlowZeroError as exc:
+                # "if NBD_CMD_FLAG_FAST_ZERO is set, the server MUST fail quickly with
+                # NBD_ENOTSUP unless the request can be serviced in less time than a
+                # corresponding NBD_CMD_WRITE, and SHOULD NOT alter the contents". The
+                # library refuses before changing anything when zeroing would mean
+                # writing zero bytes (partial clusters, or a file system that can
+                # neither punch holes nor zero ranges in place).
+                return conn.reply_error(req.cookie, wire.ENOTSUP, str(exc))
+        elif command == wire.CMD_CACHE:
+            # "performing the actions of NBD_CMD_READ but replying with just status":
+            # the bytes land in the page cache (and, with copy-on-read, the image).
+            await call(image.readinto, bytearray(length), offset)
+        elif command == wire.CMD_BLOCK_STATUS:
+            contexts = conn.contexts
+            req_one = bool(flags & wire.CMD_FLAG_REQ_ONE)
+            extents = await call(block_status, image, offset, length, contexts, req_one)
+            return conn.reply_block_status(req.cookie, extents)
+        return conn.reply_ok(req.cookie)
+
+    async def _read_backing(self, export: Export, buf: bytearray, offset: int) -> bool:
+        """:meth:`_send_backing_read` into ``buf``, awaited; False if it did not go
+        there (or that connection broke)."""
+        read = self._send_backing_read(export, memoryview(buf), offset)
+        if read is None or export.reader is None:
+            return False
+        return await loop_store.finish(read, export.reader.store.uri, offset, len(buf))
+
+
+def nbd_errno(exc: BaseException) -> int:
+    """The NBD error value for a failed request (proto.md "Error values")."""
+    if isinstance(exc, ReadOnlyError):
+        return wire.EPERM
+    if isinstance(exc, RangeError):
+        return wire.EINVAL
+    if isinstance(exc, ClosedImageError):
+        return wire.ESHUTDOWN
+    code = exc.errno if isinstance(exc, (AddCowIOError, RemoteBackingError, OSError)) else None
+    # "It also SHOULD map the EDQUOT and EFBIG errors to NBD_ENOSPC."
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return wire.ENOSPC
+    if code in (errno.EPERM, errno.EACCES, errno.EROFS):
+        return wire.EPERM
+    # "The server SHOULD NOT return NBD_ENOMEM if at all possible."
+    return wire.EIO
+
+
+def _write(image: AddCowImage, data: bytes, offset: int, fua: bool) -> None:
+    image.write(data, offset, fua=fua)
+
+
+_PAYLOAD_COMMANDS = (wire.CMD_READ, wire.CMD_WRITE, wire.CMD_CACHE)
+_ALLOCATING_COMMANDS = (wire.CMD_WRITE, wire.CMD_WRITE_ZEROES, wire.CMD_TRIM)
+
+
+# -- where a request runs: the policy of the event loop's fast paths ------------------
+
+
+def _writes_inline(req: Request) -> bool:
+    """Whether a write may be tried in the event loop (the image may still refuse).
+
+    Only small ones, so the loop is not held for long, and none with FUA, whose
+    reply waits for the disk.
+    """
+    return (
+        req.command == wire.CMD_WRITE
+        and req.length <= INLINE_WRITE_MAX
+        and not req.flags & wire.CMD_FLAG_FUA
+    )
+
+
+def _reads_inline(export: Export, req: Request) -> bool:
+    """Whether a read runs in the event loop: a small one that only copies from files."""
+    return (
+        req.command == wire.CMD_READ
+        and req.length <= INLINE_READ_MAX
+        and export.image.reads_in_place(req.offset, req.length)
+    )
+
+
+def _sendfile_waits(client: Client, req: Request) -> bool:
+    """Whether an inline read must first let the socket drain: it may leave with
+    ``sendfile``, which needs the transport empty (its bytes go straight to the
+    socket), and replies are queued."""
+    return req.length >= SENDFILE_MIN and bool(client.writer.transport.get_write_buffer_size())
+
+
+async def _wait_for_sendfile(client: Client, req: Request) -> None:
+    """Before an inline read that may leave with ``sendfile``: let the socket drain."""
+    if _sendfile_waits(client, req):
+        client.flush()
+        await drain(client.writer)
+
+
+def _replies_over_bound(client: Client) -> bool:
+    """Whether inline replies queued in the transport pass :data:`MAX_PAYLOAD`.
+
+    Inline replies skip the payload budget; past this bound the session waits
+    for the client to read, so a client that never reads its replies stops
+    being read from.
+    """
+    return client.writer.transport.get_write_buffer_size() > MAX_PAYLOAD
+
+
+async def _bound_inline_replies(client: Client) -> None:
+    """After an inline read: bound what it queued, as the budget bounds pool requests."""
+    if _replies_over_bound(client):
+        client.flush()
+        await drain(client.writer)
+
+
+def _then_flush(
+    image: AddCowImage, fua: bool, call: Callable[[int, int], None]
+) -> Callable[[int, int], None]:
+    def run(offset: int, length: int) -> None:
+        call(offset, length)
+        if fua:
+            image.flush()
+
+    return run
+
+
+def _describe(req: Request) -> str:
+    name = wire.COMMAND_NAMES.get(req.command, str(req.command))
+    return f"{name} of {req.length} bytes at {req.offset}"
