@@ -25,7 +25,10 @@ from conftest import CLUSTER, run
 from conftest import addcow as addcow_cli
 from helpers import T, filter_timing
 
-from addcow.cli.io import Session, cvtnum, cvtstr, getopt, parse_pattern, timestr
+from addcow.cli.qemu_io.commands import COMMANDS
+from addcow.cli.qemu_io.formatting import cvtstr, timestr
+from addcow.cli.qemu_io.parse import cvtnum, getopt, parse_pattern
+from addcow.cli.qemu_io.session import Session
 from addcow.errors import AddCowIOError
 
 
@@ -424,7 +427,7 @@ def test_library_io_error_becomes_the_errno_line() -> None:
             raise AddCowIOError("img.raw: write at offset 0: No space left", errno.ENOSPC)
 
     out, err = stdio.StringIO(), stdio.StringIO()
-    session = Session(FullDisk(), out=out, err=err)  # type: ignore[arg-type]
+    session = Session(FullDisk(), COMMANDS, out=out, err=err)  # type: ignore[arg-type]
     assert session.run_line("write 0 512") is False
     assert session.failed
     assert (out.getvalue(), err.getvalue()) == ("write failed: No space left on device\n", "")

@@ -1,0 +1,1 @@
+"""qemu-io for ``addcow io``: argument syntax, output format, session, commands."""
