@@ -319,7 +319,7 @@ class Qcow2File:
             if run.kind == NORMAL:
                 yield Extent(run.start, run.length, depth, True, False, run.host)
             elif run.kind == COMPRESSED:
-                yield Extent(run.start, run.length, depth, True, False, None)
+                yield Extent(run.start, run.length, depth, True, False, None, compressed=True)
             elif run.kind == ZERO:
                 yield Extent(run.start, run.length, depth, True, True, None)
             else:
@@ -702,7 +702,8 @@ def _merged(extents: Iterable[Extent]) -> Iterator[Extent]:
         if (
             pending is not None
             and pending.offset + pending.length == ext.offset
-            and (pending.depth, pending.present, pending.zero) == (ext.depth, ext.present, ext.zero)
+            and (pending.depth, pending.present, pending.zero, pending.compressed)
+            == (ext.depth, ext.present, ext.zero, ext.compressed)
             and (
                 (pending.host_offset is None and ext.host_offset is None)
                 or (
