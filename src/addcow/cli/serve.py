@@ -183,7 +183,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--stream-rate",
         type=size_arg,
         metavar="BYTES/S",
-        help="limit --stream to about this many bytes per second (k, M, G suffixes)",
+        help="limit --stream to about this many bytes per second read from the backing "
+        "(holes and zero ranges cost nothing; k, M, G suffixes)",
     )
     live.add_argument(
         "--detach-when-complete",

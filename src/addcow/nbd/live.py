@@ -14,8 +14,8 @@
 ``addcow serve --stream [--stream-rate BYTES/S]``
     A task per export populates the unallocated clusters in spans
     (:data:`SPAN_IDLE` bytes, :data:`SPAN_BUSY` while clients are active) in
-    the thread pool; spans, commits and the rate limit are
-    :mod:`addcow.streaming`'s, as for ``addcow stream``. It yields to client
+    the thread pool; spans, commits and the rate limit (bytes read from the
+    backing) are :mod:`addcow.streaming`'s, as for ``addcow stream``. It yields to client
     I/O: before each span it waits, up to :data:`MAX_YIELD` seconds, until no
     client call is in the pool and no request arrived for :data:`BUSY_WINDOW`
     seconds, so a busy client slows the stream down without ever stopping it.
@@ -65,6 +65,7 @@ from ..errors import AddCowError
 from ..streaming import CommitPolicy, RateLimit, next_span
 
 if TYPE_CHECKING:
+    from ..image import Populated
     from .server import Export
 
 log = logging.getLogger("addcow.serve.live")
@@ -144,6 +145,7 @@ class LiveState:
     stream_status: str = STREAM_NONE
     stream_done: int = 0  # bytes of the virtual disk the stream has dealt with
     stream_copied: int = 0  # of which copied from the backing (the rest: left as zero)
+    stream_read: int = 0  # bytes read from the backing: what the rate counts
     rate: RateLimit | None = None
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
     rate_changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -261,7 +263,7 @@ async def stream(pool: LivePool, export: Export) -> None:
             if not state.resumed.is_set():
                 await run.settle_all()
                 await state.resumed.wait()
-                rate.restart(rate.rate, state.stream_done)
+                rate.restart(rate.rate, state.stream_read)
                 continue
             busy = await _yield_to_clients(pool, state)
             wide = bool(image.header.backing_uri) and not rate.rate and not busy
@@ -300,7 +302,7 @@ class _ServedStream:
     def __init__(self, pool: LivePool, export: Export, total: int) -> None:
         self.pool, self.export, self.total = pool, export, total
         self.commits = CommitPolicy()
-        self.running: dict[asyncio.Future[tuple[int, int]], tuple[int, bytearray]] = {}
+        self.running: dict[asyncio.Future[Populated], tuple[int, bytearray]] = {}
         self.buffers: list[bytearray] = []
         self.copied = self.zero = 0
         self.last_log = time.monotonic()
@@ -316,8 +318,7 @@ class _ServedStream:
         for call in done:
             length, buffer = self.running.pop(call)
             self.buffers.append(buffer)
-            w, z = call.result()
-            await self._finished(length, w, z)
+            await self._finished(length, call.result())
 
     async def settle_all(self) -> None:
         while self.running:
@@ -331,14 +332,15 @@ class _ServedStream:
             call.add_done_callback(_drop_result)
         self.running.clear()
 
-    async def _finished(self, length: int, w: int, z: int) -> None:
+    async def _finished(self, length: int, did: Populated) -> None:
         state, image = self.export.live, self.export.image
         rate = state.rate
         assert rate is not None
-        self.copied, self.zero = self.copied + w, self.zero + z
+        self.copied, self.zero = self.copied + did.written, self.zero + did.zero
         state.stream_done += length
+        state.stream_read += did.read
         state.stream_copied = self.copied
-        if self.commits.copied(w):
+        if self.commits.copied(did.written):
             await self.pool.call(image.flush)
         now = time.monotonic()
         if now - self.last_log >= PROGRESS_SECONDS:
@@ -354,7 +356,7 @@ class _ServedStream:
                 percent,
                 state.stream_done / (1 << 20) / max(now - rate.started, 1e-9),
             )
-        ahead = rate.delay(state.stream_done)
+        ahead = rate.delay(state.stream_read)
         if ahead > 0:
             # A wait computed under a slow rate must not outlast a new one.
             state.rate_changed.clear()
@@ -362,7 +364,7 @@ class _ServedStream:
                 await asyncio.wait_for(state.rate_changed.wait(), ahead)
 
 
-def _drop_result(call: asyncio.Future[tuple[int, int]]) -> None:
+def _drop_result(call: asyncio.Future[Populated]) -> None:
     if not call.cancelled():
         call.exception()
 
@@ -446,7 +448,7 @@ def set_stream_rate(export: Export, rate: int) -> None:
             f"stream rate: expected 0 (no limit) or more bytes per second, found {rate}"
         )
     limit = state.rate = state.rate or RateLimit(None)
-    limit.restart(rate or None, state.stream_done)
+    limit.restart(rate or None, state.stream_read)
     state.rate_changed.set()
     log.info("%s: stream rate %s", export.image.path, f"{rate} bytes/s" if rate else "unlimited")
 
