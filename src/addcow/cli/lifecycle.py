@@ -7,8 +7,8 @@ import sys
 
 from ..image import AddCowImage
 from ..lifecycle import commit, detach, stream
+from ..units import human_size
 from .common import add_backing_root_arg, size_arg
-from .info import human_size
 from .progress import progress_bar
 
 

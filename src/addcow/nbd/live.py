@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..errors import AddCowError
 from ..streaming import CommitPolicy, RateLimit, next_span
+from ..units import human_size
 
 if TYPE_CHECKING:
     from ..image import Populated
@@ -209,10 +210,6 @@ def has_unallocated(export: Export, offset: int, length: int) -> bool:
     return image.bitmap.find(first, last + 1, False) <= last
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
-
-
 async def copy_on_read_worker(pool: LivePool, export: Export) -> None:
     """Populate the ranges clients read from the backing, one after the other."""
     state, image = export.live, export.image
@@ -254,7 +251,7 @@ async def stream(pool: LivePool, export: Export) -> None:
     state, image = export.live, export.image
     rate = state.rate = state.rate or RateLimit(state.options.stream_rate)
     total = image.unallocated_bytes
-    log.info("%s: streaming %s from the backing file", image.path, _mib(total))
+    log.info("%s: streaming %s from the backing file", image.path, human_size(total))
     run = _ServedStream(pool, export, total)
     pos = 0
     wrapped = False
@@ -288,8 +285,8 @@ async def stream(pool: LivePool, export: Export) -> None:
     log.info(
         "%s: stream complete: %s copied, %s left as zero, %.2f s",
         image.path,
-        _mib(run.copied),
-        _mib(run.zero),
+        human_size(run.copied),
+        human_size(run.zero),
         time.monotonic() - rate.started,
     )
     state.stream_status = STREAM_CONCLUDED
@@ -349,12 +346,12 @@ class _ServedStream:
             total = self.total
             percent = 100.0 * (total - left) / total if total else 100.0
             log.info(
-                "%s: stream progress: %s of %s (%.0f%%), %.1f MiB/s",
+                "%s: stream progress: %s of %s (%.0f%%), %s/s",
                 image.path,
-                _mib(total - left),
-                _mib(total),
+                human_size(total - left),
+                human_size(total),
                 percent,
-                state.stream_done / (1 << 20) / max(now - rate.started, 1e-9),
+                human_size(state.stream_done / max(now - rate.started, 1e-9)),
             )
         ahead = rate.delay(state.stream_read)
         if ahead > 0:
