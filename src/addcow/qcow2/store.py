@@ -88,6 +88,7 @@ from ..errors import (
     Qcow2Error,
     Qcow2UnsupportedError,
 )
+from ..extras import install_hint
 from ..locking import lock_raw
 from ..names import ChainGuard
 from . import format as fmt
@@ -110,7 +111,7 @@ more is hostile, and the decoder would allocate it."""
 ZLIB_WBITS = -12
 """Raw deflate with a 4 KiB window, as QEMU compresses and decompresses."""
 
-_ZSTD_HINT = "this qcow2 image uses zstd compression: pip install zstandard (or addcow[zstd])"
+_ZSTD_HINT = f"this qcow2 image uses zstd compression; to read it, {install_hint('zstd')}"
 
 NORMAL, ZERO, UNALLOCATED, COMPRESSED = range(4)
 
