@@ -31,6 +31,7 @@ from conftest import addcow as addcow_cli
 from nbd_util import served
 
 import addcow
+from addcow.units import human_size
 
 SIZE = 128 * CLUSTER
 
@@ -331,7 +332,7 @@ def test_stream_cancelled_mid_way_and_started_again(
         same_content(srv.uri, model, tmp_path)
     log = srv.stderr()
     assert log.count("stream cancelled") == 3, log
-    assert f"streaming {left / (1 << 20):.1f} MiB from the backing file" in log, log
+    assert f"streaming {human_size(left)} from the backing file" in log, log
     assert (tmp_path / "d.raw").read_bytes() == bytes(model)
 
 
