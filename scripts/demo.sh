@@ -5,7 +5,8 @@
 # it, writes through it, then map, check, convert, compare, with QEMU doing the
 # same job on a qcow2 overlay as referee; then the image served over NBD,
 # streamed while served and detached by the server, leaving a standalone raw
-# disk that e2fsck finds clean.
+# disk that e2fsck finds clean. One command is refused on purpose (announced
+# before it runs, and checked to be refused).
 set -euo pipefail
 out=demo-out
 rm -rf "$out" && mkdir -p "$out" && cd "$out"
@@ -38,7 +39,14 @@ run ls -ls golden.qcow2
 run qemu-img info golden.qcow2
 
 say "2. An add-cow image over it (the seed's command line): raw image file + .add-cow"
-run addcow create -b golden.qcow2 disk.add-cow || true  # the format is never guessed
+# The format of a backing file is never guessed: without -F this is refused, on purpose.
+echo "The next command is expected to be refused: it names golden.qcow2 without -F qcow2,"
+echo "and addcow never guesses a backing file's format."
+if run addcow create -b golden.qcow2 disk.add-cow; then
+    echo "demo: addcow create without -F was not refused" >&2
+    exit 1
+fi
+echo "Refused, as expected. Now with the format given (backing_fmt=qcow2):"
 run addcow create -f add-cow -o backing_file=golden.qcow2,backing_fmt=qcow2,image_file=disk.raw disk.add-cow
 run addcow info --backing-chain disk.add-cow
 
@@ -64,11 +72,12 @@ run qemu-img create -q -f qcow2 -b golden.qcow2 -F qcow2 -o cluster_size=64k ove
 run qemu-io -f qcow2 "${script[@]}" overlay.qcow2 > /dev/null
 run qemu-img compare full.raw overlay.qcow2
 
-say "8. Serve it over NBD, as QEMU boots from it (the server detaches once it listens)"
+say "8. Serve it over NBD, as QEMU boots from it (the server detaches once it listens, logging to $out/serve-detached.log)"
 sockdir=$(mktemp -d)
 trap 'test -s serve.pid && kill "$(cat serve.pid)" 2>/dev/null; rm -rf "$sockdir"' EXIT
 uri="nbd+unix:///?socket=$sockdir/nbd.sock"
-run addcow serve --socket "$sockdir/nbd.sock" --pidfile "$PWD/serve.pid" disk.add-cow
+run addcow serve --socket "$sockdir/nbd.sock" --pidfile "$PWD/serve.pid" \
+    --log-file "$PWD/serve-detached.log" disk.add-cow
 run qemu-img info "$uri"
 run nbdinfo --map=qemu:allocation-depth "$uri"
 run qemu-io -f raw -c "write -P 0xef $served 64k" "$uri"
@@ -78,6 +87,7 @@ run qemu-img compare "$uri" overlay.qcow2
 say "9. Stream while it is served; the server detaches it and goes on serving disk.raw alone"
 run kill "$(cat serve.pid)"
 for _ in $(seq 600); do test -e serve.pid || break; sleep 0.05; done
+run cat serve-detached.log  # what the detached server logged, up to its exit
 printf '$ addcow serve --foreground --socket %q --pidfile %q --stream --detach-when-complete disk.add-cow > serve.out 2> serve.log &\n' \
     "$sockdir/nbd.sock" "$PWD/serve.pid"
 addcow serve --foreground --socket "$sockdir/nbd.sock" --pidfile "$PWD/serve.pid" \

@@ -50,9 +50,24 @@ def test_demo_runs_the_whole_job_and_leaves_a_standalone_raw_disk(tmp_path: Path
     golden_map = json.loads(run([require_tool("qemu-img"), "map", "--output=json",
                                  str(golden)]).stdout)  # fmt: skip
     assert any(e["data"] and "offset" not in e for e in golden_map), "compressed clusters"
-    # the format is never guessed; with -F qcow2 (backing_fmt) it is recorded
+    # the format is never guessed: the refusal is announced, happens, and is said to
+    # have been expected; with -F qcow2 (backing_fmt) the format is recorded
+    refusal = (
+        "The next command is expected to be refused: it names golden.qcow2 without -F qcow2,\n"
+        "and addcow never guesses a backing file's format.\n"
+        "$ addcow create -b golden.qcow2 disk.add-cow\n"
+        "Refused, as expected. Now with the format given (backing_fmt=qcow2):\n"
+    )
+    assert refusal in out, out
     assert "if it is a qcow2 image, give -F qcow2" in proc.stderr
     assert "backing file format: qcow2" in out
+    # the detached server logs to a file in the demo's folder, shown once it stopped;
+    # nothing on stderr looks like trouble
+    assert "warning" not in proc.stderr and "no syslog socket" not in proc.stderr, proc.stderr
+    log = (done / "serve-detached.log").read_text()
+    assert "connection 3 closed: 0 reads (0 bytes), 1 writes (65536 bytes)" in log, log
+    assert log.rstrip().endswith("stopped"), log
+    assert f"$ cat serve-detached.log\n{log}" in out, out
     # every comparison with QEMU's overlay: addcow compare of the convert, the
     # file, the export before and after the detach, the standalone raw file
     assert out.count("Images are identical.") == 5, out

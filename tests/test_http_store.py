@@ -375,8 +375,12 @@ def test_missing_urllib3(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(name, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(builtins, "__import__", fake)
-    with pytest.raises(AddCowError, match=re.escape("pip install addcow[http]")):
+    with pytest.raises(AddCowError) as info:
         HTTPStore.open("http://127.0.0.1:1/x.raw")
+    assert str(info.value) == (
+        "http(s) backing files need urllib3; install the 'http' extra: "
+        "pip install 'addcow[http]' (from a checkout: pip install '.[http]')"
+    )
 
 
 # -- a hostile server -----------------------------------------------------------------

@@ -741,6 +741,29 @@ def test_stream_rate_limits_roughly(tmp_path: Path) -> None:
     assert (tmp_path / "slow.raw").read_bytes() == base.read_bytes()
 
 
+def test_stream_rate_counts_only_the_bytes_read_from_the_backing(tmp_path: Path) -> None:
+    """32 MiB, of which 512 KiB of data: at 512 KiB/s about 1 s (the holes cost
+    nothing), where counting the whole disk would take 64 s."""
+    size, piece = 32 << 20, 128 << 10
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(size)
+        for at in (0, 5 << 20, 17 << 20, size - piece):
+            f.seek(at)
+            f.write(random.Random(at).randbytes(piece))
+    addcow.create(tmp_path / "d.add-cow", image_file="d.raw", backing_file="base.raw",
+                  backing_format="raw")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "addcow", "stream", "--rate", "512K", str(tmp_path / "d.add-cow")],
+        capture_output=True, text=True, timeout=15, check=True,
+    )  # fmt: skip
+    found = re.search(r": 512 KiB copied, 31.5 MiB left as zero, (\d+\.\d\d) s$",
+                      proc.stderr.strip())  # fmt: skip
+    assert found, proc.stderr
+    assert 0.7 <= float(found.group(1)) <= 6.0, proc.stderr  # the data still keeps the rate
+    assert (tmp_path / "d.raw").read_bytes() == base.read_bytes()
+
+
 # -- detach ------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from conftest import addcow as addcow_cli
 from nbd_util import served
 
 import addcow
+from addcow.units import human_size
 
 SIZE = 128 * CLUSTER
 
@@ -331,7 +332,7 @@ def test_stream_cancelled_mid_way_and_started_again(
         same_content(srv.uri, model, tmp_path)
     log = srv.stderr()
     assert log.count("stream cancelled") == 3, log
-    assert f"streaming {left / (1 << 20):.1f} MiB from the backing file" in log, log
+    assert f"streaming {human_size(left)} from the backing file" in log, log
     assert (tmp_path / "d.raw").read_bytes() == bytes(model)
 
 
@@ -383,6 +384,36 @@ def test_a_new_rate_ends_a_wait_computed_under_the_old_one(
         finally:
             control.close()
         assert read_all(srv.uri, tmp_path) == bytes(model)
+
+
+def test_sizes_read_the_same_in_progress_bars_the_log_and_status(tmp_path: Path) -> None:
+    """A 255.6 MiB disk over a backing that is one hole: the progress bar of
+    ``addcow stream -p``, its summary, ``addcow info``, the server's log and
+    ``addcow status`` all say 256 MiB (powers of 1024, three digits)."""
+    size = 268017664
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(size)
+    for name in ("cli", "served"):
+        addcow.create(tmp_path / f"{name}.add-cow", image_file=f"{name}.raw",
+                      backing_file=base, backing_format="raw")  # fmt: skip
+    proc = addcow_cli("stream", "-p", tmp_path / "cli.add-cow")
+    lines = proc.stderr.replace("\r", "\n").splitlines()
+    assert any(line.endswith("| 0 B of 256 MiB [00:00<?, ?/s]") for line in lines), lines
+    assert any("| 256 MiB of 256 MiB [" in line for line in lines), lines
+    assert "MB" not in proc.stderr and "GB" not in proc.stderr, lines
+    assert ": 0 B copied, 256 MiB left as zero, " in lines[-1], lines
+    info = addcow_cli("info", tmp_path / "served.add-cow").stdout
+    assert "virtual size: 256 MiB (268017664 bytes)" in info, info
+    sock = tmp_path / "control.sock"
+    with served(tmp_path, tmp_path / "served.add-cow", args=("--control", str(sock), "--stream")
+                ) as srv:  # fmt: skip
+        assert srv.logged("stream complete")
+        status = addcow_cli("status", str(sock)).stdout
+    assert "  stream: concluded, 256 MiB of 256 MiB in the image file" in status, status
+    log = srv.stderr()
+    assert "streaming 256 MiB from the backing file" in log, log
+    assert "stream complete: 0 B copied, 256 MiB left as zero" in log, log
 
 
 def test_detach_through_the_control_socket(tmp_path: Path, setup: tuple[Path, bytearray]) -> None:

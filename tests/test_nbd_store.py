@@ -26,6 +26,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from addcow.backing import Extent
 from conftest import require_tool
 from nbd_util import ddrescue_mapfile, served
 from tls_util import make_certs
@@ -257,7 +258,7 @@ def test_server_without_structured_replies_falls_back(tmp_path: Path) -> None:
         expected = b"".join(struct.pack(">Q", i * 8) for i in range(MiB // 8))
         check_reads(store, expected)
         assert list(store.block_status_at(10, 2 * MiB, 2)) == [
-            (10, MiB - 10, 2, True, False, None), (MiB, MiB + 10, 2, False, True, None)]
+            Extent(10, MiB - 10, 2, True, False, None), Extent(MiB, MiB + 10, 2, False, True, None)]
 
 
 def test_addcow_serve_read_only(tmp_path: Path, base_raw: Path) -> None:

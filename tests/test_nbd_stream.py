@@ -161,6 +161,27 @@ print(json.dumps({{"backing_left": 2 in depths}}))
     assert base.read_bytes() == make_base(tmp_path / "again.raw")  # backing untouched
 
 
+def test_stream_rate_counts_only_the_bytes_read_from_the_backing(tmp_path: Path) -> None:
+    """32 MiB, of which 512 KiB of data, at 512 KiB/s: about 1 s, the holes costing
+    nothing (counting the whole disk would take 64 s)."""
+    size, piece = 32 << 20, 128 << 10
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(size)
+        for at in (0, 5 << 20, 17 << 20, size - piece):
+            f.seek(at)
+            f.write(random.Random(at).randbytes(piece))
+    image = tmp_path / "s.add-cow"
+    addcow.create(image, image_file="s.raw", backing_file=base, backing_format="raw")
+    started = time.monotonic()
+    with served(tmp_path, image, args=("--stream", "--stream-rate", "512K")) as srv:
+        log = wait_for_log(srv.log, "stream complete", timeout=10)
+        took = time.monotonic() - started
+    assert "stream complete: 512 KiB copied, 31.5 MiB left as zero" in log, log
+    assert took >= 0.7, log  # the data still keeps the rate
+    assert (tmp_path / "s.raw").read_bytes() == base.read_bytes()
+
+
 # -- copy on read ---------------------------------------------------------------------------------
 
 

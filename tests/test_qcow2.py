@@ -312,9 +312,10 @@ def test_zstd_image_without_the_zstandard_package(
     monkeypatch.setitem(sys.modules, "zstandard", None)  # import fails
     with pytest.raises(Qcow2UnsupportedError) as info:
         open_qcow2(images["zstd"].path)
-    assert "this qcow2 image uses zstd compression: pip install zstandard (or addcow[zstd])" in (
-        str(info.value)
-    )
+    assert (
+        "this qcow2 image uses zstd compression; to read it, install the 'zstd' "
+        "extra: pip install 'addcow[zstd]' (from a checkout: pip install '.[zstd]')"
+    ) in str(info.value)
     open_qcow2(images["zlib"].path).close()  # zlib needs nothing
 
 

@@ -13,6 +13,9 @@
   with ``copy_file_range`` from the qcow2 file at their host offsets (spied on
   in-process); over ``qemu-img convert -c`` output it copies the clusters
   stored plainly and writes the compressed ones, inflated.
+* ``addcow map`` over ``qemu-img convert -c`` output shows every range of data
+  qemu-img's JSON map shows, the compressed ones with ``-`` for the offset
+  and the reason in the human table, ``"compressed": true`` in the JSON.
 """
 
 from __future__ import annotations
@@ -315,3 +318,25 @@ def test_stream_copies_runs_of_plain_qcow2_clusters_with_copy_file_range(
     assert info["format-specific"]["data"]["complete"] is True
     # the 2 MiB of zeros the golden image does not store stay a hole
     assert all(hi <= 4 * MiB or lo >= 6 * MiB for lo, hi in data_segments(raw))
+
+
+# -- map over a compressed qcow2 -------------------------------------------------------------
+
+
+def test_map_shows_the_compressed_ranges_of_a_qcow2_golden(tmp_path: Path) -> None:
+    golden = plain_golden(tmp_path, compress=True)
+    addcow_cli("create", "-q", "-b", golden.name, "-F", "qcow2", "disk.add-cow", cwd=tmp_path)
+    qmap = json.loads(qemu_img("map", "--output=json", golden))
+    expected = [(e["start"], e["length"], e.get("offset")) for e in qmap if e["data"]]
+    assert [n for _, n, off in expected if off is None] == [MiB]  # the text, compressed
+    js = json.loads(addcow_cli("map", "--output=json", "disk.add-cow", cwd=tmp_path).stdout)
+    data = [e for e in js if e["data"]]
+    assert [(e["start"], e["length"], e.get("offset")) for e in data] == expected
+    assert [e.get("compressed", False) for e in data] == [off is None for *_, off in expected]
+    human = addcow_cli("map", "disk.add-cow", cwd=tmp_path).stdout.splitlines()
+    assert human[0].split() == ["Offset", "Length", "Mapped", "to", "File"]
+    assert [line.split() for line in human[1:]] == [
+        [hex(start), hex(n), "-", golden.name, "(compressed)"] if off is None
+        else [hex(start), hex(n), hex(off), golden.name]
+        for start, n, off in expected
+    ]

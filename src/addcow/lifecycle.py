@@ -75,11 +75,13 @@ not on a core, and one span's read is in flight while others are written."""
 
 
 class StreamStats:
-    """What a stream did: bytes written, bytes left as holes, seconds taken."""
+    """What a stream did: bytes written, bytes left as holes, bytes read from the
+    backing (what a rate counts), seconds taken."""
 
     def __init__(self) -> None:
         self.copied = 0
         self.zero = 0
+        self.read = 0
         self.seconds = 0.0
 
     @property
@@ -96,7 +98,9 @@ def stream(
 ) -> StreamStats:
     """Copy every unallocated cluster from the backing chain; mark the image complete.
 
-    ``rate`` limits the copy to about that many bytes per second. ``progress`` is
+    ``rate`` limits the copy to about that many bytes per second read from the
+    backing chain (ranges it reports as holes or zero are not read and cost
+    nothing: :class:`~addcow.image.Populated`). ``progress`` is
     called with the number of virtual bytes dealt with after each step.
     ``threads`` spans are copied at once (the calling thread is one of them;
     default :data:`STREAM_THREADS`, or :data:`STREAM_THREADS_REMOTE` from a
@@ -253,15 +257,16 @@ class _StreamRun:
             if span is None:
                 return
             lo, hi = span
-            written, zero = image.populate(lo, hi - lo, buffer)
+            written, zero, read = image.populate(lo, hi - lo, buffer)
             with self.lock:
                 due = self.span_done(lo, written)
                 self.stats.copied += written
                 self.stats.zero += zero
+                self.stats.read += read
                 if self.progress is not None:
                     self.progress(hi - lo)
                 commit = self.commits.copied(written)
-                ahead = self.rate.delay(self.stats.total)
+                ahead = self.rate.delay(self.stats.read)
             for first, last in due:
                 sysio.settle_writeback(self.settle_fd, first, last - first)
             if commit:
@@ -448,7 +453,7 @@ def _copy_differences(
             for c in range(0, length, cluster):
                 stop = min(c + cluster, length)
                 if old_buf[c:stop] != new_buf[c:stop]:
-                    copied += image.populate(lo + c, stop - c)[0]
+                    copied += image.populate(lo + c, stop - c).written
         if progress is not None:
             progress(length)
     image.flush()

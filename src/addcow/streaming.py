@@ -22,11 +22,14 @@ Commits
     most that much work, and a rerun copies only what is still unallocated.
 
 Rate
-    :class:`RateLimit` says how long to wait so that the bytes dealt with
-    stay at about the asked rate on average. A span is copied at full speed
-    and the wait comes after it, so under a rate a span is a tenth of a
-    second's worth (:meth:`RateLimit.span`): larger ones would reach a remote
-    golden server as bursts at line rate, whatever the rate asked.
+    :class:`RateLimit` says how long to wait so that the bytes read from the
+    backing chain stay at about the asked rate on average. Ranges the backing
+    reports as holes or zero are never read (populate punches them), so they
+    cost nothing: a sparse disk streams at the pace of its data. A span is
+    copied at full speed and the wait comes after it, so under a rate a span
+    is a tenth of a second's worth (:meth:`RateLimit.span`): larger ones would
+    reach a remote golden server as bursts at line rate, whatever the rate
+    asked.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class CommitPolicy:
 
 
 class RateLimit:
-    """Keeps the bytes dealt with at about ``rate`` per second (None: no limit)."""
+    """Keeps the bytes read from the backing at about ``rate`` per second (None: no limit)."""
 
     def __init__(self, rate: int | None) -> None:
         self.rate = rate
@@ -90,13 +93,13 @@ class RateLimit:
         return min(span_bytes, self.rate // 10) if self.rate else span_bytes
 
     def delay(self, done: int) -> float:
-        """Seconds to wait, after ``done`` bytes since the start, to keep the rate."""
+        """Seconds to wait, after ``done`` bytes read since the start, to keep the rate."""
         if not self.rate:
             return 0.0
         return max(0.0, (done - self._base) / self.rate - (time.monotonic() - self._since))
 
     def restart(self, rate: int | None, done: int) -> None:
-        """Keep ``rate`` from now on, ``done`` bytes dealt with so far (a new rate, a resume).
+        """Keep ``rate`` from now on, ``done`` bytes read so far (a new rate, a resume).
 
         Counting again from now means that neither time spent paused nor the
         bytes under an earlier rate turn into a burst.

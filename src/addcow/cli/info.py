@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..info import backing_chain_info, image_info
+from ..units import human_size
 from .common import add_backing_root_arg, add_output_arg, print_json
 
 
@@ -44,19 +45,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(human(info))
     return 0
-
-
-def human_size(n: int) -> str:
-    """Sizes as qemu-img prints them: 1 KiB, 1.5 MiB, 8 GiB."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
-            if unit == "B":
-                return f"{n} B"
-            text = f"{value:.0f}" if value >= 999.5 else f"{value:.3g}"
-            return f"{text} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def human(info: dict[str, Any]) -> str:

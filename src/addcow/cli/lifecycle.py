@@ -7,8 +7,8 @@ import sys
 
 from ..image import AddCowImage
 from ..lifecycle import commit, detach, stream
+from ..units import human_size
 from .common import add_backing_root_arg, size_arg
-from .info import human_size
 from .progress import progress_bar
 
 
@@ -20,7 +20,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "file, then mark the image complete. Safe to interrupt and run again.",
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    p.add_argument("--rate", type=size_arg, help="limit to about this many bytes per second")
+    p.add_argument(
+        "--rate",
+        type=size_arg,
+        help="limit to about this many bytes per second read from the backing "
+        "(holes and zero ranges cost nothing)",
+    )
     p.add_argument("-q", dest="quiet", action="store_true", help="no summary line")
     p.add_argument("filename")
     add_backing_root_arg(p)

@@ -1,10 +1,18 @@
-"""``addcow map``: which layer holds each range (qemu-img map)."""
+"""``addcow map``: which layer holds each range (qemu-img map).
+
+Every range of data is shown, also one with no offset in a local file: the
+human table says ``-`` there and why (``compressed``: a qcow2 layer's
+compressed clusters; ``remote``: a layer read over NBD or HTTP), where
+``qemu-img map`` refuses the whole image. The JSON is qemu-img's, with
+``"compressed": true`` on the compressed ranges (as QEMU 8.2 and later say).
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from .. import remote
 from ..image import AddCowImage
 from .common import add_backing_root_arg, add_output_arg, print_json, size_arg
 
@@ -35,6 +43,8 @@ def map_entries(image: AddCowImage, start: int, length: int) -> list[dict[str, A
         }
         if ext.host_offset is not None:
             entry["offset"] = ext.host_offset
+        if ext.compressed:
+            entry["compressed"] = True
         if entries and _continues(entries[-1], entry):
             entries[-1]["length"] += ext.length
         else:
@@ -43,8 +53,8 @@ def map_entries(image: AddCowImage, start: int, length: int) -> list[dict[str, A
 
 
 def _continues(prev: dict[str, Any], new: dict[str, Any]) -> bool:
-    for key in ("depth", "present", "zero", "data"):
-        if prev[key] != new[key]:
+    for key in ("depth", "present", "zero", "data", "compressed"):
+        if prev.get(key) != new.get(key):
             return False
     if ("offset" in prev) != ("offset" in new):
         return False
@@ -70,9 +80,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
     for e in entries:
-        if e["data"] and "offset" in e:
-            name = files[e["depth"]] if e["depth"] < len(files) else "?"
+        if not e["data"]:
+            continue
+        name = files[e["depth"]] if e["depth"] < len(files) else "?"
+        if "offset" in e:
             print(f"{e['start']:<#16x}{e['length']:<#16x}{e['offset']:<#16x}{name}")
+        else:
+            why = "compressed" if e.get("compressed") else "remote"
+            print(f"{e['start']:<#16x}{e['length']:<#16x}{'-':<16}{name} ({why})")
     return 0
 
 
@@ -83,7 +98,9 @@ def _layer_files(image: AddCowImage) -> list[str]:
     while layer is not None:
         if isinstance(layer, AddCowImage):
             files.append(layer.image_path)
-        else:
-            files.append(str(getattr(layer, "path", "?")))
+        elif hasattr(layer, "path"):
+            files.append(str(layer.path))
+        else:  # a remote store: its URI as it may be shown
+            files.append(remote.shown(str(getattr(layer, "url", getattr(layer, "uri", "?")))))
         layer = getattr(layer, "backing", None)
     return files

@@ -55,6 +55,7 @@ import tempfile
 from collections.abc import Callable
 
 from ..errors import AddCowError
+from ..extras import install_hint
 from ..image import AddCowImage
 from ..nbd.negotiation import TLS_MODES, TLS_OFF, TLS_REQUIRE
 from ..serve.control import ControlServer
@@ -180,7 +181,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--stream-rate",
         type=size_arg,
         metavar="BYTES/S",
-        help="limit --stream to about this many bytes per second (k, M, G suffixes)",
+        help="limit --stream to about this many bytes per second read from the backing "
+        "(holes and zero ranges cost nothing; k, M, G suffixes)",
     )
     live.add_argument(
         "--detach-when-complete",
@@ -402,7 +404,7 @@ def _serve(
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when installed (``pip install addcow[fast]``), else asyncio's.
+    """uvloop's event loop when installed (the ``fast`` extra), else asyncio's.
 
     ``ADDCOW_EVENT_LOOP=asyncio`` forces the standard loop and ``=uvloop``
     requires uvloop (to compare the two, and to test each).
@@ -417,8 +419,8 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         if wanted == "uvloop":
             raise CommandError(
-                "ADDCOW_EVENT_LOOP=uvloop: expected uvloop installed "
-                "(pip install addcow[fast]), found none"
+                "ADDCOW_EVENT_LOOP=uvloop: expected uvloop installed, found none; "
+                + install_hint("fast")
             ) from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop

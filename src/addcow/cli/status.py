@@ -12,8 +12,8 @@ import json
 import socket
 from typing import Any
 
+from ..units import human_size
 from .common import CommandError, size_arg
-from .info import human_size
 
 TIMEOUT = 30.0
 """Seconds to wait for the server's reply (a detach flushes and syncs)."""

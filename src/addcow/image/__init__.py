@@ -91,7 +91,7 @@ import io
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import sysio
 from ..bitmap import Bitmap
@@ -137,6 +137,20 @@ Buffer = bytes | bytearray | memoryview
 
 _POPULATE_CHUNK = 4 << 20
 """Bytes read from the backing per step of populate (copy on read, streaming)."""
+
+
+class Populated(NamedTuple):
+    """What :meth:`AddCowImage.populate` did, in bytes.
+
+    ``written`` went into the image file; ``zero`` was left as zero (ranges the
+    backing reports as holes or zero, never read, and zero bytes found in what
+    was read); ``read`` was read from the backing chain (every written byte is
+    one of them): what a stream's rate limit counts.
+    """
+
+    written: int
+    zero: int
+    read: int
 
 
 class AddCowImage:
@@ -669,33 +683,32 @@ class AddCowImage:
             raise
         self._release(claims, commit=commit)
 
-    def populate(
-        self, offset: int, length: int, buffer: bytearray | None = None
-    ) -> tuple[int, int]:
+    def populate(self, offset: int, length: int, buffer: bytearray | None = None) -> Populated:
         """Copy the unallocated clusters touching the range in from the backing chain.
 
         This is copy on read and the step of streaming: the virtual content does
         not change, clusters already allocated are never touched, and ranges that
         read as zero (holes or zero bytes in the backing, or past its end) are
         punched in the image file instead of written. ``buffer`` is scratch space
-        (reused across calls by a streaming loop). Returns (bytes written, bytes
-        left as zero).
+        (reused across calls by a streaming loop). Returns what it did
+        (:class:`Populated`).
         """
         self._check_write(offset, length)
         if length == 0 or self._all_allocated:
-            return 0, 0
+            return Populated(0, 0, 0)
         self._check_backing_open(offset)
         bits = self.cluster_bits
         claims = self._claim(offset >> bits, (offset + length + self.cluster_size - 1) >> bits)
-        written = zero = done = 0
+        written = zero = read = done = 0
         reached = [0]  # in the claim being copied, the image file holds the backing's bytes below
         try:
             for first, end in claims:
                 lo, hi = first << bits, min(end << bits, self.size)
                 reached[0] = lo
-                w, z = self._fill_from_backing(lo, hi, buffer, reached)
+                w, z, r = self._fill_from_backing(lo, hi, buffer, reached)
                 written += w
                 zero += z
+                read += r
                 done += 1
         except BaseException:
             # What was copied before the failure keeps its bits, as after success
@@ -708,11 +721,11 @@ class AddCowImage:
                 self._release(claims[done:], commit=False, keep=(first, cut))
             raise
         self._release(claims, commit=True)
-        return written, zero
+        return Populated(written, zero, read)
 
     def _fill_from_backing(
         self, lo: int, hi: int, buffer: bytearray | None, reached: list[int]
-    ) -> tuple[int, int]:
+    ) -> Populated:
         """Make the image file's [lo, hi) equal to the backing chain's content.
 
         ``reached[0]`` follows the copy: below it the image file already holds
@@ -736,7 +749,7 @@ class AddCowImage:
         # has no data in [lo, hi) at all (a fresh image file), nothing needs punching;
         # no one else writes these clusters while we hold their claims.
         punch = not sysio.is_hole(self._image_fd, lo, hi - lo)
-        written = zero = 0
+        written = zero = read = 0
         for ext in extents:
             if ext.zero:
                 if punch and not sysio.punch_hole(
@@ -766,9 +779,10 @@ class AddCowImage:
                 )
                 written += w
                 zero += z
+                read += step
                 pos += step
                 reached[0] = pos
-        return written, zero
+        return Populated(written, zero, read)
 
     def _check_write(self, offset: int, length: int) -> None:
         if self._closed:

@@ -68,6 +68,7 @@ class LiveState:
     cancelling: bool = False  # the stream is to stop after the spans in the pool
     stream_done: int = 0  # bytes of the virtual disk this stream has dealt with
     stream_copied: int = 0  # bytes streams copied from the backing (not left as zero)
+    stream_read: int = 0  # bytes this stream read from the backing: what the rate counts
     rate: RateLimit | None = None
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
     rate_changed: asyncio.Event = field(default_factory=asyncio.Event)

@@ -14,8 +14,8 @@
 ``addcow serve --stream [--stream-rate BYTES/S]``
     A task per export populates the unallocated clusters in spans
     (:data:`SPAN_IDLE` bytes, :data:`SPAN_BUSY` while clients are active) in
-    the thread pool; spans, commits and the rate limit are
-    :mod:`addcow.streaming`'s, as for ``addcow stream``. It yields to client
+    the thread pool; spans, commits and the rate limit (bytes read from the
+    backing) are :mod:`addcow.streaming`'s, as for ``addcow stream``. It yields to client
     I/O: before each span it waits, up to :data:`MAX_YIELD` seconds, until no
     client call is in the pool and no request arrived for :data:`BUSY_WINDOW`
     seconds, so a busy client slows the stream down without ever stopping it.
@@ -77,7 +77,9 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from ..errors import AddCowError
+from ..image import Populated
 from ..streaming import CommitPolicy, RateLimit, next_span
+from ..units import human_size
 from .export import (
     STREAM_CONCLUDED,
     STREAM_NONE,
@@ -165,7 +167,7 @@ def start_stream(pool: LivePool, export: Export, rate: int | None) -> bool:
         state.stream_status = STREAM_CONCLUDED
         return False
     state.stream_status = STREAM_RUNNING
-    state.stream_done = 0
+    state.stream_done = state.stream_read = 0
     state.cancelling = False
     state.resumed.set()
     state.tasks = [task for task in state.tasks if not task.done()]
@@ -203,10 +205,6 @@ def has_unallocated(export: Export, offset: int, length: int) -> bool:
     if first == last:
         return not image.bitmap.data[first >> 3] >> (first & 7) & 1
     return image.bitmap.find(first, last + 1, False) <= last
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
 
 
 async def copy_on_read_worker(pool: LivePool, export: Export) -> None:
@@ -250,7 +248,7 @@ async def stream(pool: LivePool, export: Export) -> None:
     state, image = export.live, export.image
     rate = state.rate = state.rate or RateLimit(state.options.stream_rate)
     total = image.unallocated_bytes
-    log.info("%s: streaming %s from the backing file", image.path, _mib(total))
+    log.info("%s: streaming %s from the backing file", image.path, human_size(total))
     run = _ServedStream(pool, export, total)
     pos = 0
     wrapped = False
@@ -259,7 +257,7 @@ async def stream(pool: LivePool, export: Export) -> None:
             if not state.resumed.is_set():
                 await run.settle_all()
                 await state.resumed.wait()
-                rate.restart(rate.rate, state.stream_done)
+                rate.restart(rate.rate, state.stream_read)
                 continue
             busy = await _yield_to_clients(pool, state)
             wide = bool(image.header.backing_uri) and not rate.rate and not busy
@@ -286,8 +284,8 @@ async def stream(pool: LivePool, export: Export) -> None:
         "%s: stream %s: %s copied, %s left as zero, %.2f s",
         image.path,
         ended,
-        _mib(run.copied),
-        _mib(run.zero),
+        human_size(run.copied),
+        human_size(run.zero),
         time.monotonic() - rate.started,
     )
     if not image.complete:
@@ -303,7 +301,7 @@ class _ServedStream:
     def __init__(self, pool: LivePool, export: Export, total: int) -> None:
         self.pool, self.export, self.total = pool, export, total
         self.commits = CommitPolicy()
-        self.running: dict[asyncio.Future[tuple[int, int]], tuple[int, bytearray]] = {}
+        self.running: dict[asyncio.Future[Populated], tuple[int, bytearray]] = {}
         self.buffers: list[bytearray] = []
         self.copied = self.zero = 0
         self.last_log = time.monotonic()
@@ -319,8 +317,7 @@ class _ServedStream:
         for call in done:
             length, buffer = self.running.pop(call)
             self.buffers.append(buffer)
-            w, z = call.result()
-            await self._finished(length, w, z)
+            await self._finished(length, call.result())
 
     async def settle_all(self) -> None:
         while self.running:
@@ -334,14 +331,15 @@ class _ServedStream:
             call.add_done_callback(_drop_result)
         self.running.clear()
 
-    async def _finished(self, length: int, w: int, z: int) -> None:
+    async def _finished(self, length: int, did: Populated) -> None:
         state, image = self.export.live, self.export.image
         rate = state.rate
         assert rate is not None
-        self.copied, self.zero = self.copied + w, self.zero + z
+        self.copied, self.zero = self.copied + did.written, self.zero + did.zero
         state.stream_done += length
-        state.stream_copied += w
-        if self.commits.copied(w):
+        state.stream_read += did.read
+        state.stream_copied += did.written
+        if self.commits.copied(did.written):
             await self.pool.call(image.flush)
         now = time.monotonic()
         if now - self.last_log >= PROGRESS_SECONDS:
@@ -350,14 +348,14 @@ class _ServedStream:
             total = self.total
             percent = 100.0 * (total - left) / total if total else 100.0
             log.info(
-                "%s: stream progress: %s of %s (%.0f%%), %.1f MiB/s",
+                "%s: stream progress: %s of %s (%.0f%%), %s/s",
                 image.path,
-                _mib(total - left),
-                _mib(total),
+                human_size(total - left),
+                human_size(total),
                 percent,
-                state.stream_done / (1 << 20) / max(now - rate.started, 1e-9),
+                human_size(state.stream_done / max(now - rate.started, 1e-9)),
             )
-        ahead = rate.delay(state.stream_done)
+        ahead = rate.delay(state.stream_read)
         if ahead > 0 and not state.cancelling:
             # A wait computed under a slow rate must not outlast a new one (or a cancel).
             state.rate_changed.clear()
@@ -365,7 +363,7 @@ class _ServedStream:
                 await asyncio.wait_for(state.rate_changed.wait(), ahead)
 
 
-def _drop_result(call: asyncio.Future[tuple[int, int]]) -> None:
+def _drop_result(call: asyncio.Future[Populated]) -> None:
     if not call.cancelled():
         call.exception()
 
@@ -467,7 +465,7 @@ def set_stream_rate(export: Export, rate: int) -> None:
             f"stream rate: expected 0 (no limit) or more bytes per second, found {rate}"
         )
     limit = state.rate = state.rate or RateLimit(None)
-    limit.restart(rate or None, state.stream_done)
+    limit.restart(rate or None, state.stream_read)
     state.rate_changed.set()
     log.info("%s: stream rate %s", export.image.path, f"{rate} bytes/s" if rate else "unlimited")
 

@@ -25,7 +25,8 @@ class Extent(NamedTuple):
     backing, and so on. ``present`` is False where no layer holds the range (it
     reads as zero); ``depth`` is then the layer that decided so. ``host_offset``
     is where the bytes can be read directly in the raw file of that layer, or
-    None.
+    None. ``compressed`` marks data stored compressed (a qcow2 layer's
+    compressed clusters): present, with no host offset.
     """
 
     offset: int
@@ -34,6 +35,7 @@ class Extent(NamedTuple):
     present: bool
     zero: bool
     host_offset: int | None
+    compressed: bool = False
 
     @property
     def data(self) -> bool:

@@ -87,6 +87,7 @@ from ...errors import (
     Qcow2Error,
     Qcow2UnsupportedError,
 )
+from ...extras import install_hint
 from ...locking import lock_raw
 from ..base import BlockSource, Extent, StoreFormat, read_as_backing
 from ..chain import ChainGuard
@@ -110,7 +111,7 @@ more is hostile, and the decoder would allocate it."""
 ZLIB_WBITS = -12
 """Raw deflate with a 4 KiB window, as QEMU compresses and decompresses."""
 
-_ZSTD_HINT = "this qcow2 image uses zstd compression: pip install zstandard (or addcow[zstd])"
+_ZSTD_HINT = f"this qcow2 image uses zstd compression; to read it, {install_hint('zstd')}"
 
 NORMAL, ZERO, UNALLOCATED, COMPRESSED = range(4)
 
@@ -319,7 +320,7 @@ class Qcow2File:
             if run.kind == NORMAL:
                 yield Extent(run.start, run.length, depth, True, False, run.host)
             elif run.kind == COMPRESSED:
-                yield Extent(run.start, run.length, depth, True, False, None)
+                yield Extent(run.start, run.length, depth, True, False, None, compressed=True)
             elif run.kind == ZERO:
                 yield Extent(run.start, run.length, depth, True, True, None)
             else:
@@ -702,7 +703,8 @@ def _merged(extents: Iterable[Extent]) -> Iterator[Extent]:
         if (
             pending is not None
             and pending.offset + pending.length == ext.offset
-            and (pending.depth, pending.present, pending.zero) == (ext.depth, ext.present, ext.zero)
+            and (pending.depth, pending.present, pending.zero, pending.compressed)
+            == (ext.depth, ext.present, ext.zero, ext.compressed)
             and (
                 (pending.host_offset is None and ext.host_offset is None)
                 or (

@@ -90,6 +90,7 @@ from ...errors import (
     RemoteChangedError,
     RemoteReplyError,
 )
+from ...extras import install_hint
 from ...version import __version__
 from .. import remote
 from ..base import Extent
@@ -111,7 +112,7 @@ MAX_VALIDATOR = 256
 """Limits on a size and on an ETag or Last-Modified value the store accepts."""
 
 _T = TypeVar("_T")
-_MISSING = "http(s) backing files need urllib3: pip install addcow[http]"
+_MISSING = f"http(s) backing files need urllib3; {install_hint('http')}"
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]{1,19})", re.IGNORECASE)
 _DIGITS = re.compile(r"[0-9]{1,19}")
