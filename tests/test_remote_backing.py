@@ -29,7 +29,8 @@ from addcow import lifecycle, sysio
 from addcow.errors import PathPolicyError, RemoteBackingError, RemoteChangedError
 from addcow.format import V2_INCOMPAT_BACKING_URI
 from addcow.serve.loop_reader import REOPEN_AFTER
-from addcow.stores.remote import BackingURI
+from addcow.stores.remote import BackingURI, shown
+from addcow.stores.remote.nbd import NBDStore
 
 SIZE = 64 * CLUSTER
 # What addcow serve logs when it reads unallocated clusters on its event loop's own
@@ -232,6 +233,29 @@ def test_uri_records_are_parsed_strictly() -> None:
     ):
         with pytest.raises(RemoteBackingError, match=problem):
             BackingURI.decode(raw)
+
+
+@pytest.mark.parametrize(("uri", "printed"), [
+    ("https://h.example/g.raw?X-Amz-Signature=5ecret", "https://h.example/g.raw?..."),
+    ("https://u:5ecret@h.example/g.raw", "https://u:...@h.example/g.raw"),
+    ("nbd://u:5ecret@h/x?token=5ecret#5ecret", "nbd://u:...@h/x?..."),
+    ("nbd+unix:///x?socket=/run/g.sock", "nbd+unix:///x?socket=/run/g.sock"),
+    ("nbd+unix:///x?socket=/s&tls-psk=5ecret", "nbd+unix:///x?..."),
+    ("ftp://h/x?5ecret", "ftp://h/x?..."),
+])  # fmt: skip
+def test_one_redaction_rule_for_every_uri(uri: str, printed: str) -> None:
+    """A password and a query never reach a message, whatever the scheme; an NBD
+    socket path (its only query parameter) does."""
+    assert shown(uri) == printed
+    messages = []
+    try:
+        BackingURI.decode(f"{uri}\nsize=1".encode())
+    except RemoteBackingError as exc:
+        messages.append(str(exc))
+    with pytest.raises(RemoteBackingError) as nbd:
+        NBDStore.parse_uri(uri if "5ecret" in uri else uri + "&x=1")
+    messages.append(str(nbd.value))
+    assert not any("5ecret" in message for message in messages), messages
 
 
 def test_commands_that_cannot_take_a_uri_say_so(tmp_path: Path, golden: tuple[str, bytes]) -> None:

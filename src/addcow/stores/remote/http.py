@@ -36,13 +36,14 @@ straight into the caller's buffer; header sizes are bounded by
 ``http.client``. Connect and read timeouts bound every wait.
 
 Retries. Connection errors, timeouts, a body cut short, ``429`` and ``5xx``
-are retried under the store's :class:`~addcow.stores.remote.RetryPolicy`, the one of
-every remote store: with backoff (and a ``Retry-After`` honoured) until its
-window has passed since the request first failed, then
+are retried under the store's :class:`~addcow.stores.remote.common.RetryPolicy`,
+the one of every remote store: with backoff (and a ``Retry-After`` honoured)
+until its window has passed since the request first failed, then
 :class:`RemoteBackingError` with ``errno`` EIO. A web server restarted (a
-second or two refusing connections) is ridden out, as an NBD server's is. A process that is
-stopping (:func:`addcow.stores.remote.interrupt_waits`) ends every store's wait at once: the
-request fails as after its last retry. Other ``4xx``,
+second or two refusing connections) is ridden out, as an NBD server's is. A
+process that is stopping (:func:`addcow.stores.remote.common.interrupt_waits`)
+ends every store's wait at once: the request fails as after its last retry.
+Other ``4xx``,
 TLS failures and replies that break the protocol (:class:`RemoteReplyError`)
 are not retried: asking again would get the same answer.
 
@@ -52,20 +53,23 @@ again: an extra round trip per read, and a target (another host, or plain
 ``http`` after ``https``) that nobody chose. Presigned and CDN URLs do not
 redirect; a user with a redirecting URL records the final one.
 
-URLs with a user name or password (``user:pass@host``) are refused: the URL
-is stored in the image header in clear and shown by ``addcow info`` and in
-error messages. A presigned URL keeps its secret in the query string, so
-messages name the URL without its query (:func:`redact`), and errors from the
-HTTP library are reworded rather than chained, since they may quote it.
+URLs with a user name or password (``user:pass@host``) are refused
+(:func:`~addcow.stores.remote.uri.parse`): the URL is stored in the image
+header in clear and shown by ``addcow info`` and in error messages. A
+presigned URL keeps its secret in the query string, so messages name the URL
+without its query (:func:`~addcow.stores.remote.uri.shown`), and errors from
+the HTTP library are reworded rather than chained, since they may quote it.
 
 Connections and threads. One ``urllib3.PoolManager`` per store, with at most
-:data:`MAX_CONNECTIONS` connections (threads beyond that wait for one, for at
-most ``timeout`` seconds); it is thread-safe, and so is everything here.
+:data:`~addcow.stores.remote.common.MAX_CONNECTIONS` connections (threads
+beyond that wait for one, for at most ``timeout`` seconds); it is
+thread-safe, and so is everything here.
 Reads longer than :data:`MAX_REQUEST` are split into several requests.
 
 Readahead. Short sequential reads of each thread are served from a window
-of :data:`addcow.stores.remote.READAHEAD` bytes fetched in one request
-(:class:`addcow.stores.remote.ReadAhead`, which says why and how much memory).
+of :data:`addcow.stores.remote.common.READAHEAD` bytes fetched in one
+request (:class:`~addcow.stores.remote.common.ReadAhead`, which says why and
+how much memory).
 
 urllib3 is an optional dependency (the ``http`` extra); it is imported only
 when a store is opened.
@@ -80,7 +84,6 @@ import time
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
-from urllib.parse import urlsplit
 
 from ... import sysio
 from ...errors import (
@@ -92,17 +95,15 @@ from ...errors import (
 )
 from ...extras import install_hint
 from ...version import __version__
-from .. import remote
 from ..base import Extent
+from .common import MAX_CONNECTIONS, TIMEOUT, ReadAhead, RetryPolicy, stop_event
+from .uri import HTTP_SCHEMES, parse, shown
 
 if TYPE_CHECKING:
     import urllib3
 
 MAX_REQUEST = 8 * 1024 * 1024
 """The longest range one request asks for; longer reads are split."""
-
-MAX_CONNECTIONS = 4
-"""Connections a store keeps open to its server at most."""
 
 PIECE = 256 * 1024
 """The most bytes read from a response body in one call."""
@@ -119,6 +120,7 @@ _DIGITS = re.compile(r"[0-9]{1,19}")
 _STRONG_ETAG = re.compile(r'"[\x21\x23-\x7e\x80-\xff]*"')
 _WEAK_ETAG = re.compile(r'W/"[\x21\x23-\x7e\x80-\xff]*"')
 _PRINTABLE = re.compile(r"[\x20-\x7e]+")
+"""A header value a message may quote as it is."""
 
 
 class HTTPPin(NamedTuple):
@@ -136,35 +138,6 @@ class _Retry(Exception):
         super().__init__(reason)
         self.reason = reason
         self.delay = delay
-
-
-def redact(url: str) -> str:
-    """``url`` without its query string and fragment, safe to show."""
-    return url.split("?", 1)[0].split("#", 1)[0]
-
-
-def check_url(url: str) -> None:
-    """Refuse what is not an http(s) URL with a host, or carries a user name or password."""
-    shown = redact(url)
-    if not _PRINTABLE.fullmatch(url) or " " in url:
-        raise RemoteBackingError(
-            f"{shown!r}: expected a URL of printable ASCII without spaces (percent-encode them)"
-        )
-    try:
-        parts = urlsplit(url)
-        _ = parts.port
-    except ValueError as exc:
-        raise RemoteBackingError(f"{shown}: not a valid URL: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise RemoteBackingError(f"{shown}: expected an http:// or https:// URL, found "
-                                 f"scheme {parts.scheme or 'none'!r}")  # fmt: skip
-    if "@" in parts.netloc:
-        raise RemoteBackingError(
-            f"{parts.scheme}://...@{parts.hostname}: URLs with a user name or password are "
-            "refused (the URL is stored in the image in clear); use a presigned URL instead"
-        )
-    if not parts.hostname:
-        raise RemoteBackingError(f"{shown}: expected a host name in the URL, found none")
 
 
 def _strong_etag(value: str | None) -> str | None:
@@ -189,7 +162,7 @@ def _http_date(value: str | None) -> str | None:
     return value
 
 
-def _shown(value: str | None) -> str:
+def _header(value: str | None) -> str:
     """A header value as a message shows it (bounded, printable)."""
     if value is None:
         return "none"
@@ -235,19 +208,19 @@ class HTTPStore:
         pool: urllib3.PoolManager,
         *,
         timeout: float,
-        retry: remote.RetryPolicy,
+        retry: RetryPolicy,
     ) -> None:
         """Use :meth:`open`: it checks the URL and the server before anything reads."""
         self.url = url
-        self.shown_url = redact(url)
+        self.shown_url = shown(url)
         self._pool = pool
         self._timeout = timeout
         self._retry = retry
         self._pin = HTTPPin(0, None, None)
         self.size = 0
         self._closed = False
-        self._readahead = remote.ReadAhead(self._fetch_all, 0)
-        self._interrupted = remote.stop_event()
+        self._readahead = ReadAhead(self._fetch_all, 0)
+        self._interrupted = stop_event()
 
     @classmethod
     def open(
@@ -256,18 +229,18 @@ class HTTPStore:
         *,
         pin: HTTPPin | None = None,
         ca_file: str | None = None,
-        timeout: float = 30.0,
-        retry: remote.RetryPolicy | None = None,
+        timeout: float = TIMEOUT,
+        retry: RetryPolicy | None = None,
     ) -> HTTPStore:
         """Open ``url``: find its size and validators, and check them against ``pin``.
 
         Without ``pin`` the identity found is pinned for the life of the store
         (:meth:`identity` returns it, to be recorded in a new image). ``ca_file``
         replaces the system CA store for https (it is not used for http); ``retry``
-        (default: :class:`~addcow.stores.remote.RetryPolicy`'s) says how long failing requests
+        (default: :class:`~.common.RetryPolicy`'s) says how long failing requests
         are retried.
         """
-        check_url(url)
+        parse(url, HTTP_SCHEMES)
         if timeout <= 0:
             raise ValueError(f"expected timeout > 0, found {timeout}")
         try:
@@ -278,7 +251,7 @@ class HTTPStore:
             context = ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise RemoteBackingError(
-                f"{ca_file}: cannot load the CA certificates for {redact(url)}: {exc}"
+                f"{ca_file}: cannot load the CA certificates for {shown(url)}: {exc}"
             ) from None
         pool = urllib3.PoolManager(
             num_pools=2,
@@ -289,7 +262,7 @@ class HTTPStore:
             ssl_context=context,
             cert_reqs="CERT_REQUIRED",
         )
-        store = cls(url, pool, timeout=timeout, retry=retry or remote.RetryPolicy())
+        store = cls(url, pool, timeout=timeout, retry=retry or RetryPolicy())
         try:
             store._pin = store._probe(pin)
             store.size = store._readahead.size = store._pin.size
@@ -449,7 +422,7 @@ class HTTPStore:
             raise _Retry(f"HTTP {status}", self._retry_after(resp))
         if 300 <= status <= 399:
             where = resp.headers.get("Location")
-            target = _shown(redact(where)) if where is not None else "nowhere"
+            target = _header(shown(where)) if where is not None else "nowhere"
             raise RemoteBackingError(
                 f"{self.shown_url}: HTTP {status} redirects to {target}: redirects are "
                 "refused; give the final URL"
@@ -473,14 +446,14 @@ class HTTPStore:
         if found is None:
             raise RemoteReplyError(
                 f"{self.shown_url}: expected Content-Range: bytes {first}-{last}/"
-                f"{total if total is not None else 'SIZE'}, found {_shown(raw)}"
+                f"{total if total is not None else 'SIZE'}, found {_header(raw)}"
             )
         start, end, size = (int(g) for g in found.groups())
         if (start, end) != (first, last) or (total is not None and size != total) or \
                 size > MAX_SIZE or end >= size:  # fmt: skip
             raise RemoteReplyError(
                 f"{self.shown_url}: expected Content-Range: bytes {first}-{last}/"
-                f"{total if total is not None else 'SIZE'}, found {_shown(raw)}"
+                f"{total if total is not None else 'SIZE'}, found {_header(raw)}"
             )
         length = resp.headers.get("Content-Length")
         expected = last - first + 1
@@ -488,12 +461,12 @@ class HTTPStore:
             _DIGITS.fullmatch(length.strip()) and int(length) == expected
         ):
             raise RemoteReplyError(
-                f"{self.shown_url}: expected Content-Length: {expected}, found {_shown(length)}"
+                f"{self.shown_url}: expected Content-Length: {expected}, found {_header(length)}"
             )
         encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding != "identity":
             raise RemoteReplyError(
-                f"{self.shown_url}: expected no Content-Encoding, found {_shown(encoding)}"
+                f"{self.shown_url}: expected no Content-Encoding, found {_header(encoding)}"
             )
         return size
 
@@ -558,10 +531,10 @@ class HTTPStore:
         return self._changed_error("Last-Modified", self._pin.last_modified, now)
 
     def _changed_error(self, field: str, was: object, now: object) -> RemoteChangedError:
-        shown_now = "different" if now is None else _shown(str(now).strip())
+        shown_now = "different" if now is None else _header(str(now).strip())
         return RemoteChangedError(
             f"the golden image at {self.shown_url} changed since this image was created: "
-            f"{field} {_shown(str(was))}, now {shown_now}"
+            f"{field} {_header(str(was))}, now {shown_now}"
         )
 
     # -- opening ---------------------------------------------------------------------
@@ -601,7 +574,7 @@ class HTTPStore:
                 if empty is None or int(empty.group(1)) != 0:
                     raise RemoteReplyError(
                         f"{self.shown_url}: HTTP 416 to a range request for bytes 0-0: "
-                        f"expected Content-Range: bytes */0 (an empty file), found {_shown(raw)}"
+                        f"expected Content-Range: bytes */0 (an empty file), found {_header(raw)}"
                     )
                 size = 0
             else:

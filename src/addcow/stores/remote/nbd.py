@@ -31,8 +31,8 @@ together (:data:`READ_REQUEST`, :data:`READ_GROUP`). A TLS connection serves
 one thread at a time, since an ``ssl`` socket must not be read and written by
 two threads at once. With ``NBD_FLAG_CAN_MULTI_CONN`` ("the server ...
 allows ... multiple connections" with a consistent view) the store opens up
-to ``connections`` (default :data:`MAX_CONNECTIONS`) on demand, a new one
-while every connection is busy, otherwise exactly one; requests go to the
+to ``connections`` (default :data:`~.common.MAX_CONNECTIONS`) on demand, a
+new one while every connection is busy, otherwise exactly one; requests go to the
 least busy connection with room, and past that threads queue. A server that
 accepts fewer connections than it advertises (the extra one fails or times
 out) lowers the pool's limit to what it has. An extra connection waits at most
@@ -43,11 +43,11 @@ listen queue, and the request that opened it would otherwise wait the whole
 the server's maximum block size (at most :data:`MAX_READ`) and widened to its
 minimum block size through a bounce buffer when unaligned; replies are checked
 by :class:`~addcow.nbd.client.ClientConnection`. Short sequential reads of
-each thread are served from a window read ahead (:class:`addcow.stores.remote.ReadAhead`).
+each thread are served from a window read ahead (:class:`addcow.stores.remote.common.ReadAhead`).
 
 Failures. A connection that breaks (EOF, a reset, a timeout of ``timeout``
 seconds on any socket call) fails every request on it; it is closed and
-reopened under the store's :class:`~addcow.stores.remote.RetryPolicy` (the one of every
+reopened under the store's :class:`~addcow.stores.remote.common.RetryPolicy` (the one of every
 remote store: backoff, until its window, QEMU's reconnect-delay, has passed
 since the failure); then the requests, READs or
 BLOCK_STATUS and so idempotent, are sent again on the new connection. While
@@ -55,7 +55,7 @@ the pool has no connection, one thread reconnects and the others wait for
 it, and a request that arrives during the outage gets the outage's window,
 not one of its own. When the window runs out the request fails with
 :class:`~addcow.errors.RemoteBackingError` and ``errno`` EIO, and so does
-every wait when the process stops (:func:`addcow.stores.remote.interrupt_waits`: ``addcow serve``
+every wait when the process stops (:func:`~.common.interrupt_waits`: ``addcow serve``
 shutting down, Ctrl-C of ``addcow stream``), rather than outlive the window.
 A reconnected export must have the size pinned at open (else
 :class:`~addcow.errors.RemoteChangedError`). The first connection, made by
@@ -92,18 +92,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from typing import NamedTuple, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
 from ...errors import RemoteBackingError, RemoteChangedError, RemoteReadError, RemoteReplyError
 from ...nbd import wire
 from ...nbd.client import ClientConnection, Event, Ready, RequestFailed, StartTLS, StatusDone
 from ...sysio import fill_zero
-from .. import remote
 from ..base import Extent
+from .common import MAX_CONNECTIONS, TIMEOUT, ReadAhead, RetryPolicy, stop_event
+from .uri import NBD_SCHEMES, parse, shown
 
-DEFAULT_TIMEOUT = 30.0
 DEFAULT_PORT = 10809
-MAX_CONNECTIONS = 4
 # Threads with requests in flight on one plain connection. A TLS connection
 # serves one at a time: an ssl socket must not be read and written by two
 # threads at once.
@@ -122,9 +121,6 @@ MAX_STATUS_REQUEST = 1 << 30
 # A live server greets at once; one at its connection limit never does.
 EXTRA_GREETING_TIMEOUT = 2.0
 
-SCHEMES = {"nbd": (False, False), "nbds": (True, False),
-           "nbd+unix": (False, True), "nbds+unix": (True, True)}  # fmt: skip
-
 
 class NBDURI(NamedTuple):
     """A parsed NBD URI: TCP (``host``, ``port``) or Unix (``socket``), and the export."""
@@ -142,22 +138,14 @@ class _Broken(Exception):
 
 
 def _bad_uri(uri: str, expected: str, found: str) -> RemoteBackingError:
-    return RemoteBackingError(f"NBD URI {uri!r}: expected {expected}, found {found}")
+    return RemoteBackingError(f"NBD URI {shown(uri)!r}: expected {expected}, found {found}")
 
 
 def parse_uri(uri: str) -> NBDURI:
-    """Check an NBD URI (doc/uri.md) and split it; RemoteBackingError if it is not one."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError as exc:
-        raise _bad_uri(uri, "a valid URI", str(exc)) from None
-    scheme = parts.scheme.lower()
-    if scheme not in SCHEMES:
-        raise _bad_uri(uri, "scheme nbd, nbds, nbd+unix or nbds+unix",
-                       repr(parts.scheme))  # fmt: skip
-    tls, unix = SCHEMES[scheme]
-    if parts.fragment or uri.endswith("#"):
-        raise _bad_uri(uri, "no fragment", repr(parts.fragment))
+    """Check an NBD URI (doc/uri.md) and split it; RemoteBackingError if it is not one.
+    :func:`~addcow.stores.remote.uri.parse` checks what every backing URI must be; the
+    export name and the query are checked here."""
+    parts = parse(uri, NBD_SCHEMES)
     path = parts.path
     if path and not path.startswith("/"):
         raise _bad_uri(uri, "an export path starting with '/'", repr(path))
@@ -174,31 +162,19 @@ def parse_uri(uri: str) -> NBDURI:
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad_uri(uri, "a query of key=value pairs", str(exc)) from None
     keys = [key for key, _value in query]
-    allowed = ["socket"] if unix else []
+    allowed = ["socket"] if parts.unix else []
     for key in keys:
         if key not in allowed:
             what = ("the TLS certificate directory comes from the caller, not the URI"
                     if key.startswith("tls") else "unsupported")  # fmt: skip
             raise _bad_uri(uri, f"query parameters {allowed or 'none'}",
                            f"{key!r} ({what})")  # fmt: skip
-    if unix:
-        if parts.netloc:
-            raise _bad_uri(uri, "no host for a Unix socket", repr(parts.netloc))
+    if parts.unix:
         if keys != ["socket"] or not query[0][1]:
             raise _bad_uri(uri, "exactly one non-empty socket= parameter",
                            f"{len(keys)} parameters")  # fmt: skip
-        return NBDURI(uri, tls, None, None, query[0][1], export)
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError as exc:
-        raise _bad_uri(uri, "a port from 1 to 65535", str(exc)) from None
-    if parts.username is not None or parts.password is not None:
-        raise _bad_uri(uri, "no user name", "one")
-    if not host:
-        raise _bad_uri(uri, "a host name", "none")
-    if port == 0:
-        raise _bad_uri(uri, "a port from 1 to 65535", "0")
-    return NBDURI(uri, tls, host, port or DEFAULT_PORT, None, export)
+        return NBDURI(uri, parts.tls, None, None, query[0][1], export)
+    return NBDURI(uri, parts.tls, parts.host, parts.port or DEFAULT_PORT, None, export)
 
 
 def tls_context(directory: str) -> ssl.SSLContext:
@@ -486,7 +462,7 @@ class NBDStore:
         target: NBDURI,
         *,
         context: ssl.SSLContext | None,
-        retry: remote.RetryPolicy,
+        retry: RetryPolicy,
         connections: int | None,
         timeout: float,
     ) -> None:
@@ -503,7 +479,7 @@ class NBDStore:
         self.connections_open = 0
         self._limit = 1
         self._closed = False
-        self._interrupted = remote.stop_event()
+        self._interrupted = stop_event()
         self.size = -1
         first = self._connect()
         self.size = first.ready.size
@@ -516,16 +492,16 @@ class NBDStore:
         self.structured = first.ready.structured
         self.connections_open = 1
         self._links.append(first)
-        self._readahead = remote.ReadAhead(self._read_all, self.size)
+        self._readahead = ReadAhead(self._read_all, self.size)
 
     parse_uri = staticmethod(parse_uri)
 
     @classmethod
     def open(cls, uri: str, *, tls_certificates: str | None = None,
-             retry: remote.RetryPolicy | None = None, connections: int | None = None,
-             timeout: float = DEFAULT_TIMEOUT) -> NBDStore:  # fmt: skip
+             retry: RetryPolicy | None = None, connections: int | None = None,
+             timeout: float = TIMEOUT) -> NBDStore:  # fmt: skip
         """Connect to the export ``uri`` names; TLS credentials come from the caller.
-        ``retry`` (default: :class:`~addcow.stores.remote.RetryPolicy`'s) says how long a lost
+        ``retry`` (default: :class:`~.common.RetryPolicy`'s) says how long a lost
         connection is reopened."""
         target = parse_uri(uri)
         if connections is not None and connections < 1:
@@ -541,7 +517,7 @@ class NBDStore:
                 )
             context = tls_context(tls_certificates)
         try:
-            return cls(target, context=context, retry=retry or remote.RetryPolicy(),
+            return cls(target, context=context, retry=retry or RetryPolicy(),
                        connections=connections, timeout=timeout)  # fmt: skip
         except _Broken as exc:
             raise RemoteBackingError(f"{uri}: cannot connect: {exc}", errno.EIO) from None
