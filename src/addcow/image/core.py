@@ -81,7 +81,18 @@ from ..errors import (
 )
 from ..format import V2_COMPAT_ALL_ALLOCATED, Header
 from ..stores import open_backing
-from ..stores.base import BlockSource, Extent, read_as_backing
+from ..stores.base import (
+    INLINE,
+    POOL,
+    BlockSource,
+    Extent,
+    Route,
+    RouteKind,
+    file_route,
+    joined,
+    read_as_backing,
+    route_as_backing,
+)
 from ..stores.chain import ChainGuard
 from ..stores.raw import RawFile
 from .metafile import (
@@ -327,67 +338,82 @@ class ImageCore:
                 self._read_backing(part, lo)
         return length
 
-    def reads_in_place(self, offset: int, length: int) -> bool:
-        """Whether reading the range only copies bytes from files (``preadv``, zeros).
+    def route(self, offset: int, length: int) -> Route:
+        """Where the whole of [offset, offset+length) can be read from.
 
-        False where a store must work to produce them (decompressing a qcow2
-        cluster, here or further down the chain): an event loop hands such reads
-        to a thread instead of doing them itself.
+        Every cluster allocated: the image file at ``offset`` (FILE). None
+        allocated: the backing chain's route for the range (INLINE zeros past
+        its end). Mixed: INLINE when every part reads in place, else POOL. A
+        range :meth:`readinto` refuses at once (out of range, closed) is INLINE:
+        reading it only raises. A bit set after this call does not make the
+        answer wrong for a read that was in flight with the write that set it
+        (see "Copy on write" above); a descriptor or store in the answer is
+        valid only until the next call that may release the backing, so use it
+        at once.
         """
-        if self._all_allocated or offset < 0 or length <= 0 or offset + length > self.size:
-            return True
-        backing = self.backing
-        if backing is None or type(backing) is RawFile:
-            return True
+        end = offset + length
+        if offset < 0 or length <= 0 or end > self.size or self._closed:
+            return INLINE
+        if self._all_allocated:
+            return file_route(self._image_fd, offset)
         bits = self.cluster_bits
-        if self.bitmap.state(offset >> bits, ((offset + length - 1) >> bits) + 1) == 1:
-            return True
-        covered = max(0, min(length, backing.size - offset))
-        return not covered or backing.reads_in_place(offset, covered)
+        first, stop = offset >> bits, ((end - 1) >> bits) + 1
+        state = self.bitmap.state(first, stop)
+        if state == 1:
+            return file_route(self._image_fd, offset)
+        if state == 0:
+            return route_as_backing(self.backing, offset, length)
+        parts = []
+        for run_first, run_end, allocated in self.bitmap.runs(first, stop):
+            lo, hi = max(offset, run_first << bits), min(end, run_end << bits)
+            part = (
+                file_route(self._image_fd, lo)
+                if allocated
+                else route_as_backing(self.backing, lo, hi - lo)
+            )
+            if not part.in_place:
+                return POOL
+            parts.append(part)
+        return joined(parts)
+
+    def reads_in_place(self, offset: int, length: int) -> bool:
+        """Whether reading the range only copies bytes from files or zeros: the
+        :meth:`route` is FILE or INLINE. False where a store must work or wait
+        (decompressing, the network): an event loop hands such reads to a thread.
+
+        Derived from :meth:`route`, the one question to ask; kept while the NBD
+        server asks this one.
+        """
+        return self.route(offset, length).in_place
 
     def source_fd(self, offset: int, length: int) -> int:
         """The descriptor holding all ``length`` bytes at ``offset`` at that same offset, or -1.
 
-        For callers that copy a range to a socket themselves (``sendfile``): the
-        image file when every cluster of the range is allocated, a raw backing
-        file when none is and the range ends within it; -1 for anything else
-        (mixed, an add-cow backing, past the backing's end, closed, out of
-        range), which :meth:`readinto` must serve. The same choice as the fast
-        path of :meth:`readinto`; the descriptor is only valid until the next
-        call that may release the backing, so use it at once.
+        For callers that copy a range to a socket themselves (``sendfile``): a
+        FILE :meth:`route` whose offset in the file is ``offset`` (the image
+        file, a raw backing file, the image file of an add-cow backing); -1 for
+        any other route, which :meth:`readinto` must serve. Derived from
+        :meth:`route`, the one question to ask; kept while the NBD server asks
+        this one. Use the descriptor at once (see :meth:`route`).
         """
-        end = offset + length
-        if length <= 0 or offset < 0 or end > self.size or self._closed:
-            return -1
-        if self._all_allocated:
-            return self._image_fd
-        state = self.bitmap.state(offset >> self.cluster_bits, ((end - 1) >> self.cluster_bits) + 1)
-        if state == 1:
-            return self._image_fd
-        backing = self.backing_for(offset, length) if state == 0 else None
-        return backing.fd if type(backing) is RawFile else -1
+        found = self.route(offset, length)
+        if found.kind is RouteKind.FILE and found.offset == offset:
+            return found.fd
+        return -1
 
     def backing_for(self, offset: int, length: int) -> BlockSource | None:
-        """The backing store holding all ``length`` bytes at ``offset`` at that same
-        offset: no cluster of the range allocated, the range inside the store. None
-        otherwise (allocated or mixed, past the store's end, no backing, closed).
+        """The remote store holding all ``length`` bytes at ``offset`` at that same
+        offset (a REMOTE :meth:`route`), or None.
 
-        For callers that read such a range from the store themselves (``sendfile``
-        of a raw backing file, the server's own connection to an NBD golden
-        image). A bit set after this call does not make the answer wrong for a
-        read that was in flight with the write that set it (see "Copy on write"
-        above); the store is only valid until the next call that may release
-        the backing, so use it at once.
+        For callers that read such a range from the store themselves (the
+        server's own connection to an NBD golden image). Derived from
+        :meth:`route`, the one question to ask; kept while the NBD server asks
+        this one. Use the store at once (see :meth:`route`).
         """
-        end = offset + length
-        if length <= 0 or offset < 0 or end > self.size or self._closed or self._all_allocated:
-            return None
-        backing = self.backing
-        if backing is None or end > backing.size:
-            return None
-        if self.bitmap.state(offset >> self.cluster_bits, ((end - 1) >> self.cluster_bits) + 1):
-            return None
-        return backing
+        found = self.route(offset, length)
+        if found.kind is RouteKind.REMOTE and found.offset == offset:
+            return found.store
+        return None
 
     def _backing_name(self) -> str:
         return str(getattr(self.backing, "path", None) or getattr(self.backing, "uri", "backing"))

@@ -88,7 +88,7 @@ from ...errors import (
     RemoteReplyError,
 )
 from .. import remote
-from ..base import Extent
+from ..base import INLINE, POOL, Extent, Route
 
 if TYPE_CHECKING:
     import urllib3
@@ -328,9 +328,9 @@ class HTTPStore:
         """None: the store reads no local file."""
         return set()
 
-    def reads_in_place(self, offset: int, length: int) -> bool:
-        """False: every read may wait on the network."""
-        return False
+    def route(self, offset: int, length: int) -> Route:
+        """POOL: every read may wait on the network (INLINE past the end: zeros)."""
+        return INLINE if offset >= self.size else POOL
 
     def close(self) -> None:
         """Drop the connections; later reads raise :class:`ClosedImageError`."""

@@ -99,7 +99,7 @@ from ...nbd import wire
 from ...nbd.client import ClientConnection, Event, Ready, RequestFailed, StartTLS, StatusDone
 from ...sysio import fill_zero
 from .. import remote
-from ..base import Extent
+from ..base import INLINE, POOL, Extent, Route, remote_route
 
 # QEMU's default reconnect-delay is 0; a golden image outliving a server restart
 # is the point of reconnecting, so the default here waits.
@@ -899,9 +899,15 @@ class NBDStore:
         """None: the store reads no local file."""
         return set()
 
-    def reads_in_place(self, offset: int, length: int) -> bool:
-        """Never: reading waits for the network."""
-        return False
+    def route(self, offset: int, length: int) -> Route:
+        """REMOTE (this store, same offset) inside the export: an event loop may
+        send the read on a connection of its own; INLINE past the end (zeros),
+        POOL for a range across the end."""
+        if offset >= self.size:
+            return INLINE
+        if offset + length > self.size:
+            return POOL
+        return remote_route(self, offset)
 
     def close(self) -> None:
         """Send NBD_CMD_DISC on every idle connection and close them; busy ones close
