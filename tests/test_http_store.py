@@ -30,6 +30,7 @@ from http_util import Nginx, nginx_server
 
 from addcow.errors import AddCowError, RemoteBackingError, RemoteChangedError, RemoteReplyError
 from addcow.stores import Extent, remote
+from addcow.stores.base import POOL
 from addcow.stores.remote import RetryPolicy
 from addcow.stores.remote import http as http_store
 from addcow.stores.remote.http import HTTPPin, HTTPStore
@@ -86,7 +87,7 @@ def test_size_and_bytes(served: tuple[Nginx, Path, bytes],
         assert pin.etag is not None and pin.etag.startswith('"')
         assert pin.last_modified is not None
         assert store.file_ids() == set()
-        assert not store.reads_in_place(0, 512)
+        assert store.route(0, 512) == POOL
         for offset, length in [(0, 1), (1, 4095), (12345, 65537), (SIZE - 7, 7),
                                (SIZE - 100, 5000), (SIZE, 100), (SIZE + 5000, 3),
                                (777, 1_000_001), (0, SIZE + 10), (5, 0)]:  # fmt: skip

@@ -6,11 +6,21 @@ its allocation: what an unallocated cluster of an image is read from. Every
 store module of this package builds on this one and on :mod:`.chain`; none
 imports the package itself, whose ``__init__`` holds the registry and the
 chain opener above them all.
+
+Routes. Every store answers one question about a range before it is read,
+:meth:`BlockSource.route`: where the whole range can be read from
+(:class:`Route`). A caller that may not wait (an event loop) acts on the
+answer: ``sendfile`` or ``preadv`` from a FILE route, ``readinto`` in place
+for an INLINE one, a request on its own connection to a REMOTE store, the
+thread pool for POOL. A store whose range is in its backing passes the
+question down (:func:`route_as_backing`), so one question goes down the chain
+once. Past a store's end the bytes are zeros, as for ``readinto``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import enum
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -42,6 +52,64 @@ class Extent(NamedTuple):
         return self.present and not self.zero
 
 
+class RouteKind(enum.Enum):
+    """Where a range can be read from; see :class:`Route`."""
+
+    FILE = "file"
+    """One local file descriptor holds the whole range, contiguously."""
+    INLINE = "inline"
+    """Read only by copying from local files or filling zeros, but not from one file."""
+    REMOTE = "remote"
+    """The whole range lies in one remote store that an event loop can read."""
+    POOL = "pool"
+    """Anything else: decompressing, HTTP, remote and local mixed, a refusal to map."""
+
+
+class Route(NamedTuple):
+    """The answer of :meth:`BlockSource.route` for a range [offset, offset+length).
+
+    FILE: ``fd`` holds the range at ``offset`` in that file (``sendfile`` and
+    inline reads may use it; it stays valid only until the store may be
+    closed, so use it at once). INLINE: ``readinto`` only copies from files
+    or zeros, so an event loop may call it, though not as one file. REMOTE:
+    ``store`` holds the range at ``offset`` in that store (a remote store
+    read from the event loop). POOL: a thread must read it (``readinto``).
+    """
+
+    kind: RouteKind
+    fd: int = -1
+    offset: int = 0
+    store: BlockSource | None = None
+
+    @property
+    def in_place(self) -> bool:
+        """True for FILE and INLINE: reading only copies from local files or zeros."""
+        return self.kind is RouteKind.FILE or self.kind is RouteKind.INLINE
+
+
+INLINE = Route(RouteKind.INLINE)
+POOL = Route(RouteKind.POOL)
+
+
+def file_route(fd: int, offset: int) -> Route:
+    """The range lies at ``offset`` in the file open as ``fd``."""
+    return Route(RouteKind.FILE, fd=fd, offset=offset)
+
+
+def remote_route(store: BlockSource, offset: int) -> Route:
+    """The range lies at ``offset`` in the remote ``store``."""
+    return Route(RouteKind.REMOTE, offset=offset, store=store)
+
+
+def joined(parts: Sequence[Route]) -> Route:
+    """The route of a range made of parts with these routes, in order: the one
+    route of a single part; for several, INLINE when every part reads in place,
+    else POOL."""
+    if len(parts) == 1:
+        return parts[0]
+    return INLINE if all(part.in_place for part in parts) else POOL
+
+
 class BlockSource(Protocol):
     """What an image needs from its backing store."""
 
@@ -57,9 +125,8 @@ class BlockSource(Protocol):
     def file_ids(self) -> set[tuple[int, int]]:
         """(device, inode) of every file this source reads, down the chain."""
 
-    def reads_in_place(self, offset: int, length: int) -> bool:
-        """Whether reading the range only copies bytes from files (or zeros): no
-        decompressing, nothing an event loop should not wait for."""
+    def route(self, offset: int, length: int) -> Route:
+        """Where the whole of [offset, offset+length) can be read from (zeros past the end)."""
 
     def close(self) -> None: ...
 
@@ -72,6 +139,17 @@ def read_as_backing(source: BlockSource | None, view: memoryview, offset: int) -
         source.readinto(view[:inside], offset)
     if inside < len(view):
         sysio.fill_zero(view[inside:])
+
+
+def route_as_backing(source: BlockSource | None, offset: int, length: int) -> Route:
+    """The route of a range read as :func:`read_as_backing` reads it: zeros past
+    the end of ``source``, or everywhere when there is none."""
+    inside = 0 if source is None else max(0, min(length, source.size - offset))
+    if source is None or not inside:
+        return INLINE
+    if inside == length:
+        return source.route(offset, length)
+    return joined((source.route(offset, inside), INLINE))
 
 
 BackingOpener = Callable[[bytes, str], BlockSource]

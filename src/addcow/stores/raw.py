@@ -2,7 +2,8 @@
 
 Bytes past its end read as zero, so a raw image file larger than its backing
 reads zeros there. Its extents carry host offsets equal to their guest
-offsets, so callers may copy from its descriptor file to file.
+offsets, so callers may copy from its descriptor file to file; its route
+(:meth:`RawFile.route`) is that descriptor at the same offset.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from .. import sysio
 from ..errors import BackingError
 from ..locking import lock_raw
-from .base import BackingOpener, Extent, StoreFormat
+from .base import INLINE, BackingOpener, Extent, Route, StoreFormat, file_route
 from .chain import ChainGuard
 
 
@@ -56,8 +57,11 @@ class RawFile:
         st = os.fstat(self.fd)
         return {(st.st_dev, st.st_ino)}
 
-    def reads_in_place(self, offset: int, length: int) -> bool:
-        return True
+    def route(self, offset: int, length: int) -> Route:
+        """FILE at the same offset inside the file; INLINE (zeros) past its end."""
+        if offset + length <= self.size and offset >= 0:
+            return file_route(self.fd, offset)
+        return INLINE
 
     def close(self) -> None:
         if self.fd >= 0:

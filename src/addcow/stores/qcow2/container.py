@@ -15,7 +15,11 @@ bytes, and takes them from a :class:`Container` only:
   check (none for a remote one);
 * ``fd`` and ``local``: a local container's descriptor, which the image may
   copy from file to file (``copy_file_range``) and whose reads only wait for
-  the page cache; -1 and False for a remote one.
+  the page cache; -1 and False for a remote one;
+* ``route(offset, length)``: where a run of the file's bytes can be read
+  from (:class:`~addcow.stores.base.Route`): FILE for a local container, the
+  store's own route for a remote one (REMOTE for an NBD export), so that a
+  contiguous run of data clusters is read from there directly.
 
 The two containers:
 
@@ -35,7 +39,7 @@ from typing import Protocol
 
 from ... import sysio
 from ...errors import AddCowIOError
-from ..base import BlockSource
+from ..base import POOL, BlockSource, Route, file_route
 
 
 class Container(Protocol):
@@ -51,6 +55,9 @@ class Container(Protocol):
 
     def file_ids(self) -> set[tuple[int, int]]:
         """(device, inode) of the local file, or nothing."""
+
+    def route(self, offset: int, length: int) -> Route:
+        """Where the file's bytes [offset, offset+length) can be read from."""
 
     def close(self) -> None: ...
 
@@ -71,6 +78,9 @@ class LocalContainer:
 
     def read_full(self, view: memoryview, offset: int) -> None:
         sysio.pread_full(self.fd, view, offset, self.name)
+
+    def route(self, offset: int, length: int) -> Route:
+        return file_route(self.fd, offset)
 
     def file_ids(self) -> set[tuple[int, int]]:
         st = os.fstat(self.fd)
@@ -103,6 +113,10 @@ class RemoteContainer:
                 f"run past the file of {self.size} bytes"
             )
         store.readinto(view, offset)
+
+    def route(self, offset: int, length: int) -> Route:
+        store = self._store
+        return POOL if store is None else store.route(offset, length)
 
     def file_ids(self) -> set[tuple[int, int]]:
         return set()

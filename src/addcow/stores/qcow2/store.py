@@ -63,8 +63,17 @@ a backing URI). The container's size is the file size above, for both. A
 remote qcow2 may not name a backing file: the name would be a file of this
 host that the image's author chose (the class of CVE-2024-4467), so it is
 refused at open, before anything is opened by that name. A remote qcow2
-never reads in place (:meth:`Qcow2File.reads_in_place`: every read waits on
-the network) and has no file ids.
+has no file ids.
+
+Routes. :meth:`Qcow2File.route` maps a range as a read would and answers
+where it can be read from: one run of contiguous NORMAL clusters is the
+container's route at the host offset (FILE for a local file, REMOTE for a
+qcow2 file in an NBD export), ZERO reads in place, UNALLOCATED is the
+backing's route, COMPRESSED goes to the pool (inflating), and several runs
+read in place only if each does. Mapping a remote file's range whose L2
+tables are not cached would wait on the network, so the answer is then POOL
+(the pool's read brings them in); a mapping that fails is POOL too, so that
+the read reports the corruption.
 """
 
 from __future__ import annotations
@@ -81,6 +90,7 @@ from typing import NamedTuple
 
 from ... import sysio
 from ...errors import (
+    AddCowError,
     BackingError,
     BackingFormatError,
     Qcow2CorruptError,
@@ -89,7 +99,17 @@ from ...errors import (
 )
 from ...extras import install_hint
 from ...locking import lock_raw
-from ..base import BlockSource, Extent, StoreFormat, read_as_backing
+from ..base import (
+    INLINE,
+    POOL,
+    BlockSource,
+    Extent,
+    Route,
+    StoreFormat,
+    joined,
+    read_as_backing,
+    route_as_backing,
+)
 from ..chain import ChainGuard
 from . import format as fmt
 from .container import Container, LocalContainer
@@ -338,19 +358,39 @@ class Qcow2File:
         if covered < length:
             yield Extent(start + covered, length - covered, depth, False, True, None)
 
-    def reads_in_place(self, offset: int, length: int) -> bool:
-        """False if the range holds a compressed cluster, here or in the backing,
-        and always for a remote qcow2."""
-        if not self._local:
-            return False
-        inside = max(offset, min(offset + length, self.size))
-        single = self._single_piece(offset, inside)
-        for run in self._runs(offset, inside) if single is None else (single,):
-            if run.kind == COMPRESSED:
-                return False
-            if run.kind == UNALLOCATED and self.backing is not None:
-                covered = max(0, min(run.length, self.backing.size - run.start))
-                if covered and not self.backing.reads_in_place(run.start, covered):
+    def route(self, offset: int, length: int) -> Route:
+        """Where [offset, offset+length) can be read from (see "Routes" above)."""
+        end = offset + length
+        inside = max(offset, min(end, self.size))
+        if offset < 0 or not (self._local or self._tables_cached(offset, inside)):
+            return POOL
+        try:
+            single = self._single_piece(offset, inside)
+            runs = [single] if single is not None else list(self._runs(offset, inside))
+        except AddCowError:
+            return POOL
+        parts = [self._run_route(run) for run in runs]
+        if inside < end:
+            parts.append(INLINE)
+        return joined(parts)
+
+    def _run_route(self, run: _Run) -> Route:
+        if run.kind == NORMAL:
+            return self._container.route(run.host, run.length)
+        if run.kind == ZERO:
+            return INLINE
+        if run.kind == UNALLOCATED:
+            return route_as_backing(self.backing, run.start, run.length)
+        return POOL
+
+    def _tables_cached(self, pos: int, end: int) -> bool:
+        """Whether mapping [pos, end) needs no L2 table that is not in the cache."""
+        if pos >= end:
+            return True
+        with self._lock:
+            for l1_index in range(pos >> self._l1_bits, ((end - 1) >> self._l1_bits) + 1):
+                table = self._l1[l1_index] & fmt.L1E_OFFSET_MASK
+                if table and table not in self._l2_cache:
                     return False
         return True
 

@@ -95,7 +95,7 @@ from ...errors import (
 )
 from ...extras import install_hint
 from ...version import __version__
-from ..base import Extent
+from ..base import INLINE, POOL, Extent, Route
 from .common import MAX_CONNECTIONS, TIMEOUT, ReadAhead, RetryPolicy, stop_event
 from .uri import HTTP_SCHEMES, parse, shown
 
@@ -304,9 +304,9 @@ class HTTPStore:
         """None: the store reads no local file."""
         return set()
 
-    def reads_in_place(self, offset: int, length: int) -> bool:
-        """False: every read may wait on the network."""
-        return False
+    def route(self, offset: int, length: int) -> Route:
+        """POOL: every read may wait on the network (INLINE past the end: zeros)."""
+        return INLINE if offset >= self.size else POOL
 
     def close(self) -> None:
         """Drop the connections; later reads raise :class:`ClosedImageError`."""

@@ -98,7 +98,7 @@ from ...errors import RemoteBackingError, RemoteChangedError, RemoteReadError, R
 from ...nbd import wire
 from ...nbd.client import ClientConnection, Event, Ready, RequestFailed, StartTLS, StatusDone
 from ...sysio import fill_zero
-from ..base import Extent
+from ..base import INLINE, POOL, Extent, Route, remote_route
 from .common import MAX_CONNECTIONS, TIMEOUT, ReadAhead, RetryPolicy, stop_event
 from .uri import NBD_SCHEMES, parse, shown
 
@@ -869,9 +869,15 @@ class NBDStore:
         """None: the store reads no local file."""
         return set()
 
-    def reads_in_place(self, offset: int, length: int) -> bool:
-        """Never: reading waits for the network."""
-        return False
+    def route(self, offset: int, length: int) -> Route:
+        """REMOTE (this store, same offset) inside the export: an event loop may
+        send the read on a connection of its own; INLINE past the end (zeros),
+        POOL for a range across the end."""
+        if offset >= self.size:
+            return INLINE
+        if offset + length > self.size:
+            return POOL
+        return remote_route(self, offset)
 
     def close(self) -> None:
         """Send NBD_CMD_DISC on every idle connection and close them; busy ones close
