@@ -41,6 +41,7 @@ from .errors import (
     ImageFileError,
 )
 from .format import (
+    COMMON_HEADER_SIZE,
     MAX_CLUSTER_BITS,
     MAX_CLUSTERS,
     MAX_HEADER_SIZE,
@@ -459,7 +460,9 @@ def _refuse_another_images_file(path: str, image_path: str) -> None:
 
     The images looked at are the ``*.add-cow`` files in the image file's directory
     and in ``path``'s, ``path`` itself aside (``force`` replaces it). An image
-    elsewhere is refused by its locks while it is open.
+    elsewhere is refused by its locks while it is open. A ``*.add-cow`` file that
+    cannot be read fails the create (:func:`_image_file_of`): skipping it would skip
+    the check.
     """
     wanted = _file_key(image_path)
     seen: set[str] = set()
@@ -474,7 +477,10 @@ def _refuse_another_images_file(path: str, image_path: str) -> None:
             continue
         for name in names:
             other = os.path.join(directory, name)
-            if not _same_file(other, path) and _file_key(_image_file_of(other)) == wanted:
+            if (
+                not _same_file(other, path)
+                and _file_key(_image_file_of(other, image_path)) == wanted
+            ):
                 raise ExistingFileError(
                     f"{image_path}: is the image file of {other}; refusing to share it (two "
                     "images would overwrite each other's clusters): detach or remove that "
@@ -482,16 +488,31 @@ def _refuse_another_images_file(path: str, image_path: str) -> None:
                 )
 
 
-def _image_file_of(path: str) -> str | None:
-    """The image file the add-cow image ``path`` names; None if it is no readable image."""
+def _image_file_of(path: str, image_path: str) -> str | None:
+    """The image file the add-cow image ``path`` names; None if ``path`` is no add-cow
+    image (a file without its magic or shorter than a header, a directory, gone
+    since it was listed).
+
+    Anything else fails the create: an I/O error, or an add-cow header that cannot
+    be read, leaves unknown whether ``path`` uses ``image_path``.
+    """
     try:
         fd = sysio.open_file(path, os.O_RDONLY)
-    except OSError:
+    except (FileNotFoundError, sysio.WrongFileType):
         return None
+    except OSError as exc:
+        raise AddCowIOError.wrap(
+            f"{path}: cannot open to see which image file it names", exc
+        ) from exc
     try:
         return resolve_name(read_header(fd, path).image_name, path)
-    except AddCowError:
-        return None
+    except HeaderError as exc:
+        short = isinstance(exc.found, int) and exc.found < COMMON_HEADER_SIZE
+        if exc.field == "magic" or (exc.field == "length" and short):
+            return None
+        raise ExistingFileError(
+            f"{image_path}: cannot tell whether {path} uses it as its image file: {exc}"
+        ) from exc
     finally:
         os.close(fd)
 
