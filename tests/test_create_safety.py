@@ -86,8 +86,8 @@ def test_create_again_over_an_image_is_refused(used: Path, tmp_path: Path) -> No
     with untouched(used, tmp_path / "d.raw"):
         err = fails("create", "-o", "image_file=d.raw", used, "1M")
         assert err == (
-            f"addcow: {used}: the file exists; refusing to replace it (give --force, or "
-            "force=True, to replace it; its image file stays as it is)"
+            f"addcow: {used}: the file exists and holds an add-cow image; refusing to replace "
+            "it (give --force, or force=True, to replace it; its image file stays as it is)"
         )
         # checked first: a new image file is not even created
         fails("create", "-o", "image_file=new.raw", used, "1M")

@@ -10,7 +10,7 @@ either no image or a valid one:
    whatever it holds: two images sharing one would overwrite each other.
 2. Check the .add-cow path: an existing file there is replaced only with
    ``force`` (and only while nobody has it open: its lock is held until the
-   rename). Create the temporary .add-cow file next to it.
+   rename; :func:`addcow.targets.refuse_replacing`). Create the temporary .add-cow file next to it.
 3. Open the image file, creating it if missing (``O_EXCL`` tells whether this
    call created it: only then does a failure remove it; an existing one only
    loses again the sparse tail this call added). An existing image file
@@ -63,6 +63,7 @@ from .locking import lock_raw, lock_whole
 from .magic import HEAD_LENGTH, article, choose_backing_format, identify
 from .metafile import read_header
 from .names import ChainGuard, resolve_name
+from .targets import refuse_replacing
 
 
 class Created(NamedTuple):
@@ -241,16 +242,19 @@ def _claim_target(path: str, force: bool) -> int | None:
     if not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise ExistingFileError(f"{path}: is {kind}; cannot create an image there")
-    if not force:
-        raise ExistingFileError(
-            f"{path}: the file exists; refusing to replace it (give --force, or force=True, "
-            "to replace it; its image file stays as it is)"
-        )
+    # an exclusive lock needs write access; without force the file is only looked at
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # an exclusive lock needs write access
+        fd = sysio.open_file(path, os.O_RDWR if force else os.O_RDONLY)
     except OSError as exc:
         raise ImageFileError(f"{path}: cannot replace: {exc.strerror}") from exc
     try:
+        refuse_replacing(
+            fd,
+            path,
+            force=force,
+            every_file=True,
+            advice="give --force, or force=True, to replace it; its image file stays as it is",
+        )
         lock_whole(fd, path, exclusive=True)
     except BaseException:
         os.close(fd)
