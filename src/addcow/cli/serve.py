@@ -36,7 +36,8 @@ server's pidfile. The one file replaced is a stale socket nobody listens
 on (it holds no data). The pidfile is locked with a POSIX record lock while
 the server runs, as qemu-nbd locks its own: a second server naming it is
 refused before it opens anything, and the pid is written only once the
-server listens.
+server listens. A pidfile that starts with an image header (a disk image named
+by mistake) is refused, never truncated.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from ..nbd.live import LiveOptions
 from ..nbd.protocol import TLS_MODES, TLS_OFF, TLS_REQUIRE
 from ..nbd.server import Export, NBDServer, stdio_problem
 from ..nbd.tls import TLSConfig, load_credentials, parse_allowed
+from ..targets import refuse_replacing
 from . import serve_log
 from .common import CommandError, add_backing_root_arg, size_arg
 
@@ -593,6 +595,12 @@ class _Pidfile:
             return None  # its holder removed it as it exited, after we opened it
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
             return None
+        try:  # its own lock held: only what it holds is looked at
+            refuse_replacing(
+                fd, path, force=False, advice="give another pidfile", probe_locks=False
+            )
+        except AddCowError as exc:
+            raise CommandError(f"--pidfile {exc}") from None
         return cls(path, fd, st, created)
 
     def write(self, pid: int) -> None:
