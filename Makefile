@@ -14,7 +14,8 @@ TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
 GUEST  := qemu-system-x86_64:qemu-system-x86 busybox:busybox-static \
           /boot/vmlinuz-*-cloud-amd64:linux-image-cloud-amd64
 
-.PHONY: test demo lint venv system-deps bench bench-lifecycle bench-nbd bench-remote clean campaign
+.PHONY: test demo lint venv system-deps bench bench-lifecycle bench-nbd bench-remote clean campaign \
+	campaign-sites
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,14 @@ campaign: venv system-deps
 	ADDCOW_CAMPAIGN=1 $(BIN)/pytest -q -s tests/crash tests/test_hostile_images.py \
 		tests/test_backing_root_campaign.py tests/test_backing_root_race.py \
 		tests/test_qcow2_hostile.py
+
+# Every I/O call site of the fault-injection campaigns that `make test` strides over
+# (tests/crash/test_faults.py, test_lifecycle_faults.py), each failed once with every
+# fault it can suffer (ADDCOW_CAMPAIGN=sites: all sites, none of the long random runs).
+# About 1 minute on 2 cores; .ci/run runs it after `make test`.
+campaign-sites: venv system-deps
+	ADDCOW_CAMPAIGN=sites $(BIN)/pytest -q -n 2 tests/crash/test_faults.py \
+		tests/crash/test_lifecycle_faults.py
 
 demo: venv system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh

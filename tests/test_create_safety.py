@@ -86,8 +86,8 @@ def test_create_again_over_an_image_is_refused(used: Path, tmp_path: Path) -> No
     with untouched(used, tmp_path / "d.raw"):
         err = fails("create", "-o", "image_file=d.raw", used, "1M")
         assert err == (
-            f"addcow: {used}: the file exists; refusing to replace it (give --force, or "
-            "force=True, to replace it; its image file stays as it is)"
+            f"addcow: {used}: the file exists and holds an add-cow image; refusing to replace "
+            "it (give --force, or force=True, to replace it; its image file stays as it is)"
         )
         # checked first: a new image file is not even created
         fails("create", "-o", "image_file=new.raw", used, "1M")
@@ -167,6 +167,44 @@ def test_another_images_image_file_is_refused_even_empty(tmp_path: Path) -> None
         err = fails("create", "-o", "image_file=h.raw", tmp_path / "h2.add-cow", "1M")
         assert err.startswith(f"addcow: {tmp_path / 'h.raw'}: failed to get") and "lock" in err
     assert not (tmp_path / "h2.add-cow").exists()
+
+
+def test_a_neighbour_image_that_cannot_be_read_fails_the_create(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether f.add-cow uses the image file asked for is unknown when its header
+    cannot be read (an I/O error, a damaged header): the create fails, creating
+    nothing. A file named *.add-cow that is no add-cow image is passed over."""
+    first = tmp_path / "f.add-cow"
+    addcow_cli("create", "-q", "-o", "image_file=f.raw", first, "1M")
+    real = os.pread
+
+    def failing(fd: int, *args: Any) -> Any:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(first):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, *args)
+
+    monkeypatch.setattr(os, "pread", failing)
+    with untouched(first), pytest.raises(AddCowIOError) as exc:
+        addcow.create(tmp_path / "g.add-cow", image_file="g.raw", size=MiB)
+    monkeypatch.undo()
+    assert str(exc.value) == f"{first}: read header: Input/output error"
+    assert exc.value.errno == errno.EIO
+    damaged = bytearray(first.read_bytes())
+    damaged[8:12] = (7).to_bytes(4, "little")  # version 7
+    first.write_bytes(bytes(damaged))
+    err = fails("create", "-o", "image_file=g.raw", tmp_path / "g.add-cow", "1M")
+    assert err.startswith(
+        f"addcow: {tmp_path / 'g.raw'}: cannot tell whether {first} uses it as its image file: "
+    ) and "version" in err
+    assert listing(tmp_path) == ["f.add-cow", "f.raw"]
+    # no add-cow image: too short for its magic, another magic, not a file
+    (tmp_path / "empty.add-cow").touch()
+    qemu_img = require_tool("qemu-img")
+    run([qemu_img, "create", "-q", "-f", "qcow2", str(tmp_path / "q.add-cow"), "1M"])
+    (tmp_path / "dir.add-cow").mkdir()
+    first.unlink()
+    addcow_cli("create", "-q", "-o", "image_file=g.raw", tmp_path / "g.add-cow", "1M")
 
 
 def test_an_empty_or_all_hole_image_file_is_used(tmp_path: Path) -> None:

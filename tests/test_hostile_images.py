@@ -95,7 +95,7 @@ def exercise(path: Path) -> None:
             img.read(0, min(img.size, 65536))
             img.read(img.size - min(img.size, 4096), min(img.size, 4096))
             if img.size <= 4 * MiB:
-                copy_to_raw(img, str(path.with_name("out.raw")))
+                copy_to_raw(img, str(path.with_name("out.raw")), force=True)
         with addcow.open(path) as img:
             img.write(b"x", 0)
         stats["opened"] += 1

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import addcow as addcow_cli
-from conftest import require_tool
-from nbd_util import ADDCOW, env_with_addcow
+from conftest import require_tool, run
+from nbd_util import ADDCOW, env_with_addcow, snapshot
 
 import addcow
 from addcow.cli import serve_log
@@ -116,6 +116,22 @@ def test_log_file_mistakes_are_one_line_and_change_nothing(tmp_path: Path, image
                           check=False)  # fmt: skip
         assert (proc.returncode, proc.stderr) == (1, message + "\n")
     assert list(folder.iterdir()) == [] and not (tmp_path / "s.sock").exists()
+
+
+def test_a_log_file_that_is_a_disk_image_is_refused(tmp_path: Path, image: Path) -> None:
+    """A disk image named as --log-file by mistake: the lines appended would change it."""
+    golden, other = tmp_path / "golden.qcow2", tmp_path / "other.add-cow"
+    run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(golden), "1M"])
+    addcow.create(other, image_file="other.raw", size=MiB)
+    before = snapshot(golden, other)
+    for path, holds in ((golden, "a qcow2 image"), (other, "an add-cow image")):
+        proc = addcow_cli("serve", "--foreground", "--socket", tmp_path / "s.sock",
+                          "--log-file", path, image, check=False)  # fmt: skip
+        assert (proc.returncode, proc.stderr) == (1, (
+            f"addcow: --log-file {path}: the file exists and holds {holds}; refusing to "
+            "append the log to it (give another log file)\n"
+        ))  # fmt: skip
+    assert snapshot(golden, other) == before and not (tmp_path / "s.sock").exists()
 
 
 def test_syslog_or_a_clear_word_that_there_is_none(tmp_path: Path, image: Path) -> None:

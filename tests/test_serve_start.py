@@ -71,6 +71,21 @@ def test_socket_path_is_a_regular_file(tmp_path: Path, image: Path, mode: tuple[
     assert precious.read_text() == "data\n"
 
 
+def test_a_pidfile_that_is_a_disk_image_is_refused(
+    tmp_path: Path, image: Path, mode: tuple[str, ...]
+) -> None:
+    """A disk image named as --pidfile by mistake is refused, never truncated."""
+    golden = tmp_path / "golden.qcow2"
+    run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(golden), "1M"])
+    before = snapshot(golden)
+    line = failed_start(*mode, "--socket", tmp_path / "s.sock", "--pidfile", golden, image)
+    assert line == (
+        f"addcow: --pidfile {golden}: the file exists and holds a qcow2 image; refusing to "
+        "replace it (give another pidfile)"
+    )
+    assert snapshot(golden) == before and not (tmp_path / "s.sock").exists()
+
+
 def test_socket_path_is_a_directory(tmp_path: Path, image: Path, mode: tuple[str, ...]) -> None:
     folder = tmp_path / "vm.sock"
     folder.mkdir()

@@ -21,6 +21,7 @@ from .stores import BlockSource, open_store, registry
 from .stores.chain import ChainGuard
 from .stores.magic import article, identify, read_head
 from .stores.raw import RawFile
+from .targets import refuse_replacing
 
 CHUNK = 4 << 20
 """Bytes read per request while copying or comparing."""
@@ -81,11 +82,19 @@ class CopyStats:
 
 
 def copy_to_raw(
-    src: BlockSource, dst_path: str, *, progress: Callable[[int], None] | None = None
+    src: BlockSource,
+    dst_path: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+    force: bool = False,
 ) -> CopyStats:
-    """Write the whole virtual content of ``src`` to a new sparse raw file."""
+    """Write the whole virtual content of ``src`` to a sparse raw file ``dst_path``.
+
+    An existing file there is replaced (:func:`open_target`), one that starts with
+    an image header only with ``force``.
+    """
     stats = CopyStats(size=src.size)
-    fd = open_target(src, dst_path)
+    fd = open_target(src, dst_path, force=force)
     try:
         buf = bytearray(CHUNK)
         pos = 0
@@ -107,12 +116,14 @@ def copy_to_raw(
     return stats
 
 
-def open_target(src: BlockSource, dst_path: str) -> int:
+def open_target(src: BlockSource, dst_path: str, *, force: bool = False) -> int:
     """Create or empty ``dst_path`` as a sparse file of ``src``'s size, safely.
 
     The file is checked before anything is truncated: it must not be any file
-    ``src`` reads (which would destroy the source while copying it), and it is
-    locked for writing as QEMU would, so a file in use is refused.
+    ``src`` reads (which would destroy the source while copying it), nor a file
+    another process has open, nor (unless ``force``) one that starts with an
+    image header (:func:`addcow.targets.refuse_replacing`); it is locked for
+    writing as QEMU would, so a file opened by others from then on is refused too.
     """
     try:
         fd = sysio.open_file(dst_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -126,6 +137,7 @@ def open_target(src: BlockSource, dst_path: str) -> int:
             raise ImageFileError(
                 f"{dst_path}: the target is a file of the source image; refusing to overwrite it"
             )
+        refuse_replacing(fd, dst_path, force=force, advice="--force replaces it")
         lock_raw(fd, dst_path, writable=True)
         os.ftruncate(fd, 0)
         os.ftruncate(fd, src.size)

@@ -10,7 +10,7 @@ either no image or a valid one:
    whatever it holds: two images sharing one would overwrite each other.
 2. Check the .add-cow path: an existing file there is replaced only with
    ``force`` (and only while nobody has it open: its lock is held until the
-   rename). Create the temporary .add-cow file next to it.
+   rename; :func:`addcow.targets.refuse_replacing`). Create the temporary .add-cow file next to it.
 3. Open the image file, creating it if missing (``O_EXCL`` tells whether this
    call created it: only then does a failure remove it; an existing one only
    loses again the sparse tail this call added). An existing image file
@@ -40,6 +40,7 @@ from .errors import (
     ImageFileError,
 )
 from .format import (
+    COMMON_HEADER_SIZE,
     MAX_CLUSTER_BITS,
     MAX_CLUSTERS,
     MAX_HEADER_SIZE,
@@ -61,6 +62,7 @@ from .locking import lock_raw, lock_whole
 from .stores import BlockSource, open_backing, remote
 from .stores.chain import ChainGuard, resolve_name
 from .stores.magic import choose_backing_format
+from .targets import refuse_replacing
 
 
 class Created(NamedTuple):
@@ -214,16 +216,19 @@ def _claim_target(path: str, force: bool) -> int | None:
     if not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise ExistingFileError(f"{path}: is {kind}; cannot create an image there")
-    if not force:
-        raise ExistingFileError(
-            f"{path}: the file exists; refusing to replace it (give --force, or force=True, "
-            "to replace it; its image file stays as it is)"
-        )
+    # an exclusive lock needs write access; without force the file is only looked at
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # an exclusive lock needs write access
+        fd = sysio.open_file(path, os.O_RDWR if force else os.O_RDONLY)
     except OSError as exc:
         raise ImageFileError(f"{path}: cannot replace: {exc.strerror}") from exc
     try:
+        refuse_replacing(
+            fd,
+            path,
+            force=force,
+            every_file=True,
+            advice="give --force, or force=True, to replace it; its image file stays as it is",
+        )
         lock_whole(fd, path, exclusive=True)
     except BaseException:
         os.close(fd)
@@ -433,7 +438,9 @@ def _refuse_another_images_file(path: str, image_path: str) -> None:
 
     The images looked at are the ``*.add-cow`` files in the image file's directory
     and in ``path``'s, ``path`` itself aside (``force`` replaces it). An image
-    elsewhere is refused by its locks while it is open.
+    elsewhere is refused by its locks while it is open. A ``*.add-cow`` file that
+    cannot be read fails the create (:func:`_image_file_of`): skipping it would skip
+    the check.
     """
     wanted = _file_key(image_path)
     seen: set[str] = set()
@@ -448,7 +455,10 @@ def _refuse_another_images_file(path: str, image_path: str) -> None:
             continue
         for name in names:
             other = os.path.join(directory, name)
-            if not _same_file(other, path) and _file_key(_image_file_of(other)) == wanted:
+            if (
+                not _same_file(other, path)
+                and _file_key(_image_file_of(other, image_path)) == wanted
+            ):
                 raise ExistingFileError(
                     f"{image_path}: is the image file of {other}; refusing to share it (two "
                     "images would overwrite each other's clusters): detach or remove that "
@@ -456,16 +466,31 @@ def _refuse_another_images_file(path: str, image_path: str) -> None:
                 )
 
 
-def _image_file_of(path: str) -> str | None:
-    """The image file the add-cow image ``path`` names; None if it is no readable image."""
+def _image_file_of(path: str, image_path: str) -> str | None:
+    """The image file the add-cow image ``path`` names; None if ``path`` is no add-cow
+    image (a file without its magic or shorter than a header, a directory, gone
+    since it was listed).
+
+    Anything else fails the create: an I/O error, or an add-cow header that cannot
+    be read, leaves unknown whether ``path`` uses ``image_path``.
+    """
     try:
         fd = sysio.open_file(path, os.O_RDONLY)
-    except OSError:
+    except (FileNotFoundError, sysio.WrongFileType):
         return None
+    except OSError as exc:
+        raise AddCowIOError.wrap(
+            f"{path}: cannot open to see which image file it names", exc
+        ) from exc
     try:
         return resolve_name(read_header(fd, path).image_name, path)
-    except AddCowError:
-        return None
+    except HeaderError as exc:
+        short = isinstance(exc.found, int) and exc.found < COMMON_HEADER_SIZE
+        if exc.field == "magic" or (exc.field == "length" and short):
+            return None
+        raise ExistingFileError(
+            f"{image_path}: cannot tell whether {path} uses it as its image file: {exc}"
+        ) from exc
     finally:
         os.close(fd)
 

@@ -70,6 +70,8 @@ FORMAT_FIELD_SIZE = 16
 # magic, version, backing_filename_offset, backing_filename_size,
 # image_filename_offset, image_filename_size, features.
 _COMMON = struct.Struct("<8sIIIIIQ")
+COMMON_HEADER_SIZE = _COMMON.size
+"""Bytes of the header fields common to both versions: a shorter file is no image."""
 # Bytes 36-83 of version 2 (specification, "Version 2 header"):
 # compatible_features, autoclear_features, header_size, cluster_bits,
 # image_size, backing_format.

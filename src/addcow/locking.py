@@ -106,10 +106,17 @@ def lock_raw(fd: int, path: str, *, writable: bool) -> None:
             )
 
 
-def _held_by_other(fd: int, byte: int) -> bool:
-    """True if another open file holds any lock on ``byte``."""
+def held_by_another(fd: int) -> bool:
+    """True if another open file holds a lock on any byte of ``fd``'s file: an
+    image or a raw file some process (addcow, QEMU) has open, or a pidfile."""
+    return _held_by_other(fd, 0, 0)
+
+
+def _held_by_other(fd: int, byte: int, length: int = 1) -> bool:
+    """True if another open file holds any lock on ``length`` bytes from ``byte``
+    (0: to the end of the file)."""
     try:
-        kind, _pid = _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte, 1)
+        kind, _pid = _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte, length)
     except OSError:
         return False
     return kind != fcntl.F_UNLCK

@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_options_arg(p, CONVERT_OPTIONS)
     p.add_argument("-U", "--force-share", action="store_true", help="open without locking")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a TARGET that starts with an image header (never one in use)",
+    )
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("source")
     add_backing_root_arg(p)
@@ -81,16 +86,20 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         with progress_bar(src.size, args.progress, "convert") as update:
             if args.dst_fmt == "raw":
-                copy_to_raw(src, args.target, progress=update)
+                copy_to_raw(src, args.target, progress=update, force=args.force)
             else:
-                _convert_to_addcow(src, args.target, options, update)
+                _convert_to_addcow(src, args.target, options, update, args.force)
     finally:
         src.close()
     return 0
 
 
 def _convert_to_addcow(
-    src: BlockSource, target: str, options: dict[str, str], update: Callable[[int], None] | None
+    src: BlockSource,
+    target: str,
+    options: dict[str, str],
+    update: Callable[[int], None] | None,
+    force: bool,
 ) -> None:
     image_file = options["image_file"]
     image_path = os.path.join(os.path.dirname(target), image_file)
@@ -102,6 +111,7 @@ def _convert_to_addcow(
         size=src.size,
         cluster_size=parse_size(options.get("cluster_size", "64k")),
         version=int(options.get("compat", "2")),
+        force=force,
     )
     with AddCowImage.open(target) as dst:
         copy_to_addcow(src, dst, progress=update)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .. import remote
 from ..image import AddCowImage
+from ..stores import remote
 from .common import add_backing_root_arg, add_output_arg, print_json, size_arg
 
 

@@ -36,7 +36,8 @@ server's pidfile. The one file replaced is a stale socket nobody listens
 on (it holds no data). The pidfile is locked with a POSIX record lock while
 the server runs, as qemu-nbd locks its own: a second server naming it is
 refused before it opens anything, and the pid is written only once the
-server listens.
+server listens. A pidfile that starts with an image header (a disk image named
+by mistake) is refused, never truncated.
 """
 
 from __future__ import annotations

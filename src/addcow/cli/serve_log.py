@@ -3,7 +3,8 @@
 Destinations
     stderr always (until a detached server lets go of it), plus
     ``--log-file FILE`` (appended to, created 0600; a regular file only, so a
-    FIFO is refused instead of waited on) or ``--syslog``
+    FIFO is refused instead of waited on, and not a disk image: one that starts
+    with an image header or is in use is refused) or ``--syslog``
     (``/dev/log``, facility daemon: journald and rsyslog read it). A detached
     server without either logs to syslog when ``/dev/log`` exists; where it
     does not, a successful start says so on stderr after its ready line: the
@@ -37,6 +38,8 @@ import stat
 import sys
 
 from .. import sysio
+from ..errors import AddCowError
+from ..targets import refuse_replacing
 from .common import CommandError
 
 SYSLOG_SOCKET = "/dev/log"
@@ -78,16 +81,31 @@ def open_log_file(path: str) -> int:
 
     The open does not wait: a FIFO, whose open for writing blocks until a
     reader comes, is refused at once (ENXIO without a reader), as a device is.
+    A file that starts with an image header, or that another process has
+    locked (an image in use), is refused (:func:`addcow.targets.refuse_replacing`):
+    lines appended to a disk image would change it.
     """
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read too: its first bytes are checked
     try:
-        return sysio.open_file(path, flags, 0o600, accept=stat.S_ISREG, expected="a regular file")
+        fd = sysio.open_file(path, flags, 0o600, accept=stat.S_ISREG, expected="a regular file")
     except sysio.WrongFileType as exc:
         raise CommandError(f"--log-file {path}: is {exc.kind}, not {exc.expected}") from None
     except OSError as exc:
         if exc.errno == errno.ENXIO and _kind(path) != "a regular file":
             raise CommandError(f"--log-file {path}: is {_kind(path)}, not a regular file") from None
         raise CommandError(f"--log-file {path}: {os.strerror(exc.errno or 0)}") from None
+    try:
+        refuse_replacing(
+            fd,
+            path,
+            force=False,
+            advice="give another log file",
+            action="append the log to it",
+        )
+    except AddCowError as exc:
+        os.close(fd)
+        raise CommandError(f"--log-file {exc}") from None
+    return fd
 
 
 def _kind(path: str) -> str:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from .. import sysio
 from ..errors import AddCowError, LockError
 from ..locking import record_lock_holder
+from ..targets import refuse_replacing
 
 
 @dataclass
@@ -143,6 +144,12 @@ class Pidfile:
             return None  # its holder removed it as it exited, after we opened it
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
             return None
+        try:  # its own lock held: only what it holds is looked at
+            refuse_replacing(
+                fd, path, force=False, advice="give another pidfile", probe_locks=False
+            )
+        except AddCowError as exc:
+            raise AddCowError(f"--pidfile {exc}") from None
         return cls(path, fd, st, created)
 
     def write(self, pid: int) -> None:
