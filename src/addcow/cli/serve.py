@@ -29,11 +29,13 @@ Files: a process removes only what it created itself, after it created it.
 It records what it made: the socket it bound (its ``st_dev`` and ``st_ino``,
 unlinked at exit only while the path still names that inode), the pidfile
 (unlinked only if this process created it or wrote its pid into it, and
-the path still names the file it locked) and its private directory. A start
-that fails therefore leaves every existing file as it was: a file or a
-directory at the socket path, another server's live socket, another
-server's pidfile. The one file replaced is a stale socket nobody listens
-on (it holds no data). The pidfile is locked with a POSIX record lock while
+the path still names the file it locked), its private directory, and a
+``--log-file`` it created (removed if the start fails before the server
+serves; :class:`~addcow.cli.serve_log.Logs`). A start that fails therefore
+leaves every existing file as it was: a file or a directory at the socket
+path, another server's live socket, another server's pidfile, a log file.
+The one file replaced is a stale socket nobody listens on (it holds no
+data). The pidfile is locked with a POSIX record lock while
 the server runs, as qemu-nbd locks its own: a second server naming it is
 refused before it opens anything, and the pid is written only once the
 server listens.
@@ -235,21 +237,25 @@ def run(args: argparse.Namespace) -> int:
     if args.log_file is not None and args.syslog:
         raise CommandError("--log-file and --syslog: give one")
     detached = not (args.stdio or args.foreground or activation is not None)
-    keeps_log = serve_log.configure(
+    logs = serve_log.configure(
         verbose=args.verbose,
         log_format=args.log_format,
         log_file=args.log_file,
         syslog=args.syslog,
         detached=detached,
     )
-    args.tls_config = _tls_config(args)
-    _check_exposure(args, activation)
+    try:
+        args.tls_config = _tls_config(args)
+        _check_exposure(args, activation)
+    except BaseException:
+        logs.discard()
+        raise
     if activation is not None:
-        return _serve(args, names, _print_ready_to_stderr, activation)
+        return _serve(args, names, _print_ready_to_stderr, activation, logs)
     if args.stdio or args.foreground:
-        return _serve(args, names, _print_ready, None)
-    status = _daemonize(lambda ready: _serve(args, names, ready, None))
-    if not keeps_log:
+        return _serve(args, names, _print_ready, None, logs)
+    status = _daemonize(lambda ready: _serve(args, names, ready, None, logs))
+    if not logs.keeps_log:
         print(serve_log.NO_LOG_WARNING, file=sys.stderr, flush=True)
     return status
 
@@ -403,6 +409,22 @@ def _serve(
     names: list[str],
     ready: Callable[[str], None],
     activation: _Activation | None,
+    logs: serve_log.Logs,
+) -> int:
+    """Open the images and serve them; a start that fails discards the log file it made."""
+    try:
+        return _serve_images(args, names, ready, activation, logs)
+    except BaseException:
+        logs.discard()
+        raise
+
+
+def _serve_images(
+    args: argparse.Namespace,
+    names: list[str],
+    ready: Callable[[str], None],
+    activation: _Activation | None,
+    logs: serve_log.Logs,
 ) -> int:
     pidfile = _Pidfile.acquire(args.pidfile) if args.pidfile is not None else None
     try:
@@ -436,7 +458,7 @@ def _serve(
             # nothing else may be written to it.
             sys.stdout = sys.stderr
         with asyncio.Runner(loop_factory=args.loop_factory) as runner:
-            return runner.run(_main(args, exports, ready, pidfile, activation))
+            return runner.run(_main(args, exports, ready, pidfile, activation, logs))
     finally:
         if pidfile is not None:
             pidfile.release()
@@ -472,6 +494,7 @@ async def _main(
     ready: Callable[[str], None],
     pidfile: _Pidfile | None,
     activation: _Activation | None,
+    logs: serve_log.Logs,
 ) -> int:
     server = NBDServer(exports, max_connections=args.shared, tls=args.tls_config)
     server.install_signal_handlers()
@@ -484,9 +507,11 @@ async def _main(
             control = ControlServer(server)
             await control.listen(os.path.abspath(args.control))
         if activation is not None and not activation.listening:
+            logs.keep()
             server.start_live()
             await server.serve_connection(activation.sock)
         elif args.stdio:
+            logs.keep()
             server.start_live()
             await server.serve_stdio()
         else:
@@ -508,6 +533,7 @@ async def _main(
             if args.tls_config is not None and args.tls_config.mode == TLS_REQUIRE:
                 uri = uri.replace("nbd://", "nbds://", 1).replace("nbd+unix://", "nbds+unix://", 1)
             files = ", ".join(args.files)
+            logs.keep()
             ready(f"addcow: serving {files} on {uri}")
             server.start_live()
             await server.wait_stopped()
