@@ -12,6 +12,7 @@ on serving a good client.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import ssl
@@ -143,6 +144,38 @@ def test_tls_on_serves_plain_and_tls_clients(
         plain = nbdinfo_size(f"nbd://127.0.0.1:{srv.port}/")
         assert plain.returncode == 0 and plain.stdout.strip() == str(SIZE), plain.stderr
         a_good_client_is_still_served(srv, certs)
+
+
+@pytest.mark.parametrize("mode", ["require", "on"])
+def test_status_names_the_uri_of_the_ready_line(
+    tmp_path: Path, image: Path, certs: dict[str, Path], mode: str
+) -> None:
+    """A client must use nbds:// when TLS is required, nbd:// when it is only offered:
+    the ready line, ``addcow status`` and its JSON ``uris`` say the same, on TCP and
+    on a Unix socket."""
+    control, sock = tmp_path / "ctl", tmp_path / "nbd.sock"
+    tls = ("--tls", mode, "--tls-creds", str(certs["srv"]), "--control", str(control))
+    scheme = "nbds" if mode == "require" else "nbd"
+    with served_tcp(tmp_path, image, args=tls) as srv:
+        assert srv.uri == f"{scheme}://127.0.0.1:{srv.port}/"
+        status = json.loads(addcow_cli("status", "--output=json", control).stdout)
+        assert status["server"]["uris"] == [srv.uri]
+        assert f" on {srv.uri}, TLS {mode}," in addcow_cli("status", control).stdout
+    proc = subprocess.Popen(
+        [ADDCOW, "serve", "--foreground", "--socket", str(sock), *tls, str(image)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with_addcow(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().strip().rsplit(" on ", 1)[1]
+        assert uri == f"{scheme}+unix:///?socket={sock}"
+        status = json.loads(addcow_cli("status", "--output=json", control).stdout)
+        assert status["server"]["uris"] == [uri]
+        assert f" on {uri}, TLS {mode}," in addcow_cli("status", control).stdout
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
 
 
 # -- refusals ----------------------------------------------------------------------------

@@ -530,8 +530,6 @@ async def _main(
                 uri = await server.listen_unix(socket_path)
             if pidfile is not None:
                 pidfile.write(os.getpid())
-            if args.tls_config is not None and args.tls_config.mode == TLS_REQUIRE:
-                uri = uri.replace("nbd://", "nbds://", 1).replace("nbd+unix://", "nbds+unix://", 1)
             files = ", ".join(args.files)
             logs.keep()
             ready(f"addcow: serving {files} on {uri}")
