@@ -135,6 +135,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "optionally ca-crl.pem) to check clients",
     )
     tls.add_argument(
+        "--allow-readable-key",
+        action="store_true",
+        help="serve with a DIR/server-key.pem that group or others may access "
+        "(refused otherwise: chmod 600 it)",
+    )
+    tls.add_argument(
         "--tls-verify-peer",
         action="store_true",
         help="require a client certificate signed by DIR/ca-cert.pem",
@@ -305,7 +311,8 @@ def _check_exposure(args: argparse.Namespace, activation: _Activation | None) ->
 
 
 def _tls_config(args: argparse.Namespace) -> TLSConfig | None:
-    """The TLS settings from --tls, --tls-creds, --tls-verify-peer and --tls-authz."""
+    """The TLS settings from --tls, --tls-creds, --allow-readable-key, --tls-verify-peer
+    and --tls-authz."""
     if args.tls_psk is not None:
         if not getattr(ssl, "HAS_PSK", False) or sys.version_info < (3, 13):
             raise CommandError(
@@ -316,14 +323,18 @@ def _tls_config(args: argparse.Namespace) -> TLSConfig | None:
     mode = args.tls or (TLS_REQUIRE if args.tls_creds is not None else TLS_OFF)
     verify = args.tls_verify_peer or bool(args.tls_authz)
     if mode == TLS_OFF:
-        if args.tls_creds is not None or verify:
-            raise CommandError("--tls=off cannot be combined with --tls-creds, "
-                               "--tls-verify-peer or --tls-authz")  # fmt: skip
+        if args.tls_creds is not None or verify or args.allow_readable_key:
+            raise CommandError(
+                "--tls=off cannot be combined with --tls-creds, --tls-verify-peer, "
+                "--tls-authz or --allow-readable-key"
+            )
         return None
     if args.tls_creds is None:
         raise CommandError(f"--tls={mode} needs --tls-creds DIR")
     try:
-        context = load_credentials(args.tls_creds, verify_peer=verify)
+        context = load_credentials(
+            args.tls_creds, verify_peer=verify, allow_readable_key=args.allow_readable_key
+        )
         allowed = parse_allowed(args.tls_authz or [])
     except AddCowError as exc:
         raise CommandError(str(exc)) from exc
