@@ -107,6 +107,7 @@ from .loop_store import LoopReader
 from .protocol import (
     NEED_DATA,
     TLS_OFF,
+    TLS_REQUIRE,
     AbortRequested,
     ConnectionClosed,
     Disconnect,
@@ -448,7 +449,7 @@ class NBDServer:
         self._stopped = asyncio.Event()
         self._count = 0
         self.started_at = time.time()
-        self.uris: list[str] = []  # where it listens, as NBD URIs
+        self.uris: list[str] = []  # where it listens, as the NBD URIs clients use
         # Library calls in the pool (completion waits for them) and how many of
         # them serve clients (streaming yields to those).
         self._calls: set[asyncio.Future[Any]] = set()
@@ -527,9 +528,7 @@ class NBDServer:
                 f"cannot listen on {host} port {port}: {_strerror(exc)}", exc.errno
             ) from exc
         self._servers.append(server)
-        uri = socket_uri(server.sockets[0])
-        self.uris.append(uri)
-        return uri
+        return self._listening_on(server.sockets[0])
 
     async def listen_socket(self, sock: socket.socket) -> str:
         """Serve on a stream socket that already listens (Unix or TCP); returns the NBD URI.
@@ -550,7 +549,11 @@ class NBDServer:
         else:
             server = await asyncio.start_server(self._accept, sock=sock, limit=READ_SIZE)
         self._servers.append(server)
-        uri = socket_uri(sock)
+        return self._listening_on(sock)
+
+    def _listening_on(self, sock: socket.socket) -> str:
+        """Remember and return the URI a client uses: ``nbds`` when TLS is required."""
+        uri = socket_uri(sock, tls=self.tls is not None and self.tls.mode == TLS_REQUIRE)
         self.uris.append(uri)
         return uri
 
@@ -1352,15 +1355,16 @@ def _address(peer: Any) -> str:
     return str(peer) if peer else ""
 
 
-def socket_uri(sock: socket.socket) -> str:
-    """The NBD URI of a listening Unix or TCP socket."""
+def socket_uri(sock: socket.socket, *, tls: bool = False) -> str:
+    """The NBD URI of a listening Unix or TCP socket (``nbds`` ones with ``tls``)."""
     name = sock.getsockname()
+    scheme = "nbds" if tls else "nbd"
     if sock.family == socket.AF_UNIX:
         path = name.decode(errors="surrogateescape") if isinstance(name, bytes) else name
-        return f"nbd+unix:///?socket={path}"
+        return f"{scheme}+unix:///?socket={path}"
     host, port = name[0], name[1]
     host_part = f"[{host}]" if ":" in host else host
-    return f"nbd://{host_part}:{port}/"
+    return f"{scheme}://{host_part}:{port}/"
 
 
 def stdio_problem() -> str | None:
