@@ -12,6 +12,7 @@ on serving a good client.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import ssl
@@ -145,6 +146,38 @@ def test_tls_on_serves_plain_and_tls_clients(
         a_good_client_is_still_served(srv, certs)
 
 
+@pytest.mark.parametrize("mode", ["require", "on"])
+def test_status_names_the_uri_of_the_ready_line(
+    tmp_path: Path, image: Path, certs: dict[str, Path], mode: str
+) -> None:
+    """A client must use nbds:// when TLS is required, nbd:// when it is only offered:
+    the ready line, ``addcow status`` and its JSON ``uris`` say the same, on TCP and
+    on a Unix socket."""
+    control, sock = tmp_path / "ctl", tmp_path / "nbd.sock"
+    tls = ("--tls", mode, "--tls-creds", str(certs["srv"]), "--control", str(control))
+    scheme = "nbds" if mode == "require" else "nbd"
+    with served_tcp(tmp_path, image, args=tls) as srv:
+        assert srv.uri == f"{scheme}://127.0.0.1:{srv.port}/"
+        status = json.loads(addcow_cli("status", "--output=json", control).stdout)
+        assert status["server"]["uris"] == [srv.uri]
+        assert f" on {srv.uri}, TLS {mode}," in addcow_cli("status", control).stdout
+    proc = subprocess.Popen(
+        [ADDCOW, "serve", "--foreground", "--socket", str(sock), *tls, str(image)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with_addcow(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().strip().rsplit(" on ", 1)[1]
+        assert uri == f"{scheme}+unix:///?socket={sock}"
+        status = json.loads(addcow_cli("status", "--output=json", control).stdout)
+        assert status["server"]["uris"] == [uri]
+        assert f" on {uri}, TLS {mode}," in addcow_cli("status", control).stdout
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+
+
 # -- refusals ----------------------------------------------------------------------------
 
 
@@ -251,13 +284,17 @@ def test_negotiation_before_tls_is_forgotten(tls_server: TCPServer, certs: dict[
 def test_tls_configuration_mistakes_are_one_line(
     tmp_path: Path, image: Path, certs: dict[str, Path]
 ) -> None:
+    a_file = tmp_path / "creds.pem"
+    a_file.write_text("")
     cases = [
         (("--tls", "require"), "--tls=require needs --tls-creds DIR"),
         (("--tls-creds", str(tmp_path / "nowhere")), "TLS credentials directory not found"),
+        (("--tls-creds", str(a_file)), f"{a_file}: is a regular file, not a directory"),
         (("--tls-creds", str(certs["client"])), "server-cert.pem: not found"),
         (("--tls-creds", str(certs["srv"]), "--tls-authz", "nobody"),
          "invalid --tls-authz 'nobody'"),
         (("--tls", "off", "--tls-creds", str(certs["srv"])), "--tls=off cannot be combined"),
+        (("--allow-readable-key",), "--tls=off cannot be combined"),
         (("--tls-psk", str(tmp_path / "keys.psk")), "--tls-psk needs Python 3.13 or later"),
     ]  # fmt: skip
     for args, message in cases:
@@ -265,6 +302,35 @@ def test_tls_configuration_mistakes_are_one_line(
         assert proc.returncode == 1, (args, proc.stderr)
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("addcow: ") and message in lines[0], args
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_a_private_key_others_may_read_is_refused_unless_allowed(
+    tmp_path: Path, image: Path, certs: dict[str, Path], mode: int
+) -> None:
+    """As ssh and PostgreSQL treat a private key: group or other bits refuse the start,
+    with one line naming the key, its mode and the fix; --allow-readable-key serves."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    for name in ("server-cert.pem", "server-key.pem", "ca-cert.pem"):
+        (creds / name).write_bytes((certs["srv"] / name).read_bytes())
+    key = creds / "server-key.pem"
+    key.chmod(mode)
+    proc = subprocess.run(
+        [ADDCOW, "serve", "--foreground", "--port", "0", "--tls-creds", str(creds), str(image)],
+        capture_output=True, text=True, timeout=30, env=env_with_addcow(),
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr, proc.stdout) == (
+        1, f"addcow: {key}: the private key has mode {mode:04o}, open to group or others: "
+        f"chmod 600 {key} (or give --allow-readable-key)\n", "",
+    )  # fmt: skip
+    assert key.stat().st_mode & 0o777 == mode  # told, not changed
+    args = ("--tls-creds", str(creds), "--allow-readable-key")
+    with served_tcp(tmp_path, image, args=args) as srv:
+        a_good_client_is_still_served(srv, certs)
+    key.chmod(0o600)
+    with served_tcp(tmp_path, image, args=("--tls-creds", str(creds))) as srv:
+        a_good_client_is_still_served(srv, certs)
 
 
 def test_a_writable_export_on_every_address_is_served_with_tls(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import addcow as addcow_cli
 from conftest import require_tool, run
-from nbd_util import ADDCOW, env_with_addcow, snapshot
+from nbd_util import ADDCOW, env_with_addcow, served, snapshot
 
 import addcow
 from addcow.cli import serve_log
@@ -183,3 +183,42 @@ def test_a_log_file_that_is_a_fifo_is_refused_not_waited_on(
     assert (proc.returncode, proc.stderr) == (
         1, "addcow: --log-file /dev/null: is a character device, not a regular file\n"
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["foreground", "detached"])
+def test_a_failed_start_removes_the_log_file_it_created_and_no_other(
+    tmp_path: Path, image: Path, mode: str
+) -> None:
+    """An image in use, a socket path that cannot be bound and missing TLS
+    credentials fail the start: a log file the start created is gone, one that
+    was there is left as it was."""
+    other = tmp_path / "other.add-cow"
+    addcow.create(other, image_file="other.raw", size=MiB)
+    earlier = tmp_path / "earlier.log"
+    earlier.write_text("an earlier line\n")
+    earlier.chmod(0o640)
+    before = earlier.stat()
+    where = ("--foreground",) if mode == "foreground" else ()
+    with served(tmp_path, image):  # holds the image's write lock
+        for failing, message in (
+            (("--socket", str(tmp_path / "k.sock"), str(image)),
+             f"addcow: {image}: failed to get write lock"),
+            (("--socket", str(tmp_path / "no" / "k.sock"), str(other)),
+             f"addcow: {tmp_path / 'no' / 'k.sock'}: cannot listen"),
+            (("--socket", str(tmp_path / "k.sock"), "--tls-creds", str(tmp_path / "no"),
+              str(other)), f"addcow: {tmp_path / 'no'}: "),
+        ):  # fmt: skip
+            for log in (tmp_path / "new.log", earlier):
+                proc = subprocess.run(
+                    [ADDCOW, "serve", *where, "--log-file", str(log), *failing],
+                    capture_output=True, text=True, timeout=60, env=env_with_addcow(),
+                )  # fmt: skip
+                assert proc.returncode == 1 and proc.stderr.startswith(message), proc.stderr
+                assert proc.stdout == ""
+            assert not (tmp_path / "new.log").exists()
+            assert earlier.read_text() == "an earlier line\n"
+            after = earlier.stat()
+            assert (after.st_ino, after.st_mode, after.st_mtime_ns) == (
+                before.st_ino, before.st_mode, before.st_mtime_ns
+            )  # fmt: skip
+    assert not (tmp_path / "k.sock").exists()

@@ -5,7 +5,8 @@ and SAN localhost, 127.0.0.1), a client's, a client of another CA and an
 expired client, and returns credential directories laid out as qemu's
 ``tls-creds-x509`` and libnbd's ``tls-certificates=`` expect: ``srv`` (for
 ``addcow serve --tls-creds``), ``client``, ``other``, ``expired`` and
-``nocert`` (the CA only). ``openssl`` missing is a failure (``require_tool``).
+``nocert`` (the CA only); the private keys in them are mode 0600, as
+``addcow serve`` wants its own. ``openssl`` missing is a failure (``require_tool``).
 
 ``client_context`` is a Python client context trusting the test CA;
 ``starttls`` does NBD's STARTTLS in clear on a TCP socket; ``TLSRawClient``
@@ -82,17 +83,24 @@ def make_certs(work: Path) -> dict[str, Path]:
     srv.mkdir()
     for src, dst in (("ca.pem", "ca-cert.pem"), ("server-cert.pem", "server-cert.pem"),
                      ("server-key.pem", "server-key.pem")):  # fmt: skip
-        (srv / dst).write_bytes((work / src).read_bytes())
+        _copy(work / src, srv / dst)
     dirs["srv"] = srv
     for name in ("client", "other", "expired", "nocert"):
         d = work / name
         d.mkdir()
-        (d / "ca-cert.pem").write_bytes((work / "ca.pem").read_bytes())
+        _copy(work / "ca.pem", d / "ca-cert.pem")
         if name != "nocert":
-            (d / "client-cert.pem").write_bytes((work / f"{name}-cert.pem").read_bytes())
-            (d / "client-key.pem").write_bytes((work / f"{name}-key.pem").read_bytes())
+            _copy(work / f"{name}-cert.pem", d / "client-cert.pem")
+            _copy(work / f"{name}-key.pem", d / "client-key.pem")
         dirs[name] = d
     return dirs
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a credential; a private key (``*-key.pem``) is made private to its owner."""
+    dst.write_bytes(src.read_bytes())
+    if dst.name.endswith("-key.pem"):
+        dst.chmod(0o600)
 
 
 def fingerprint(cert: Path) -> str:

@@ -29,11 +29,13 @@ Files: a process removes only what it created itself, after it created it.
 It records what it made: the socket it bound (its ``st_dev`` and ``st_ino``,
 unlinked at exit only while the path still names that inode), the pidfile
 (unlinked only if this process created it or wrote its pid into it, and
-the path still names the file it locked) and its private directory. A start
-that fails therefore leaves every existing file as it was: a file or a
-directory at the socket path, another server's live socket, another
-server's pidfile. The one file replaced is a stale socket nobody listens
-on (it holds no data). The pidfile is locked with a POSIX record lock while
+the path still names the file it locked), its private directory, and a
+``--log-file`` it created (removed if the start fails before the server
+serves; :class:`~addcow.cli.serve_log.Logs`). A start that fails therefore
+leaves every existing file as it was: a file or a directory at the socket
+path, another server's live socket, another server's pidfile, a log file.
+The one file replaced is a stale socket nobody listens on (it holds no
+data). The pidfile is locked with a POSIX record lock while
 the server runs, as qemu-nbd locks its own: a second server naming it is
 refused before it opens anything, and the pid is written only once the
 server listens. A pidfile that starts with an image header (a disk image named
@@ -129,6 +131,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DIR",
         help="directory with server-cert.pem, server-key.pem, and ca-cert.pem (and "
         "optionally ca-crl.pem) to check clients",
+    )
+    tls.add_argument(
+        "--allow-readable-key",
+        action="store_true",
+        help="serve with a DIR/server-key.pem that group or others may access "
+        "(refused otherwise: chmod 600 it)",
     )
     tls.add_argument(
         "--tls-verify-peer",
@@ -235,21 +243,25 @@ def run(args: argparse.Namespace) -> int:
     if args.log_file is not None and args.syslog:
         raise CommandError("--log-file and --syslog: give one")
     detached = not (args.stdio or args.foreground or activation is not None)
-    keeps_log = serve_log.configure(
+    logs = serve_log.configure(
         verbose=args.verbose,
         log_format=args.log_format,
         log_file=args.log_file,
         syslog=args.syslog,
         detached=detached,
     )
-    args.tls_config = _tls_config(args)
-    _check_exposure(args, activation)
+    try:
+        args.tls_config = _tls_config(args)
+        _check_exposure(args, activation)
+    except BaseException:
+        logs.discard()
+        raise
     if activation is not None:
-        return _serve(args, names, _print_ready_to_stderr, activation)
+        return _serve(args, names, _print_ready_to_stderr, activation, logs)
     if args.stdio or args.foreground:
-        return _serve(args, names, _print_ready, None)
-    status = daemonize(lambda ready: _serve(args, names, ready, None))
-    if not keeps_log:
+        return _serve(args, names, _print_ready, None, logs)
+    status = daemonize(lambda ready: _serve(args, names, ready, None, logs))
+    if not logs.keeps_log:
         print(serve_log.NO_LOG_WARNING, file=sys.stderr, flush=True)
     return status
 
@@ -299,7 +311,8 @@ def _check_exposure(args: argparse.Namespace, activation: Activation | None) -> 
 
 
 def _tls_config(args: argparse.Namespace) -> TLSConfig | None:
-    """The TLS settings from --tls, --tls-creds, --tls-verify-peer and --tls-authz."""
+    """The TLS settings from --tls, --tls-creds, --allow-readable-key, --tls-verify-peer
+    and --tls-authz."""
     if args.tls_psk is not None:
         if not getattr(ssl, "HAS_PSK", False) or sys.version_info < (3, 13):
             raise CommandError(
@@ -310,14 +323,18 @@ def _tls_config(args: argparse.Namespace) -> TLSConfig | None:
     mode = args.tls or (TLS_REQUIRE if args.tls_creds is not None else TLS_OFF)
     verify = args.tls_verify_peer or bool(args.tls_authz)
     if mode == TLS_OFF:
-        if args.tls_creds is not None or verify:
-            raise CommandError("--tls=off cannot be combined with --tls-creds, "
-                               "--tls-verify-peer or --tls-authz")  # fmt: skip
+        if args.tls_creds is not None or verify or args.allow_readable_key:
+            raise CommandError(
+                "--tls=off cannot be combined with --tls-creds, --tls-verify-peer, "
+                "--tls-authz or --allow-readable-key"
+            )
         return None
     if args.tls_creds is None:
         raise CommandError(f"--tls={mode} needs --tls-creds DIR")
     try:
-        context = load_credentials(args.tls_creds, verify_peer=verify)
+        context = load_credentials(
+            args.tls_creds, verify_peer=verify, allow_readable_key=args.allow_readable_key
+        )
         allowed = parse_allowed(args.tls_authz or [])
     except AddCowError as exc:
         raise CommandError(str(exc)) from exc
@@ -365,6 +382,22 @@ def _serve(
     names: list[str],
     ready: Callable[[str], None],
     activation: Activation | None,
+    logs: serve_log.Logs,
+) -> int:
+    """Open the images and serve them; a start that fails discards the log file it made."""
+    try:
+        return _serve_images(args, names, ready, activation, logs)
+    except BaseException:
+        logs.discard()
+        raise
+
+
+def _serve_images(
+    args: argparse.Namespace,
+    names: list[str],
+    ready: Callable[[str], None],
+    activation: Activation | None,
+    logs: serve_log.Logs,
 ) -> int:
     pidfile = Pidfile.acquire(args.pidfile) if args.pidfile is not None else None
     try:
@@ -398,7 +431,7 @@ def _serve(
             # nothing else may be written to it.
             sys.stdout = sys.stderr
         with asyncio.Runner(loop_factory=args.loop_factory) as runner:
-            return runner.run(_main(args, exports, ready, pidfile, activation))
+            return runner.run(_main(args, exports, ready, pidfile, activation, logs))
     finally:
         if pidfile is not None:
             pidfile.release()
@@ -434,6 +467,7 @@ async def _main(
     ready: Callable[[str], None],
     pidfile: Pidfile | None,
     activation: Activation | None,
+    logs: serve_log.Logs,
 ) -> int:
     server = NBDServer(exports, max_connections=args.shared, tls=args.tls_config)
     server.install_signal_handlers()
@@ -446,9 +480,11 @@ async def _main(
             control = ControlServer(server)
             await control.listen(os.path.abspath(args.control))
         if activation is not None and not activation.listening:
+            logs.keep()
             server.start_live()
             await server.serve_connection(activation.sock)
         elif args.stdio:
+            logs.keep()
             server.start_live()
             await server.serve_stdio()
         else:
@@ -467,9 +503,8 @@ async def _main(
                 uri = await server.listen_unix(socket_path)
             if pidfile is not None:
                 pidfile.write(os.getpid())
-            if args.tls_config is not None and args.tls_config.mode == TLS_REQUIRE:
-                uri = uri.replace("nbd://", "nbds://", 1).replace("nbd+unix://", "nbds+unix://", 1)
             files = ", ".join(args.files)
+            logs.keep()
             ready(f"addcow: serving {files} on {uri}")
             server.start_live()
             await server.wait_stopped()

@@ -4,7 +4,9 @@ Destinations
     stderr always (until a detached server lets go of it), plus
     ``--log-file FILE`` (appended to, created 0600; a regular file only, so a
     FIFO is refused instead of waited on, and not a disk image: one that starts
-    with an image header or is in use is refused) or ``--syslog``
+    with an image header or is in use is refused; a start that fails before the
+    server serves removes the file if it created it, and leaves one that was
+    there as it was) or ``--syslog``
     (``/dev/log``, facility daemon: journald and rsyslog read it). A detached
     server without either logs to syslog when ``/dev/log`` exists; where it
     does not, a successful start says so on stderr after its ready line: the
@@ -76,18 +78,23 @@ def syslog_available() -> bool:
         return False
 
 
-def open_log_file(path: str) -> int:
+def open_log_file(path: str) -> tuple[int, bool]:
     """Open ``--log-file`` to append to (created 0600): a regular file, or CommandError.
 
-    The open does not wait: a FIFO, whose open for writing blocks until a
-    reader comes, is refused at once (ENXIO without a reader), as a device is.
-    A file that starts with an image header, or that another process has
-    locked (an image in use), is refused (:func:`addcow.targets.refuse_replacing`):
-    lines appended to a disk image would change it.
+    Returns the descriptor and whether this open created the file (only then
+    may a failed start remove it). The open does not wait: a FIFO, whose open
+    for writing blocks until a reader comes, is refused at once (ENXIO without
+    a reader), as a device is. A file that starts with an image header, or that
+    another process has locked (an image in use), is refused
+    (:func:`addcow.targets.refuse_replacing`): lines appended to a disk image
+    would change it.
     """
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read too: its first bytes are checked
     try:
-        fd = sysio.open_file(path, flags, 0o600, accept=stat.S_ISREG, expected="a regular file")
+        try:
+            fd, created = _open_regular(path, flags | os.O_EXCL), True
+        except FileExistsError:
+            fd, created = _open_regular(path, flags), False
     except sysio.WrongFileType as exc:
         raise CommandError(f"--log-file {path}: is {exc.kind}, not {exc.expected}") from None
     except OSError as exc:
@@ -105,7 +112,11 @@ def open_log_file(path: str) -> int:
     except AddCowError as exc:
         os.close(fd)
         raise CommandError(f"--log-file {exc}") from None
-    return fd
+    return fd, created
+
+
+def _open_regular(path: str, flags: int) -> int:
+    return sysio.open_file(path, flags, 0o600, accept=stat.S_ISREG, expected="a regular file")
 
 
 def _kind(path: str) -> str:
@@ -115,6 +126,40 @@ def _kind(path: str) -> str:
         return "a special file"
 
 
+class Logs:
+    """What :func:`configure` set up: whether a log is kept, and the log file it opened.
+
+    A log file this start created belongs to the server only once it serves
+    (:meth:`keep`); until then :meth:`discard` removes it, if the path still
+    names the file opened. A file that was there is never removed.
+    """
+
+    def __init__(self, keeps_log: bool, file: tuple[str, int, logging.Handler] | None = None):
+        self.keeps_log = keeps_log
+        """False if a detached server would keep no log (:data:`NO_LOG_WARNING`)."""
+        self._file = file  # (path, descriptor, handler) of a log file this start created
+
+    def keep(self) -> None:
+        """The server serves: the log file is its from now on."""
+        self._file = None
+
+    def discard(self) -> None:
+        """The start failed: remove the log file it created (if not kept)."""
+        if self._file is None:
+            return
+        path, fd, handler = self._file
+        self._file = None
+        try:
+            opened, now = os.fstat(fd), os.lstat(path)
+            if (opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino):
+                os.unlink(path)
+        except OSError:
+            pass  # gone already, or not ours to remove
+        finally:
+            logging.getLogger("addcow").removeHandler(handler)
+            handler.close()
+
+
 def configure(
     *,
     verbose: bool,
@@ -122,11 +167,8 @@ def configure(
     log_file: str | None,
     syslog: bool,
     detached: bool,
-) -> bool:
-    """Set up the ``addcow.serve`` loggers as the options say (see the module's note).
-
-    False if a detached server would keep no log (:data:`NO_LOG_WARNING`).
-    """
+) -> Logs:
+    """Set up the ``addcow.serve`` loggers as the options say (see the module's note)."""
     root = logging.getLogger("addcow")
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
@@ -140,7 +182,8 @@ def configure(
     )
     root.addHandler(stderr)
     if log_file is not None:
-        handler = logging.StreamHandler(os.fdopen(open_log_file(log_file), "a", buffering=1))
+        fd, created = open_log_file(log_file)
+        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
         handler.setFormatter(
             JSONFormatter()
             if json_format
@@ -149,7 +192,8 @@ def configure(
             )
         )
         root.addHandler(handler)
-    elif syslog or (detached and syslog_available()):
+        return Logs(True, (log_file, fd, handler) if created else None)
+    if syslog or (detached and syslog_available()):
         if not syslog_available():
             raise CommandError(f"--syslog: no syslog socket at {SYSLOG_SOCKET}")
         handler = logging.handlers.SysLogHandler(
@@ -161,9 +205,8 @@ def configure(
             else logging.Formatter("addcow-serve[%(process)d]: %(message)s")
         )
         root.addHandler(handler)
-    elif detached:
-        return False
-    return True
+        return Logs(True)
+    return Logs(not detached)
 
 
 NO_LOG_WARNING = (

@@ -62,7 +62,7 @@ from ..nbd.events import (
     StartTLS,
     TransmissionStarted,
 )
-from ..nbd.negotiation import TLS_OFF
+from ..nbd.negotiation import TLS_OFF, TLS_REQUIRE
 from ..stores import remote
 from . import live
 from .export import Export
@@ -113,7 +113,7 @@ class NBDServer(Router):
         self._stopped = asyncio.Event()
         self._count = 0
         self.started_at = time.time()
-        self.uris: list[str] = []  # where it listens, as NBD URIs
+        self.uris: list[str] = []  # where it listens, as the NBD URIs clients use
 
     @property
     def clients(self) -> list[Client]:
@@ -158,9 +158,7 @@ class NBDServer(Router):
                 f"cannot listen on {host} port {port}: {strerror(exc)}", exc.errno
             ) from exc
         self._servers.append(server)
-        uri = socket_uri(server.sockets[0])
-        self.uris.append(uri)
-        return uri
+        return self._listening_on(server.sockets[0])
 
     async def listen_socket(self, sock: socket.socket) -> str:
         """Serve on a stream socket that already listens (Unix or TCP); returns the NBD URI.
@@ -181,7 +179,11 @@ class NBDServer(Router):
         else:
             server = await asyncio.start_server(self._accept, sock=sock, limit=READ_SIZE)
         self._servers.append(server)
-        uri = socket_uri(sock)
+        return self._listening_on(sock)
+
+    def _listening_on(self, sock: socket.socket) -> str:
+        """Remember and return the URI a client uses: ``nbds`` when TLS is required."""
+        uri = socket_uri(sock, tls=self.tls is not None and self.tls.mode == TLS_REQUIRE)
         self.uris.append(uri)
         return uri
 

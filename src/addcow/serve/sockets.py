@@ -85,15 +85,16 @@ def peer_address(peer: Any) -> str:
     return str(peer) if peer else ""
 
 
-def socket_uri(sock: socket.socket) -> str:
-    """The NBD URI of a listening Unix or TCP socket."""
+def socket_uri(sock: socket.socket, *, tls: bool = False) -> str:
+    """The NBD URI of a listening Unix or TCP socket (``nbds`` ones with ``tls``)."""
     name = sock.getsockname()
+    scheme = "nbds" if tls else "nbd"
     if sock.family == socket.AF_UNIX:
         path = name.decode(errors="surrogateescape") if isinstance(name, bytes) else name
-        return f"nbd+unix:///?socket={path}"
+        return f"{scheme}+unix:///?socket={path}"
     host, port = name[0], name[1]
     host_part = f"[{host}]" if ":" in host else host
-    return f"nbd://{host_part}:{port}/"
+    return f"{scheme}://{host_part}:{port}/"
 
 
 def stdio_problem() -> str | None:

@@ -7,7 +7,9 @@ Credentials
     (optional: certificates it revokes are refused). :func:`load_credentials`
     turns it into a server :class:`ssl.SSLContext` offering TLS 1.2 and 1.3
     only ("Implementations MUST support TLS 1.2", proto.md; older versions are
-    not enabled).
+    not enabled). A private key that users other than its owner may access
+    (any group or other bit in its mode, as ssh and PostgreSQL judge a key)
+    is refused unless the caller allows it (``--allow-readable-key``).
 
 Modes (proto.md, "Server-side requirements")
     ``require`` is FORCEDTLS: every option but STARTTLS and ABORT is refused
@@ -34,8 +36,10 @@ import hashlib
 import os
 import re
 import ssl
+import stat
 from dataclasses import dataclass, field
 
+from .. import sysio
 from ..errors import AddCowError
 
 SERVER_CERT = "server-cert.pem"
@@ -97,14 +101,32 @@ class TLSConfig:
         return identity.dn in self.allowed or f"sha256:{identity.fingerprint}" in self.allowed
 
 
-def load_credentials(directory: str, *, verify_peer: bool) -> ssl.SSLContext:
-    """A server context from a qemu-nbd style credentials directory."""
-    if not os.path.isdir(directory):
-        raise TLSConfigError(f"{directory}: TLS credentials directory not found")
+def load_credentials(
+    directory: str, *, verify_peer: bool, allow_readable_key: bool = False
+) -> ssl.SSLContext:
+    """A server context from a qemu-nbd style credentials directory.
+
+    ``server-key.pem`` must be private to its owner (mode 0600 or less)
+    unless ``allow_readable_key``.
+    """
+    try:
+        kind = sysio.file_kind(os.stat(directory).st_mode)
+    except OSError:
+        raise TLSConfigError(f"{directory}: TLS credentials directory not found") from None
+    if kind != "a directory":
+        raise TLSConfigError(
+            f"{directory}: is {kind}, not a directory (the TLS credentials directory)"
+        )
     cert, key = os.path.join(directory, SERVER_CERT), os.path.join(directory, SERVER_KEY)
     for path in (cert, key):
         if not os.path.isfile(path):
             raise TLSConfigError(f"{path}: not found (the TLS credentials need it)")
+    mode = stat.S_IMODE(os.stat(key).st_mode)
+    if mode & 0o077 and not allow_readable_key:
+        raise TLSConfigError(
+            f"{key}: the private key has mode {mode:04o}, open to group or others: "
+            f"chmod 600 {key} (or give --allow-readable-key)"
+        )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # qemu-nbd and other clients may close without a TLS close_notify after
