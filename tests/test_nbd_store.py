@@ -26,7 +26,6 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from addcow.backing import Extent
 from conftest import require_tool
 from nbd_util import ddrescue_mapfile, served
 from tls_util import make_certs
@@ -42,6 +41,7 @@ from addcow.errors import (
 from addcow.nbd import wire
 from addcow.serve import loop_reader as loop_store
 from addcow.serve.loop_reader import LoopReader
+from addcow.stores import Extent
 from addcow.stores.base import remote_route
 from addcow.stores.remote import RetryPolicy
 from addcow.stores.remote import nbd as nbd_store
