@@ -378,11 +378,16 @@ def test_guest_boots_from_addcow_over_a_compressed_qcow2_then_stream_and_detach(
 def test_guest_runs_over_tls_while_the_server_streams_and_detaches(disk: Disk) -> None:
     """serve --stream --detach-when-complete on TCP with TLS, the client's certificate
     checked: the copy runs under the guest's own I/O (rate limited so the guest boots
-    while it runs), and the server then serves the raw file alone."""
+    while it runs), and the server then serves the raw file alone. The rate counts
+    the bytes read from the golden image, so it is set from the golden image's data:
+    about 20 s of streaming, longer than the guest's run."""
     d = disk
     (d.dir / "certs").mkdir()
     certs = make_certs(d.dir / "certs")
-    args = ("--stream", "--stream-rate", "3M", "--detach-when-complete",
+    extents = json.loads(run([require_tool("qemu-img"), "map", "--output=json",
+                              str(d.golden)]).stdout)  # fmt: skip
+    rate = max(4096, sum(e["length"] for e in extents if e["data"]) // 20)
+    args = ("--stream", "--stream-rate", str(rate), "--detach-when-complete",
             "--tls-creds", str(certs["srv"]), "--tls-verify-peer")  # fmt: skip
     with served_tcp(d.dir, d.image, args=args) as srv:
         tls = f"tls-creds-x509,id=tls0,dir={certs['client']},endpoint=client"
