@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -499,6 +499,39 @@ def test_eio_at_chosen_offsets_stops_the_stream_and_marks_none_of_them(
     with peer(nbdkit(sock, "file", str(path)), sock=sock, probe=True):
         cli("stream", image)
         check_clean(image)
+    qemu_compare(raw, path)
+
+
+def test_a_served_stream_that_fails_ends_and_starts_again(
+    tmp_path: Path, golden: tuple[Path, bytes]
+) -> None:
+    """``serve --stream`` over a golden server failing a range with EIO: the stream
+    ends with one line and status none (what it copied kept where it belongs, the
+    export still served); once the golden server reads that range again,
+    ``stream-start`` on the same server completes the image."""
+    path, data = golden
+    sock = tmp_path / "golden.sock"
+    control = tmp_path / "control.sock"
+    raw = tmp_path / "d.raw"
+
+    def stream_status() -> str:
+        query = json.loads(cli("status", "--output=json", control).stdout)
+        status: str = query["exports"][0]["stream"]["status"]
+        return status
+
+    with ExitStack() as failing:
+        failing.enter_context(peer(failing_golden(tmp_path, path, sock), sock=sock, probe=True))
+        image = create_image(tmp_path, unix_uri(sock))
+        with served(tmp_path, image, args=("--stream", "--control", str(control))) as srv:
+            assert srv.logged("stream failed: ", timeout=30), srv.stderr()
+            assert stream_status() == "none"
+            assert misplaced(raw, durable(image), data) == []
+            failing.close()
+            with peer(nbdkit(sock, "file", str(path)), sock=sock, probe=True):
+                cli("control", control, "stream-start")
+                wait_for(lambda: stream_status() == "concluded", 30, "no second stream")
+            assert "Traceback" not in srv.stderr()
+    check_clean(image)
     qemu_compare(raw, path)
 
 

@@ -244,7 +244,22 @@ async def _populate(
 
 
 async def stream(pool: LivePool, export: Export) -> None:
-    """Copy every unallocated cluster in the background, yielding to clients."""
+    """Copy every unallocated cluster in the background, yielding to clients.
+
+    A stream that fails (a read of the backing or a write of the image file
+    fails, the golden server stays away past the retry window) logs one line
+    and ends with status ``none``, as a cancelled one does: what it copied
+    keeps its bits, clients are served as before, and ``stream-start`` may try
+    again (QEMU's block-stream likewise ends its job on an error).
+    """
+    try:
+        await _stream(pool, export)
+    except (AddCowError, OSError) as exc:
+        export.live.stream_status = STREAM_NONE
+        log.error("%s: stream failed: %s", export.image.path, exc)
+
+
+async def _stream(pool: LivePool, export: Export) -> None:
     state, image = export.live, export.image
     rate = state.rate = state.rate or RateLimit(state.options.stream_rate)
     total = image.unallocated_bytes
