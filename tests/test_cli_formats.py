@@ -326,3 +326,21 @@ def test_a_convert_target_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     err = fails("convert", "-f", "raw", src, fifo)
     assert err == f"addcow: {fifo}: the target is a named pipe, not a regular file or block device"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("info", "--force", "x.add-cow"),
+        ("map", "--force", "x.add-cow"),
+        ("check", "--force", "x.add-cow"),
+        ("compare", "--force", "x.raw", "y.raw"),
+        ("io", "--force", "-c", "read 0 1", "x.add-cow"),
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_options_are_never_abbreviated(argv: tuple[str, ...]) -> None:
+    """``--force`` is not taken for ``--force-share`` (-U) where only that exists."""
+    proc = addcow_cli(*argv, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == "addcow: unrecognized arguments: --force (try 'addcow --help')\n"

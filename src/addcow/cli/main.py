@@ -16,7 +16,7 @@ import io
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..errors import AddCowError, LockError
 from ..version import __version__
@@ -49,7 +49,13 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one ``addcow:`` line and exit status 1, like qemu-img.
 
     (argparse's own status 2 would read as "corruptions found" from ``check``.)
+    Options are never abbreviated: ``--force`` must not be taken for
+    ``--force-share`` where only the latter exists.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"addcow: {message} (try '{self.prog} --help')", file=sys.stderr)
