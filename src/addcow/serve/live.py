@@ -391,8 +391,7 @@ async def finish(pool: LivePool, export: Export) -> None:
     try:
         had_backing = image.backing is not None
         await pool.call(image.release_backing)
-        if export.reader is not None:
-            await export.reader.close()
+        await export.close_readers()
         log.info(
             "%s: complete: every cluster is in %s, ALL_ALLOCATED is durable%s; "
             "serving the raw file directly",
