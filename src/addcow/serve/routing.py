@@ -1,5 +1,5 @@
 """How a request is served: in the event loop, on the loop's connection to an NBD
-backing, or in the thread pool.
+store, or in the thread pool.
 
 Design
     Each request the session reads goes to :meth:`Router._request`, which
