@@ -2,12 +2,15 @@
 
 ``served(...)`` starts the installed ``addcow`` script exactly as a user would,
 waits for its ready line, and on exit sends SIGTERM and checks that the
-server exited 0 after a clean shutdown. ``RawClient`` speaks the NBD wire
-format byte by byte (for the hostile-input tests); it checks nothing itself.
+server exited 0 after a clean shutdown. ``InProcessServer`` runs the server
+in a thread of the test's process, where a test may look at the library's
+calls. ``RawClient`` speaks the NBD wire format byte by byte (for the
+hostile-input tests); it checks nothing itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import selectors
@@ -17,6 +20,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -24,6 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import require_tool
+
+from addcow.image import AddCowImage
+from addcow.serve.export import Export
+from addcow.serve.server import NBDServer
 
 BIN = Path(sys.executable).parent
 ADDCOW = str(BIN / "addcow")
@@ -301,6 +309,35 @@ class RawClient:
 
 
 # -- start-up tests: what a failed start must leave alone ------------------------------------
+
+
+class InProcessServer:
+    """``NBDServer`` on a Unix socket in a thread of this process."""
+
+    def __init__(self, path: Path, sock: Path) -> None:
+        self.image = AddCowImage.open(path)
+        self.sock = str(sock)
+        self.loop = asyncio.new_event_loop()
+        self.server = NBDServer([Export.from_image(self.image, "", read_only=False)])
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,))
+        self.thread.start()
+        assert ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        async def main() -> None:
+            await self.server.listen_unix(self.sock)
+            ready.set()
+            await self.server.wait_stopped()
+            await self.server.close()
+
+        self.loop.run_until_complete(main())
+        self.loop.close()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.stop)
+        self.thread.join(30)
+        assert not self.thread.is_alive()
 
 
 def snapshot(*paths: Path) -> dict[str, object]:

@@ -1087,7 +1087,7 @@ def test_write_nowait_copies_several_unallocated_clusters_on_write(img_path: Pat
             assert f.read(3 * CLUSTER) == bytes(expected[2 * CLUSTER : 5 * CLUSTER])
 
 
-def test_reads_in_place_only_where_no_store_has_work_to_do(tmp_path: Path) -> None:
+def test_a_route_reads_in_place_only_where_no_store_has_work_to_do(tmp_path: Path) -> None:
     """The NBD server reads in its event loop only what is a plain copy from files:
     allocated clusters, a raw backing; never a compressed qcow2 cluster."""
     qemu_img = require_tool("qemu-img")
@@ -1101,7 +1101,7 @@ def test_reads_in_place_only_where_no_store_has_work_to_do(tmp_path: Path) -> No
                       backing_format=fmt)  # fmt: skip
         with addcow.open(path) as img:
             img.write(b"\x01" * CLUSTER, 0)
-            assert img.reads_in_place(100, 4096), "allocated: the image file"
-            assert img.reads_in_place(CLUSTER + 100, 4096) is in_place
-            assert img.reads_in_place(CLUSTER - 100, 200) is in_place  # mixed
+            assert img.route(100, 4096).in_place, "allocated: the image file"
+            assert img.route(CLUSTER + 100, 4096).in_place is in_place
+            assert img.route(CLUSTER - 100, 200).in_place is in_place  # mixed
             assert img.read(CLUSTER + 100, 4096) == raw.read_bytes()[CLUSTER + 100 : CLUSTER + 4196]

@@ -13,7 +13,6 @@ connection is closed, the server serves others).
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import struct
@@ -23,14 +22,12 @@ from pathlib import Path
 
 import pytest
 from conftest import CLUSTER, pattern
-from nbd_util import STRUCTURED_REPLY_MAGIC, RawClient, served
+from nbd_util import STRUCTURED_REPLY_MAGIC, InProcessServer, RawClient, served
+from qcow2_util import qemu_img, qemu_map
 
 import addcow
 from addcow.errors import AddCowIOError
-from addcow.image import AddCowImage
 from addcow.serve import routing
-from addcow.serve.export import Export
-from addcow.serve.server import NBDServer
 
 OFFSET_DATA, OFFSET_HOLE, NONE = 1, 2, 0
 DONE = 1
@@ -82,6 +79,28 @@ def test_large_read_from_one_file_is_data_then_done(
     assert at == offset
     assert got[0][2][8:] == expected[offset : offset + length]
     assert got[1][2] == b""
+
+
+def test_large_read_from_a_qcow2_backing_leaves_from_the_host_offset(tmp_path: Path) -> None:
+    """A run of normal clusters of a local qcow2 backing lies in one file, at its
+    host offset (qemu-img map, the referee, says where; not the guest offset):
+    it leaves with sendfile, as data then done, with the backing's bytes."""
+    data = b"".join(pattern(0x40 + i, CLUSTER) for i in range(8))
+    (tmp_path / "g.src").write_bytes(data)
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", tmp_path / "g.src", tmp_path / "g.qcow2")
+    offset, length = 2 * CLUSTER, 4 * CLUSTER
+    maps = qemu_map(tmp_path / "g.qcow2")
+    (run,) = [e for e in maps if e["start"] <= offset < e["start"] + e["length"]]
+    assert run["data"] and run["start"] + run["length"] >= offset + length, run
+    assert run["offset"] + offset - run["start"] != offset, "host and guest offsets differ"
+    path = tmp_path / "q.add-cow"
+    addcow.create(path, image_file="q.raw", backing_file="g.qcow2", backing_format="qcow2")
+    with served(tmp_path, path) as srv, RawClient(srv.socket) as c:
+        c.start()
+        c.request(0, offset, length, cookie=4)
+        got = chunks(c, 4)
+    assert [(flags, rtype) for flags, rtype, _ in got] == [(0, OFFSET_DATA), (DONE, NONE)]
+    assert got[0][2] == struct.pack(">Q", offset) + data[offset : offset + length]
 
 
 def test_large_read_starting_in_a_backing_hole_is_sent_as_a_hole(
@@ -136,35 +155,6 @@ def test_pipelined_large_reads_while_the_client_does_not_read(
 
 
 # -- the server in this process, with sendfile made to fall short ---------------------------
-
-
-class InProcessServer:
-    """``NBDServer`` on a Unix socket in a thread of this process."""
-
-    def __init__(self, path: Path, sock: Path) -> None:
-        self.image = AddCowImage.open(path)
-        self.sock = str(sock)
-        self.loop = asyncio.new_event_loop()
-        self.server = NBDServer([Export.from_image(self.image, "", read_only=False)])
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,))
-        self.thread.start()
-        assert ready.wait(10)
-
-    def _run(self, ready: threading.Event) -> None:
-        async def main() -> None:
-            await self.server.listen_unix(self.sock)
-            ready.set()
-            await self.server.wait_stopped()
-            await self.server.close()
-
-        self.loop.run_until_complete(main())
-        self.loop.close()
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.stop)
-        self.thread.join(30)
-        assert not self.thread.is_alive()
 
 
 def test_socket_full_mid_sendfile_sends_the_rest_from_a_buffer(

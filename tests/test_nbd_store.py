@@ -26,8 +26,9 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
-from nbd_util import ddrescue_mapfile, served
+from conftest import CLUSTER, require_tool
+from nbd_util import InProcessServer, RawClient, ddrescue_mapfile, served
+from qcow2_util import qemu_img, qemu_io
 from tls_util import make_certs
 
 import addcow
@@ -783,6 +784,59 @@ def test_loop_reads_from_qemu_nbd(tmp_path: Path) -> None:
         assert not store.loop_reads(4 * MiB - 4096, 8192)
         assert not store.loop_reads(0, 2 * MiB)
         assert store.loop_reads(4 * MiB - 4096, 4096)
+
+
+def test_served_reads_of_a_qcow2_golden_image_over_nbd_go_out_from_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image over a qcow2 golden image that qemu-nbd exports as bytes (``-f raw``),
+    served: a read of the golden image's normal clusters lies at their host offset
+    in that NBD store, and the server sends it on its event loop's own connection to
+    the store. Once that connection is open the store's own reads (watched) see
+    none of them, only the compressed clusters' reads in the pool; qemu-img compare,
+    the referee, finds the served disk equal to the golden image."""
+    src, qcow2, sock = tmp_path / "g.src", tmp_path / "g.qcow2", tmp_path / "g.sock"
+    src.write_bytes(b"".join(bytes([0x10 + i]) * CLUSTER for i in range(16)))
+    qemu_img("convert", "-q", "-c", "-f", "raw", "-O", "qcow2", src, qcow2)
+    qemu_io(qcow2, f"write -P 0x5a {4 * CLUSTER} {8 * CLUSTER}")  # 4-11 normal, the rest compressed
+    store_reads: list[tuple[int, int]] = []
+    store_readinto = NBDStore.readinto
+
+    def watched(store: NBDStore, buffer: memoryview, offset: int) -> int:
+        store_reads.append((offset, len(buffer)))
+        return store_readinto(store, buffer, offset)
+
+    monkeypatch.setattr(NBDStore, "readinto", watched)
+    with server(qemu_nbd(qcow2, sock, "-e", "4"), sock):
+        path = tmp_path / "d.add-cow"
+        addcow.create(path, image_file="d.raw", backing_file=unix_uri(sock),
+                      backing_format="qcow2")  # fmt: skip
+        srv = InProcessServer(path, tmp_path / "s.sock")
+        try:
+            with RawClient(srv.sock) as c:
+                c.start()
+                # The first reads map the clusters (the L2 table comes through the
+                # store) and open the loop's connection to the store holding them.
+                deadline = time.monotonic() + 5
+                while True:
+                    seen = len(store_reads)
+                    assert c.read(4 * CLUSTER, CLUSTER) == b"\x5a" * CLUSTER
+                    if len(store_reads) == seen:
+                        break
+                    assert time.monotonic() < deadline, "the store still reads them"
+                    time.sleep(0.02)
+                for offset, length in ((5, 1), (6, 2), (8, 3.5)):
+                    got = c.read(int(offset * CLUSTER), int(length * CLUSTER))
+                    assert got == b"\x5a" * int(length * CLUSTER), offset
+                assert len(store_reads) == seen, store_reads[seen:]
+                c.read(15 * CLUSTER, CLUSTER)  # compressed: inflated in the pool
+                assert len(store_reads) > seen
+            uri = f"nbd+unix:///?socket={srv.sock}"
+            got = subprocess.run([require_tool("qemu-img"), "compare", "-f", "raw", "-F", "qcow2",
+                                  uri, str(qcow2)], capture_output=True, text=True)  # fmt: skip
+            assert got.returncode == 0 and "Images are identical" in got.stdout, got
+        finally:
+            srv.stop()
 
 
 def test_loop_reads_only_with_multi_conn(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ States and rules:
 * Every change marks the 4 KiB page of bitmap bytes it touched as dirty.
   :meth:`Bitmap.take_dirty` hands the dirty pages, as copies, to the image's
   flush, which writes them after the image file's data is durable (the crash
-  ordering argument lives in :mod:`addcow.image`, which owns both files).
+  ordering argument lives in :mod:`addcow.image.core`, which owns both files).
 * Scans run at C speed: windows of the bitmap are turned into Python integers
   and searched with bit arithmetic, never with a Python loop over bits.
 

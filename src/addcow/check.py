@@ -40,7 +40,7 @@ Repairs guess nothing. Setting the bits that ALL_ALLOCATED already implied is
 safe because readers honoured the flag: the image file already *is* the
 content of those clusters. Repairs run under the exclusive lock taken at the
 start (so nothing changes between the check and the repair) and follow the
-crash ordering of :mod:`addcow.image`: fdatasync the image file, write the
+crash ordering of :mod:`addcow.image.core`: fdatasync the image file, write the
 changed bitmap pages, fdatasync the .add-cow file, then write the header last
 and fdatasync again. After repairing, the image is read back from disk and
 checked again; the result describes that second pass, plus the counts fixed.

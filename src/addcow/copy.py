@@ -10,14 +10,14 @@ so the copy stays sparse.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from . import sysio, zeros
 from .errors import FormatChoiceError, ImageFileError
 from .image import AddCowImage
 from .locking import lock_raw
-from .stores import BlockSource, open_store, registry
+from .stores import BlockSource, Extent, open_store, registry
 from .stores.chain import ChainGuard
 from .stores.magic import article, identify, read_head
 from .stores.raw import RawFile
@@ -97,23 +97,35 @@ def copy_to_raw(
     fd = open_target(src, dst_path, force=force)
     try:
         buf = bytearray(CHUNK)
-        pos = 0
-        while pos < src.size:
-            step = min(CHUNK, src.size - pos)
-            for ext in src.block_status_at(pos, step, 0):
-                if ext.zero:
-                    stats.skipped_zero += ext.length
-                    continue
-                _copy_data(src, fd, dst_path, ext.offset, ext.length, buf, stats)
-            pos += step
-            if progress is not None:
-                progress(step)
+        for ext in _data_extents(src, stats, progress):
+            _copy_data(src, fd, dst_path, ext.offset, ext.length, buf, stats)
         sysio.fdatasync(fd, dst_path)
     except OSError as exc:
         raise ImageFileError(f"{dst_path}: {exc.strerror}") from exc
     finally:
         os.close(fd)
     return stats
+
+
+def _data_extents(
+    src: BlockSource, stats: CopyStats, progress: Callable[[int], None] | None
+) -> Iterator[Extent]:
+    """The extents of ``src`` that may hold data, none longer than :data:`CHUNK`.
+
+    Zero ones are counted in ``stats.skipped_zero`` instead; ``progress`` hears
+    of each chunk once the caller is done with its extents.
+    """
+    pos = 0
+    while pos < src.size:
+        step = min(CHUNK, src.size - pos)
+        for ext in src.block_status_at(pos, step, 0):
+            if ext.zero:
+                stats.skipped_zero += ext.length
+            else:
+                yield ext
+        pos += step
+        if progress is not None:
+            progress(step)
 
 
 def open_target(src: BlockSource, dst_path: str, *, force: bool = False) -> int:
@@ -214,24 +226,15 @@ def copy_to_addcow(
     stats = CopyStats(size=src.size)
     buf = bytearray(CHUNK)
     cluster = dst.cluster_size
-    pos = 0
-    while pos < src.size:
-        step = min(CHUNK, src.size - pos)
-        for ext in src.block_status_at(pos, step, 0):
-            if ext.zero:
-                stats.skipped_zero += ext.length
-                continue
-            view = memoryview(buf)[: ext.length]
-            src.readinto(view, ext.offset)
-            for lo in range(0, ext.length, cluster):
-                hi = min(lo + cluster, ext.length)
-                if zeros.is_zero(buf, lo, hi):
-                    stats.skipped_zero += hi - lo
-                else:
-                    dst.write(view[lo:hi], ext.offset + lo)
-                    stats.copied += hi - lo
-        pos += step
-        if progress is not None:
-            progress(step)
+    for ext in _data_extents(src, stats, progress):
+        view = memoryview(buf)[: ext.length]
+        src.readinto(view, ext.offset)
+        for lo in range(0, ext.length, cluster):
+            hi = min(lo + cluster, ext.length)
+            if zeros.is_zero(buf, lo, hi):
+                stats.skipped_zero += hi - lo
+            else:
+                dst.write(view[lo:hi], ext.offset + lo)
+                stats.copied += hi - lo
     dst.flush()
     return stats

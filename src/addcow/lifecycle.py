@@ -5,7 +5,7 @@ image file with :meth:`AddCowImage.populate`, in spans of up to
 :data:`STREAM_SPAN` bytes (less under a rate: :mod:`addcow.streaming` says
 why), :data:`STREAM_THREADS` spans at once. Its progress is durable as it
 goes (:mod:`addcow.streaming` says when it commits), and
-flush writes data before bits (see :mod:`addcow.image`). A stream killed at
+flush writes data before bits (see :mod:`addcow.image.core`). A stream killed at
 any moment (Ctrl-C, kill -9, power loss) therefore leaves an image that reads
 correctly, and running it again skips every cluster whose bit reached the disk
 and copies the rest: the result is the same as an uninterrupted run. Spans
@@ -177,7 +177,7 @@ class _StreamRun:
     Spans go out in order under :attr:`lock`; each thread copies its own with
     :meth:`AddCowImage.populate`, which claims the clusters, writes the data and
     only then sets their bits. A flush from any thread makes every bit already
-    set durable after its data (the order :mod:`addcow.image` keeps), so
+    set durable after its data (the order :mod:`addcow.image.core` keeps), so
     spans finishing out of order change nothing about what a crash can leave.
     """
 

@@ -16,7 +16,7 @@ Spans
 
 Commits
     Progress is made durable by ``flush`` (data, then bits: the order argued
-    in :mod:`addcow.image`) after :data:`COMMIT_BYTES` bytes written or
+    in :mod:`addcow.image.core`) after :data:`COMMIT_BYTES` bytes written or
     :data:`COMMIT_SECONDS` seconds, whichever comes first
     (:class:`CommitPolicy`). A stream killed at any moment therefore loses at
     most that much work, and a rerun copies only what is still unallocated.

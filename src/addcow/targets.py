@@ -9,14 +9,14 @@ the file written:
 * a file that another open file holds a lock on (an image or raw file that
   ``addcow serve``, another addcow command or QEMU has open) is refused,
   ``force`` or not: the process using it would see its disk change under it;
-* a file that starts with an image header (:data:`addcow.magic.KNOWN_MAGICS`) is
+* a file that starts with an image header (:func:`addcow.stores.magic.known_magics`) is
   replaced only with ``force`` (``--force``);
 * any other file (a raw disk, an old copy) is replaced, as ``qemu-img convert``
   replaces its target, unless the caller refuses every existing file
   (``create`` does, for its .add-cow path).
 
 The first bytes are looked at only to refuse, never to choose a format
-(:mod:`addcow.magic`).
+(:mod:`addcow.stores.magic`).
 """
 
 from __future__ import annotations

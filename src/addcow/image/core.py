@@ -87,7 +87,6 @@ from ..stores.base import (
     BlockSource,
     Extent,
     Route,
-    RouteKind,
     file_route,
     joined,
     read_as_backing,
@@ -375,45 +374,6 @@ class ImageCore:
                 return POOL
             parts.append(part)
         return joined(parts)
-
-    def reads_in_place(self, offset: int, length: int) -> bool:
-        """Whether reading the range only copies bytes from files or zeros: the
-        :meth:`route` is FILE or INLINE. False where a store must work or wait
-        (decompressing, the network): an event loop hands such reads to a thread.
-
-        Derived from :meth:`route`, the one question to ask; kept while the NBD
-        server asks this one.
-        """
-        return self.route(offset, length).in_place
-
-    def source_fd(self, offset: int, length: int) -> int:
-        """The descriptor holding all ``length`` bytes at ``offset`` at that same offset, or -1.
-
-        For callers that copy a range to a socket themselves (``sendfile``): a
-        FILE :meth:`route` whose offset in the file is ``offset`` (the image
-        file, a raw backing file, the image file of an add-cow backing); -1 for
-        any other route, which :meth:`readinto` must serve. Derived from
-        :meth:`route`, the one question to ask; kept while the NBD server asks
-        this one. Use the descriptor at once (see :meth:`route`).
-        """
-        found = self.route(offset, length)
-        if found.kind is RouteKind.FILE and found.offset == offset:
-            return found.fd
-        return -1
-
-    def backing_for(self, offset: int, length: int) -> BlockSource | None:
-        """The remote store holding all ``length`` bytes at ``offset`` at that same
-        offset (a REMOTE :meth:`route`), or None.
-
-        For callers that read such a range from the store themselves (the
-        server's own connection to an NBD golden image). Derived from
-        :meth:`route`, the one question to ask; kept while the NBD server asks
-        this one. Use the store at once (see :meth:`route`).
-        """
-        found = self.route(offset, length)
-        if found.kind is RouteKind.REMOTE and found.offset == offset:
-            return found.store
-        return None
 
     def _backing_name(self) -> str:
         return str(getattr(self.backing, "path", None) or getattr(self.backing, "uri", "backing"))

@@ -6,7 +6,7 @@ This module does every read and write of the .add-cow file: the header
 (:func:`write_bitmap_pages`). The layout itself (offsets, fields, rules) is
 :mod:`addcow.format`'s; *when* each write may happen (data durable before the
 bits that point at it, the header last) is decided by the callers, and argued
-in :mod:`addcow.image`.
+in :mod:`addcow.image.core`.
 
 :func:`open_image_files` is the one open sequence shared by the image, check
 and commit: open the .add-cow file (refusing FIFOs and other special files),

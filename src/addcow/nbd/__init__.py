@@ -25,9 +25,11 @@ Client side
     :mod:`addcow.nbd.client`
         :class:`~addcow.nbd.client.ClientConnection`, the client's protocol alone.
 
-The asyncio server around :class:`~addcow.nbd.connection.ServerConnection`,
-which owns sockets, images and threads, is :mod:`addcow.serve.server`. A golden
-image on an NBD server used as a backing store is
+The asyncio server around :class:`~addcow.nbd.connection.ServerConnection` is
+the :mod:`addcow.serve` package: :mod:`addcow.serve.server` owns the sockets
+and connections, :mod:`addcow.serve.export` the served images,
+:mod:`addcow.serve.routing` the thread pool and where each request runs. A
+golden image on an NBD server used as a backing store is
 :mod:`addcow.stores.remote.nbd` (blocking sockets shared by threads), and
 :mod:`addcow.serve.loop_reader` reads such a store from the server's own event
 loop; both drive :mod:`addcow.nbd.client`.

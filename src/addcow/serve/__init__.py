@@ -6,16 +6,17 @@ One module per job, each importing only those above it in this list:
   and payload per connection, inline sizes, held replies, grace periods).
 * :mod:`~addcow.serve.tls`: TLS credentials, the client's identity, the
   ``--tls-authz`` allow list.
-* :mod:`~addcow.serve.loop_reader`: reads of an NBD backing sent from the
+* :mod:`~addcow.serve.loop_reader`: reads of an NBD store sent from the
   event loop, on a connection of its own.
 * :mod:`~addcow.serve.export`: one served image (:class:`~addcow.serve.export.Export`),
-  its counters and live state, and its block status in NBD's terms.
+  its counters, live state and loop readers, and its block status in NBD's terms.
 * :mod:`~addcow.serve.session`: one connection (:class:`~addcow.serve.session.Client`):
   its replies, held and sent together, reply buffers, budget, STARTTLS and close.
 * :mod:`~addcow.serve.live`: finishing an image while it is served: copy on
   read, streaming, completion, detach.
-* :mod:`~addcow.serve.routing`: how a request is served (event loop, the
-  loop's connection to an NBD backing, or the thread pool, which
+* :mod:`~addcow.serve.routing`: how a request is served, by the image's
+  route for a read (event loop, the loop's connection to an NBD store, or
+  the thread pool, which
   :class:`~addcow.serve.routing.Router` owns), and errors as NBD errors.
 * :mod:`~addcow.serve.sockets`: binding and listening, stdin/stdout, stale
   sockets, addresses and URIs.

@@ -11,9 +11,18 @@ Design
     Beside the image an export holds what the rest of the server keeps per
     image: its protocol description (:class:`~addcow.nbd.events.ExportInfo`),
     its :class:`Counters`, the state of its live features (:class:`LiveState`,
-    worked by :mod:`addcow.serve.live`), and the event loop's reader of an NBD
-    backing (:mod:`addcow.serve.loop_reader`). :func:`block_status` turns the
+    worked by :mod:`addcow.serve.live`), and the event loop's readers of NBD
+    stores (:mod:`addcow.serve.loop_reader`). :func:`block_status` turns the
     image's extents into the descriptors of NBD's metadata contexts.
+
+Loop readers
+    One per NBD store that a REMOTE route of the image names: the image's
+    backing, or the store holding the file of a qcow2 golden image behind an
+    NBD URI. :meth:`Export.reader_of` makes it on first use and keeps it
+    until :meth:`Export.close_readers`; the reader itself decides whether it
+    ever opens a connection (not over TLS, only when the server advertises
+    multi-conn, reopened at most once every
+    :data:`~addcow.serve.loop_reader.REOPEN_AFTER` seconds after a failure).
 
 This module sits below the server, the session, the routing of requests and
 the live features: it imports none of them.
@@ -28,6 +37,7 @@ from dataclasses import dataclass, field
 from ..image import AddCowImage
 from ..nbd import wire
 from ..nbd.events import ExportInfo
+from ..stores.base import BlockSource
 from ..stores.remote.nbd import NBDStore
 from ..streaming import RateLimit
 from .limits import MAX_EXTENTS
@@ -127,8 +137,9 @@ class Export:
     image: AddCowImage
     live: LiveState = field(default_factory=LiveState)
     counters: Counters = field(default_factory=Counters)
-    # Reads of an NBD backing from the event loop (:mod:`addcow.serve.loop_reader`).
-    reader: LoopReader | None = None
+    # Reads of NBD stores from the event loop, by store (see "Loop readers" above).
+    readers: dict[NBDStore, LoopReader] = field(default_factory=dict)
+    readers_closed: bool = False
 
     @classmethod
     def from_image(
@@ -143,8 +154,24 @@ class Export:
         description = f"add-cow image {image.path} (data in {image.image_path}"
         description += f", backing file {backing})" if backing else ")"
         info = ExportInfo(name=name, size=image.size, read_only=read_only, description=description)
-        reader = LoopReader(image.backing) if type(image.backing) is NBDStore else None
-        return cls(info, image, LiveState(live or LiveOptions()), reader=reader)
+        return cls(info, image, LiveState(live or LiveOptions()))
+
+    def reader_of(self, store: BlockSource | None) -> LoopReader | None:
+        """The event loop's reader of ``store``, made on first use; None unless
+        ``store`` is an NBD store, and once the readers are closed."""
+        if not isinstance(store, NBDStore):
+            return None
+        reader = self.readers.get(store)
+        if reader is None and not self.readers_closed:
+            reader = self.readers[store] = LoopReader(store)
+        return reader
+
+    async def close_readers(self) -> None:
+        """Close every loop reader (reads in flight end as broken ones do); none is
+        made after."""
+        self.readers_closed = True
+        for reader in self.readers.values():
+            await reader.close()
 
 
 def block_status(

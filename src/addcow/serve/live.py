@@ -42,7 +42,7 @@ Completion (always, for writable exports)
     When every bit is set (by streaming, copy on read or client writes) the
     server waits for the library calls that were in the pool at that moment
     (the only ones that may still be reading the backing file; see
-    "Completing while in use" in :mod:`addcow.image`), then calls
+    "Completing while in use" in :mod:`addcow.image.finish`), then calls
     :meth:`~addcow.image.AddCowImage.release_backing`: the image is flushed,
     a version 2 header gets ALL_ALLOCATED, reads go straight to the raw file
     and the backing file is closed. With ``--detach-when-complete`` it then
@@ -406,8 +406,7 @@ async def finish(pool: LivePool, export: Export) -> None:
     try:
         had_backing = image.backing is not None
         await pool.call(image.release_backing)
-        if export.reader is not None:
-            await export.reader.close()
+        await export.close_readers()
         log.info(
             "%s: complete: every cluster is in %s, ALL_ALLOCATED is durable%s; "
             "serving the raw file directly",

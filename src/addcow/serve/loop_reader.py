@@ -3,14 +3,16 @@
 Design note
 ===========
 
-Why. A client's read of an unallocated range of an image over an NBD
-backing would otherwise go to the thread pool: a worker sends the request on
-the store's blocking connection, waits for the reply and wakes the loop, two
-thread hand-offs with the GIL traded at each. Here the loop sends the request
-on a connection of its own and answers the client when the reply arrives, as
-QEMU's NBD client runs in its block layer's AIO context. Requests made in one
-turn of the loop leave in one write; the replies that one receive brings are
-parsed in one pass.
+Why. A client's read of a range whose route is REMOTE (it lies in one NBD
+store: an NBD backing, or the store holding the file of a qcow2 golden image
+behind an NBD URI, at the route's offset) would otherwise go to the thread
+pool: a worker sends the request on the store's blocking connection, waits
+for the reply and wakes the loop, two thread hand-offs with the GIL traded at
+each. Here the loop sends the request on a connection of its own and answers
+the client when the reply arrives, as QEMU's NBD client runs in its block
+layer's AIO context. Requests made in one turn of the loop leave in one
+write; the replies that one receive brings are parsed in one pass. The
+export holds one reader per such store (:meth:`~addcow.serve.export.Export.reader_of`).
 
 What it takes from the store. :meth:`~addcow.stores.remote.nbd.NBDStore.loop_connection`
 opens and negotiates the connection in a worker thread (connecting blocks),

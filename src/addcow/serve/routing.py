@@ -1,11 +1,19 @@
 """How a request is served: in the event loop, on the loop's connection to an NBD
-backing, or in the thread pool.
+store, or in the thread pool.
 
 Design
     Each request the session reads goes to :meth:`Router._request`, which
     decides where it runs, with one small function per policy decision
     (``_writes_inline``, ``_reads_inline``, ``_sendfile_waits``,
-    ``_replies_over_bound``).
+    ``_replies_over_bound``). A read asks the image one question first,
+    :meth:`~addcow.image.AddCowImage.route`, and every decision and action
+    takes that answer (:class:`~addcow.stores.base.Route`): FILE or INLINE
+    reads in the loop, FILE with its descriptor and offset for ``sendfile``,
+    REMOTE with its store and offset for the loop's connection to that
+    store, POOL for a thread. An answer holds only until the backing may be
+    released (see "Completing while in use" in :mod:`addcow.image.finish`),
+    so it is used before the request waits for anything; a read that waits
+    first (for the socket to drain, for the budget) asks again when it acts.
 
     The hot paths stay in the event loop: reads up to ``INLINE_READ_MAX``, and
     writes up to ``INLINE_WRITE_MAX`` into allocated clusters or inside one
@@ -16,12 +24,14 @@ Design
     no copy in Python); the small replies of inline requests are held and sent
     together when the session next waits.
 
-    A read that lies wholly in an NBD backing (no cluster of it allocated)
-    needs no thread either: the loop sends it on a connection of its own to
-    the golden server (:mod:`addcow.serve.loop_reader`) and replies from the
-    callback when the data is in the reply buffer. Where that connection
-    cannot take it (TLS, no multi-conn, it broke), the pool reads it through
-    the store, which reconnects as it must.
+    A read whose route is REMOTE (it lies wholly in one NBD store: the
+    backing, or the store holding a qcow2 golden image's file, at the
+    route's offset) needs no thread either: the loop sends it on a
+    connection of its own to that server (the export's
+    :class:`~addcow.serve.loop_reader.LoopReader` of the store) and replies
+    from the callback when the data is in the reply buffer. Where that
+    connection cannot take it (TLS, no multi-conn, it broke), the pool reads
+    it through the image, whose store reconnects as it must.
 
     Everything else runs in the thread pool (:meth:`Router._execute`, one
     task per request, counted against the connection's budget); its reply
@@ -69,6 +79,7 @@ from ..image import AddCowImage
 from ..nbd import wire
 from ..nbd.connection import ServerConnection
 from ..nbd.events import Request
+from ..stores.base import Route, RouteKind
 from . import live
 from . import loop_reader as loop_store
 from .export import Export, block_status
@@ -132,7 +143,7 @@ class Router:
         """Serve one request: in the event loop where the policy allows, else in the pool.
 
         Returns None once the session may read on (an inline request has been
-        answered or its reply held, a read sent to the NBD backing), else what
+        answered or its reply held, a read sent to an NBD store), else what
         the session must await first: the waits around an inline read, or a
         pool request getting its task and budget. The common inline read needs
         no coroutine at all, which is most of its cost after the system calls.
@@ -148,40 +159,50 @@ class Router:
             if reply is not None:
                 client.hold(reply)
                 return None
-        if _reads_inline(export, req):
+        if req.command != wire.CMD_READ:
+            return self._submit(client, req)
+        route = export.image.route(req.offset, req.length)
+        if _reads_inline(req, route):
             if export.live.copies_on_read or _sendfile_waits(client, req):
-                return self._serve_inline_read(client, conn, export, req)
+                return self._serve_inline_read(client, conn, export, req, route)
             # _serve_inline_read with nothing to wait for before the read.
-            self._inline_read(client, conn, export, req)
+            self._inline_read(client, conn, export, req, route)
             return _bound_inline_replies(client) if _replies_over_bound(client) else None
-        if self._start_backing_read(client, conn, export, req):
+        if self._start_backing_read(client, conn, export, req, route):
             return None
-        return self._submit(client, req)
+        return self._submit(client, req, remote=route.kind is RouteKind.REMOTE)
 
     async def _serve_inline_read(
-        self, client: Client, conn: ServerConnection, export: Export, req: Request
+        self, client: Client, conn: ServerConnection, export: Export, req: Request, route: Route
     ) -> None:
         """An inline read with the waits around it: for sendfile, for room, for copy on read."""
-        await _wait_for_sendfile(client, req)
-        self._inline_read(client, conn, export, req)
+        if _sendfile_waits(client, req):
+            client.flush()
+            await drain(client.writer)
+            route = export.image.route(req.offset, req.length)  # asked again after a wait
+        self._inline_read(client, conn, export, req, route)
         await _bound_inline_replies(client)
         if export.live.copies_on_read:
             client.flush()
             await live.copy_on_read(export, req.offset, req.length)
 
-    async def _submit(self, client: Client, req: Request) -> None:
-        """Hand a request to the pool once the budget has room; its task sends the reply."""
+    async def _submit(self, client: Client, req: Request, *, remote: bool = False) -> None:
+        """Hand a request to the pool once the budget has room; its task sends the reply.
+
+        ``remote``: a read whose route was REMOTE; its task tries the loop's
+        connection to that store first (:meth:`_read_remote`).
+        """
         cost = req.length if req.command in _PAYLOAD_COMMANDS else 0
         client.flush()
         await client.budget.acquire(cost)
-        task = asyncio.create_task(self._execute(client, req, cost))
+        task = asyncio.create_task(self._execute(client, req, cost, remote))
         client.tasks.add(task)
         task.add_done_callback(client.tasks.discard)
         self._requests.add(task)
         task.add_done_callback(self._requests.discard)
 
     def _inline_read(
-        self, client: Client, conn: ServerConnection, export: Export, req: Request
+        self, client: Client, conn: ServerConnection, export: Export, req: Request, route: Route
     ) -> None:
         """A read done in the event loop, and its reply queued: no task, no thread hand-off.
 
@@ -194,7 +215,7 @@ class Router:
         the hand-off of a request to a worker thread and back, so the loop
         does it itself.
         """
-        if req.length >= SENDFILE_MIN and self._sendfile_read(client, conn, export, req):
+        if req.length >= SENDFILE_MIN and self._sendfile_read(client, conn, export, req, route):
             return
         end = wire.READ_HEADROOM + req.length
         buf = client.reply_buffer(end)
@@ -209,51 +230,43 @@ class Router:
         client.hold_read(conn.reply_read_into(buf, req.cookie, req.offset, req.length, df=df), buf)
 
     def _start_backing_read(
-        self, client: Client, conn: ServerConnection, export: Export, req: Request
+        self, client: Client, conn: ServerConnection, export: Export, req: Request, route: Route
     ) -> bool:
-        """Send a read that lies wholly in an NBD backing on the loop's own connection
-        to it, its reply to follow when the data comes; False if it cannot go there.
+        """Send a read whose route is REMOTE on the loop's own connection to its
+        store, its reply to follow when the data comes; False if it cannot go there.
 
         No task and no thread: :meth:`_backing_read_done` replies from the
         reader's callback, into a reply buffer as inline reads do. Reads with
-        copy on read take the task path (:meth:`_read_backing`), whose queue may
+        copy on read take the task path (:meth:`_read_remote`), whose queue may
         make them wait. At most :data:`MAX_REQUESTS` of a connection's reads
         are here at once, besides the budget of its pool requests.
         """
-        if (
-            export.reader is None
-            or req.command != wire.CMD_READ
-            or client.backing_reads >= MAX_REQUESTS
-            or export.live.copies_on_read
-        ):
+        reader = _remote_reader(export, route)
+        if reader is None or client.backing_reads >= MAX_REQUESTS or export.live.copies_on_read:
             return False
         end = wire.READ_HEADROOM + req.length
         buf = client.reply_buffer(end)
-        read = self._send_backing_read(
-            export, memoryview(buf)[wire.READ_HEADROOM : end], req.offset
-        )
+        read = self._send_backing_read(reader, memoryview(buf)[wire.READ_HEADROOM : end], route)
         if read is None:
             client.free_buffers.append(buf)
             return False
         client.backing_reads += 1
         client.tasks.add(read)
-        read.add_done_callback(functools.partial(self._backing_read_done, client, req, buf))
+        done = functools.partial(self._backing_read_done, client, req, buf, reader.store.uri)
+        read.add_done_callback(done)
         return True
 
     def _send_backing_read(
-        self, export: Export, view: memoryview, offset: int
+        self, reader: loop_store.LoopReader, view: memoryview, route: Route
     ) -> asyncio.Future[Any] | None:
-        """Send a read that lies wholly in an NBD backing on the loop's own connection
-        to it; None if it does not, or that connection cannot take it now.
+        """Send a read of ``route.offset`` in the reader's store on the loop's own
+        connection to it; None if that connection cannot take it now.
 
         The read is one of :meth:`pending` until it is done, so completion waits
         for it before it releases the backing, as for a call in the pool; and it
         counts as a client's call, which streaming yields to.
         """
-        reader = export.reader
-        if reader is None or export.image.backing_for(offset, len(view)) is not reader.store:
-            return None
-        read = reader.read(view, offset)
+        read = reader.read(view, route.offset)
         if read is None:
             return None
         self._client_calls += 1
@@ -267,25 +280,24 @@ class Router:
         return read
 
     def _backing_read_done(
-        self, client: Client, req: Request, buf: bytearray, read: asyncio.Future[Any]
+        self, client: Client, req: Request, buf: bytearray, uri: str, read: asyncio.Future[Any]
     ) -> None:
-        """Reply to a read :meth:`_start_backing_read` sent (or hand it to the pool)."""
+        """Reply to a read :meth:`_start_backing_read` sent to the NBD store at
+        ``uri`` (or hand it to the pool)."""
         client.backing_reads -= 1
         client.tasks.discard(read)
         conn, export = client.conn, client.export
         if read.cancelled() or conn is None or export is None or client.writer.is_closing():
             return
-        reader = export.reader
-        assert reader is not None
         try:
-            done = loop_store.outcome(read, reader.store.uri, req.offset, req.length)
+            done = loop_store.outcome(read, uri, req.offset, req.length)
         except AddCowError as exc:
             log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
             client.send(conn.reply_error(req.cookie, nbd_errno(exc), str(exc)))
             return
         if not done:  # the connection broke: the store reads it, reconnecting as needed
             if not self._stopping:
-                task = asyncio.create_task(self._submit(client, req))
+                task = asyncio.create_task(self._submit(client, req, remote=True))
                 client.tasks.add(task)
                 task.add_done_callback(client.tasks.discard)
             return
@@ -294,28 +306,30 @@ class Router:
         client.flush_soon()
 
     def _sendfile_read(
-        self, client: Client, conn: ServerConnection, export: Export, req: Request
+        self, client: Client, conn: ServerConnection, export: Export, req: Request, route: Route
     ) -> bool:
-        """Send a read of data that lies in one file with ``sendfile``; False if it cannot.
+        """Send a read whose route is FILE with ``sendfile``; False if it cannot.
 
-        Only when the transport has nothing queued (so the bytes go straight to
-        the socket in order) and the range starts with data in that file (one
-        ``lseek(SEEK_DATA)``; a range that starts in a file hole is left to the
-        buffered path, which sends it as OFFSET_HOLE). Zero bytes after that
-        start go out as data: a server MAY send holes, it need not. If the
-        socket fills up, the rest is read into a buffer and queued; if that read
-        fails, the header has promised bytes that cannot follow, so the
-        connection is closed.
+        The bytes are at the route's offset in its file: the guest offset in the
+        image file or a raw backing, the host offset of a run of normal
+        clusters in a qcow2 file. Only when the transport has nothing queued
+        (so the bytes go straight to the socket in order) and the range starts
+        with data in that file (one ``lseek(SEEK_DATA)``; a range that starts
+        in a file hole is left to the buffered path, which sends it as
+        OFFSET_HOLE). Zero bytes after that start go out as data: a server MAY
+        send holes, it need not. If the socket fills up, the rest is read into
+        a buffer and queued; if that read fails, the header has promised bytes
+        that cannot follow, so the connection is closed.
         """
         offset, length = req.offset, req.length
-        fd = export.image.source_fd(offset, length)
+        fd, at = route.fd, route.offset
         writer = client.writer
-        if fd < 0 or client.fd < 0 or writer.is_closing():
+        if route.kind is not RouteKind.FILE or client.fd < 0 or writer.is_closing():
             return False
         if writer.transport.get_write_buffer_size():
             return False
         try:
-            if os.lseek(fd, offset, os.SEEK_DATA) != offset:
+            if os.lseek(fd, at, os.SEEK_DATA) != at:
                 return False
         except OSError:  # ENXIO: no data from offset to the end of the file
             return False
@@ -324,7 +338,7 @@ class Router:
         if client.send(head):
             while sent < length:
                 try:
-                    count = os.sendfile(client.fd, fd, offset + sent, length - sent)
+                    count = os.sendfile(client.fd, fd, at + sent, length - sent)
                 except OSError:  # the socket is full (or the file misbehaves)
                     break
                 if not count:
@@ -367,13 +381,13 @@ class Router:
         live.check_complete(self, export)
         return conn.reply_ok(req.cookie)
 
-    async def _execute(self, client: Client, req: Request, cost: int) -> None:
+    async def _execute(self, client: Client, req: Request, cost: int, remote: bool) -> None:
         conn, export = client.conn, client.export
         try:
             if conn is None or export is None:  # pragma: no cover - set before requests
                 return
             try:
-                reply = await self._perform(conn, export, req)
+                reply = await self._perform(conn, export, req, remote)
             except (AddCowError, OSError) as exc:
                 code = nbd_errno(exc)
                 log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
@@ -392,7 +406,7 @@ class Router:
             await client.budget.release(cost)
 
     async def _perform(
-        self, conn: ServerConnection, export: Export, req: Request
+        self, conn: ServerConnection, export: Export, req: Request, remote: bool
     ) -> bytes | list[bytes | memoryview]:
         image = export.image
         call = self._client_call
@@ -400,7 +414,7 @@ class Router:
         fua = bool(flags & wire.CMD_FLAG_FUA)
         if command == wire.CMD_READ:
             buf = bytearray(length)
-            if not await self._read_backing(export, buf, offset):
+            if not (remote and await self._read_remote(export, buf, offset)):
                 await call(image.readinto, buf, offset)
             return conn.reply_read(
                 req.cookie, offset, memoryview(buf), df=bool(flags & wire.CMD_FLAG_DF)
@@ -442,13 +456,16 @@ class Router:
             return conn.reply_block_status(req.cookie, extents)
         return conn.reply_ok(req.cookie)
 
-    async def _read_backing(self, export: Export, buf: bytearray, offset: int) -> bool:
+    async def _read_remote(self, export: Export, buf: bytearray, offset: int) -> bool:
         """:meth:`_send_backing_read` into ``buf``, awaited; False if it did not go
-        there (or that connection broke)."""
-        read = self._send_backing_read(export, memoryview(buf), offset)
-        if read is None or export.reader is None:
+        there (or that connection broke). The route is asked here, when the read
+        is sent: the task may have waited since :meth:`_request` asked."""
+        route = export.image.route(offset, len(buf))
+        reader = _remote_reader(export, route)
+        read = None if reader is None else self._send_backing_read(reader, memoryview(buf), route)
+        if reader is None or read is None:
             return False
-        return await loop_store.finish(read, export.reader.store.uri, offset, len(buf))
+        return await loop_store.finish(read, reader.store.uri, offset, len(buf))
 
 
 def nbd_errno(exc: BaseException) -> int:
@@ -493,13 +510,16 @@ def _writes_inline(req: Request) -> bool:
     )
 
 
-def _reads_inline(export: Export, req: Request) -> bool:
-    """Whether a read runs in the event loop: a small one that only copies from files."""
-    return (
-        req.command == wire.CMD_READ
-        and req.length <= INLINE_READ_MAX
-        and export.image.reads_in_place(req.offset, req.length)
-    )
+def _reads_inline(req: Request, route: Route) -> bool:
+    """Whether a read runs in the event loop: a small one that only copies from
+    files or fills zeros (its route is FILE or INLINE)."""
+    return req.length <= INLINE_READ_MAX and route.in_place
+
+
+def _remote_reader(export: Export, route: Route) -> loop_store.LoopReader | None:
+    """The export's loop reader of the store a REMOTE route names; None for any
+    other route, or a store the loop cannot read."""
+    return export.reader_of(route.store) if route.kind is RouteKind.REMOTE else None
 
 
 def _sendfile_waits(client: Client, req: Request) -> bool:
@@ -507,13 +527,6 @@ def _sendfile_waits(client: Client, req: Request) -> bool:
     ``sendfile``, which needs the transport empty (its bytes go straight to the
     socket), and replies are queued."""
     return req.length >= SENDFILE_MIN and bool(client.writer.transport.get_write_buffer_size())
-
-
-async def _wait_for_sendfile(client: Client, req: Request) -> None:
-    """Before an inline read that may leave with ``sendfile``: let the socket drain."""
-    if _sendfile_waits(client, req):
-        client.flush()
-        await drain(client.writer)
 
 
 def _replies_over_bound(client: Client) -> bool:

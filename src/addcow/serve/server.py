@@ -121,12 +121,19 @@ class NBDServer(Router):
         return list(self._clients)
 
     def start_live(self) -> None:
-        """Start copy on read and streaming tasks and the loop's connections to NBD
-        backings; finish exports already complete."""
+        """Start copy on read and streaming tasks and the loop's connection to an
+        NBD backing; finish exports already complete.
+
+        The reader of an image's own backing, when that is an NBD store, opens
+        its connection now, so the first reads need not wait for it; the
+        readers of stores deeper down (the NBD store holding a qcow2 golden
+        image) are made and opened by the first read routed to them.
+        """
         for export in self.exports:
             live.start(self, export)
-            if export.reader is not None and not export.image.complete:
-                export.reader.start()
+            reader = None if export.image.complete else export.reader_of(export.image.backing)
+            if reader is not None:
+                reader.start()
 
     # -- listening ------------------------------------------------------------------
 
@@ -266,8 +273,7 @@ class NBDServer(Router):
             await asyncio.wait(self._requests, timeout=SHUTDOWN_GRACE)
         for export in self.exports:
             await live.stop_tasks(export, SHUTDOWN_GRACE)
-            if export.reader is not None:
-                await export.reader.close()
+            await export.close_readers()
         # No request may still be inside the library when its image closes: wait
         # for every thread, then close (which flushes) in this thread.
         self._pool.shutdown(wait=True)
