@@ -13,9 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import sysio
-from ..stores.base import Extent
-from ..stores.qcow2 import Qcow2File
-from ..stores.raw import RawFile
+from ..stores.base import Extent, RouteKind
 from .core import ImageCore
 
 _POPULATE_CHUNK = 4 << 20
@@ -95,11 +93,10 @@ class Populating(ImageCore):
         )
         if backing_end < hi:
             extents.append(Extent(backing_end, hi - backing_end, 1, False, True, None))
-        # Data stored plainly in the backing file itself (a raw file, a qcow2
-        # file's normal clusters: depth 1 with a host offset) is copied file to
-        # file (a reflink where the file system shares extents).
-        direct = type(self.backing) in (RawFile, Qcow2File)
-        backing_fd: int = getattr(self.backing, "fd", -1) if direct else -1
+        # Data that one local file of the backing holds plainly (its route is a
+        # FILE: a raw file, a qcow2 file's normal clusters) is copied file to file
+        # (a reflink where the file system shares extents).
+        backing = self.backing
         # Zero ranges must read as zero in the image file: punched, in case it holds
         # old bytes there (a crash between data and bit, a shrink). Where the file
         # has no data in [lo, hi) at all (a fresh image file), nothing needs punching;
@@ -115,8 +112,11 @@ class Populating(ImageCore):
                 zero += ext.length
                 reached[0] = ext.offset + ext.length
                 continue
-            copy_from = backing_fd if ext.depth == 1 and ext.host_offset is not None else -1
-            delta = ext.host_offset - ext.offset if ext.host_offset is not None else 0
+            copy_from, delta = -1, 0
+            if backing is not None and ext.depth == 1 and ext.host_offset is not None:
+                route = backing.route(ext.offset, ext.length)
+                if route.kind is RouteKind.FILE:
+                    copy_from, delta = route.fd, route.offset - ext.offset
             pos, stop = ext.offset, ext.offset + ext.length
             while pos < stop:
                 step = min(stop - pos, _POPULATE_CHUNK)
