@@ -321,3 +321,19 @@ def test_view_over_an_nbd_backing(tmp_path: Path, base_raw: Path) -> None:
         assert _content(image) == seen
     finally:
         os.kill(int(pid.read_text()), 15)
+
+
+def test_a_pending_view_is_refused_and_fold_finishes_it(tmp_path: Path, base_raw: Path) -> None:
+    image = _image(tmp_path, base_raw)
+    content = _content(image)
+    raw = bytearray(image.read_bytes())
+    header = Header.unpack(bytes(raw[:4096]))
+    raw[:4096] = header._replace(view_name=b"v.qcow2").pack()  # the record, no bit
+    image.write_bytes(raw)
+    (tmp_path / "v.qcow2").write_bytes(b"a view cut short")
+    proc = addcow("info", image, check=False)
+    assert proc.returncode == 1
+    assert "was being made or folded when it stopped; run: addcow fold" in proc.stderr
+    addcow("fold", image)
+    assert not (tmp_path / "v.qcow2").exists()
+    assert _content(image) == content
