@@ -65,11 +65,12 @@ campaign: venv system-deps
 
 # Every I/O call site of the fault-injection campaigns that `make test` strides over
 # (tests/crash/test_faults.py, test_lifecycle_faults.py), each failed once with every
-# fault it can suffer (ADDCOW_CAMPAIGN=sites: all sites, none of the long random runs).
+# fault it can suffer, and of test_view_kill.py, each killed once (ADDCOW_CAMPAIGN=sites:
+# all sites, none of the long random runs).
 # About 1 minute on 2 cores; .ci/run runs it after `make test`.
 campaign-sites: venv system-deps
 	ADDCOW_CAMPAIGN=sites $(BIN)/pytest -q -n 2 tests/crash/test_faults.py \
-		tests/crash/test_lifecycle_faults.py
+		tests/crash/test_lifecycle_faults.py tests/crash/test_view_kill.py
 
 demo: venv system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh

@@ -525,7 +525,7 @@ def test_backing_format_missing_with_backing(d: Path) -> None:
 def test_incompatible_feature_bit_set(d: Path) -> None:
     path = put(d, poke(v2_header(), "features", 1 << 5))
     header_fails(path, UnsupportedFeatureError, "incompatible_features",
-                 "only known bits (0x1: backing_uri)", "0x20")
+                 "only known bits (0x3: backing_uri, view)", "0x20")
 
 
 def test_backing_uri_bit_without_a_backing(d: Path) -> None:

@@ -43,6 +43,8 @@ from .errors import (
     RemoteReplyError,
     SlowZeroError,
     UnsupportedFeatureError,
+    ViewActiveError,
+    ViewError,
 )
 from .format import Header
 from .image import AddCowImage
@@ -113,6 +115,8 @@ __all__ = [
     "RemoteReplyError",
     "SlowZeroError",
     "UnsupportedFeatureError",
+    "ViewActiveError",
+    "ViewError",
     "__version__",
     "create",
     "open",

@@ -29,6 +29,8 @@ The tree::
     +-- IncompleteImageError        the operation needs every cluster in the image file
     +-- AmendError                  the header cannot be converted as asked
     +-- AddCowIOError               an operating-system I/O call failed (carries errno)
+    +-- ViewError                   a qcow2 view cannot be made or folded as asked
+        +-- ViewActiveError             the image has a qcow2 view in force: fold it first
 
 Every class here is exported by ``addcow`` (``addcow.__all__``). The NBD
 server's own errors, for its protocol, TLS credentials, live operations and
@@ -237,3 +239,11 @@ class RemoteReadError(RemoteBackingError):
 class RemoteChangedError(RemoteBackingError):
     """The golden image behind a backing URI is not the one pinned when the image was
     created (another size, ETag or modification time)."""
+
+
+class ViewError(AddCowError):
+    """A qcow2 view cannot be made or folded as asked (limits, a hostile view)."""
+
+
+class ViewActiveError(ViewError):
+    """The image has a qcow2 view in force (or one being made or folded): fold it first."""

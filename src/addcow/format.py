@@ -56,8 +56,20 @@ V1_FEATURES = {V1_F_BACKING_FILE: "backing-file", V1_F_BACKING_FORMAT_NO_PROBE: 
 V2_INCOMPAT_BACKING_URI = 0x01
 """The backing_filename field holds a URI record (specification, "Backing URIs"),
 never a file name: a reader that does not know the bit refuses the image."""
-V2_INCOMPATIBLE_FEATURES = {V2_INCOMPAT_BACKING_URI: "backing_uri"}
-V2_KNOWN_INCOMPATIBLE = V2_INCOMPAT_BACKING_URI
+V2_INCOMPAT_VIEW = 0x02
+"""A qcow2 view over the image file is in force (specification, "Views"): QEMU may
+be writing the image file through it, so no reader may use the image; the view's
+name is in the view record, the last :data:`VIEW_RECORD_SIZE` bytes of the header."""
+V2_INCOMPATIBLE_FEATURES = {V2_INCOMPAT_BACKING_URI: "backing_uri", V2_INCOMPAT_VIEW: "view"}
+V2_KNOWN_INCOMPATIBLE = V2_INCOMPAT_BACKING_URI | V2_INCOMPAT_VIEW
+INCOMPATIBLE_OFFSET = 28
+"""Bytes 28-35: version 2's incompatible features, in the first sector."""
+_INCOMPATIBLE = struct.Struct("<Q")
+
+VIEW_RECORD_SIZE = 512
+"""The view record is the header's last sector: one write of it is atomic."""
+_VIEW_NAME_SIZE = struct.Struct("<I")
+MAX_VIEW_NAME = VIEW_RECORD_SIZE - _VIEW_NAME_SIZE.size
 V2_COMPAT_ALL_ALLOCATED = 0x01
 V2_COMPATIBLE_FEATURES = {V2_COMPAT_ALL_ALLOCATED: "all_allocated"}
 V2_AUTOCLEAR_FEATURES: dict[int, str] = {}
@@ -142,6 +154,9 @@ class Header(NamedTuple):
     incompatible_features: int = 0
     compatible_features: int = 0
     autoclear_features: int = 0
+    view_name: bytes | None = None
+    """The view record's name (version 2): with the VIEW bit the view in force;
+    without it, a view being made or folded (:attr:`view_pending`)."""
 
     @property
     def cluster_size(self) -> int:
@@ -155,6 +170,16 @@ class Header(NamedTuple):
     def backing_uri(self) -> bool:
         """Whether ``backing_name`` is a URI record rather than a file name (version 2)."""
         return self.version == 2 and bool(self.incompatible_features & V2_INCOMPAT_BACKING_URI)
+
+    @property
+    def view(self) -> bool:
+        """Whether a qcow2 view is in force (the VIEW bit, version 2)."""
+        return self.version == 2 and bool(self.incompatible_features & V2_INCOMPAT_VIEW)
+
+    @property
+    def view_pending(self) -> bool:
+        """A view record without the VIEW bit: a view being made, or folded."""
+        return self.view_name is not None and not self.view
 
     def with_changes(self, **changes: Any) -> Header:
         """A copy with some fields changed, validated again."""
@@ -225,7 +250,7 @@ class Header(NamedTuple):
             # other fields mean, so they are not judged.
             raise UnsupportedFeatureError(
                 "incompatible_features",
-                f"only known bits ({V2_KNOWN_INCOMPATIBLE:#x}: backing_uri)",
+                f"only known bits ({V2_KNOWN_INCOMPATIBLE:#x}: backing_uri, view)",
                 hex(features),
             )
         if len(buf) < V2_NAMES_START:
@@ -275,6 +300,21 @@ class Header(NamedTuple):
                 hex(features),
             )
         used = [(b_off, b_len), (i_off, i_len)] if backing_name else [(i_off, i_len)]
+        record = header_size - VIEW_RECORD_SIZE
+        names_end = max(off + size for off, size in used)
+        view_name = None
+        if features & V2_INCOMPAT_VIEW:
+            if names_end > record:
+                raise HeaderError(
+                    "incompatible_features",
+                    f"no VIEW bit while the file names reach the view record at byte {record}",
+                    hex(features),
+                )
+            view_name = _view_record(buf, record, required=True)
+        elif names_end <= record:
+            view_name = _view_record(buf, record, required=False)
+        if view_name is not None:
+            used.append((record, VIEW_RECORD_SIZE))
         _check_padding_zero(buf, header_size, used)
         return cls(
             version=2,
@@ -287,6 +327,7 @@ class Header(NamedTuple):
             incompatible_features=features,
             compatible_features=compat,
             autoclear_features=autoclear,
+            view_name=view_name,
         )
 
     # -- encoding ---------------------------------------------------------------
@@ -302,12 +343,16 @@ class Header(NamedTuple):
             pos += b_len
         i_off, i_len = pos, len(self.image_name)
         pos += i_len
-        if pos > self.header_size:
+        room = self.header_size - (VIEW_RECORD_SIZE if self.view_name is not None else 0)
+        if pos > room:
             raise HeaderError(
                 "header_size",
-                f"room for both file names ({pos} bytes)",
+                f"room for the file names ({pos} bytes)"
+                + (" before the view record" if self.view_name is not None else ""),
                 self.header_size,
             )
+        if self.view_name is not None:
+            buf[room:] = view_record(self.view_name)
         if self.backing_name is not None:
             buf[b_off : b_off + b_len] = self.backing_name
         buf[i_off : i_off + i_len] = self.image_name
@@ -336,6 +381,19 @@ class Header(NamedTuple):
                 fmt,
             )
         return bytes(buf)
+
+    def incompatible_word(self) -> tuple[int, bytes]:
+        """(offset, bytes) of the version 2 incompatible features: 8 bytes of sector 0."""
+        if self.version != 2:
+            raise HeaderError("version", "2 (version 1 has no such field)", self.version)
+        return INCOMPATIBLE_OFFSET, _INCOMPATIBLE.pack(self.incompatible_features)
+
+    def view_record(self) -> tuple[int, bytes]:
+        """(offset, bytes) of the header's last sector: the view record, or zeros."""
+        if self.version != 2:
+            raise HeaderError("version", "2 (version 1 has no view record)", self.version)
+        raw = view_record(self.view_name) if self.view_name is not None else bytes(VIEW_RECORD_SIZE)
+        return self.header_size - VIEW_RECORD_SIZE, raw
 
     def feature_words(self) -> tuple[int, bytes]:
         """(offset, bytes) of the version 2 compatible and autoclear feature fields.
@@ -370,6 +428,37 @@ class Header(NamedTuple):
                 ("backing_format", self.backing_format),
             ]
         return rows
+
+
+def view_record(name: bytes) -> bytes:
+    """The view record sector: u32 name size, the name, zeros."""
+    if not 1 <= len(name) <= MAX_VIEW_NAME or b"\0" in name:
+        raise HeaderError("view_filename", f"1..{MAX_VIEW_NAME} bytes without NUL", repr(name[:80]))
+    return (_VIEW_NAME_SIZE.pack(len(name)) + name).ljust(VIEW_RECORD_SIZE, b"\0")
+
+
+def _view_record(buf: bytes, start: int, *, required: bool) -> bytes | None:
+    """The view record's name; None when it is absent (all zero) and not ``required``.
+
+    Without the VIEW bit a non-zero last sector that is not a valid record is left
+    to the zero rule (``byte N``); a valid one is a view being made or folded.
+    """
+    sector = bytes(buf[start : start + VIEW_RECORD_SIZE])
+    if not required and not sector.strip(b"\0"):
+        return None
+    size = _VIEW_NAME_SIZE.unpack_from(sector)[0]
+    body = _VIEW_NAME_SIZE.size
+    name = sector[body : body + size] if 1 <= size <= MAX_VIEW_NAME else b""
+    valid = bool(name) and b"\0" not in name and not sector[body + size :].strip(b"\0")
+    if valid:
+        return name
+    if required:
+        raise HeaderError(
+            f"view_filename_size (byte {start})",
+            f"a view record: 1..{MAX_VIEW_NAME}, a name without NUL, then zero bytes",
+            size,
+        )
+    return None
 
 
 def _name(buf: bytes, field: str, offset: int, size: int, lo: int, hi: int) -> bytes:

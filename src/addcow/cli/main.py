@@ -32,6 +32,7 @@ COMMANDS = {
     "convert": "convert",
     "create": "create",
     "detach": "lifecycle",
+    "fold": "view",
     "info": "info",
     "io": "io",
     "map": "mapping",
@@ -40,6 +41,7 @@ COMMANDS = {
     "serve": "serve",
     "status": "status",
     "stream": "lifecycle",
+    "view": "view",
 }
 """Only the module of the command being run is imported (``serve`` pulls in
 asyncio, for example), so short commands start fast."""

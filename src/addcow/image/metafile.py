@@ -2,11 +2,13 @@
 
 This module does every read and write of the .add-cow file: the header
 (:func:`read_header`, :func:`write_header`), the version 2 feature words alone
-(:func:`write_features`), the bitmap (:func:`read_bitmap`) and its dirty pages
-(:func:`write_bitmap_pages`). The layout itself (offsets, fields, rules) is
-:mod:`addcow.format`'s; *when* each write may happen (data durable before the
-bits that point at it, the header last) is decided by the callers, and argued
-in :mod:`addcow.image.core`.
+(:func:`write_features`), the incompatible word and the view record alone
+(:func:`write_incompatible`, :func:`write_view_record`), the bitmap
+(:func:`read_bitmap`) and its dirty pages (:func:`write_bitmap_pages`). The
+layout itself (offsets, fields, rules) is :mod:`addcow.format`'s; *when* each
+write may happen (data durable before the bits that point at it, the header
+last) is decided by the callers, and argued in :mod:`addcow.image.core` (and,
+for views, :mod:`addcow.view.record`).
 
 :func:`open_image_files` is the one open sequence shared by the image, check
 and commit: open the .add-cow file (refusing FIFOs and other special files),
@@ -32,6 +34,7 @@ from ..errors import (
     ForeignFormatError,
     HeaderError,
     ImageFileError,
+    ViewActiveError,
 )
 from ..format import (
     MAX_CLUSTERS,
@@ -65,14 +68,18 @@ def open_image_file(path: str, *, readonly: bool, what: str = "image file") -> i
         raise ImageFileError(f"{path}: cannot open {what}: {exc.strerror}") from exc
 
 
-def read_header(fd: int, path: str) -> Header:
-    """Read and validate the header of an open .add-cow file."""
+def read_header(fd: int, path: str, *, view_ok: bool = False) -> Header:
+    """Read and validate the header of an open .add-cow file.
+
+    An image with a view record (a qcow2 view in force, or one being made or
+    folded) is refused unless ``view_ok``: only ``addcow fold`` takes it.
+    """
     head = sysio.pread_upto(fd, PAGE, 0, f"{path}: read header")
     length = header_length(head)
     if length > len(head):
         head = sysio.pread_upto(fd, length, 0, f"{path}: read header")
     try:
-        return Header.unpack(head)
+        header = Header.unpack(head)
     except HeaderError as exc:
         if exc.field == "magic":
             other = identify(head[:HEAD_LENGTH])
@@ -80,6 +87,23 @@ def read_header(fd: int, path: str) -> Header:
                 raise ForeignFormatError(other, exc.found, path) from None
         exc.path = path
         raise
+    if header.view_name is not None and not view_ok:
+        raise view_active_error(header, path)
+    return header
+
+
+def view_active_error(header: Header, path: str) -> ViewActiveError:
+    """The one-line refusal of an image that has a view record."""
+    view = resolve_name(header.view_name or b"", path)
+    if header.view:
+        return ViewActiveError(
+            f"{path}: the image has a qcow2 view in force, {view} (QEMU may be writing "
+            f"its image file through it); run: addcow fold {path}"
+        )
+    return ViewActiveError(
+        f"{path}: a qcow2 view, {view}, was being made or folded when it stopped; "
+        f"run: addcow fold {path}"
+    )
 
 
 def write_header(fd: int, path: str, header: Header, header_size: int) -> None:
@@ -94,6 +118,20 @@ def write_header(fd: int, path: str, header: Header, header_size: int) -> None:
 def write_features(fd: int, path: str, header: Header) -> None:
     """Rewrite only a version 2 header's compatible and autoclear words, durably."""
     offset, raw = header.feature_words()
+    sysio.pwrite_full(fd, [memoryview(raw)], offset, path)
+    sysio.fdatasync(fd, path)
+
+
+def write_incompatible(fd: int, path: str, header: Header) -> None:
+    """Rewrite only a version 2 header's incompatible features (sector 0), durably."""
+    offset, raw = header.incompatible_word()
+    sysio.pwrite_full(fd, [memoryview(raw)], offset, path)
+    sysio.fdatasync(fd, path)
+
+
+def write_view_record(fd: int, path: str, header: Header) -> None:
+    """Rewrite only the header's last sector (``header``'s view record, or zeros), durably."""
+    offset, raw = header.view_record()
     sysio.pwrite_full(fd, [memoryview(raw)], offset, path)
     sysio.fdatasync(fd, path)
 
@@ -187,6 +225,7 @@ def open_image_files(
     lock: bool,
     guard: ChainGuard,
     findings: list[AddCowError] | None = None,
+    view_ok: bool = False,
 ) -> ImageFiles:
     """Open, guard and lock the .add-cow file and its image file; read header and bitmap.
 
@@ -205,7 +244,7 @@ def open_image_files(
             guard.check_open(meta_fd, path)
         if lock:
             lock_whole(meta_fd, path, exclusive=meta_writable)
-        header = read_header(meta_fd, path)
+        header = read_header(meta_fd, path, view_ok=view_ok)
         image_path = resolve_name(header.image_name, path)
         guard.check_path(image_path)
         image_fd = open_image_file(image_path, readonly=not image_writable)

@@ -32,6 +32,9 @@ compatible and autoclear bits, unknown header extensions.
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from ...errors import Qcow2Error, Qcow2UnsupportedError
@@ -275,12 +278,14 @@ class Header(NamedTuple):
     # -- decoding ---------------------------------------------------------------
 
     @classmethod
-    def unpack(cls, buf: bytes, file_size: int) -> Header:
+    def unpack(cls, buf: bytes, file_size: int, *, data_file: bool = False) -> Header:
         """Decode and validate a header from the start of a qcow2 file.
 
         ``buf`` holds the first ``min(cluster0_size(buf), file_size)`` bytes of
         the file (the whole of cluster 0 when the file is that long);
-        ``file_size`` bounds every table offset.
+        ``file_size`` bounds every table offset. ``data_file`` accepts an
+        external data file (its name is then required): only for a view that
+        addcow wrote itself, whose data file name the caller checks.
         """
         h = _fixed_fields(buf)
         cluster_size = _check_cluster_bits(h.cluster_bits)
@@ -290,7 +295,7 @@ class Header(NamedTuple):
             )
         if len(buf) < h.header_length:
             raise Qcow2Error("length", f"at least {h.header_length} bytes", len(buf))
-        h = _check_features(buf, h)
+        h = _check_features(buf, h, data_file)
         if h.crypt_method != CRYPT_NONE:
             name = CRYPT_NAMES.get(h.crypt_method, "unknown")
             raise Qcow2UnsupportedError(
@@ -303,7 +308,87 @@ class Header(NamedTuple):
         _check_size(h)
         _check_tables(h, file_size)
         h = _backing_name(buf, h, file_size)
-        return _extensions(buf, h)
+        h = _extensions(buf, h)
+        if data_file and h.data_file_name is None:
+            raise Qcow2Error("data file extension", "the external data file's name", "none")
+        return h
+
+    # -- encoding ---------------------------------------------------------------
+
+    def pack(self) -> bytes:
+        """Encode a version 3 header, its extensions and the backing name (cluster 0).
+
+        The fields written are this header's; ``header_length`` (112, as QEMU
+        writes it), ``backing_file_offset`` and ``backing_file_size`` follow from
+        the layout: header, backing format and data file extensions, the end
+        marker, then the backing name. The bytes returned are cluster 0 up to the
+        end of the name; the rest of the cluster is zero.
+        """
+        extensions = b""
+        if self.backing_format is not None:
+            extensions += _extension(EXT_BACKING_FORMAT, self.backing_format.encode("ascii"))
+        if self.data_file_name is not None:
+            extensions += _extension(EXT_DATA_FILE, self.data_file_name)
+        extensions += _EXTENSION.pack(EXT_END, 0)
+        length = PACKED_HEADER_LENGTH
+        b_off = b_len = 0
+        if self.backing_name is not None:
+            b_off, b_len = length + len(extensions), len(self.backing_name)
+        end = length + len(extensions) + b_len
+        if end > self.cluster_size or b_len > MAX_BACKING_NAME:
+            raise Qcow2Error(
+                "cluster 0",
+                f"header, extensions and a backing name of at most {MAX_BACKING_NAME} bytes "
+                f"in {self.cluster_size} bytes",
+                f"{end} bytes",
+            )
+        fixed = _HEADER_V2.pack(
+            MAGIC, 3, b_off, b_len, self.cluster_bits, self.size, self.crypt_method,
+            self.l1_size, self.l1_table_offset, self.refcount_table_offset,
+            self.refcount_table_clusters, self.nb_snapshots, self.snapshots_offset,
+        )  # fmt: skip
+        v3 = _HEADER_V3.pack(
+            self.incompatible_features,
+            self.compatible_features,
+            self.autoclear_features,
+            self.refcount_order,
+            length,
+        )
+        head = (fixed + v3).ljust(length, b"\0")  # compression type 0 (zlib), padding
+        return head + extensions + (self.backing_name or b"")
+
+
+PACKED_HEADER_LENGTH = 112
+"""header_length of the version 3 headers :meth:`Header.pack` writes (QEMU's too)."""
+
+
+def _extension(kind: int, data: bytes) -> bytes:
+    return _EXTENSION.pack(kind, len(data)) + data.ljust((len(data) + 7) // 8 * 8, b"\0")
+
+
+def pack_entries(entries: Sequence[int]) -> bytes:
+    """L1, L2 or refcount table entries (u64) as stored: big endian."""
+    table = array("Q", entries)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table.tobytes()
+
+
+def unpack_entries(raw: bytes) -> array[int]:
+    """The u64 entries of a table read from the file (big endian)."""
+    table = array("Q")
+    table.frombytes(raw)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
+def pack_refcounts(counts: Sequence[int]) -> bytes:
+    """A refcount block of 16-bit entries (refcount_order 4), big endian."""
+    table = array("H", counts)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table.tobytes()
 
 
 def cluster0_size(prefix: bytes) -> int:
@@ -356,7 +441,7 @@ def _check_cluster_bits(cluster_bits: int) -> int:
     return 1 << cluster_bits
 
 
-def _check_features(buf: bytes, h: Header) -> Header:
+def _check_features(buf: bytes, h: Header, data_file: bool = False) -> Header:
     """Incompatible bits, then the compression type they imply."""
     incompat = h.incompatible_features
     unknown = incompat & ~INCOMPAT_KNOWN
@@ -376,7 +461,7 @@ def _check_features(buf: bytes, h: Header) -> Header:
             _feature_list(incompat, 0),
             hint="QEMU marked the image corrupt; check it with qemu-img check",
         )
-    if incompat & INCOMPAT_DATA_FILE:
+    if incompat & INCOMPAT_DATA_FILE and not data_file:
         raise Qcow2UnsupportedError(
             "incompatible_features",
             "external data file bit (0x4) clear",
@@ -566,7 +651,7 @@ def _extensions(buf: bytes, h: Header) -> Header:
                 f"a pointer to {size} bytes at offset {offset}",
             )
         elif kind == EXT_DATA_FILE:
-            data_file = data  # unused: the data file bit is refused before
+            data_file = data  # a view's (data_file=True); otherwise refused before
         # EXT_BITMAPS and unknown types: nothing a reader needs
         pos = start + (length + 7) // 8 * 8
     return h._replace(
