@@ -87,7 +87,6 @@ from . import live
 from .export import (
     HANDOFF_DONE,
     HANDOFF_FAILED,
-    HANDOFF_NONE,
     HANDOFF_RUNNING,
     HANDOFF_WAITING,
     Export,
@@ -445,25 +444,26 @@ def _relock(fd: int, path: str) -> None:
 
 
 async def watch(server: NBDServer, export: Export) -> None:
-    """``--handoff-qmp``: hand the export over once it is complete and a client uses it."""
+    """``--handoff-qmp``: hand the export over once it is complete and a client uses it.
+
+    A failed attempt (logged; the export is served as before) is tried again
+    when the next client starts using the export: the first client need not be
+    that QEMU. The control socket's ``handoff`` may try again at any time.
+    """
     state = export.live
     qmp_path = state.options.handoff_qmp
     if qmp_path is None or export.info.read_only:
         return
     state.handoff_status = HANDOFF_WAITING
-    while not server.stopping and state.handoff_status == HANDOFF_WAITING:
+    while not server.stopping and state.handoff_status != HANDOFF_DONE:
         state.changed.clear()
         finishing = state.finish_task is not None and not state.finish_task.done()
         used = any(c.export is export for c in server.clients)
         if export.image.complete and not finishing and used:
-            # A failure is logged; the export is served as before and the
-            # control socket's handoff may try again.
             with contextlib.suppress(HandoffError):
                 await hand_over(server, export, qmp_path)
-            return
+                return
         await state.changed.wait()
-    if state.handoff_status == HANDOFF_WAITING:
-        state.handoff_status = HANDOFF_NONE
 
 
 def start(server: NBDServer) -> None:
