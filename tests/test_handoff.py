@@ -13,10 +13,12 @@ The guest test (real I/O across the handoff) is in ``test_handoff_guest.py``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import pytest
 from conftest import addcow, require_tool, run
-from nbd_util import ADDCOW, env_with_addcow, served
+from nbd_util import env_with_addcow, served
 
 MiB = 1 << 20
 HERE = Path(__file__).parent
@@ -97,9 +99,10 @@ def qemu(tmp_path: Path, *drive: str, machine: str = "microvm") -> Iterator[Qemu
         proc.wait(timeout=30)
 
 
-def blockdev(sock: str, export: str = "") -> tuple[str, ...]:
+def blockdev(sock: str, export: str = "", extra: str = "") -> tuple[str, ...]:
     name = f",export={export}" if export else ""
-    return ("-blockdev", f"driver=nbd,server.type=unix,server.path={sock}{name},node-name=proto",
+    return ("-blockdev",
+            f"driver=nbd,server.type=unix,server.path={sock}{name}{extra},node-name=proto",
             "-blockdev", "driver=raw,file=proto,node-name=fmt,detect-zeroes=on",
             "-device", "virtio-blk-device,drive=fmt")  # fmt: skip
 
@@ -164,21 +167,23 @@ def test_handoff_by_control_drive_form_refused_until_complete(tmp_path: Path, im
     """-drive (generated node names, cache=none): refused while incomplete, with
     everything still served; after stream-start, handed over by the operator."""
     ctl = tmp_path / "ctl.sock"
-    with served(tmp_path, image, args=("--control", str(ctl))) as srv:
-        with qemu(tmp_path, *legacy_drive(srv.socket)) as q:
-            refused = control(ctl, "handoff", str(q.qmp), check=False)
-            assert refused.returncode == 1
-            assert "not complete: 64 of 64 clusters are still read" in refused.stderr
-            write_through(srv.uri)
-            control(ctl, "stream-start")
-            assert srv.logged("complete: every cluster is in")
-            done = control(ctl, "handoff", str(q.qmp))
-            raw = tmp_path / "disk.raw"
-            assert f"runs on node addcow-raw0 ({raw})" in done.stdout
-            srv.proc.wait(timeout=60)
-            check_on_raw(q, "addcow-raw0", raw)
-            file_node = q.monitor.nodes()["addcow-file0"]
-            assert file_node["cache"]["direct"] is True  # as the NBD node had it
+    with (
+        served(tmp_path, image, args=("--control", str(ctl))) as srv,
+        qemu(tmp_path, *legacy_drive(srv.socket)) as q,
+    ):
+        refused = control(ctl, "handoff", str(q.qmp), check=False)
+        assert refused.returncode == 1
+        assert "not complete: 64 of 64 clusters are still read" in refused.stderr
+        write_through(srv.uri)
+        control(ctl, "stream-start")
+        assert srv.logged("complete: every cluster is in")
+        done = control(ctl, "handoff", str(q.qmp))
+        raw = tmp_path / "disk.raw"
+        assert f"runs on node addcow-raw0 ({raw})" in done.stdout
+        srv.proc.wait(timeout=60)
+        check_on_raw(q, "addcow-raw0", raw)
+        file_node = q.monitor.nodes()["addcow-file0"]
+        assert file_node["cache"]["direct"] is True  # as the NBD node had it
     assert not image.exists()
 
 
@@ -207,3 +212,93 @@ def test_handoff_refused_when_qemus_node_is_not_ours(tmp_path: Path, image: Path
             write_through(srv.uri.replace(":///", ":///disk"))
         assert srv.proc.poll() is None and srv_b.proc.poll() is None
     assert image.exists()
+
+
+def lock_refused(raw: Path) -> bool:
+    """Whether a writer (qemu-io) is refused the raw file: the server holds its locks."""
+    out = run([require_tool("qemu-io"), "-f", "raw", "-c", "read 0 512", str(raw)], check=False)
+    return out.returncode != 0 and "lock" in out.stderr
+
+
+def hold_write_unshared(raw: Path) -> int:
+    """Another process's QEMU-protocol lock on ``raw``: byte 201, "I do not share
+    write" (block/file-posix.c). QEMU then refuses to take write on the file."""
+    fd = os.open(raw, os.O_RDONLY)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, 201, 1, 0))
+    return fd
+
+
+def test_handoff_undone_when_qemu_refuses_half_way(tmp_path: Path, image: Path) -> None:
+    """QEMU refuses a step. The raw file renamed: blockdev-add cannot open it. A third
+    process holding a lock on the raw file that denies writers: the file node is added,
+    then QEMU refuses the switch (blockdev-reopen; qom-set for -drive). Each time the
+    added nodes are deleted, the device stays on NBD, the server serves as before, and
+    once the obstacle is gone the next handoff goes through."""
+    addcow("stream", image)
+    ctl = tmp_path / "ctl.sock"
+    raw = tmp_path / "disk.raw"
+    with served(tmp_path, image, args=("--control", str(ctl))) as srv:
+        raw.rename(tmp_path / "moved.raw")
+        with qemu(tmp_path, *blockdev(srv.socket)) as q:
+            refused = control(ctl, "handoff", str(q.qmp), check=False)
+            assert "QEMU refused blockdev-add" in refused.stderr, refused.stderr
+            assert "serving as before" in refused.stderr
+            assert set(q.monitor.nodes()) == {"proto", "fmt"}
+            (tmp_path / "moved.raw").rename(raw)
+            assert lock_refused(raw)  # the server has its locks back
+            fd = hold_write_unshared(raw)
+            try:
+                refused = control(ctl, "handoff", str(q.qmp), check=False)
+                assert "QEMU refused blockdev-reopen" in refused.stderr, refused.stderr
+                assert '"write" lock' in refused.stderr
+                assert set(q.monitor.nodes()) == {"proto", "fmt"}
+                write_through(srv.uri)  # served as before
+            finally:
+                os.close(fd)
+        with qemu(tmp_path, *legacy_drive(srv.socket)) as q:
+            before = set(q.monitor.nodes())
+            fd = hold_write_unshared(raw)
+            try:
+                refused = control(ctl, "handoff", str(q.qmp), check=False)
+                assert "QEMU refused qom-set" in refused.stderr, refused.stderr
+                assert set(q.monitor.nodes()) == before
+            finally:
+                os.close(fd)
+            control(ctl, "handoff", str(q.qmp))
+            srv.proc.wait(timeout=60)
+            check_on_raw(q, "addcow-raw0", raw)
+    assert not image.exists()
+
+
+def test_server_killed_between_lock_release_and_switch(tmp_path: Path, image: Path) -> None:
+    """SIGKILL right after the locks are released (fault point): QEMU is still on
+    its NBD node, the raw file holds every acknowledged write, the .add-cow file is
+    there and complete. A new server on the same socket, which QEMU's NBD node
+    reconnects to (reconnect-delay), finishes the handoff."""
+    addcow("stream", image)
+    sock, ctl, raw = tmp_path / "nbd.sock", tmp_path / "ctl.sock", tmp_path / "disk.raw"
+    args = ["serve", "--foreground", "--socket", str(sock), "--control", str(ctl), str(image)]
+    dying = subprocess.Popen([sys.executable, str(HERE / "handoff_kill_server.py"), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=env_with_addcow())  # fmt: skip
+    assert dying.stdout is not None and dying.stdout.readline().startswith(b"addcow: serving")
+    uri = f"nbd+unix:///?socket={sock}"
+    write_through(uri)
+    with qemu(tmp_path, *blockdev(str(sock), extra=",reconnect-delay=10")) as q:
+        control(ctl, "handoff", str(q.qmp), check=False)
+        assert dying.wait(timeout=30) == -signal.SIGKILL
+        assert q.monitor.nodes()["proto"]["drv"] == "nbd"
+        assert q.monitor.device_node()["node-name"] == "fmt"
+        assert raw.read_bytes() == expected_disk()
+        info = json.loads(addcow("info", "--output=json", image).stdout)["format-specific"]
+        assert info["data"]["complete"] is True
+        assert addcow("check", image).returncode == 0
+        with served(tmp_path, image, args=("--control", str(ctl))) as srv:
+            assert srv.socket == str(sock)
+            control(ctl, "handoff", str(q.qmp))
+            srv.proc.wait(timeout=60)
+        check_on_raw(q, "fmt", raw)
+    assert not image.exists()
+    for stream in (dying.stdout, dying.stderr):
+        if stream is not None:
+            stream.close()

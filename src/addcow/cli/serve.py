@@ -210,7 +210,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     live.add_argument(
         "--handoff-stay",
         action="store_true",
-        help="keep serving after the last export is handed over",
+        help="keep serving after the last export is handed over (by --handoff-qmp or "
+        "the control socket's handoff)",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="add-cow images to export")
     p.set_defaults(func=run)
@@ -236,8 +237,6 @@ def run(args: argparse.Namespace) -> int:
         args.stdio or (activation is not None and not activation.listening)
     ):
         raise CommandError("--handoff-qmp needs a listening server (not --stdio)")
-    if args.handoff_stay and args.handoff_qmp is None:
-        raise CommandError("--handoff-stay needs --handoff-qmp")
     if args.stream_rate is not None and not args.stream:
         raise CommandError("--stream-rate needs --stream")
     if args.stream_rate == 0:

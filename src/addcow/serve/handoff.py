@@ -59,9 +59,11 @@ Why no write is lost
 Killed between 2 and 4
     QEMU still runs on the NBD node and its connection is gone; the raw file
     holds every write the server acknowledged, and the .add-cow file is still
-    there, complete, ALL_ALLOCATED durable. Restarting ``addcow serve`` on the
-    same socket lets QEMU reconnect (its NBD client retries on the next
-    request) and a new handoff finishes the job.
+    there, complete, ALL_ALLOCATED durable. With ``reconnect-delay`` on QEMU's
+    NBD node, restarting ``addcow serve`` on the same socket lets QEMU
+    reconnect, and a new handoff finishes the job. Without it QEMU's NBD node
+    stays disconnected: the disk's I/O fails in the guest and a switch fails
+    (QEMU flushes the old node first); the data is in the raw file.
 
 Afterwards
     The .add-cow file is detached (:func:`~addcow.serve.live.detach`), and
