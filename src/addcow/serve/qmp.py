@@ -19,7 +19,7 @@ Protocol (QEMU's ``docs/interop/qmp-spec.rst``)
 
 Hostile input
     Everything QEMU sends is checked before it is used: a line longer than
-    :data:`MAX_MESSAGE` bytes, bytes that are not JSON, a JSON value that is
+    :data:`MAX_MESSAGE` bytes, bytes that are not UTF-8 or not JSON, a JSON value that is
     not an object, a greeting without the ``QMP`` member, a reply with another
     ``id`` or with neither ``return`` nor a well-formed ``error`` is a
     :class:`QMPProtocolError` and the connection is not used again. Helpers
@@ -104,10 +104,18 @@ class QMPParser:
 
 
 def parse_message(line: bytes) -> dict[str, Any]:
-    """One line of QMP as a JSON object, or QMPProtocolError."""
+    """One line of QMP as a JSON object, or QMPProtocolError.
+
+    The line is decoded as UTF-8 here, strictly: given bytes, ``json.loads``
+    would guess UTF-16 or UTF-32 from NUL bytes and let lone surrogates through.
+    """
     try:
-        value = json.loads(line, parse_constant=_no_constant, parse_float=_finite)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        decoded = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise QMPProtocolError(f"QMP message: expected UTF-8, found {line[:60]!r} ({exc})") from exc
+    try:
+        value = json.loads(decoded, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, RecursionError) as exc:
         raise QMPProtocolError(f"QMP message: expected JSON, found {line[:60]!r} ({exc})") from exc
     if not isinstance(value, dict):
         raise QMPProtocolError(f"QMP message: expected an object, found {type(value).__name__}")
@@ -122,7 +130,9 @@ def check_greeting(message: dict[str, Any]) -> dict[str, Any]:
             f"QMP greeting: expected {{'QMP': {{'version': ...}}}}, found {_short(message)}"
         )
     if not isinstance(greeting.get("capabilities", []), list):
-        raise QMPProtocolError("QMP greeting: capabilities: expected a list")
+        raise QMPProtocolError(
+            f"QMP greeting: capabilities: expected a list, found {_short(greeting['capabilities'])}"
+        )
     return greeting
 
 
@@ -137,11 +147,16 @@ def reply_value(command: str, ident: int, message: dict[str, Any]) -> Any:
         )
     if "return" in message:
         return message["return"]
-    error = message.get("error")
-    if isinstance(error, dict):
-        cls, desc = error.get("class"), error.get("desc")
-        if isinstance(cls, str) and isinstance(desc, str):
-            raise QMPError(command, cls, desc)
+    if "error" in message:
+        error = message["error"]
+        if isinstance(error, dict):
+            cls, desc = error.get("class"), error.get("desc")
+            if isinstance(cls, str) and isinstance(desc, str):
+                raise QMPError(command, cls, desc)
+        raise QMPProtocolError(
+            f"QMP reply to {command}: error: expected an object with 'class' and 'desc' "
+            f"strings, found {_short(error)}"
+        )
     raise QMPProtocolError(
         f"QMP reply to {command}: expected 'return' or 'error', found {_short(message)}"
     )
