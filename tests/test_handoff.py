@@ -88,11 +88,15 @@ def qemu(tmp_path: Path, *drive: str, machine: str = "microvm") -> Iterator[Qemu
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
     try:
         deadline = time.monotonic() + 30
-        while not watch.exists():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "QEMU did not create its QMP socket"
-            time.sleep(0.02)
-        yield Qemu(proc, qmp, Monitor(watch))
+        while True:  # the socket file exists from bind(); connections wait for listen()
+            try:
+                monitor = Monitor(watch)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "QEMU did not listen on its QMP socket"
+                time.sleep(0.02)
+        yield Qemu(proc, qmp, monitor)
         assert proc.poll() is None, f"QEMU died: {log.read_text()}"
     finally:
         proc.terminate()
