@@ -14,8 +14,8 @@ TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
 GUEST  := qemu-system-x86_64:qemu-system-x86 busybox:busybox-static \
           /boot/vmlinuz-*-cloud-amd64:linux-image-cloud-amd64
 
-.PHONY: test demo lint venv system-deps bench bench-lifecycle bench-nbd bench-remote clean campaign \
-	campaign-sites
+.PHONY: test demo lint venv system-deps bench bench-lifecycle bench-nbd bench-remote bench-handoff \
+	clean campaign campaign-sites
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +88,9 @@ bench-nbd: venv system-deps
 
 bench-remote: venv system-deps
 	$(BIN)/python benchmarks/bench_remote.py --json
+
+bench-handoff: venv system-deps
+	$(BIN)/python benchmarks/bench_handoff.py --json
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -182,13 +182,14 @@ class Guest:
     initramfs: Path
 
 
-def build_initramfs(path: Path, kernel: Kernel, files: dict[str, bytes]) -> Path:
+def build_initramfs(path: Path, kernel: Kernel, files: dict[str, bytes], init: str = INIT) -> Path:
+    """The initramfs: busybox, the virtio modules, ``init`` as /init, and ``files``."""
     busybox = require_static(require_tool("busybox"))
     d, f, x = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o644, stat.S_IFREG | 0o755
     entries = [(n, d, b"") for n in ("bin", "dev", "proc", "sys", "mnt", "tmp", "lib",
                                      "lib/modules", "payload")]  # fmt: skip
     entries += [("bin/busybox", x, Path(busybox).read_bytes()),
-                ("bin/sh", stat.S_IFLNK | 0o777, b"busybox"), ("init", x, INIT.encode())]
+                ("bin/sh", stat.S_IFLNK | 0o777, b"busybox"), ("init", x, init.encode())]
     order = []
     for mod in module_files(kernel, MODULES):
         name = mod.name.split(".ko")[0] + ".ko"

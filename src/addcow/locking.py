@@ -14,6 +14,9 @@ the open file and vanish when it is closed, even after kill -9:
   qemu-io and qemu-nbd refuse to write a backing file that addcow is using,
   and addcow refuses a raw file QEMU is writing.
 
+:func:`unlock_raw` drops a raw file's byte-range locks while the file stays
+open (a served image handed over to QEMU); :func:`lock_raw` takes them again.
+
 ``force_share`` (the CLI's ``-U``) takes no lock at all, for inspecting an image
 that is in use; what it reads may be inconsistent.
 
@@ -104,6 +107,24 @@ def lock_raw(fd: int, path: str, *, writable: bool) -> None:
                 "is using the file",
                 hint,
             )
+
+
+def unlock_raw(fd: int, path: str) -> None:
+    """Release the QEMU-compatible permission locks :func:`lock_raw` took on ``fd``.
+
+    For handing a raw file over to a QEMU that opens it itself
+    (:mod:`addcow.serve.handoff`); :func:`lock_raw` takes them back.
+    """
+    try:
+        _flock(
+            fd,
+            fcntl.F_OFD_SETLK,
+            fcntl.F_UNLCK,
+            _PERM_BASE,
+            _SHARED_BASE + len(_PERM_BITS) - _PERM_BASE,
+        )
+    except OSError as exc:
+        raise LockError(f"{path}: failed to release its locks ({exc.strerror})") from exc
 
 
 def held_by_another(fd: int) -> bool:

@@ -61,6 +61,7 @@ from ..errors import AddCowError
 from ..extras import install_hint
 from ..image import AddCowImage
 from ..nbd.negotiation import TLS_MODES, TLS_OFF, TLS_REQUIRE
+from ..serve import handoff
 from ..serve.control import ControlServer
 from ..serve.daemon import Activation, Pidfile, daemonize, socket_activation
 from ..serve.export import Export, LiveOptions
@@ -199,6 +200,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="once every cluster is in the image file, remove the .add-cow file and go "
         "on serving the raw image file",
     )
+    live.add_argument(
+        "--handoff-qmp",
+        metavar="PATH",
+        help="once an export is complete and QEMU uses it, switch that QEMU (its QMP "
+        "socket at PATH) to the raw image file, detach the .add-cow file, and exit "
+        "when every export is handed over",
+    )
+    live.add_argument(
+        "--handoff-stay",
+        action="store_true",
+        help="keep serving after the last export is handed over (by --handoff-qmp or "
+        "the control socket's handoff)",
+    )
     p.add_argument("files", nargs="+", metavar="FILE", help="add-cow images to export")
     p.set_defaults(func=run)
 
@@ -214,11 +228,15 @@ def run(args: argparse.Namespace) -> int:
     if args.port is not None and not 0 <= args.port <= 65535:
         raise CommandError(f"invalid port {args.port}: expected 0..65535")
     live_wanted = args.copy_on_read or args.stream or args.detach_when_complete
-    if args.read_only and live_wanted:
+    if args.read_only and (live_wanted or args.handoff_qmp is not None):
         raise CommandError(
-            "--copy-on-read, --stream and --detach-when-complete write the image: "
-            "not with --read-only"
+            "--copy-on-read, --stream, --detach-when-complete and --handoff-qmp write the "
+            "image: not with --read-only"
         )
+    if args.handoff_qmp is not None and (
+        args.stdio or (activation is not None and not activation.listening)
+    ):
+        raise CommandError("--handoff-qmp needs a listening server (not --stdio)")
     if args.stream_rate is not None and not args.stream:
         raise CommandError("--stream-rate needs --stream")
     if args.stream_rate == 0:
@@ -417,6 +435,8 @@ def _serve_images(
                 stream=args.stream,
                 stream_rate=args.stream_rate,
                 detach_when_complete=args.detach_when_complete,
+                handoff_qmp=os.path.abspath(args.handoff_qmp) if args.handoff_qmp else None,
+                handoff_stay=args.handoff_stay,
             )
             exports = [
                 Export.from_image(image, name, read_only=args.read_only, live=options)
@@ -507,6 +527,7 @@ async def _main(
             logs.keep()
             ready(f"addcow: serving {files} on {uri}")
             server.start_live()
+            handoff.start(server)
             await server.wait_stopped()
     finally:
         server.stop()

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 from typing import Any
 
 from ..units import human_size
-from .common import CommandError, size_arg
+from .common import CommandError, parse_size
 
-TIMEOUT = 30.0
-"""Seconds to wait for the server's reply (a detach flushes and syncs)."""
+TIMEOUT = 60.0
+"""Seconds to wait for the server's reply (a detach flushes and syncs; a handoff waits
+for QEMU too)."""
 CONTROL_COMMANDS = (
     "stream-start",
     "stream-cancel",
@@ -25,6 +27,7 @@ CONTROL_COMMANDS = (
     "stream-set-rate",
     "detach",
     "flush",
+    "handoff",
 )
 UNCHANGED = {
     "stream-start": "the export is complete: nothing to stream",
@@ -48,18 +51,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "control",
-        help="start, cancel, pause, resume or rate-limit a running server's stream; detach; flush",
+        help="start, cancel, pause, resume or rate-limit a running server's stream; detach; "
+        "flush; hand an export over to QEMU",
         description="Send one command to a running 'addcow serve --control SOCKET'.",
     )
     p.add_argument("socket", metavar="SOCKET", help="the server's --control socket")
     p.add_argument("command", choices=CONTROL_COMMANDS)
     p.add_argument(
-        "rate",
+        "value",
         nargs="?",
-        type=size_arg,
-        metavar="RATE",
+        metavar="RATE|QMP_PATH",
         help="for stream-set-rate, and optional for stream-start (default: the server's "
-        "--stream-rate): bytes per second (k, M, G suffixes; 0: no limit)",
+        "--stream-rate): bytes per second (k, M, G suffixes; 0: no limit); for handoff: "
+        "the QMP socket of the QEMU that uses the export",
     )
     p.add_argument("--export", metavar="NAME", help="the export (default: the first)")
     p.set_defaults(func=run_control)
@@ -108,15 +112,24 @@ def run_control(args: argparse.Namespace) -> int:
     arguments: dict[str, Any] = {}
     if args.export is not None:
         arguments["export"] = args.export
-    if args.command == "stream-set-rate" and args.rate is None:
+    if args.command == "stream-set-rate" and args.value is None:
         raise CommandError("stream-set-rate needs RATE (bytes per second; 0: no limit)")
-    if args.rate is not None:
+    if args.command == "handoff":
+        if args.value is None:
+            raise CommandError("handoff needs QMP_PATH (the QMP socket of QEMU)")
+        arguments["qmp"] = os.path.abspath(args.value)
+    elif args.value is not None:
         if args.command not in ("stream-set-rate", "stream-start"):
             raise CommandError(f"{args.command} takes no RATE")
-        arguments["speed"] = args.rate
+        arguments["speed"] = parse_size(args.value)
     result = request(args.socket, args.command, arguments)
     if args.command == "detach":
         print(f"addcow: detached: serving {result['image-file']} alone")
+    elif args.command == "handoff":
+        print(
+            f"addcow: handed over: QEMU's device {result['device']} runs on node "
+            f"{result['node']} ({result['image-file']})"
+        )
     elif isinstance(result, dict) and result.get("changed") is False:
         print(f"addcow: {UNCHANGED[args.command]}")
     return 0
@@ -152,6 +165,10 @@ def describe(status: dict[str, Any]) -> list[str]:
             lines.append(f"  stream: {stream['status']}, {done} in the image file{speed}")
         if export["copy-on-read"]:
             lines.append("  copy on read: on")
+        handoff = export.get("handoff") or {}
+        if handoff.get("status", "none") != "none":
+            detail = f": {handoff['detail']}" if handoff.get("detail") else ""
+            lines.append(f"  handoff to QEMU: {handoff['status']}{detail}")
         lines.append(f"  requests: {_counters(export)}")
     for client in status["clients"]:
         tls = f", TLS ({client['identity']})" if client["tls"] else ""

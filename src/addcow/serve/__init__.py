@@ -2,6 +2,8 @@
 
 One module per job, each importing only those above it in this list:
 
+* :mod:`~addcow.serve.qmp`: a client of QEMU's QMP monitor (sans-IO parsing,
+  a thin asyncio loop), for the handoff.
 * :mod:`~addcow.serve.limits`: the numbers that bound the server (requests
   and payload per connection, inline sizes, held replies, grace periods).
 * :mod:`~addcow.serve.tls`: TLS credentials, the client's identity, the
@@ -22,6 +24,8 @@ One module per job, each importing only those above it in this list:
   sockets, addresses and URIs.
 * :mod:`~addcow.serve.server`: :class:`~addcow.serve.server.NBDServer`, the
   server's life: listening, the export table, connections, signals, shutdown.
+* :mod:`~addcow.serve.handoff`: switching the QEMU that uses a complete
+  export onto the raw image file, over QMP.
 * :mod:`~addcow.serve.control`: the control socket (JSON lines).
 * :mod:`~addcow.serve.daemon`: the process around a server: pidfile,
   detaching, socket activation.

@@ -17,7 +17,9 @@ Protocol
     ``block-stream`` and ``block-job-cancel``; ``stream-pause``,
     ``stream-resume``, ``stream-set-rate`` (``speed``: bytes per second, 0 for
     no limit), ``detach`` (a complete export: remove its .add-cow file and go
-    on serving the raw file) and ``flush``. All but ``query`` take an optional
+    on serving the raw file), ``flush`` and ``handoff`` (``qmp``: the path of
+    the QMP socket of the QEMU that uses the export; see
+    :mod:`addcow.serve.handoff`). All but ``query`` take an optional
     ``export`` (a name; default: every export for ``flush``, the only or the
     default export otherwise). A line that is not JSON, not an object, too
     long (:data:`MAX_LINE`), or names an unknown command or argument gets an
@@ -35,7 +37,10 @@ Protocol
     ``wr_bytes`` (writes and write-zeroes), ``unmap_operations``,
     ``unmap_bytes`` (trims), ``flush_operations``; each export has them, and
     so has each connected client. ``allocated-clusters`` and
-    ``total-clusters`` are those of ``addcow info --output=json``.
+    ``total-clusters`` are those of ``addcow info --output=json``. ``handoff``
+    has ``status`` (``none``, ``waiting`` for ``--handoff-qmp``, ``running``,
+    ``done``, ``failed``), ``qmp`` (the ``--handoff-qmp`` path) and ``detail``
+    (where QEMU runs the disk, or why the last handoff failed).
 
 Who may use it
     The socket is created mode 0600 (bound under a umask that allows nothing
@@ -61,7 +66,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ..errors import AddCowError
-from . import live
+from . import handoff, live
 from .export import STREAM_PAUSED, Export
 from .server import NBDServer
 from .sockets import bind_unix
@@ -85,6 +90,7 @@ COMMANDS = (
     "stream-set-rate",
     "detach",
     "flush",
+    "handoff",
 )
 
 
@@ -138,6 +144,7 @@ def _export(export: Export) -> dict[str, Any]:
         "complete": image.complete,
         "detached": image.detached,
         "copy-on-read": state.copies_on_read,
+        "handoff": handoff.describe(export),
         "stream": {
             "status": state.stream_status,
             "offset": size - image.unallocated_bytes,
@@ -261,6 +268,7 @@ class ControlServer:
             "stream-set-rate": self._set_rate,
             "detach": self._detach,
             "flush": self._flush,
+            "handoff": self._handoff,
         }
 
     async def _query(self, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -303,6 +311,13 @@ class ControlServer:
             if not export.info.read_only and not export.image.closed:
                 await self.server.call(export.image.flush)
         return {}
+
+    async def _handoff(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        _expect(arguments, ("export", "qmp"))
+        qmp = arguments.get("qmp")
+        if not isinstance(qmp, str) or not qmp:
+            raise ControlError(f"qmp: expected the path of QEMU's QMP socket, found {qmp!r}")
+        return await handoff.hand_over(self.server, self._export(arguments), qmp)
 
     def _export(self, arguments: dict[str, Any]) -> Export:
         name = arguments.get("export")

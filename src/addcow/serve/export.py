@@ -52,6 +52,8 @@ class LiveOptions:
     stream: bool = False
     stream_rate: int | None = None
     detach_when_complete: bool = False
+    handoff_qmp: str | None = None  # QEMU's QMP socket: hand the export over once complete
+    handoff_stay: bool = False  # keep serving after the last export is handed over
 
 
 STREAM_NONE, STREAM_RUNNING, STREAM_PAUSED, STREAM_CONCLUDED = (
@@ -61,6 +63,15 @@ STREAM_NONE, STREAM_RUNNING, STREAM_PAUSED, STREAM_CONCLUDED = (
     "concluded",
 )
 """States of an export's stream, named as QEMU's block job statuses where they exist."""
+
+HANDOFF_NONE, HANDOFF_WAITING, HANDOFF_RUNNING, HANDOFF_DONE, HANDOFF_FAILED = (
+    "none",
+    "waiting",
+    "running",
+    "done",
+    "failed",
+)
+"""States of an export's handoff to QEMU (:mod:`addcow.serve.handoff`)."""
 
 
 @dataclass
@@ -83,9 +94,16 @@ class LiveState:
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
     rate_changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by a new rate or a resume: ends the stream's wait to keep the old rate."""
+    writes_open: asyncio.Event = field(default_factory=asyncio.Event)
+    """Cleared while a handoff holds the export's writes: they wait, they do not fail."""
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the export completes or a client starts using it (a handoff waits for it)."""
+    handoff_status: str = HANDOFF_NONE
+    handoff_detail: str = ""  # the failure, or where QEMU runs the disk now
 
     def __post_init__(self) -> None:
         self.resumed.set()
+        self.writes_open.set()
 
     @property
     def copies_on_read(self) -> bool:

@@ -419,6 +419,8 @@ async def finish(pool: LivePool, export: Export) -> None:
             log.info("%s: detached: removed the .add-cow file; serving %s", image.path, raw)
     except AddCowError as exc:
         log.error("%s: finishing the image failed: %s", image.path, exc)
+    finally:
+        export.live.changed.set()
 
 
 def _streaming(export: Export) -> LiveState:

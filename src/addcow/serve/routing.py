@@ -154,6 +154,14 @@ class Router:
         export.live.last_request = time.monotonic()
         client.counters.count(req.command, req.length)
         export.counters.count(req.command, req.length)
+        if req.command in _ALLOCATING_COMMANDS and not export.live.writes_open.is_set():
+            return self._held_write(client, conn, export, req)
+        return self._dispatch(client, conn, export, req)
+
+    def _dispatch(
+        self, client: Client, conn: ServerConnection, export: Export, req: Request
+    ) -> Coroutine[Any, Any, None] | None:
+        """:meth:`_request` once the request is counted and may run."""
         if _writes_inline(req):
             reply = self._inline_write(client, conn, export, req)
             if reply is not None:
@@ -171,6 +179,18 @@ class Router:
         if self._start_backing_read(client, conn, export, req, route):
             return None
         return self._submit(client, req, remote=route.kind is RouteKind.REMOTE)
+
+    async def _held_write(
+        self, client: Client, conn: ServerConnection, export: Export, req: Request
+    ) -> None:
+        """A write while a handoff holds the export's writes (:mod:`addcow.serve.handoff`):
+        it waits, then runs; the session reads nothing more from this connection
+        meanwhile, so the connection's requests keep their order."""
+        client.flush()
+        await export.live.writes_open.wait()
+        waiting = self._dispatch(client, conn, export, req)
+        if waiting is not None:
+            await waiting
 
     async def _serve_inline_read(
         self, client: Client, conn: ServerConnection, export: Export, req: Request, route: Route

@@ -373,6 +373,7 @@ class NBDServer(Router):
                 client.send(conn.reply_error(event.cookie, event.error, event.message))
             elif isinstance(event, TransmissionStarted):
                 client.export = self._by_info[id(event.export)]
+                client.export.live.changed.set()
                 log.info(
                     "%s: serving export %r%s (structured replies %s, contexts %s)",
                     client.label,
