@@ -14,10 +14,11 @@ The tree::
     |   +-- Qcow2Error                  a qcow2 backing file breaks a rule of the qcow2 format
     |   |   +-- Qcow2UnsupportedError       a qcow2 feature addcow does not read (encryption, ...)
     |   |   +-- Qcow2CorruptError           a table entry or compressed cluster is inconsistent
-    |   +-- RemoteBackingError          a remote backing (NBD, HTTP) cannot be reached or used
+    |   +-- RemoteBackingError          a remote backing (NBD, HTTP, S3) cannot be reached or used
     |       +-- RemoteReplyError            the server's reply breaks its protocol
     |       +-- RemoteReadError             the server answered a request with an error
     |       +-- RemoteChangedError          the golden image changed since the image was created
+    |       +-- RemoteAuthError             the credentials are missing, wrong or not allowed
     +-- PathPolicyError             a file named by an image is outside the allowed tree
     +-- FormatChoiceError           a file named on the command line needs its format given
     +-- ExistingFileError           creating would replace a file or hide an image file's data
@@ -237,3 +238,8 @@ class RemoteReadError(RemoteBackingError):
 class RemoteChangedError(RemoteBackingError):
     """The golden image behind a backing URI is not the one pinned when the image was
     created (another size, ETag or modification time)."""
+
+
+class RemoteAuthError(RemoteBackingError):
+    """The server of a backing URI refused the credentials (wrong, unknown, expired or
+    not allowed to read), or none were found where they are looked for."""
