@@ -216,6 +216,16 @@ class S3Store(HTTPStore):
         kept = version if version not in (None, "null") else None
         return HTTPPin(found.size, found.etag, None, kept)
 
+    def _check_validators(self, resp: urllib3.BaseHTTPResponse) -> None:
+        """The HTTP checks, and a reply to a read of a version must be of that version."""
+        super()._check_validators(resp)
+        version = resp.headers.get("x-amz-version-id")
+        if self._version is not None and version is not None and version.strip() != self._version:
+            raise RemoteReplyError(
+                f"{self.shown_url}: asked for version {self._version}, the reply is of "
+                f"version {_header(version)}"
+            )
+
     def _check_status(self, resp: urllib3.BaseHTTPResponse, what: str) -> None:
         status = resp.status
         if status in (200, 206, 412) or 300 <= status <= 399:
