@@ -14,8 +14,9 @@ file, pools of size 1, and ``radosgw`` with its beast frontend on another
 free port. cephx is on: radosgw never authenticates to a monitor without it.
 Every file (config, keyrings, data, logs, sockets, pid files) is under
 ``root/cluster``. The daemons fork into the background and write pid files;
-stopping sends SIGTERM to each pid (the OSD and monitor after radosgw) and
-waits for the process to be gone, SIGKILL after a timeout.
+stopping sends SIGTERM to each pid (the OSD and monitor after radosgw),
+waits for the process to be gone (SIGKILL after a timeout), and removes the
+cluster's directory.
 
 :class:`Gateway` starts a further radosgw on the same cluster, owned by one
 test (to stop and restart it without touching the shared one).
@@ -287,6 +288,7 @@ def ceph_cluster(root: Path) -> Iterator[Ceph]:
             if not users:
                 _stop(d)
                 state.unlink()
+                shutil.rmtree(d)  # the OSD's block file holds every object written
 
 
 class Gateway:
