@@ -2,12 +2,14 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Debian packages the test suite drives as real peers: program -> package.
+# Debian packages the test suite drives as real peers: program -> package (Ceph: one
+# monitor, one OSD and the RADOS Gateway, the S3 server of tests/ceph_util.py).
 TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
           nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdcopy:libnbd-bin fio:fio \
           mke2fs:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs nbdkit:nbdkit \
           nginx:nginx-light openssl:openssl systemd-socket-activate:systemd \
-          fincore:util-linux-extra
+          fincore:util-linux-extra \
+          ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common
 # The Linux guest of tests/test_guest.py (program or file -> package), installed
 # without their recommends (no GUI, no firmware): QEMU's PC emulator, a static
 # busybox for its initramfs, and Debian's cloud kernel.

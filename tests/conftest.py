@@ -12,9 +12,11 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ceph_util import Ceph, ceph_cluster
 
 CLUSTER = 65536
 
@@ -85,3 +87,15 @@ def base_raw(tmp_path: Path) -> Path:
             f.seek(i * CLUSTER)
             f.write(pattern(0x10 + i, CLUSTER))
     return path
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
+    """The single-node Ceph cluster with its S3 gateway (tests/ceph_util.py), started
+    once per test run: the xdist workers of one run share it through a directory
+    beside their own temporary directories, and the last one out stops it."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent / f"ceph-{run_id}" if run_id else base / "ceph"
+    with ceph_cluster(root) as cluster:
+        yield cluster

@@ -15,6 +15,8 @@ SERVER_MODULES = {
     "addcow.serve.tls",
     "addcow.serve.live",
     "addcow.serve.control",
+    "addcow.serve.handoff",
+    "addcow.serve.qmp",
 }
 """Modules whose own AddCowError subclasses are the NBD server's, not the library's."""
 

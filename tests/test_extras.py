@@ -32,7 +32,7 @@ def test_the_hint_gives_the_command_from_an_index_and_from_a_checkout() -> None:
         # quoted so that a shell (zsh globs [...]) passes each on as one argument
         assert shlex.split(index) == ["pip", "install", f"addcow[{extra}]"]
         assert shlex.split(checkout) == ["pip", "install", f".[{extra}]"]
-    with pytest.raises(ValueError, match="expected one of fast, zstd, http, found 'nope'"):
+    with pytest.raises(ValueError, match="expected one of fast, zstd, http, s3, found 'nope'"):
         install_hint("nope")
 
 

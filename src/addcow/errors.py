@@ -14,10 +14,11 @@ The tree::
     |   +-- Qcow2Error                  a qcow2 backing file breaks a rule of the qcow2 format
     |   |   +-- Qcow2UnsupportedError       a qcow2 feature addcow does not read (encryption, ...)
     |   |   +-- Qcow2CorruptError           a table entry or compressed cluster is inconsistent
-    |   +-- RemoteBackingError          a remote backing (NBD, HTTP) cannot be reached or used
+    |   +-- RemoteBackingError          a remote backing (NBD, HTTP, S3) cannot be reached or used
     |       +-- RemoteReplyError            the server's reply breaks its protocol
     |       +-- RemoteReadError             the server answered a request with an error
     |       +-- RemoteChangedError          the golden image changed since the image was created
+    |       +-- RemoteAuthError             the credentials are missing, wrong or not allowed
     +-- PathPolicyError             a file named by an image is outside the allowed tree
     +-- FormatChoiceError           a file named on the command line needs its format given
     +-- ExistingFileError           creating would replace a file or hide an image file's data
@@ -33,10 +34,12 @@ The tree::
         +-- ViewActiveError             the image has a qcow2 view in force: fold it first
 
 Every class here is exported by ``addcow`` (``addcow.__all__``). The NBD
-server's own errors, for its protocol, TLS credentials, live operations and
-control socket, also derive from ``AddCowError`` but stay in their modules
-(``addcow.nbd.events``, ``addcow.serve.tls``, ``addcow.serve.live``,
-``addcow.serve.control``): they are not raised by library calls.
+server's own errors, for its protocol, TLS credentials, live operations,
+control socket and handoff to QEMU (with its QMP client), also derive from
+``AddCowError`` but stay in their modules (``addcow.nbd.events``,
+``addcow.serve.tls``, ``addcow.serve.live``, ``addcow.serve.control``,
+``addcow.serve.handoff``, ``addcow.serve.qmp``): they are not raised by library
+calls.
 
 Messages name the field or file, the expected value and the value found, so a
 user can act on them without reading the code. Library code raises the most
@@ -247,3 +250,8 @@ class ViewError(AddCowError):
 
 class ViewActiveError(ViewError):
     """The image has a qcow2 view in force (or one being made or folded): fold it first."""
+
+
+class RemoteAuthError(RemoteBackingError):
+    """The server of a backing URI refused the credentials (wrong, unknown, expired or
+    not allowed to read), or none were found where they are looked for."""

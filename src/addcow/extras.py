@@ -14,6 +14,7 @@ EXTRAS = {
     "fast": "uvloop",  # a faster event loop for addcow serve
     "zstd": "zstandard",  # zstd-compressed qcow2 backing files
     "http": "urllib3",  # golden images on HTTP(S) servers
+    "s3": "botocore",  # golden images in S3 buckets (with urllib3)
 }
 """Each extra, and the package it installs."""
 

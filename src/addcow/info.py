@@ -99,7 +99,7 @@ def image_info(
         info["backing-filename"] = info["full-backing-filename"] = remote.shown(ref.uri)
         info["backing-filename-format"] = header.backing_format
         pin = {"size": ref.size, "etag": ref.etag, "last-modified": ref.last_modified,
-               "sha256": ref.sha256}  # fmt: skip
+               "version-id": ref.version_id, "sha256": ref.sha256}  # fmt: skip
         data["backing-pin"] = {k: v for k, v in pin.items() if v is not None}
     elif header.backing_name is not None:
         info["backing-filename"] = os.fsdecode(header.backing_name)

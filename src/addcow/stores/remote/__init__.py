@@ -10,6 +10,13 @@ Recording (specification, "Backing URIs")
         size=2147483648
         etag="5f2c-61a1b"
 
+    or, for an object in an S3 bucket that keeps versions::
+
+        s3://golden/debian-12.qcow2
+        size=348913664
+        etag="9b2cf535f27731c974343645a3985328"
+        version-id=3sL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY+MTRCxf3vjVBH40Nr8X8gdRQBpUMLUo
+
     Without the bit the field is a file name, whatever it looks like: a file
     literally named ``nbd://x`` stays a file, and a reader that does not know
     the bit refuses the image instead of opening a file of that name. A URI
@@ -20,11 +27,13 @@ Recording (specification, "Backing URIs")
 Pinning
     ``size`` (the size of the remote file, always: the raw disk, or the
     qcow2 file, whose virtual size comes from its own header) and, for HTTP,
-    ``etag`` (a strong ETag) or ``last-modified``: what the golden image was
-    when the image was created. Opening checks them, and an HTTP store sends them
-    with every read (``If-Match`` / ``If-Unmodified-Since``), so an image
-    never reads a golden image that changed under it: the clusters it has
-    not copied yet would otherwise mix two disks. A record may also carry
+    ``etag`` (a strong ETag) or ``last-modified``; for S3, ``etag`` and,
+    when the bucket keeps versions, ``version-id``: what the golden image was
+    when the image was created. Opening checks them, and an HTTP or S3 store
+    sends them with every read (``If-Match`` / ``If-Unmodified-Since``; S3
+    reads name the version), so an image never reads a golden image that
+    changed under it: the clusters it has not copied yet would otherwise mix
+    two disks. A record may also carry
     ``sha256``, the digest of the whole resource, written only after it was
     read and checked (:func:`check_digest`; ``rebase -b URI --backing-sha256``).
 
@@ -46,14 +55,17 @@ Trust (docs/reliability.md, "Threat model")
     ``https://img.example.com.evil.test/``. Certificates and keys for TLS
     never come from the image: NBD over TLS takes its directory from
     ``ADDCOW_TLS_CERTIFICATES`` (laid out as libnbd's ``tls-certificates``),
-    HTTPS the system's CA store (``SSL_CERT_FILE`` overrides it).
+    HTTPS the system's CA store (``SSL_CERT_FILE`` overrides it), S3 its
+    endpoint, region and credentials from the AWS chain of the host
+    (:mod:`.s3`).
 
 Opening
     :func:`open_remote` checks the policy, opens the store for the scheme
     (:mod:`addcow.stores.remote.nbd` for ``nbd*``, :mod:`addcow.stores.remote.http` for
-    ``http(s)``), checks the pin, and returns the store itself as a raw
-    backing, or a :class:`~addcow.stores.qcow2.Qcow2File` reading the store as its
-    file (:class:`~addcow.stores.qcow2.RemoteContainer`) for ``qcow2``. Such a qcow2
+    ``http(s)``, :mod:`addcow.stores.remote.s3` for ``s3``), checks the pin, and
+    returns the store itself as a raw backing, or a
+    :class:`~addcow.stores.qcow2.Qcow2File` reading the store as its file
+    (:class:`~addcow.stores.qcow2.RemoteContainer`) for ``qcow2``. Such a qcow2
     may not name a backing file (a file of this host, chosen by the image's
     author), and the qcow2 checks are those of a local file: external data
     files, encryption, truncation refused alike. An add-cow golden image is
@@ -64,7 +76,8 @@ Modules
     :mod:`.uri` parses, redacts and allows URIs and holds the record;
     :mod:`.common` what both stores share (:class:`~.common.RetryPolicy`,
     :class:`~.common.ReadAhead`, :func:`~.common.interrupt_waits`);
-    :mod:`.nbd` and :mod:`.http` are the stores. They import those two modules,
+    :mod:`.nbd`, :mod:`.http` and :mod:`.s3` (the HTTP store, signed) are the
+    stores. They import those two modules (and :mod:`.s3` imports :mod:`.http`),
     never this package, which opens them through :data:`OPENERS`, one entry per
     family of schemes.
 """
@@ -84,9 +97,11 @@ from ..qcow2 import Qcow2File, RemoteContainer
 from .common import RECONNECT_DELAY_ENV, RetryPolicy, interrupt_waits
 from .http import HTTPPin, HTTPStore
 from .nbd import NBDStore
+from .s3 import S3Store
 from .uri import (
     HTTP_SCHEMES,
     NBD_SCHEMES,
+    S3_SCHEMES,
     SCHEMES,
     BackingURI,
     check_policy,
@@ -129,9 +144,16 @@ def _open_http(uri: str, ref: BackingURI | None, retry: RetryPolicy) -> BlockSou
     return HTTPStore.open(uri, pin=pinned, retry=retry)
 
 
+def _open_s3(uri: str, ref: BackingURI | None, retry: RetryPolicy) -> BlockSource:
+    """The object ``uri`` names, pinned to ``ref``'s version or ETag when there is one."""
+    pinned = None if ref is None else HTTPPin(ref.size, ref.etag, None, ref.version_id)
+    return S3Store.open(uri, pin=pinned, retry=retry)
+
+
 OPENERS: dict[tuple[str, ...], Callable[[str, BackingURI | None, RetryPolicy], BlockSource]] = {
     NBD_SCHEMES: _open_nbd,
     HTTP_SCHEMES: _open_http,
+    S3_SCHEMES: _open_s3,
 }
 """The store opener of each family of schemes (:data:`~.uri.SCHEMES` lists them all)."""
 
@@ -176,13 +198,14 @@ def pin(
     _check_format(uri, fmt or "raw")
     store = _open_store(uri, None)
     try:
-        etag = last_modified = None
-        if isinstance(store, HTTPStore):
+        etag = last_modified = version_id = None
+        if isinstance(store, HTTPStore):  # and S3Store
             found = store.identity()
-            etag, last_modified = found.etag, found.last_modified
+            etag, last_modified, version_id = found.etag, found.last_modified, found.version_id
         if sha256 is not None:
             check_digest(store, uri, sha256)
-        ref = BackingURI(uri, store.size, etag, None if etag else last_modified, sha256)
+        ref = BackingURI(uri, store.size, etag, None if etag else last_modified, sha256,
+                         version_id)  # fmt: skip
         ref.encode()
         if fmt in (None, "raw"):
             _refuse_image_header(store, uri, fmt)

@@ -83,7 +83,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
 
 from ... import sysio
 from ...errors import (
@@ -124,11 +124,13 @@ _PRINTABLE = re.compile(r"[\x20-\x7e]+")
 
 
 class HTTPPin(NamedTuple):
-    """The identity of a golden image: its size and validators, as recorded at creation."""
+    """The identity of a golden image: its size and validators, as recorded at creation
+    (and, for an S3 object in a bucket that keeps versions, its version)."""
 
     size: int
     etag: str | None
     last_modified: str | None
+    version_id: str | None = None
 
 
 class _Retry(Exception):
@@ -197,9 +199,14 @@ def _describe(exc: BaseException, url: str) -> str:
 class HTTPStore:
     """A raw golden image behind an http(s) URL, read with range requests.
 
-    Open with :meth:`open`. ``size`` is a plain attribute; ``url`` is the URL as
-    given (with its query) and ``shown_url`` the same without the query, for
-    messages.
+    Open with :meth:`open`. ``size`` is a plain attribute; ``url`` is the URL
+    every request goes to (with its query) and ``shown_url`` the name messages
+    use: the URL without its query, or ``name`` when given.
+
+    Subclasses for servers that speak more than HTTP (an S3 store) hook in at
+    three places: :meth:`_sign` (headers of each attempt), :meth:`_check_status`
+    (what a reply's status means) and :meth:`_identify` (the identity a probe
+    found).
     """
 
     def __init__(
@@ -209,10 +216,11 @@ class HTTPStore:
         *,
         timeout: float,
         retry: RetryPolicy,
+        name: str | None = None,
     ) -> None:
         """Use :meth:`open`: it checks the URL and the server before anything reads."""
         self.url = url
-        self.shown_url = shown(url)
+        self.shown_url = shown(name if name is not None else url)
         self._pool = pool
         self._timeout = timeout
         self._retry = retry
@@ -241,35 +249,18 @@ class HTTPStore:
         are retried.
         """
         parse(url, HTTP_SCHEMES)
-        if timeout <= 0:
-            raise ValueError(f"expected timeout > 0, found {timeout}")
+        pool = make_pool(shown(url), ca_file, timeout)
+        return cls(url, pool, timeout=timeout, retry=retry or RetryPolicy())._start(pin)
+
+    def _start(self, pin: HTTPPin | None) -> Self:
+        """Probe the server and pin (or check ``pin``); drops the connections on failure."""
         try:
-            import urllib3
-        except ImportError:
-            raise RemoteBackingError(_MISSING) from None
-        try:
-            context = ssl.create_default_context(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise RemoteBackingError(
-                f"{ca_file}: cannot load the CA certificates for {shown(url)}: {exc}"
-            ) from None
-        pool = urllib3.PoolManager(
-            num_pools=2,
-            maxsize=MAX_CONNECTIONS,
-            block=True,
-            retries=False,
-            timeout=urllib3.Timeout(connect=timeout, read=timeout),
-            ssl_context=context,
-            cert_reqs="CERT_REQUIRED",
-        )
-        store = cls(url, pool, timeout=timeout, retry=retry or RetryPolicy())
-        try:
-            store._pin = store._probe(pin)
-            store.size = store._readahead.size = store._pin.size
+            self._pin = self._probe(pin)
+            self.size = self._readahead.size = self._pin.size
         except BaseException:
-            pool.clear()
+            self._pool.clear()
             raise
-        return store
+        return self
 
     def identity(self) -> HTTPPin:
         """The pinned identity of the golden image (size, strong ETag, Last-Modified)."""
@@ -365,11 +356,11 @@ class HTTPStore:
 
         import urllib3.exceptions as u3e
 
-        sent = {
+        sent = self._sign({
             "User-Agent": f"addcow/{__version__}",
             "Accept-Encoding": "identity",
             **headers,
-        }
+        })  # fmt: skip
         try:
             return self._pool.urlopen(
                 "GET",
@@ -404,6 +395,11 @@ class HTTPStore:
             raise _Retry(_describe(exc, self.url)) from None
         except u3e.HTTPError as exc:
             raise RemoteBackingError(f"{self.shown_url}: {_describe(exc, self.url)}") from None
+
+    def _sign(self, headers: dict[str, str]) -> dict[str, str]:
+        """The headers one attempt sends (a subclass adds its signature); may raise
+        :class:`_Retry`."""
+        return headers
 
     def _check_status(self, resp: urllib3.BaseHTTPResponse, what: str) -> None:
         """Raise for every status but 206 (the caller handles 416 first where it may)."""
@@ -584,9 +580,39 @@ class HTTPStore:
                 reusable = True
             etag = _strong_etag(resp.headers.get("ETag"))
             modified = _http_date(resp.headers.get("Last-Modified"))
-            return HTTPPin(size, etag, modified)
+            return self._identify(resp, HTTPPin(size, etag, modified))
         finally:
             _finish(resp, reusable)
+
+    def _identify(self, resp: urllib3.BaseHTTPResponse, found: HTTPPin) -> HTTPPin:
+        """The identity a probe's reply shows (``found``: from its HTTP headers)."""
+        return found
+
+
+def make_pool(what: str, ca_file: str | None, timeout: float) -> urllib3.PoolManager:
+    """The connection pool of one store of ``what`` (a URL as shown): at most
+    :data:`MAX_CONNECTIONS` connections, ``ca_file`` (or the system's CA store) for https."""
+    if timeout <= 0:
+        raise ValueError(f"expected timeout > 0, found {timeout}")
+    try:
+        import urllib3
+    except ImportError:
+        raise RemoteBackingError(_MISSING) from None
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise RemoteBackingError(
+            f"{ca_file}: cannot load the CA certificates for {what}: {exc}"
+        ) from None
+    return urllib3.PoolManager(
+        num_pools=2,
+        maxsize=MAX_CONNECTIONS,
+        block=True,
+        retries=False,
+        timeout=urllib3.Timeout(connect=timeout, read=timeout),
+        ssl_context=context,
+        cert_reqs="CERT_REQUIRED",
+    )
 
 
 def _finish(resp: urllib3.BaseHTTPResponse, reusable: bool) -> None:

@@ -6,9 +6,10 @@ Parse (:func:`parse`)
     :class:`~addcow.stores.remote.nbd.NBDStore`): printable ASCII without
     spaces, a scheme among those the caller reads, no fragment, no user name
     or password (a URI is stored in the image in clear), a port from 1 to
-    65535 when one is given, and a host name, except for the Unix socket
-    schemes, which must have none. What a scheme adds (an NBD export name and
-    its ``socket=`` parameter) its store checks on the parts returned.
+    65535 when one is given, and a host name (an S3 URI's bucket), except for
+    the Unix socket schemes, which must have none. What a scheme adds (an NBD
+    export name and its ``socket=`` parameter, an S3 bucket name and key) its
+    store checks on the parts returned.
 
 Redaction (:func:`shown`)
     One rule for every message and every ``info`` field that prints a URI: a
@@ -33,7 +34,9 @@ from ..chain import ChainGuard
 
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 HTTP_SCHEMES = ("http", "https")
-SCHEMES = NBD_SCHEMES + HTTP_SCHEMES
+S3_SCHEMES = ("s3",)
+"""``s3://BUCKET/KEY``: an object read over S3, with credentials from the environment."""
+SCHEMES = NBD_SCHEMES + HTTP_SCHEMES + S3_SCHEMES
 UNIX_SCHEMES = ("nbd+unix", "nbds+unix")
 """Schemes that name a Unix socket (``?socket=PATH``), not a host."""
 TLS_SCHEMES = ("nbds", "nbds+unix", "https")
@@ -41,7 +44,13 @@ TLS_SCHEMES = ("nbds", "nbds+unix", "https")
 MAX_RECORD = 8192
 """Longest URI record (bytes): a URI and its pin, not a file."""
 
-_KEYS = ("size", "etag", "last-modified", "sha256")
+_KEYS = ("size", "etag", "last-modified", "sha256", "version-id")
+_SCHEME_KEYS = {
+    NBD_SCHEMES: ("size", "sha256"),
+    HTTP_SCHEMES: ("size", "etag", "last-modified", "sha256"),
+    S3_SCHEMES: ("size", "etag", "version-id", "sha256"),
+}
+"""The keys a record of each family of schemes may hold."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PRINTABLE = re.compile(r"[\x21-\x7e]+")
 
@@ -99,7 +108,11 @@ def parse(uri: str, schemes: Collection[str] = SCHEMES) -> URIParts:
     if parts.fragment or "#" in uri:
         raise _refused(uri, "no #fragment", "one")
     if "@" in parts.netloc:
-        hint = "; use a presigned URL instead" if scheme in HTTP_SCHEMES else ""
+        hint = {
+            "http": "; use a presigned URL instead",
+            "https": "; use a presigned URL instead",
+            "s3": "; S3 credentials come from the environment",
+        }.get(scheme, "")
         raise _refused(uri, "no user name or password (the URI is stored in the image in "
                        f"clear{hint})", "one")  # fmt: skip
     unix = scheme in UNIX_SCHEMES
@@ -159,6 +172,7 @@ class BackingURI(NamedTuple):
     etag: str | None = None
     last_modified: str | None = None
     sha256: str | None = None
+    version_id: str | None = None
 
     @property
     def scheme(self) -> str:
@@ -172,6 +186,8 @@ class BackingURI(NamedTuple):
             lines.append(f"last-modified={self.last_modified}")
         if self.sha256 is not None:
             lines.append(f"sha256={self.sha256}")
+        if self.version_id is not None:
+            lines.append(f"version-id={self.version_id}")
         record = "\n".join(lines).encode("ascii")
         BackingURI.decode(record)  # everything written must read back
         return record
@@ -194,9 +210,8 @@ class BackingURI(NamedTuple):
             key, sep, value = line.partition("=")
             if not sep or key not in _KEYS or key in fields or not value:
                 raise RemoteBackingError(
-                    f"backing URI record: expected size=, etag=, last-modified= or sha256= "
-                    "once each, "
-                    f"found {line[:80]!r}"
+                    "backing URI record: expected size=, etag=, last-modified=, sha256= or "
+                    f"version-id= once each, found {line[:80]!r}"
                 )
             fields[key] = value
         size = fields.get("size", "")
@@ -204,10 +219,12 @@ class BackingURI(NamedTuple):
             raise RemoteBackingError(
                 f"backing URI record: expected size=BYTES (more than 0), found {size!r}"
             )
-        if scheme_of(first) in NBD_SCHEMES and fields.keys() - {"size", "sha256"}:
+        scheme = scheme_of(first)
+        allowed_keys = _SCHEME_KEYS[next(s for s in _SCHEME_KEYS if scheme in s)]
+        if fields.keys() - allowed_keys:
             raise RemoteBackingError(
-                "backing URI record: expected only size= and sha256= for an NBD URI, "
-                f"found {', '.join(sorted(fields))}"
+                f"backing URI record: expected only {', '.join(k + '=' for k in allowed_keys)} "
+                f"in the record of a {scheme}:// URI, found {', '.join(sorted(fields))}"
             )
         digest = fields.get("sha256")
         if digest is not None and not _SHA256.fullmatch(digest):
@@ -215,4 +232,5 @@ class BackingURI(NamedTuple):
                 "backing URI record: sha256: expected 64 lower-case hexadecimal digits, "
                 f"found {digest[:80]!r}"
             )
-        return cls(first, int(size), fields.get("etag"), fields.get("last-modified"), digest)
+        return cls(first, int(size), fields.get("etag"), fields.get("last-modified"), digest,
+                   fields.get("version-id"))  # fmt: skip
