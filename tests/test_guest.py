@@ -19,6 +19,18 @@ connecting with its ``tls-creds-x509`` object) leave a plain raw disk, which
 a second boot (the raw file as the guest's disk, no addcow involved) finds every
 file as the first boot left it.
 
+In the third test no addcow process runs while the guest does: ``addcow view``
+writes a qcow2 view of the image (its tables over the image file as external
+data file, the golden image as backing), QEMU boots from it natively::
+
+    qemu-system-x86_64 ... -drive file=disk.qcow2,format=qcow2,if=virtio
+
+and ``addcow fold`` takes the guest's writes back into the bitmap. The disk as
+QEMU left it (the view converted to raw while QEMU is stopped) is the referee:
+``e2fsck -fn`` finds it clean and ``debugfs rdump`` reads every file the guest
+wrote or kept, byte for byte; the folded image must compare identical to it,
+and so must the raw disk ``stream`` and ``detach`` leave, byte for byte.
+
 QEMU emulates the CPU (TCG): no KVM needed, and the boot takes seconds.
 """
 
@@ -349,6 +361,14 @@ def check_standalone_raw(d: Disk) -> None:
     assert hashlib.sha256(d.golden.read_bytes()).hexdigest() == d.golden_digest
 
 
+def read_tree(raw: Path, into: Path) -> dict[str, bytes]:
+    """Every regular file of the ext4 file system in ``raw`` (``debugfs rdump``), by path."""
+    into.mkdir()
+    run([require_tool("debugfs"), "-R", f"rdump / {into}", str(raw)])
+    return {str(p.relative_to(into)): p.read_bytes() for p in sorted(into.rglob("*"))
+            if p.is_file() and not p.is_symlink()}  # fmt: skip
+
+
 def test_guest_boots_from_addcow_over_a_compressed_qcow2_then_stream_and_detach(
     disk: Disk,
 ) -> None:
@@ -406,3 +426,36 @@ def test_guest_runs_over_tls_while_the_server_streams_and_detaches(disk: Disk) -
     assert streaming_during_boot, "the guest's boot overlapped the stream"
     check_first_boot(console, d)
     check_standalone_raw(d)
+
+
+def test_guest_boots_from_a_qcow2_view_with_no_addcow_then_fold_stream_and_detach(
+    disk: Disk,
+) -> None:
+    d = disk
+    qemu_img = require_tool("qemu-img")
+    view = d.dir / "disk.qcow2"
+    addcow_cli("view", d.image, view)
+    compared = run([qemu_img, "compare", "-f", "qcow2", "-F", "qcow2", str(view), str(d.golden)])
+    assert compared.stdout == "Images are identical.\n"
+    console = boot(d.guest, f"file={view},format=qcow2", "write", d.dir / "console1.log")
+    check_first_boot(console, d)
+    assert "No errors were found" in run([qemu_img, "check", str(view)]).stdout
+    seen = d.dir / "seen.raw"  # the disk as QEMU left it, read through the view
+    run([qemu_img, "convert", "-f", "qcow2", "-O", "raw", str(view), str(seen)])
+    fsck = run([require_tool("e2fsck"), "-fn", str(seen)], check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert read_tree(seen, d.dir / "seen") == d.after
+    fold = addcow_cli("fold", d.image)
+    assert re.match(rf"folded {re.escape(str(view))} into .*: [1-9]\d* clusters written",
+                    fold.stderr), fold.stderr  # fmt: skip
+    assert not view.exists()
+    assert addcow_cli("check", d.image).returncode == 0
+    assert addcow_cli("compare", d.image, seen).stdout == "Images are identical.\n"
+    # the guest's writes are in disk.raw; the rest of the disk still comes from the golden image
+    info = json.loads(addcow_cli("info", "--output=json", d.image).stdout)["format-specific"]
+    assert 0 < info["data"]["allocated-clusters"] < info["data"]["total-clusters"] // 2
+    addcow_cli("stream", d.image)
+    addcow_cli("detach", d.image)
+    assert not d.image.exists()
+    assert d.raw.read_bytes() == seen.read_bytes()
+    assert hashlib.sha256(d.golden.read_bytes()).hexdigest() == d.golden_digest

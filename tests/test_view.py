@@ -331,9 +331,13 @@ def test_a_pending_view_is_refused_and_fold_finishes_it(tmp_path: Path, base_raw
     raw[:4096] = header._replace(view_name=b"v.qcow2").pack()  # the record, no bit
     image.write_bytes(raw)
     (tmp_path / "v.qcow2").write_bytes(b"a view cut short")
-    proc = addcow("info", image, check=False)
-    assert proc.returncode == 1
-    assert "was being made or folded when it stopped; run: addcow fold" in proc.stderr
+    for args in (("info", image), ("check", "-r", "all", image)):
+        proc = addcow(*args, check=False)
+        assert proc.returncode == 1, args
+        assert proc.stderr == (f"addcow: {image}: a qcow2 view, {tmp_path / 'v.qcow2'}, was "
+                               f"being made or folded when it stopped; run: addcow fold "
+                               f"{image}\n")  # fmt: skip
+    assert image.read_bytes() == bytes(raw)
     addcow("fold", image)
     assert not (tmp_path / "v.qcow2").exists()
     assert _content(image) == content

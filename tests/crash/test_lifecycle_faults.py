@@ -1,5 +1,6 @@
 """Faults in every call that changes an image: create, stream, detach, commit,
-rebase (safe and unsafe), resize (grow and shrink) and amend (both ways).
+rebase (safe and unsafe), resize (grow and shrink), amend (both ways), and view
+and fold (:mod:`addcow.view`).
 
 For each call a run without faults counts every I/O call it makes on the files
 of its directory (the .add-cow file, the image file, the backing files and any
@@ -11,7 +12,9 @@ files with call N failing. Required, and checked:
   error (a short transfer must not make it fail at all);
 * the files are left as a crash could leave them: the image opens, check finds
   no corruption and the content is what it was before the call (each case's
-  ``judge`` says which states are allowed, e.g. old or new size for resize);
+  ``judge`` says which states are allowed, e.g. old or new size for resize; a
+  failed view leaves no record and no view file; a failed fold leaves the view
+  in force reading as QEMU left it, or pending, and the next fold finishes it);
 * the call, run again without the fault, succeeds and leaves the expected result.
 
 ``make test`` runs every 3rd call number; ``make campaign`` (ADDCOW_CAMPAIGN=1)
@@ -27,12 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from qcow2_util import convert_raw, qemu_img, qemu_io
 from storage import ERRNO, FAULT_KINDS, SHORT, Fault, Layer
 from workload import CLUSTER, SIZE, build
 
 import addcow
 from addcow import AddCowError, AddCowIOError, lifecycle, streaming
 from addcow.check import check_image
+from addcow.format import Header
+from addcow.view import fold_view, make_view
 
 EVERY_SITE = os.environ.get("ADDCOW_CAMPAIGN") in ("1", "sites")
 STRIDE = 1 if EVERY_SITE else 3
@@ -231,6 +237,78 @@ def _size(d: Path) -> int:
         return img.size
 
 
+VIEW_SIZE = 24 * CLUSTER - 1536  # whole 512-byte sectors, as QEMU needs; the last cluster partial
+THROUGH_VIEW = ("write -P 0x61 4096 512", "write -P 0x62 0x5000 0x3000",
+                "write -P 0x63 0xa100 100", "write -z 0 0x1000", "discard 0x9000 0x1000",
+                "write -z 0x2000 0x2000")  # fmt: skip
+
+
+def _prepare_view(d: Path) -> bytes:
+    """An image with clusters 1-3 and the partial last one written, for a view."""
+    base = b"".join(bytes([0x30 + c]) * CLUSTER for c in range(24))[:VIEW_SIZE]
+    (d / "base.raw").write_bytes(base)
+    addcow.create(d / "d.add-cow", image_file="d.raw", backing_file="base.raw",
+                  backing_format="raw", size=VIEW_SIZE, cluster_size=CLUSTER)  # fmt: skip
+    with addcow.open(d / "d.add-cow") as img:
+        img.write(b"\x51" * 3 * CLUSTER, CLUSTER)
+        img.write(b"\x52" * 100, VIEW_SIZE - 100)
+    return _content(d / "d.add-cow")
+
+
+def _prepare_fold(d: Path) -> bytes:
+    """The view of :func:`_prepare_view`'s image, written through by qemu-io (data over
+    allocated and unallocated clusters, zero clusters, a discard over the backing):
+    what the image must read as once folded."""
+    _prepare_view(d)
+    make_view(d / "d.add-cow", d / "v.qcow2")
+    qemu_io(d / "v.qcow2", *THROUGH_VIEW)
+    return convert_raw(d / "v.qcow2")
+
+
+def _view(d: Path) -> None:
+    make_view(d / "d.add-cow", d / "v.qcow2")
+
+
+def _fold(d: Path) -> None:
+    fold_view(d / "d.add-cow")
+
+
+def _record(d: Path) -> Header:
+    """The header as it is on disk (no reader opens an image with a view record)."""
+    with open(d / "d.add-cow", "rb") as f:
+        return Header.unpack(f.read(4096))
+
+
+def _judge_view(d: Path, content: bytes) -> list[str]:
+    header, view = _record(d), d / "v.qcow2"
+    if header.view:
+        if not view.exists():
+            return ["the view is in force but its file is missing"]
+        problems = [] if "No errors were found" in qemu_img("check", view) else ["qemu-img check"]
+        if convert_raw(view) != content:
+            problems.append("the view does not read as the image")
+        return problems
+    problems = []
+    if header.view_name is not None:
+        problems.append("a failed view left its record (the image pending)")
+        fold_view(d / "d.add-cow")  # what the user runs; then judge what is left
+    if view.exists():
+        problems.append("a failed view left its file")
+    return problems + _unchanged(d, content)
+
+
+def _judge_fold(d: Path, content: bytes) -> list[str]:
+    header, view = _record(d), d / "v.qcow2"
+    if header.view:
+        if not view.exists():
+            return ["the view is still in force but its file is gone"]
+        return [] if convert_raw(view) == content else ["the view no longer reads as QEMU left it"]
+    if header.view_name is not None:
+        return []  # pending: the bitmap holds the view's clusters; the next fold retires it
+    problems = ["the view file outlived its record"] if view.exists() else []
+    return problems + _unchanged(d, content)
+
+
 CASES = [
     Case("create", _create, _judge_create, _prepare, lambda d: (d / "n.add-cow").exists()),
     Case("stream", _stream, _unchanged, _prepare,
@@ -248,6 +326,9 @@ CASES = [
          lambda d: _header(d).version == 1),
     Case("amend 1 to 2", _amend_to(2), _unchanged, lambda d: _prepare_amend(d, 1),
          lambda d: _header(d).version == 2),
+    Case("view", _view, _judge_view, _prepare_view,
+         lambda d: _record(d).view and (d / "v.qcow2").exists()),
+    Case("fold", _fold, _judge_fold, _prepare_fold, lambda d: _record(d).view_name is None),
 ]
 
 

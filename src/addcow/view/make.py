@@ -9,9 +9,10 @@ view is written in the order :mod:`.record` argues: record, view file, bit.
 The view file is created exclusively (``O_EXCL``): an existing file is never
 replaced unless ``force``, and then only when no one has it open (an exclusive
 lock on it, which QEMU's locks and addcow's conflict with) and it is none of
-the image's own files. If making the view fails, what this call created is
-removed (the view file, then the record); if even that fails, the image is
-left pending, which ``addcow fold`` finishes.
+the image's own files. If making the view fails from the record's write on
+(a write whose ``fdatasync`` failed may still reach the file), what this call
+wrote is undone (the bit, the view file it created, then the record); if even
+that fails, the image is left pending, which ``addcow fold`` finishes.
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ def make_view(
         )
         qcow2 = layout.header(files.size, names)
         cluster0 = qcow2.pack()
-        pending = record_pending(files.meta_fd, path, header, name)
+        pending = header._replace(view_name=name)
         created = False
         try:
+            record_pending(files.meta_fd, path, pending)
             fd = os.open(view, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             created = True
             try:

@@ -43,6 +43,19 @@ bitmap already holds everything, and the retire finishes (d) and (e). The view
 file is removed before the record, so no view file outlives the record that
 names it: a stale view, whose tables no longer match the bitmap, is never left
 for QEMU to open.
+
+An I/O error is not a crash: the call goes on, and must leave one of the
+states above and raise the error. A write whose ``fdatasync`` failed may
+still reach the file later (the page stays in the cache), so it counts as
+made. Making a view that fails anywhere from (1) on undoes it all: clears the
+bit (a no-op write if (3) was not reached), removes the view file if this call
+created it, clears the record, each made durable; a failed make therefore
+leaves the image as it was, not pending (only if the undo fails too is it left
+pending, for fold). Folding that fails leaves what a crash at the same call
+leaves: the view in force and its file untouched before (c), pending from (c)
+on (still in force if the bit's write did not reach the file), and the next
+fold finishes. The fault-injection campaign (``tests/crash/test_lifecycle_faults.py``)
+fails every I/O call of both, once each, and checks exactly this.
 """
 
 from __future__ import annotations
@@ -83,11 +96,9 @@ def open_view_locked(view: str) -> int | None:
     return fd
 
 
-def record_pending(meta_fd: int, path: str, header: Header, name: bytes) -> Header:
-    """Step (1): write the view record, bit clear."""
-    pending = header._replace(view_name=name)
+def record_pending(meta_fd: int, path: str, pending: Header) -> None:
+    """Step (1): write the view record ``pending`` names, bit clear."""
     write_view_record(meta_fd, path, pending)
-    return pending
 
 
 def set_in_force(meta_fd: int, path: str, header: Header) -> Header:
