@@ -16,7 +16,16 @@ randwrite  the same with ``--rw=randwrite`` (the image is complete: no
 
 The image: ``--size`` of random data as the backing file, an add-cow image
 over it streamed complete (``addcow stream``), its raw file warm in the page
-cache. Each case runs ``--runs`` times, the two servers interleaved (the order
+cache.
+
+Before an image is complete, QEMU can run it with no server at all through a
+qcow2 view (``addcow view``): the ``view`` cases compare ``addcow serve`` of a
+half-allocated image (its first half written) with ``qemu-storage-daemon``
+running the qcow2 view of an identical image (``qcow2`` over a ``file`` node;
+the view names the raw file as its data file and the backing file as its
+backing), the same randread and randwrite.
+
+Each case runs ``--runs`` times, the two servers interleaved (the order
 changing from run to run, ``bench_nbd.compare``); the table shows median
 figures and the median of the per-run ratios addcow/QEMU.
 
@@ -57,19 +66,47 @@ def make_image(work: Path, size: int) -> Path:
     return work / "a.add-cow"
 
 
+def make_half_images(work: Path, size: int) -> tuple[Path, Path]:
+    """Two identical add-cow images over random ``base.raw``, their first half written:
+    ``h.add-cow`` for addcow serve, and ``v.add-cow`` with its qcow2 view ``v.qcow2``."""
+    base = bench_nbd.make_base(work, size)
+    for stem in ("h", "v"):
+        for suffix in (".add-cow", ".raw", ".qcow2"):
+            (work / f"{stem}{suffix}").unlink(missing_ok=True)
+        image = work / f"{stem}.add-cow"
+        bench_nbd.sh(bench_nbd.ADDCOW, "create", "-b", str(base), "-F", "raw",
+                     "-o", f"image_file={stem}.raw", str(image))  # fmt: skip
+        bench_nbd.sh(bench_nbd.ADDCOW, "io", "-c",
+                     f"write -P {bench_nbd.PATTERN:#x} 0 {size // 2}", str(image))  # fmt: skip
+        bench_nbd.warm(work / f"{stem}.raw")
+    bench_nbd.sh(bench_nbd.ADDCOW, "view", str(work / "v.add-cow"), str(work / "v.qcow2"))
+    bench_nbd.warm(base)
+    return work / "h.add-cow", work / "v.qcow2"
+
+
+def _qsd(sock: Path, blockdevs: list[str]) -> list[str]:
+    """qemu-storage-daemon exporting the last of ``blockdevs`` (``disk0``) on ``sock``."""
+    cmd = ["qemu-storage-daemon"]
+    for spec in blockdevs:
+        cmd += ["--blockdev", spec]
+    return [*cmd, "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "type=nbd,id=e0,node-name=disk0,name=,writable=on"]  # fmt: skip
+
+
 @contextmanager
 def served(side: str, image: Path, sock: Path) -> Iterator[str]:
-    """Serve the disk on ``sock``: the add-cow image by addcow, or its raw file by QEMU."""
+    """Serve the disk on ``sock``: the add-cow image by addcow, its raw file by QEMU
+    (``qemu``), or ``image``, a qcow2 view, by QEMU (``qemu view``)."""
     sock.unlink(missing_ok=True)
     if side == "addcow":
         cmd = [bench_nbd.ADDCOW, "serve", "--foreground", "--socket", str(sock), str(image)]
-    else:
+    elif side == "qemu":
         raw = image.with_suffix(".raw")
-        cmd = ["qemu-storage-daemon",
-               "--blockdev", f"driver=file,filename={raw},node-name=file0,aio=threads",
-               "--blockdev", "driver=raw,file=file0,node-name=disk0",
-               "--nbd-server", f"addr.type=unix,addr.path={sock}",
-               "--export", "type=nbd,id=e0,node-name=disk0,name=,writable=on"]  # fmt: skip
+        cmd = _qsd(sock, [f"driver=file,filename={raw},node-name=file0,aio=threads",
+                          "driver=raw,file=file0,node-name=disk0"])  # fmt: skip
+    else:
+        cmd = _qsd(sock, [f"driver=file,filename={image},node-name=file0,aio=threads",
+                          "driver=qcow2,file=file0,node-name=disk0"])  # fmt: skip
     with bench_nbd.running(cmd, sock, side):
         yield bench_nbd.uri(sock)
 
@@ -92,6 +129,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     image = make_image(work, size)
     sock = work / "s.sock"
+    half, view = make_half_images(work, size)
     results: dict[str, dict[str, float]] = {}
     for case in CASES:
 
@@ -102,12 +140,23 @@ def main() -> int:
         results[f"fio 4k {case} QD32 (IOPS)"] = bench_nbd.compare(
             args.runs, SIDES, measure, {"ratio": ("addcow", "qemu")}
         )
+    for case in CASES:
+
+        def measure_half(side: str, rw: str = case) -> float:
+            with served(side, half if side == "addcow" else view, sock) as target:
+                return bench_nbd.fio(target, rw, args.seconds)
+
+        results[f"fio 4k {case} QD32, half allocated, view (IOPS)"] = bench_nbd.compare(
+            args.runs, ("addcow", "qemu view"), measure_half, {"ratio": ("addcow", "qemu view")}
+        )
+    bench_nbd.sh(bench_nbd.ADDCOW, "fold", str(work / "v.add-cow"))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"addcow serve's event loop: {os.environ['ADDCOW_EVENT_LOOP']}")
-    print(f"{'case':28} {'addcow':>10} {'QEMU raw':>10} {'addcow/QEMU':>12}")
+    print(f"{'case':48} {'addcow':>10} {'QEMU':>10} {'addcow/QEMU':>12}")
     for name, r in results.items():
-        print(f"{name:28} {r['addcow']:10.0f} {r['qemu']:10.0f} {r['ratio']:11.2f}x")
+        qemu = r["qemu"] if "qemu" in r else r["qemu view"]
+        print(f"{name:48} {r['addcow']:10.0f} {qemu:10.0f} {r['ratio']:11.2f}x")
     info = {"size": size, "runs": args.runs, "fio_seconds": args.seconds,
             "event_loop": os.environ["ADDCOW_EVENT_LOOP"],
             "qemu": bench_nbd.sh("qemu-storage-daemon", "--version").splitlines()[0]}  # fmt: skip

@@ -10,6 +10,10 @@ memory (``ru_maxrss`` of the child). Targets: under a second each, memory bounde
 by the bitmap (2 MiB here), not by the virtual size.
 
     .venv/bin/python benchmarks/bench_view.py [--size 1T] [--percent 1] [--workdir DIR]
+                                              [--json [DIR]]
+
+``--json`` writes the figures to one file in ``benchmarks/results/`` (or DIR);
+``record.py`` describes it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import record
 
 import addcow
 from addcow.format import Header
@@ -62,7 +68,9 @@ def main() -> None:
     p.add_argument("--size", default="1T", help="virtual size (suffix G or T)")
     p.add_argument("--percent", type=float, default=1.0)
     p.add_argument("--workdir", default=None)
+    record.add_option(p)
     args = p.parse_args()
+    run = record.Run("bench_view", args)
     size = int(args.size[:-1]) << {"G": 30, "T": 40}[args.size[-1].upper()]
     with tempfile.TemporaryDirectory(dir=args.workdir) as d:
         clusters = build(d, size, args.percent)
@@ -89,6 +97,14 @@ def main() -> None:
         print(f"fold (16 clusters written through the view): {t_fold:.2f} s, "
               f"peak RSS {m_fold >> 10} MiB; {after - allocated} clusters newly allocated")
         print(f"(python -m addcow --version alone: {t_start:.2f} s, {m_start >> 10} MiB)")
+    info = {"size": size, "clusters": clusters, "allocated": allocated}
+    rows = {
+        "view": {"seconds": t_view, "peak_rss_kib": m_view, "target_seconds": 1.0},
+        "fold": {"seconds": t_fold, "peak_rss_kib": m_fold, "target_seconds": 1.0,
+                 "newly_allocated": after - allocated},
+        "python -m addcow --version": {"seconds": t_start, "peak_rss_kib": m_start},
+    }  # fmt: skip
+    run.write(info=info, rows=rows)
 
 
 if __name__ == "__main__":
