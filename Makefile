@@ -2,14 +2,17 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Debian packages the test suite drives as real peers: program -> package (Ceph: one
-# monitor, one OSD and the RADOS Gateway, the S3 server of tests/ceph_util.py).
+# Debian packages the test suite drives as real peers: program or file -> package (Ceph:
+# one monitor, one OSD and the RADOS Gateway, the S3 server of tests/ceph_util.py; the
+# RBD bridge of tests/test_rbd_golden.py: qemu-storage-daemon with QEMU's RBD driver).
 TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
           nbdinfo:libnbd-bin nbdsh:python3-libnbd nbdcopy:libnbd-bin fio:fio \
           mke2fs:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs nbdkit:nbdkit \
           nginx:nginx-light openssl:openssl systemd-socket-activate:systemd \
           fincore:util-linux-extra \
-          ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common
+          ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common rbd:ceph-common \
+          qemu-storage-daemon:qemu-system-common \
+          /usr/lib/*/qemu/block-rbd.so:qemu-block-extra
 # The Linux guest of tests/test_guest.py (program or file -> package), installed
 # without their recommends (no GUI, no firmware): QEMU's PC emulator, a static
 # busybox for its initramfs, and Debian's cloud kernel.
@@ -30,7 +33,8 @@ venv: $(BIN)/.installed
 # Install the apt packages whose programs are missing (needs root, as in CI).
 system-deps:
 	@set -e; missing=""; for pair in $(TOOLS); do \
-	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || ls $${pair%%:*} >/dev/null 2>&1 || \
+	    missing="$$missing $${pair#*:}"; done; \
 	guest=""; for pair in $(GUEST); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || ls $${pair%%:*} >/dev/null 2>&1 || \
 	    guest="$$guest $${pair#*:}"; done; \

@@ -1,4 +1,4 @@
-"""Benchmarks: add-cow images over a golden image on another machine (NBD, HTTP), on loopback.
+"""Benchmarks: add-cow images over a golden image on another machine (NBD, HTTP, S3), on loopback.
 
 Every figure is measured in the same run as its baseline, the sides
 alternating (``bench_nbd.compare``: the order rotates and reverses from run
@@ -11,7 +11,7 @@ inside the timed command.
 
     .venv/bin/python benchmarks/bench_remote.py [--size 1G] [--runs 3] [--seconds 5]
         [--fleet-size 256M] [--fleet-hosts 1,4,8] [--stream-rate 50M] [--workdir DIR]
-        [--keep] [--json [DIR]] [--cases nbd,nbd8,http,randread,latency,fleet,qcow2]
+        [--keep] [--json [DIR]] [--cases nbd,nbd8,http,randread,latency,fleet,qcow2,s3,s3fleet]
 
 ``--json`` also writes the run's figures, ratios and fleet samples to one file in
 ``benchmarks/results/`` (or DIR); ``record.py`` describes it.
@@ -54,10 +54,25 @@ fleet   one golden server on 127.0.0.1 (``qemu-nbd --read-only -t -e 0``; ``nbdk
         parallel copies of the golden image made durable (``nbdcopy URI OUT &&
         sync -d OUT``; ``curl`` for nginx): the floor; fairness (slowest / fastest
         host); the golden server's established connections (``ss``), the most
-        seen.
+        seen; the time to first guest read: from the start of ``addcow serve``
+        until ``qemu-io -r -c 'read 0 4k'`` through it has exited (the median
+        over hosts and runs, and the slowest), after which the host's
+        ``nbdcopy`` starts.
 qcow2   ``nbd`` and ``http`` over the golden qcow2 (``addcow create -b URI -F
         qcow2``; ``qemu-img convert -f qcow2``; the peers' copy is of the
         compressed file).
+s3      one host streaming ``s3://BUCKET/golden.raw`` and the golden qcow2 from a
+        Ceph RADOS Gateway of the benchmark's own (``s3_golden.py``: the test
+        suite's single-node cluster, started after the other cases and stopped
+        at the end; credentials and endpoint in ``AWS_*`` variables), against
+        the aws-style floor of ``s3_golden.py`` (10 signed range GETs of 8 MiB
+        in flight) into nothing and into a file made durable, and against
+        ``qemu-img convert`` from a presigned URL through QEMU's curl driver
+        where that driver can read it (a probe with ``qemu-img info`` first;
+        it sends ``HEAD`` before its ranged ``GET``s, a presigned URL signs
+        one method, and the row says n/a).
+s3fleet ``fleet`` with the gateway as the golden server (``--fleet-size``, one
+        object); the floor is N aws-style durable copies at once.
 
 The first run of every streamed image checks that its raw file equals the
 golden image.
@@ -69,6 +84,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -84,11 +100,18 @@ import bench_lifecycle as lifecycle
 import bench_nbd as nbd
 import golden as golden_image
 import record
+import s3_golden
 from bench_nbd import ADDCOW
 
 MiB = 1 << 20
-CASES = ("nbd", "nbd8", "http", "randread", "latency", "fleet", "qcow2")
+CASES = ("nbd", "nbd8", "http", "randread", "latency", "fleet", "qcow2", "s3", "s3fleet")
 FLEET_SERVERS = ("qemu-nbd", "nbdkit", "nginx")
+FLEET_COPY = {"nginx": "curl -s -o \"$0\" '{uri}'", "qemu-nbd": "nbdcopy '{uri}' \"$0\"",
+              "nbdkit": "nbdcopy '{uri}' \"$0\""}  # fmt: skip
+"""A golden server's floor: a copy of its image into ``$0`` (then made durable)."""
+FLEET_TARGET = 0.8
+"""A fleet's aggregate against its floor, at every host count."""
+CURL_NA = "n/a: curl driver sends HEAD, the signature covers the method"
 PATTERN = 0x5A
 POLL = 0.02  # seconds between looks at the fleet's images
 SS_EVERY = 0.25  # seconds between connection counts
@@ -103,6 +126,8 @@ class Row:
     figures: dict[str, float]
     ratios: dict[str, float]
     targets: dict[str, float] = field(default_factory=dict)
+    na: dict[str, str] = field(default_factory=dict)
+    """Ratios that could not be measured (label -> why), with their targets."""
 
     def verdict(self, label: str) -> str:
         if label not in self.targets:
@@ -121,6 +146,7 @@ class FleetRow:
     floor_connections: list[int]
     client_seconds: list[float]
     size: int
+    first_read: list[float] = field(default_factory=list)
 
     def mibs(self, seconds: float) -> float:
         return self.hosts * self.size / MiB / seconds
@@ -136,6 +162,8 @@ class FleetRow:
             "connections": max(self.connections),
             "floor connections": max(self.floor_connections),
             "client MiB/s": self.size / MiB / med(self.client_seconds),
+            "first read s": med(self.first_read),
+            "first read max s": max(self.first_read),
         }
 
 
@@ -246,6 +274,7 @@ class Bench:
         self.rows: list[Row] = []
         self.fleet: list[FleetRow] = []
         self.digests: dict[Path, str] = {}
+        self.rgw: s3_golden.RGW | None = None
 
     def path(self, name: str) -> Path:
         return self.work / name
@@ -403,23 +432,26 @@ class Bench:
     # -- the fleet
 
     def fleet_case(self) -> None:
-        size = self.args.fleet_size
-        golden = make_random(self.path("fleet.raw"), size)
+        golden = make_random(self.path("fleet.raw"), self.args.fleet_size)
         for kind in FLEET_SERVERS:
             port = nbd.free_port()
             extra = ["-e", "0"] if kind == "qemu-nbd" else []
             with golden_server(kind, golden, port, extra) as uri:
-                for hosts in self.args.fleet_hosts:
-                    row = FleetRow(kind, hosts, [], [], [], [], [], [], size)
-                    for i in range(self.runs):
-                        sides = ("addcow", "floor") if i % 2 == 0 else ("floor", "addcow")
-                        for side in sides:
-                            if side == "addcow":
-                                self.fleet_addcow(row, uri, golden, port, i)
-                            else:
-                                self.fleet_floor(row, uri, golden, port, kind)
-                    lifecycle.log(f"  fleet {kind} x{hosts}: {row.summary()}")
-                    self.fleet.append(row)
+                self.fleet_rows(kind, uri, golden, port, FLEET_COPY[kind].format(uri=uri))
+
+    def fleet_rows(self, kind: str, uri: str, golden: Path, port: int, copy: str) -> None:
+        """One row per host count: the fleet over ``uri`` against N ``copy`` commands."""
+        for hosts in self.args.fleet_hosts:
+            row = FleetRow(kind, hosts, [], [], [], [], [], [], golden.stat().st_size)
+            for i in range(self.runs):
+                sides = ("addcow", "floor") if i % 2 == 0 else ("floor", "addcow")
+                for side in sides:
+                    if side == "addcow":
+                        self.fleet_addcow(row, uri, golden, port, i)
+                    else:
+                        self.fleet_floor(row, golden, port, copy)
+            lifecycle.log(f"  fleet {kind} x{hosts}: {row.summary()}")
+            self.fleet.append(row)
 
     def fleet_addcow(self, row: FleetRow, uri: str, golden: Path, port: int, i: int) -> None:
         hosts = range(row.hosts)
@@ -446,16 +478,28 @@ class Bench:
                     stdout=subprocess.DEVNULL, stderr=log))  # fmt: skip
             stack.callback(self._stop, servers)
             clients: list[tuple[subprocess.Popen[bytes], float]] = []
+            first: dict[int, subprocess.Popen[bytes]] = {}
             waiting = list(hosts)
             next_ss = 0.0
-            while waiting or any(d is None for d in done):
+            while waiting or first or any(d is None for d in done):
                 now = time.perf_counter()
                 for h in list(waiting):
                     if socks[h].exists():
                         waiting.remove(h)
-                        clients.append((subprocess.Popen(
-                            ["nbdcopy", unix_uri(socks[h]), "null:"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), now))  # fmt: skip
+                        first[h] = subprocess.Popen(
+                            ["qemu-io", "-r", "-f", "raw", "-c", "read 0 4k", unix_uri(socks[h])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                for h, probe in list(first.items()):
+                    if probe.poll() is None:
+                        continue
+                    if probe.returncode != 0:
+                        err = probe.stderr.read().decode() if probe.stderr else ""
+                        raise SystemExit(f"qemu-io's first read from a host failed: {err}")
+                    del first[h]
+                    row.first_read.append(now - started[h])
+                    clients.append((subprocess.Popen(
+                        ["nbdcopy", unix_uri(socks[h]), "null:"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), now))  # fmt: skip
                 for h in hosts:
                     if done[h] is None and not images[h].exists():
                         done[h] = now - started[h]
@@ -489,13 +533,12 @@ class Bench:
         for server in servers:
             server.wait(timeout=60)
 
-    def fleet_floor(self, row: FleetRow, uri: str, golden: Path, port: int, kind: str) -> None:
+    def fleet_floor(self, row: FleetRow, golden: Path, port: int, copy: str) -> None:
         outs = [self.path(f"floor{h}.raw") for h in range(row.hosts)]
         lifecycle.remove(*(str(p) for p in outs))
         nbd.warm(golden)
         os.sync()
-        copy = "curl -s -o \"$0\" '{uri}'" if kind == "nginx" else "nbdcopy '{uri}' \"$0\""
-        cmd = copy.format(uri=uri) + ' && sync -d "$0"'
+        cmd = copy + ' && sync -d "$0"'
         conns = 0
         t0 = time.perf_counter()
         procs = [subprocess.Popen(["sh", "-c", cmd, str(out)], stderr=subprocess.PIPE)
@@ -518,12 +561,68 @@ class Bench:
     # -- a golden qcow2 over a URI
 
     def qcow2_cases(self) -> None:
+        qcow2 = self.golden_qcow2()
+        self.nbd_case("qcow2 nbd", [], qcow2, "qcow2")
+        self.http_case("qcow2 http", qcow2, "qcow2")
+
+    def golden_qcow2(self) -> Path:
         qcow2 = self.path("golden.qcow2")
         if not qcow2.exists():
             lifecycle.log(f"building the golden qcow2 ({lifecycle.size_text(self.size)})")
             golden_image.build(str(self.work), self.size)
-        self.nbd_case("qcow2 nbd", [], qcow2, "qcow2")
-        self.http_case("qcow2 http", qcow2, "qcow2")
+        return qcow2
+
+    # -- a golden image in S3 (Ceph's RADOS Gateway)
+
+    def s3_case(self, golden: Path, fmt: str) -> None:
+        rgw = self.rgw
+        assert rgw is not None
+        key = golden.name
+        uri = rgw.upload(golden, key)
+        img, raw, out = self.path("s.add-cow"), self.path("s.raw"), self.path("peer.raw")
+        size, length = self.size, golden.stat().st_size
+
+        def addcow_side(i: int) -> float:
+            create(img, raw, uri, fmt)
+            got = mibs(size, [ADDCOW, "stream", "-q", str(img)], golden)
+            if i == 0:
+                self.check(raw, self.golden_disk(golden, fmt))
+            lifecycle.remove(str(img), str(raw))
+            return got
+
+        def floor_side(durable: bool) -> Callable[[int], float]:
+            def measure(i: int) -> float:
+                lifecycle.remove(str(out))
+                got = mibs(size, rgw.floor(key, length, out if durable else None), golden)
+                lifecycle.remove(str(out))
+                return got
+
+            return measure
+
+        sides = {"addcow": addcow_side, "aws-style null": floor_side(False),
+                 "aws-style durable": floor_side(True)}  # fmt: skip
+        targets = {"aws-style durable": 0.8}
+        source = json.dumps({"file.driver": "http", "file.url": rgw.presigned(key)})
+        probe = subprocess.run(["qemu-img", "info", "-f", fmt, f"json:{source}"],
+                               capture_output=True, text=True)  # fmt: skip
+        if probe.returncode == 0:
+            qemu = ["qemu-img", "convert", "-m", "1", "-f", fmt, "-t", "writeback", "-O", "raw",
+                    f"json:{source}"]  # fmt: skip
+            sides["qemu-img"] = self.stream_sides(uri, golden, fmt, qemu, "")["qemu-img"]
+            targets["qemu-img"] = 1.5
+        row = self.compare(f"s3: addcow stream from RGW ({fmt})", "MiB/s", sides, targets)
+        if probe.returncode != 0:
+            said = probe.stderr.strip().rsplit("': ", 1)[-1]  # not the URL: it holds a signature
+            row.na["vs qemu-img"] = f"{CURL_NA} (qemu-img info: {said})"
+            row.targets["vs qemu-img"] = 1.5
+
+    def s3_fleet_case(self) -> None:
+        rgw = self.rgw
+        assert rgw is not None
+        golden = make_random(self.path("fleet.raw"), self.args.fleet_size)
+        uri = rgw.upload(golden, "fleet.raw")
+        copy = shlex.join(rgw.floor("fleet.raw", golden.stat().st_size)) + ' --out "$0"'
+        self.fleet_rows("rgw", uri, golden, rgw.port, copy)
 
 
 def print_report(bench: Bench, info: dict[str, object]) -> None:
@@ -539,17 +638,22 @@ def print_report(bench: Bench, info: dict[str, object]) -> None:
         for label, ratio in row.ratios.items():
             target = f">= {row.targets[label]:.1f}x" if label in row.targets else "-"
             print(f"    {label:24} {ratio:6.2f}x  target {target:8} {row.verdict(label)}")
+        for label, why in row.na.items():
+            print(f"    {label:24}    n/a  target >= {row.targets[label]:.1f}x  {why}")
     if bench.fleet:
         header = ("server", "N", "all complete s", "aggregate MiB/s", "floor MiB/s", "ratio",
-                  "fairness", "connections", "floor connections", "client MiB/s")  # fmt: skip
+                  "target", "fairness", "connections", "floor connections", "client MiB/s",
+                  "first read s (max)")  # fmt: skip
         lines = []
         for row in bench.fleet:
             s = row.summary()
+            verdict = "met" if s["ratio"] >= FLEET_TARGET else "MISS"
             lines.append((row.server, str(row.hosts), f"{s['all complete s']:.2f}",
                           f"{s['aggregate MiB/s']:.0f}", f"{s['floor MiB/s']:.0f}",
-                          f"{s['ratio']:.2f}x", f"{s['fairness']:.2f}",
-                          str(s["connections"]), str(s["floor connections"]),
-                          f"{s['client MiB/s']:.0f}"))  # fmt: skip
+                          f"{s['ratio']:.2f}x", f">= {FLEET_TARGET}x {verdict}",
+                          f"{s['fairness']:.2f}", str(s["connections"]),
+                          str(s["floor connections"]), f"{s['client MiB/s']:.0f}",
+                          f"{s['first read s']:.2f} ({s['first read max s']:.2f})"))  # fmt: skip
         widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
         for line in (header, *lines):
             print("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
@@ -619,6 +723,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.fleet_case()
         if "qcow2" in args.cases:
             bench.qcow2_cases()
+        if {"s3", "s3fleet"} & set(args.cases):
+            with s3_golden.rgw(work) as bench.rgw:
+                lifecycle.log(f"RGW at {bench.rgw.endpoint}, bucket {bench.rgw.bucket}")
+                if "s3" in args.cases:
+                    bench.s3_case(bench.golden(), "raw")
+                    bench.s3_case(bench.golden_qcow2(), "qcow2")
+                if "s3fleet" in args.cases:
+                    bench.s3_fleet_case()
+            bench.rgw = None
         info: dict[str, object] = {
             "size_text": lifecycle.size_text(args.size),
             "fleet_size_text": lifecycle.size_text(args.fleet_size),
@@ -631,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "workdir_fs": lifecycle.fs_type(str(work)),
             "seconds": time.monotonic() - started,
         }
+        if {"s3", "s3fleet"} & set(args.cases):
+            info["ceph"] = sh("ceph", "--version").strip()
         print_report(bench, info)
         fleet = [{**asdict(r), "summary": r.summary()} for r in bench.fleet]
         run.write(info=info, rows=[asdict(r) for r in bench.rows], fleet=fleet)

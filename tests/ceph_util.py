@@ -23,6 +23,14 @@ test (to stop and restart it without touching the shared one).
 
 S3 users: ``state.json`` holds the access and secret keys of two users
 (``alice`` and ``bob``) made with ``radosgw-admin``.
+
+RBD: :func:`rbd_pool` makes the pool ``rbd`` (``ceph osd pool create``, ``rbd
+pool init``: about 3 s, the placement groups peering) and a client
+``client.golden`` with the capabilities docs/serving.md gives a host that
+exports golden snapshots, the first time a test asks for them (under the same
+lock), so a run of S3 tests alone never waits for it. The client has its own
+config file (the monitor's address and its keyring), as a host of the fleet
+would.
 """
 
 from __future__ import annotations
@@ -64,6 +72,27 @@ class Ceph:
         """Run ``radosgw-admin`` on the cluster; its standard output."""
         return _run(["radosgw-admin", "-c", str(self.conf), "-n", "client.admin",
                      "-k", str(self.admin_keyring), *args])  # fmt: skip
+
+    def ceph(self, *args: str) -> str:
+        """Run ``ceph`` as the administrator; its standard output."""
+        return _run(["ceph", "-c", str(self.conf), "-n", "client.admin",
+                     "-k", str(self.admin_keyring), *args])  # fmt: skip
+
+    def rbd(self, *args: str, timeout: float = 60.0) -> str:
+        """Run ``rbd`` as the administrator; its standard output."""
+        return _run(["rbd", "-c", str(self.conf), "-n", "client.admin",
+                     "-k", str(self.admin_keyring), *args], timeout)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RBDPool:
+    """The pool of RBD golden images and the client that exports them."""
+
+    name: str
+    user: str
+    """The client's id (``golden`` for ``client.golden``)."""
+    conf: Path
+    """The client's config file: the monitor's address and the client's keyring."""
 
 
 def require_tools() -> None:
@@ -202,6 +231,33 @@ def _start(d: Path) -> dict[str, object]:
               f"--access-key={access}", f"--secret-key={secret_key}"])  # fmt: skip
     return {"conf": str(conf), "admin_keyring": str(admin_kr),
             "endpoint": f"http://127.0.0.1:{rgw_port}", "keys": keys}  # fmt: skip
+
+
+RBD_POOL = "rbd"
+RBD_USER = "golden"
+RBD_CAPS = ("mon", "profile rbd", "osd", f"profile rbd pool={RBD_POOL}")
+"""docs/serving.md's capabilities of a host exporting golden snapshots."""
+
+
+def rbd_pool(ceph: Ceph) -> RBDPool:
+    """The cluster's RBD pool and golden client, made on the first call of a run."""
+    d = ceph.root
+    pool = RBDPool(RBD_POOL, RBD_USER, d / f"client.{RBD_USER}.conf")
+    with _locked(d.parent):
+        if not pool.conf.exists():
+            if shutil.which("rbd") is None:
+                pytest.fail("rbd not installed (make test installs it)")
+            ceph.ceph("osd", "pool", "create", RBD_POOL, "8")
+            ceph.rbd("pool", "init", RBD_POOL)
+            keyring = d / f"client.{RBD_USER}.keyring"
+            ceph.ceph("auth", "get-or-create", f"client.{RBD_USER}", *RBD_CAPS,
+                      "-o", str(keyring))  # fmt: skip
+            mon_host = next(line for line in ceph.conf.read_text().splitlines()
+                            if line.startswith("mon host"))  # fmt: skip
+            part = pool.conf.with_suffix(".part")
+            part.write_text(f"[global]\n{mon_host}\n[client.{RBD_USER}]\nkeyring = {keyring}\n")
+            part.rename(pool.conf)
+    return pool
 
 
 def _pids(d: Path) -> list[int]:
