@@ -15,7 +15,8 @@ Readahead (:class:`ReadAhead`)
     A read shorter than :data:`READAHEAD` that starts where a recent read ended, or
     before that end and runs past it (a qcow2 golden image's compressed clusters:
     each is read to the end of its last 512-byte sector, where the next one starts),
-    or that runs on past a window, fetches :data:`READAHEAD` bytes instead, kept as
+    or that runs on past a window, fetches :data:`READAHEAD` bytes instead (any
+    other read: the store's least request, if it has one), kept as
     the window of the thread that fetched it; later reads inside any window are
     served from memory. There is a window per thread because the readers of a stream
     each walk their own span (a qcow2 golden image's compressed clusters, one short
@@ -146,11 +147,15 @@ MAX_WINDOWS = 16
 
 class ReadAhead:
     """Readahead windows over ``fetch(view, offset)``, which fills ``view`` from the
-    remote file (any length inside its ``size`` bytes)."""
+    remote file (any length inside its ``size`` bytes); a read that is not sequential
+    still fetches at least ``least`` bytes, kept as a window."""
 
-    def __init__(self, fetch: Callable[[memoryview, int], None], size: int) -> None:
+    def __init__(self, fetch: Callable[[memoryview, int], None], size: int,
+                 least: int = 0) -> None:  # fmt: skip
         self._fetch = fetch
         self.size = size
+        self.least = least
+        """The fewest bytes one fetch asks for (a window of them for a shorter read)."""
         self._lock = threading.Lock()
         # Windows by the thread that fetched each: (where it starts, its bytes),
         # least recently used first; and where recent reads ended, likewise.
@@ -185,8 +190,8 @@ class ReadAhead:
             sequential = True
         if not view:
             return
-        window_size = min(READAHEAD, self.size - offset)
-        if sequential and len(view) < window_size:
+        window_size = min(READAHEAD if sequential else self.least, self.size - offset)
+        if len(view) < window_size:
             ahead = bytearray(window_size)
             try:
                 self._fetch(memoryview(ahead), offset)
