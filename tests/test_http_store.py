@@ -308,6 +308,28 @@ def test_each_thread_reads_ahead_in_its_own_window(served: tuple[Nginx, Path, by
     assert requests <= 4, requests  # per thread: its first read, then one window
 
 
+def test_reads_overlapping_the_last_one_are_read_ahead(served: tuple[Nginx, Path, bytes]) -> None:
+    """A qcow2 golden image's compressed clusters, packed end to end, each read to the end
+    of its last 512-byte sector: every read starts a little before the previous one
+    ended. The run is still sequential and read ahead, not a request per cluster."""
+    server, _root, data = served
+    store = HTTPStore.open(f"{server.url}/base.raw")
+    rng = random.Random(7)
+    offset, reads = 1000, 0
+    before = len(server.access_log())
+    try:
+        while offset < 1 << 20:
+            length = rng.randrange(1000, 40_000)
+            end = -(-(offset + length) // 512) * 512  # to the end of the last sector
+            assert _read(store, offset, end - offset) == data[offset:end]
+            offset += length
+            reads += 1
+    finally:
+        store.close()
+    requests = len(server.access_log()) - before
+    assert reads > 40 and requests <= 3, (reads, requests)  # the first read, then a window
+
+
 def test_one_run_read_by_threads_in_turn_is_read_ahead(served: tuple[Nginx, Path, bytes]) -> None:
     """One client's sequential reads handed to whichever pool thread is free, here two
     threads in turn: the run is still seen as sequential and read ahead."""

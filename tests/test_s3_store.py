@@ -27,7 +27,7 @@ from addcow.errors import (
 )
 from addcow.stores.remote import BackingURI, RetryPolicy
 from addcow.stores.remote.http import HTTPPin
-from addcow.stores.remote.s3 import S3Store
+from addcow.stores.remote.s3 import LEAST_REQUEST, S3Store
 
 S3 = "x-amz-request-id: tx0001\r\n"
 URI = "s3://golden/img.raw"
@@ -105,6 +105,26 @@ def test_a_version_is_named_in_every_read(monkeypatch: pytest.MonkeyPatch) -> No
     paths = [r["request"].split()[1] for r in server.requests]
     assert paths == ["/golden/img.raw", "/golden/img.raw?versionId=v%2B1%2Fx",
                      "/golden/img.raw?versionId=v%2B1%2Fx"]  # fmt: skip
+
+
+def test_a_short_read_asks_for_the_least_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short reads that are not sequential (a qcow2 golden image's header and tables)
+    each ask for LEAST_REQUEST bytes, kept as a window: the reads inside it send
+    nothing, and the last request stops at the end of the object."""
+    end = len(DATA) - 1000
+    with s3_server(lambda a, b, h: good(a, b, S3), monkeypatch=monkeypatch) as server:
+        store = S3Store.open(URI, retry=RetryPolicy(0.3))
+        try:
+            assert _read(store, 0, 104) == DATA[:104]
+            assert _read(store, 40_000, 8) == DATA[40_000:40_008]
+            assert _read(store, 500_000, 100) == DATA[500_000:500_100]
+            assert _read(store, end, 10) == DATA[end : end + 10]
+        finally:
+            store.close()
+    ranges = [r["range"] for r in server.requests]
+    assert ranges == ["bytes=0-0", f"bytes=0-{LEAST_REQUEST - 1}",
+                      f"bytes=500000-{500_000 + LEAST_REQUEST - 1}",
+                      f"bytes={end}-{len(DATA) - 1}"]  # fmt: skip
 
 
 def _error_body(code: str, filler: int = 0) -> bytes:

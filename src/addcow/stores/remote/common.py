@@ -12,22 +12,23 @@ Retrying (:class:`RetryPolicy`)
     at once when the process stops.
 
 Readahead (:class:`ReadAhead`)
-    A read shorter than :data:`READAHEAD` that starts where a recent read
-    ended (or runs on past a window) fetches :data:`READAHEAD` bytes instead,
-    kept as the window of the thread that fetched it; later reads inside any
-    window are served from memory. There is a window per thread because the
-    readers of a stream each walk their own span (a qcow2 golden image's
-    compressed clusters, one short read each): one window for all would be
-    replaced at every read and help none of them. Reads are matched against
-    every window and every recent end, not only their own thread's, because
-    the server's pool hands one client's sequential reads to whichever
-    thread is free. A window holds bytes of the pinned golden image, so it
-    never goes stale. Memory stays bounded: at most :data:`MAX_WINDOWS`
-    windows and four times as many read ends (the least recently used go),
-    plus one window being fetched per reading thread. A window the server
-    answers with an error for some of its range
-    (:class:`~addcow.errors.RemoteReadError`) is dropped and the read asked
-    for alone, so an error reaches only the reads that touch it.
+    A read shorter than :data:`READAHEAD` that starts where a recent read ended, or
+    before that end and runs past it (a qcow2 golden image's compressed clusters:
+    each is read to the end of its last 512-byte sector, where the next one starts),
+    or that runs on past a window, fetches :data:`READAHEAD` bytes instead (any
+    other read: the store's least request, if it has one), kept as
+    the window of the thread that fetched it; later reads inside any window are
+    served from memory. There is a window per thread because the readers of a stream
+    each walk their own span (a qcow2 golden image's compressed clusters, one short
+    read each): one window for all would be replaced at every read and help none of
+    them. Reads are matched against every window and every recent end, not only
+    their own thread's, because the server's pool hands one client's sequential
+    reads to whichever thread is free. A window holds bytes of the pinned golden
+    image, so it never goes stale. Memory stays bounded: at most :data:`MAX_WINDOWS`
+    windows and four times as many read ends (the least recently used go), plus one
+    window being fetched per reading thread. A window the server answers with an
+    error for some of its range (:class:`~addcow.errors.RemoteReadError`) is dropped
+    and the read asked for alone, so an error reaches only the reads that touch it.
 
 Connections (:data:`MAX_CONNECTIONS`, :data:`TIMEOUT`)
     Each store keeps at most :data:`MAX_CONNECTIONS` connections to its server
@@ -146,11 +147,15 @@ MAX_WINDOWS = 16
 
 class ReadAhead:
     """Readahead windows over ``fetch(view, offset)``, which fills ``view`` from the
-    remote file (any length inside its ``size`` bytes)."""
+    remote file (any length inside its ``size`` bytes); a read that is not sequential
+    still fetches at least ``least`` bytes, kept as a window."""
 
-    def __init__(self, fetch: Callable[[memoryview, int], None], size: int) -> None:
+    def __init__(self, fetch: Callable[[memoryview, int], None], size: int,
+                 least: int = 0) -> None:  # fmt: skip
         self._fetch = fetch
         self.size = size
+        self.least = least
+        """The fewest bytes one fetch asks for (a window of them for a shorter read)."""
         self._lock = threading.Lock()
         # Windows by the thread that fetched each: (where it starts, its bytes),
         # least recently used first; and where recent reads ended, likewise.
@@ -162,9 +167,13 @@ class ReadAhead:
     def read(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` (inside the file) from ``offset``, from a window where it can."""
         with self._lock:
-            sequential = offset in self._ends
-            self._ends[offset + len(view)] = None
-            self._ends.move_to_end(offset + len(view))
+            end = offset + len(view)
+            # A recent read ended where this one starts, or inside it: a qcow2
+            # golden image's compressed clusters are read to the end of their
+            # last sector, which holds the start of the next one.
+            sequential = offset in self._ends or any(offset < e < end for e in self._ends)
+            self._ends[end] = None
+            self._ends.move_to_end(end)
             while len(self._ends) > 4 * MAX_WINDOWS:
                 self._ends.popitem(last=False)
             start, window = 0, bytearray()
@@ -181,8 +190,8 @@ class ReadAhead:
             sequential = True
         if not view:
             return
-        window_size = min(READAHEAD, self.size - offset)
-        if sequential and len(view) < window_size:
+        window_size = min(READAHEAD if sequential else self.least, self.size - offset)
+        if len(view) < window_size:
             ahead = bytearray(window_size)
             try:
                 self._fetch(memoryview(ahead), offset)

@@ -10,7 +10,18 @@ every reply checked (status, ``Content-Range``, length, validators), retries
 under the common :class:`~addcow.stores.remote.common.RetryPolicy`,
 readahead. :class:`S3Store` adds three things through the HTTP store's hooks:
 a SigV4 signature on each attempt, the meaning of S3's error replies, and
-the object's version in its identity.
+the object's version in its identity; and one to the readahead: no request
+for fewer than :data:`LEAST_REQUEST` bytes.
+
+Request size. S3 charges and throttles by the request, and a request's
+first byte costs more than any of the bytes after it, so a short read that
+is not sequential (a qcow2 golden image's header, its tables, the first
+compressed cluster of each span a stream copies) still asks for
+:data:`LEAST_REQUEST` bytes, kept as a readahead window. A gateway that
+leaves Nagle's algorithm on (Ceph's RGW unless its frontend sets
+``tcp_nodelay``) holds a reply shorter than a TCP segment until the client's
+delayed acknowledgement, some 40 ms: on loopback, where a segment is 64 KiB,
+that is every read shorter than that.
 
 Nothing secret in the image. The URI names a bucket and a key, nothing else:
 no endpoint, no region, no credentials (a user name or password, a port or a
@@ -79,6 +90,9 @@ MAX_ERROR_BODY = 16 * 1024
 """The most bytes of an error reply's body read to find its S3 error code."""
 
 MAX_VERSION_ID = 1024
+
+LEAST_REQUEST = 64 * 1024
+"""The fewest bytes one read request asks for (a shorter read: a window of them)."""
 """The longest version ID accepted from a server."""
 
 _MISSING = f"s3 backing files need botocore; {install_hint('s3')}"
@@ -143,6 +157,7 @@ class S3Store(HTTPStore):
         super().__init__(url, pool, timeout=timeout, retry=retry, name=location.uri)
         self._location = location
         self._chain = chain
+        self._readahead.least = LEAST_REQUEST
         self._object_url = url
         self._version: str | None = None
         """The version every request names (None: the current one)."""
