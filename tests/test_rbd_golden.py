@@ -14,6 +14,7 @@ export`` of the snapshot.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import time
@@ -43,7 +44,9 @@ def golden_disk(tmp_path: Path, fmt: str) -> tuple[Path, Path]:
     tree = tmp_path / "tree"
     (tree / "etc").mkdir(parents=True)
     (tree / "etc" / "hostname").write_text("golden\n")
-    (tree / "blob").write_bytes(bytes(range(256)) * (3 * MiB // 256))
+    # incompressible, so that the qcow2 stays larger than what the store reads ahead
+    # while it opens it: a client's reads must reach the bridge
+    (tree / "blob").write_bytes(os.urandom(6 * MiB))
     disk = tmp_path / "golden.raw"
     run([require_tool("mke2fs"), "-q", "-t", "ext4", "-d", str(tree), "-F", str(disk), "16M"])
     if fmt == "raw":
