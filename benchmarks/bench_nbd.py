@@ -13,12 +13,14 @@ run); the table shows median figures and the median of the per-run ratios.
 The page cache is in the same state for every server: once a server is up
 (and, for nbdkit-cow, its overlay written), each of its files is written back
 and dropped from the page cache (``fdatasync``, ``POSIX_FADV_DONTNEED``; the
-cow overlay, an unlinked file, through ``/proc/PID/fd``), then the files the
-case only reads are read once with the same 16 MiB reads: every file a case
-reads (the backing, in the write cases), every file of the read cases. A
-server's writes thus go into pages it makes itself, with folios of the size
-its writes make, whatever wrote the file before; its reads come from folios
-made by the same reads.
+cow overlay, an unlinked file, through ``/proc/PID/fd``), then read once with
+16 MiB reads under ``POSIX_FADV_RANDOM`` (no readahead: 4 KiB page-cache
+folios, what random 4 KiB reads leave). Nothing waits for the disk during a
+measurement, and every server reads from, and writes into, folios of one
+size, whatever wrote its files before: a 4 KiB buffered write into a large
+folio (left by sequential reads or large writes) costs ext4 tens of
+microseconds (``ext4_block_write_begin`` walks the whole folio), a cost that
+would otherwise differ from server to server with how its files were made.
 
 For each fio case the table also gives each server's CPU time per request
 completed: the server process's user + system time (``/proc/PID/stat``,
@@ -139,10 +141,13 @@ def make_base(work: Path, size: int) -> Path:
     return base
 
 
-def warm(path: Path | str) -> None:
-    """Read a file once so that it is in the page cache."""
+def warm(path: Path | str, small_folios: bool = False) -> None:
+    """Read a file once so that it is in the page cache; with ``small_folios``,
+    without readahead (4 KiB folios)."""
     buf = bytearray(1 << 24)
     with open(path, "rb", buffering=0) as f:
+        if small_folios:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         while f.readinto(buf):
             pass
 
@@ -171,13 +176,13 @@ def unlinked_files(pid: int, work: Path) -> list[str]:
     return found
 
 
-def settle(files: Sequence[Path | str], read: Sequence[Path | str]) -> None:
+def settle(files: Sequence[Path | str]) -> None:
     """The page cache for one measurement: every one of ``files`` dropped, then
-    those in ``read`` read once (see the module docstring)."""
+    read once (see the module docstring)."""
     for path in files:
         evict(path)
-    for path in read:
-        warm(path)
+    for path in files:
+        warm(path, small_folios=True)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -491,33 +496,31 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     sessions: dict[str, str] = {}
 
-    # Each side's files: (all of them, those no case writes).
-    files: dict[str, tuple[list[Path], list[Path]]] = {
-        "addcow": ([work / "a.add-cow", work / "a.raw", base], [base]),
-        "qemu-nbd": ([work / "q.qcow2", work / "q.raw", base], [base]),
-        "nbdkit-file": ([work / "full.raw"], []),
-        "nbdkit-cow": ([base], [base]),
+    # Each side's files (nbdkit-cow's overlay is found once it runs).
+    files: dict[str, list[Path]] = {
+        "addcow": [work / "a.add-cow", work / "a.raw", base],
+        "qemu-nbd": [work / "q.qcow2", work / "q.raw", base],
+        "nbdkit-file": [work / "full.raw"],
+        "nbdkit-cow": [base],
     }
     # CPU microseconds per request: case -> side -> one figure per run.
     cpu: dict[str, dict[str, list[float]]] = {}
 
-    def with_server(kind: str, fn: Measure, fresh: bool = False, writes: bool = False) -> float:
+    def with_server(kind: str, fn: Measure, fresh: bool = False) -> float:
         """``fn(kind, uri, server pid)`` on a fresh server of ``kind``, the page cache settled."""
         if fresh:
             images[kind] = prepare[kind]()
         with server(kind, images[kind], sock, extra if kind == "addcow" else ()) as proc:
             if kind == "nbdkit-cow":
                 write_half(uri(sock), size)
-            every, read_only = files[kind]
-            every = [*every, *unlinked_files(proc.pid, work)]
-            settle(every, read_only if writes else every)
+            settle([*files[kind], *unlinked_files(proc.pid, work)])
             return fn(kind, uri(sock), proc.pid)
 
     def anchored(case: str, fn: Measure, fresh: bool = False) -> dict[str, float]:
         sides = ("addcow", "qemu-nbd", *anchors)
         ratios = {"ratio": ("addcow", "qemu-nbd")}
         ratios.update({f"addcow/{kind}": ("addcow", kind) for kind in anchors})
-        return compare(args.runs, sides, lambda k: with_server(k, fn, fresh, fresh), ratios)
+        return compare(args.runs, sides, lambda k: with_server(k, fn, fresh), ratios)
 
     def fio_case(case: str, rw: str, bs: str = "4k") -> Measure:
         """A measurement that runs fio and keeps each server's CPU per request."""
@@ -574,7 +577,7 @@ def main() -> int:
         results["fio 128k randwrite QD32, half allocated (IOPS)"] = compare(
             args.runs,
             ("addcow", "qemu-nbd"),
-            lambda k: with_server(k, fio_case("randwrite128k", "randwrite", "128k"), True, True),
+            lambda k: with_server(k, fio_case("randwrite128k", "randwrite", "128k"), True),
             {"ratio": ("addcow", "qemu-nbd")},
         )
     if "qcow2read" in cases:
