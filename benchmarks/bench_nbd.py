@@ -614,7 +614,13 @@ def main() -> int:
         print(f"TLS session with {kind}: {session}")
     info = {"size": size, "runs": args.runs, "fio_seconds": args.seconds, "anchors": list(anchors),
             "event_loop": os.environ["ADDCOW_EVENT_LOOP"]}  # fmt: skip
-    run.write(info=info, results=results, cpu_us_per_request=cpu_us, tls_sessions=sessions)
+    run.write(
+        info=info,
+        results=results,
+        cpu_us_per_request=cpu_us,
+        cpu_us_per_request_runs=cpu,
+        tls_sessions=sessions,
+    )
     return 0
 
 
