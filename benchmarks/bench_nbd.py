@@ -6,10 +6,28 @@ the nearest QEMU equivalent of an add-cow image, served by ``qemu-nbd
 --cache=writeback --aio=threads`` (its defaults, named explicitly); ``addcow
 serve`` goes through the page cache too (buffered I/O, fdatasync on FLUSH),
 which is the same cache mode. Both images have their first half allocated
-(written with the same bytes) over 1 GiB of random data; the page cache is
-warm. Each case runs ``--runs`` times, the servers interleaved (the order
-changing from run to run); the table shows median figures and the median of
-the per-run ratios.
+(written with the same bytes) over 1 GiB of random data. Each case runs
+``--runs`` times, the servers interleaved (the order changing from run to
+run); the table shows median figures and the median of the per-run ratios.
+
+The page cache is in the same state for every server: once a server is up
+(and, for nbdkit-cow, its overlay written), each of its files is written back
+and dropped from the page cache (``fdatasync``, ``POSIX_FADV_DONTNEED``; the
+cow overlay, an unlinked file, through ``/proc/PID/fd``), then read once with
+16 MiB reads under ``POSIX_FADV_RANDOM`` (no readahead: 4 KiB page-cache
+folios, what random 4 KiB reads leave). Nothing waits for the disk during a
+measurement, and every server reads from, and writes into, folios of one
+size, whatever wrote its files before: a 4 KiB buffered write into a large
+folio (left by sequential reads or large writes) costs ext4 tens of
+microseconds (``ext4_block_write_begin`` walks the whole folio), a cost that
+would otherwise differ from server to server with how its files were made.
+
+For each fio case the table also gives each server's CPU time per request
+completed: the server process's user + system time (``/proc/PID/stat``,
+which counts threads that have already exited, such as nbdkit's
+per-connection threads) over the fio run, divided by the requests fio
+completed; a figure of the work per request that the machine's other load
+does not change much.
 
     .venv/bin/python benchmarks/bench_nbd.py [--size 1G] [--runs 3] [--seconds 5]
                                              [--workdir DIR] [--json [DIR]] [--cases ...]
@@ -103,6 +121,8 @@ PATTERN = 0x5A  # the byte of the written first half, on every side
 
 # Where a server listens: a Unix socket, or a TCP port on 127.0.0.1.
 Listen = Path | int
+# One measurement on a running server: (side, its URI, its pid) -> figure.
+Measure = Callable[[str, str, int], float]
 
 
 def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
@@ -121,12 +141,54 @@ def make_base(work: Path, size: int) -> Path:
     return base
 
 
-def warm(path: Path) -> None:
-    """Read a file once so that it is in the page cache."""
+def warm(path: Path | str, small_folios: bool = False) -> None:
+    """Read a file once so that it is in the page cache; with ``small_folios``,
+    without readahead (4 KiB folios)."""
     buf = bytearray(1 << 24)
     with open(path, "rb", buffering=0) as f:
+        if small_folios:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         while f.readinto(buf):
             pass
+
+
+def evict(path: Path | str) -> None:
+    """Write a file's dirty pages back and drop all its pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def unlinked_files(pid: int, work: Path) -> list[str]:
+    """``/proc`` paths of the unlinked files under ``work`` that process ``pid`` holds open
+    (nbdkit's cow overlay)."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith(str(work)) and target.endswith(" (deleted)"):
+            found.append(str(fd))
+    return found
+
+
+def settle(files: Sequence[Path | str]) -> None:
+    """The page cache for one measurement: every one of ``files`` dropped, then
+    read once (see the module docstring)."""
+    for path in files:
+        evict(path)
+    for path in files:
+        warm(path, small_folios=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far, its exited threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_addcow_image(work: Path, base: Path, size: int) -> Path:
@@ -136,8 +198,6 @@ def make_addcow_image(work: Path, base: Path, size: int) -> Path:
     sh(ADDCOW, "create", "-b", str(base), "-F", "raw", "-o", "image_file=a.raw",
        str(work / "a.add-cow"))  # fmt: skip
     sh(ADDCOW, "io", "-c", f"write -P {PATTERN:#x} 0 {size // 2}", str(work / "a.add-cow"))
-    for name in ("a.raw", "base.raw"):
-        warm(work / name)
     return work / "a.add-cow"
 
 
@@ -149,8 +209,6 @@ def make_qcow2_image(work: Path, base: Path, size: int) -> Path:
        "-b", str(base), "-F", "raw", str(work / "q.qcow2"), str(size))  # fmt: skip
     sh("qemu-io", "-f", "qcow2", "-c", f"write -P {PATTERN:#x} 0 {size // 2}",
        str(work / "q.qcow2"))  # fmt: skip
-    for name in ("q.raw", "base.raw"):
-        warm(work / name)
     return work / "q.qcow2"
 
 
@@ -165,8 +223,6 @@ def make_full_raw(work: Path, base: Path, size: int) -> Path:
         while done < size - half:
             done += os.copy_file_range(src.fileno(), dst.fileno(), size - half - done,
                                        half + done, half + done)  # fmt: skip
-    warm(full)
-    warm(base)
     return full
 
 
@@ -334,13 +390,28 @@ def nbdcopy(target: str, connections: int | None) -> float:
     return time.perf_counter() - start
 
 
-def fio(target: str, rw: str, seconds: int, bs: str = "4k", home: Path | None = None) -> float:
+def fio(
+    target: str,
+    rw: str,
+    seconds: int,
+    bs: str = "4k",
+    home: Path | None = None,
+    server: int | None = None,
+    cpu: list[float] | None = None,
+) -> float:
+    """IOPS of one fio run; with ``server`` (its pid) and ``cpu``, also appends the
+    server's CPU microseconds per request completed to ``cpu``."""
     env = {**os.environ, "HOME": str(home)} if home else None
+    before = cpu_seconds(server) if server is not None else 0.0
     out = sh("fio", "--name=bench", "--ioengine=nbd", f"--uri={target}", f"--rw={rw}",
              f"--bs={bs}", "--iodepth=32", "--size=100%", "--time_based",
              f"--runtime={seconds}", "--randrepeat=1", "--output-format=json", env=env)  # fmt: skip
+    used = cpu_seconds(server) - before if server is not None else 0.0
     job = json.loads(out[out.index("{") :])["jobs"][0]  # after "fio: connected to ..."
-    return float(job["read" if rw == "randread" else "write"]["iops"])
+    done = job["read" if rw == "randread" else "write"]
+    if cpu is not None and server is not None and done["total_ios"]:
+        cpu.append(used * 1e6 / done["total_ios"])
+    return float(done["iops"])
 
 
 def rss_case(work: Path, seconds: int) -> float:
@@ -425,19 +496,40 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     sessions: dict[str, str] = {}
 
-    def with_server(kind: str, fn: Callable[[str], float], fresh: bool = False) -> float:
+    # Each side's files (nbdkit-cow's overlay is found once it runs).
+    files: dict[str, list[Path]] = {
+        "addcow": [work / "a.add-cow", work / "a.raw", base],
+        "qemu-nbd": [work / "q.qcow2", work / "q.raw", base],
+        "nbdkit-file": [work / "full.raw"],
+        "nbdkit-cow": [base],
+    }
+    # CPU microseconds per request: case -> side -> one figure per run.
+    cpu: dict[str, dict[str, list[float]]] = {}
+
+    def with_server(kind: str, fn: Measure, fresh: bool = False) -> float:
+        """``fn(kind, uri, server pid)`` on a fresh server of ``kind``, the page cache settled."""
         if fresh:
             images[kind] = prepare[kind]()
-        with server(kind, images[kind], sock, extra if kind == "addcow" else ()):
+        with server(kind, images[kind], sock, extra if kind == "addcow" else ()) as proc:
             if kind == "nbdkit-cow":
                 write_half(uri(sock), size)
-            return fn(uri(sock))
+            settle([*files[kind], *unlinked_files(proc.pid, work)])
+            return fn(kind, uri(sock), proc.pid)
 
-    def anchored(case: str, fn: Callable[[str], float], fresh: bool = False) -> dict[str, float]:
+    def anchored(case: str, fn: Measure, fresh: bool = False) -> dict[str, float]:
         sides = ("addcow", "qemu-nbd", *anchors)
         ratios = {"ratio": ("addcow", "qemu-nbd")}
         ratios.update({f"addcow/{kind}": ("addcow", kind) for kind in anchors})
         return compare(args.runs, sides, lambda k: with_server(k, fn, fresh), ratios)
+
+    def fio_case(case: str, rw: str, bs: str = "4k") -> Measure:
+        """A measurement that runs fio and keeps each server's CPU per request."""
+        per_side = cpu.setdefault(case, {})
+
+        def measure(kind: str, target: str, pid: int) -> float:
+            return fio(target, rw, args.seconds, bs, server=pid, cpu=per_side.setdefault(kind, []))
+
+        return measure
 
     tls_cases = {"tlscopy", "tlsread"} & set(cases)
     server_dir, client_dir, client_home = make_tls_creds(work) if tls_cases else (work,) * 3
@@ -458,14 +550,16 @@ def main() -> int:
 
     mib = size / (1 << 20)
     if "copy" in cases:
-        results["nbdcopy to null: (MiB/s)"] = anchored("copy", lambda t: mib / nbdcopy(t, None))
+        results["nbdcopy to null: (MiB/s)"] = anchored(
+            "copy", lambda _k, t, _p: mib / nbdcopy(t, None)
+        )
     if "copy1" in cases:
         results["nbdcopy --connections=1 (MiB/s)"] = anchored(
-            "copy1", lambda t: mib / nbdcopy(t, 1)
+            "copy1", lambda _k, t, _p: mib / nbdcopy(t, 1)
         )
     if "randread" in cases:
         results["fio 4k randread QD32 (IOPS)"] = anchored(
-            "randread", lambda t: fio(t, "randread", args.seconds)
+            "randread", fio_case("randread", "randread")
         )
     # The TLS cases read the images as made: before the write cases change them.
     if "tlscopy" in cases:
@@ -477,13 +571,13 @@ def main() -> int:
         )
     if "randwrite" in cases:
         results["fio 4k randwrite QD32, half allocated (IOPS)"] = anchored(
-            "randwrite", lambda t: fio(t, "randwrite", args.seconds), fresh=True
+            "randwrite", fio_case("randwrite", "randwrite"), fresh=True
         )
     if "randwrite128k" in cases:
         results["fio 128k randwrite QD32, half allocated (IOPS)"] = compare(
             args.runs,
             ("addcow", "qemu-nbd"),
-            lambda k: with_server(k, lambda t: fio(t, "randwrite", args.seconds, "128k"), True),
+            lambda k: with_server(k, fio_case("randwrite128k", "randwrite", "128k"), True),
             {"ratio": ("addcow", "qemu-nbd")},
         )
     if "qcow2read" in cases:
@@ -511,11 +605,22 @@ def main() -> int:
                   for k in r if k not in ("addcow", "qemu-nbd", "ratio")]  # fmt: skip
         tail = "   " + ", ".join(others) if others else ""
         print(f"{name:48} {r['addcow']:10.0f} {q} {ratio:>7}{tail}")
+    cpu_us = {case: {side: statistics.median(v) for side, v in sides.items()}
+              for case, sides in cpu.items()}  # fmt: skip
+    for case, sides in cpu_us.items():
+        figures = ", ".join(f"{side} {us:.1f}" for side, us in sides.items())
+        print(f"CPU us per request, {case}: {figures}")
     for kind, session in sessions.items():
         print(f"TLS session with {kind}: {session}")
     info = {"size": size, "runs": args.runs, "fio_seconds": args.seconds, "anchors": list(anchors),
             "event_loop": os.environ["ADDCOW_EVENT_LOOP"]}  # fmt: skip
-    run.write(info=info, results=results, tls_sessions=sessions)
+    run.write(
+        info=info,
+        results=results,
+        cpu_us_per_request=cpu_us,
+        cpu_us_per_request_runs=cpu,
+        tls_sessions=sessions,
+    )
     return 0
 
 

@@ -1018,6 +1018,8 @@ def test_failed_sync_of_the_image_file_stops_writes(
         with pytest.raises(addcow.AddCowIOError, match="reopen the image to recover"):
             img.write(b"\xcc", 0)
         with pytest.raises(addcow.AddCowIOError, match="reopen the image to recover"):
+            img.write_nowait(b"\xcc" * 512, 512)  # inside one allocated cluster
+        with pytest.raises(addcow.AddCowIOError, match="reopen the image to recover"):
             img.flush()
         assert img.read(0, 4) == b"\xaa" * 4
     with addcow.open(path, readonly=True) as img:
@@ -1039,6 +1041,19 @@ def test_write_nowait_into_allocated_clusters_is_one_write(img_path: Path) -> No
         expected[2 * CLUSTER : 5 * CLUSTER] = pattern(0xA1, 3 * CLUSTER)
         expected[2 * CLUSTER + 100 : 4 * CLUSTER + 100] = data
         assert img.read(0, img.size) == bytes(expected)
+
+
+def test_write_nowait_inside_one_allocated_cluster_checks_as_write(img_path: Path) -> None:
+    with addcow.open(img_path) as img:
+        img.write(pattern(0xA1, CLUSTER), 2 * CLUSTER)
+        assert img.write_nowait(b"\xb2" * 512, 2 * CLUSTER + 512)
+        assert img.read(2 * CLUSTER + 512, 512) == b"\xb2" * 512
+        with pytest.raises(addcow.RangeError):
+            img.write_nowait(b"\xb2" * 512, img.size - 256)
+    with addcow.open(img_path, readonly=True) as img, pytest.raises(addcow.ReadOnlyError):
+        img.write_nowait(b"\xb2" * 512, 2 * CLUSTER)
+    with pytest.raises(addcow.ClosedImageError):
+        img.write_nowait(b"\xb2" * 512, 2 * CLUSTER)
 
 
 def test_write_nowait_refuses_a_span_with_an_unallocated_cluster(img_path: Path) -> None:

@@ -664,6 +664,61 @@ def test_oversized_write_arriving_whole_is_refused_then_the_next_request_parsed(
     assert conn.buffered == 0
 
 
+def read_into(conn: ServerConnection, data: bytes, piece: int) -> None:
+    """Feed ``data`` as a socket read into the connection's free space would, in
+    reads of at most ``piece`` bytes."""
+    while data:
+        with conn.receive_buffer() as space:
+            n = min(len(space), len(data), piece)
+            space[:n] = data[:n]
+        conn.received(n)
+        data = data[n:]
+
+
+def test_requests_read_into_the_receive_buffer_in_pieces() -> None:
+    conn = transmitting()
+    payload = bytes(range(256)) * 16
+    read = request(wire.CMD_READ, 8192, 512, cookie=2)
+    stream = request(wire.CMD_WRITE, 4096, len(payload), cookie=1) + payload + read
+    found: list[object] = []
+    for i in range(0, len(stream), 1000):
+        read_into(conn, stream[i : i + 1000], 1000)
+        found += events(conn)
+    assert found == [
+        Request(1, wire.CMD_WRITE, 0, 4096, len(payload), payload),
+        Request(2, wire.CMD_READ, 0, 8192, 512),
+    ]
+    assert conn.buffered == 0
+
+
+def test_a_write_longer_than_the_receive_buffer_is_whole_and_the_buffer_shrinks_back() -> None:
+    conn = transmitting()
+    payload = bytes(range(251)) * (MiB // 251)
+    assert len(payload) > connection.RECEIVE_SIZE
+    read_into(conn, request(wire.CMD_WRITE, 0, len(payload)) + payload, 1 << 16)
+    assert events(conn) == [Request(7, wire.CMD_WRITE, 0, 0, len(payload), payload)]
+    read_into(conn, request(wire.CMD_FLUSH, cookie=9), 1 << 16)
+    assert events(conn) == [Request(9, wire.CMD_FLUSH, 0, 0, 0)]
+    with conn.receive_buffer() as space:
+        assert connection.MIN_FREE <= len(space) <= connection.RECEIVE_SIZE
+
+
+def test_oversized_write_payload_read_into_the_buffer_is_skipped() -> None:
+    conn = transmitting()
+    length = 32 * MiB + 1
+    read_into(conn, request(wire.CMD_WRITE, 0, length), 1 << 16)
+    assert conn.next_event() is NEED_DATA
+    chunk = bytes(1 << 20)
+    for _ in range(length // len(chunk)):
+        read_into(conn, chunk, 1 << 16)
+        assert conn.next_event() is NEED_DATA and conn.buffered == 0
+    # The payload's last byte and the next request arrive in one read.
+    read_into(conn, b"\0" + request(wire.CMD_FLUSH, cookie=9), 1 << 16)
+    refused, following = events(conn)
+    assert isinstance(refused, RequestError) and refused.error == wire.EINVAL
+    assert following == Request(9, wire.CMD_FLUSH, 0, 0, 0)
+
+
 def test_bad_request_magic_drops_the_connection() -> None:
     conn = transmitting()
     conn.receive_data(struct.pack(">I", 0x12560953) + request(wire.CMD_READ)[4:])

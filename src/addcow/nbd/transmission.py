@@ -41,7 +41,6 @@ from .events import (
     Skip,
     Step,
     TransmissionStarted,
-    take,
 )
 from .negotiation import truncate_utf8
 from .state import Trigger
@@ -112,14 +111,17 @@ class Transmission:
         self.flags = started.flags
         self.structured = started.structured
         self.contexts = started.contexts
+        # Commands that, without flags, in range and aligned, need no other check.
+        self._plain = (CMD_READ,) if started.export.read_only else (CMD_READ, CMD_WRITE)
 
     # -- requests ----------------------------------------------------------------------------
 
-    def next_request(self, buf: bytearray) -> Step:
-        """The request at the head of ``buf``, checked."""
-        if len(buf) < REQUEST_HEADER.size:
-            return Need("a request header" if buf else "")
-        magic, flags, command, cookie, offset, length = REQUEST_HEADER.unpack_from(buf)
+    def next_request(self, buf: bytearray, start: int, end: int) -> tuple[Step, int]:
+        """The request at the head of ``buf[start:end]``, checked, and how many bytes it
+        took from there (a Skip takes its own)."""
+        if end - start < REQUEST_HEADER.size:
+            return Need("a request header" if end > start else ""), 0
+        magic, flags, command, cookie, offset, length = REQUEST_HEADER.unpack_from(buf, start)
         if magic != REQUEST_MAGIC:
             # No length to skip by: the stream cannot be resynchronised.
             raise RemoteProtocolError(
@@ -127,25 +129,32 @@ class Transmission:
             )
         export = self.export
         data: bytes | None = None
+        used = REQUEST_HEADER.size
         if command == CMD_WRITE:
             if length > export.max_block:
                 # Refused, but the payload still follows: skip it without buffering.
                 message = f"{length} bytes is over the maximum block size {export.max_block}"
                 event = _refuse(cookie, command, flags, offset, length, EINVAL, message)
-                return Skip(REQUEST_HEADER.size, length, event, "an oversized write payload")
-            end = REQUEST_HEADER.size + length
-            if len(buf) < end:
-                return Need("a write payload")
-            data = take(buf, REQUEST_HEADER.size, end)
-        else:
-            del buf[: REQUEST_HEADER.size]
+                return Skip(used, length, event, "an oversized write payload"), 0
+            used += length
+            if end - start < used:
+                return Need("a write payload"), 0
+            data = bytes(memoryview(buf)[start + REQUEST_HEADER.size : start + used])
+        if (
+            not flags
+            and command in self._plain
+            and offset + length <= export.size
+            and length <= export.max_block
+            and not (offset % export.min_block or length % export.min_block)
+        ):
+            return Request(cookie, command, flags, offset, length, data), used
         if command == CMD_DISC:
             # "The server MUST handle all outstanding requests ... and close".
-            return Move(Trigger.DISC, Disconnect())
+            return Move(Trigger.DISC, Disconnect()), used
         problem = self._check(export, command, flags, offset, length)
         if problem is not None:
-            return _refuse(cookie, command, flags, offset, length, *problem)
-        return Request(cookie, command, flags, offset, length, data)
+            return _refuse(cookie, command, flags, offset, length, *problem), used
+        return Request(cookie, command, flags, offset, length, data), used
 
     def _check(
         self, export: ExportInfo, command: int, flags: int, offset: int, length: int

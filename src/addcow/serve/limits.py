@@ -23,7 +23,8 @@ MAX_REQUESTS = 64
 MAX_PAYLOAD = 64 << 20
 """Bytes of read/write payload one connection's requests may hold at once."""
 READ_SIZE = 256 << 10
-"""Bytes asked of the socket per read."""
+"""Bytes received but not yet parsed at which a connection stops reading until its
+session asks for more (:mod:`addcow.serve.intake`)."""
 MAX_EXTENTS = 1 << 16
 """Most extents examined for one BLOCK_STATUS (the spec lets a reply fall short)."""
 SHUTDOWN_GRACE = 10.0

@@ -7,9 +7,10 @@ Design
     :class:`~addcow.serve.routing.Router`: the thread pool, and how each
     request is served, are there.
 
-    Each connection runs one task that reads bytes, feeds them to the sans-IO
-    :class:`~addcow.nbd.connection.ServerConnection` and acts on each event
-    (:meth:`NBDServer._session`): a request goes to
+    Each connection runs one task that acts on each event of its sans-IO
+    :class:`~addcow.nbd.connection.ServerConnection` (:meth:`NBDServer._session`),
+    whose buffer the connection's protocol (:mod:`addcow.serve.intake`)
+    receives the peer's bytes into: a request goes to
     :meth:`~addcow.serve.routing.Router._request`, which answers it in the
     event loop or starts a task for it; the connection's replies, buffers and
     budget are its :class:`~addcow.serve.session.Client`'s. Before a new
@@ -66,7 +67,8 @@ from ..nbd.negotiation import TLS_OFF, TLS_REQUIRE
 from ..stores import remote
 from . import live
 from .export import Export
-from .limits import READ_SIZE, SHARED_WAIT, SHUTDOWN_GRACE
+from .intake import Connected, Intake
+from .limits import SHARED_WAIT, SHUTDOWN_GRACE
 from .routing import Router
 from .session import Client
 from .sockets import (
@@ -157,8 +159,8 @@ class NBDServer(Router):
     async def listen_tcp(self, host: str, port: int) -> str:
         """Listen on TCP (``port`` 0 picks a free one); returns the NBD URI."""
         try:
-            server = await asyncio.start_server(
-                self._accept, host=host, port=port, limit=READ_SIZE, reuse_address=True
+            server = await asyncio.get_running_loop().create_server(
+                self._protocol, host=host, port=port, reuse_address=True
             )
         except OSError as exc:
             raise AddCowIOError(
@@ -174,17 +176,14 @@ class NBDServer(Router):
         removes it.
         """
         sock.setblocking(False)
+        loop = asyncio.get_running_loop()
         if sock.family == socket.AF_UNIX:
             extra: dict[str, Any] = {}
-            if sys.version_info >= (3, 13) and isinstance(
-                asyncio.get_running_loop(), asyncio.BaseEventLoop
-            ):
+            if sys.version_info >= (3, 13) and isinstance(loop, asyncio.BaseEventLoop):
                 extra["cleanup_socket"] = False
-            server = await asyncio.start_unix_server(
-                self._accept, sock=sock, limit=READ_SIZE, **extra
-            )
+            server = await loop.create_unix_server(self._protocol, sock=sock, **extra)
         else:
-            server = await asyncio.start_server(self._accept, sock=sock, limit=READ_SIZE)
+            server = await loop.create_server(self._protocol, sock=sock)
         self._servers.append(server)
         return self._listening_on(sock)
 
@@ -202,9 +201,18 @@ class NBDServer(Router):
 
     async def serve_connection(self, sock: socket.socket) -> None:
         """Serve one connection on a connected stream socket until it ends."""
-        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[asyncio.Task[Any]] = loop.create_future()
+
+        async def accept(intake: Intake, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                started.set_result(task)
+            await self._accept(intake, writer)
+
+        await loop.connect_accepted_socket(lambda: self._intake(accept), sock)
         # A task of its own, so that stop() can cancel it without cancelling us.
-        await asyncio.create_task(self._accept(reader, writer))
+        await (await started)
 
     async def serve_stdio(self) -> None:
         """Serve one connection on stdin/stdout (inetd style, libnbd connect_command).
@@ -222,16 +230,15 @@ class NBDServer(Router):
             await self.serve_connection(socket.socket(fileno=os.dup(0)))
             return
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=READ_SIZE)
-        await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(0), "rb", 0)
+        _, intake = await loop.connect_read_pipe(
+            lambda: self._intake(None), os.fdopen(os.dup(0), "rb", 0)
         )
         transport, proto = await loop.connect_write_pipe(
             lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
             os.fdopen(os.dup(1), "wb", 0),
         )
-        writer = asyncio.StreamWriter(transport, proto, reader, loop)
-        await asyncio.create_task(self._accept(reader, writer))
+        writer = asyncio.StreamWriter(transport, proto, None, loop)
+        await asyncio.create_task(self._accept(intake, writer))
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -286,7 +293,16 @@ class NBDServer(Router):
 
     # -- one connection ---------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _protocol(self) -> Intake:
+        """A new connection's protocol, served by :meth:`_accept`."""
+        return self._intake(self._accept)
+
+    def _intake(self, accept: Connected | None) -> Intake:
+        """A new connection's protocol with its state machine; ``accept`` serves it."""
+        conn = ServerConnection(self._infos, tls=self.tls.mode if self.tls else TLS_OFF)
+        return Intake(conn, accept)
+
+    async def _accept(self, intake: Intake, writer: asyncio.StreamWriter) -> None:
         self._count += 1
         client = Client(self._count, peer_address(writer.get_extra_info("peername")), writer)
         label = client.label
@@ -301,7 +317,7 @@ class NBDServer(Router):
         self._clients.add(client)
         log.debug("%s opened", label, extra={"client": client.address})
         try:
-            await self._session(client, reader)
+            await self._session(client, intake)
         except RemoteProtocolError as exc:
             log.warning("%s: protocol violation, closing: %s", label, exc)
         except (ConnectionError, BrokenPipeError) as exc:
@@ -345,9 +361,9 @@ class NBDServer(Router):
             return False
         return not self._stopping
 
-    async def _session(self, client: Client, reader: asyncio.StreamReader) -> None:
-        """Feed the connection what the peer sends and act on each event, until one ends it."""
-        conn = ServerConnection(self._infos, tls=self.tls.mode if self.tls else TLS_OFF)
+    async def _session(self, client: Client, intake: Intake) -> None:
+        """Act on each event of the connection, until one ends it."""
+        conn = intake.conn
         client.conn = conn
         client.send(conn.initiate())
         while True:
@@ -359,7 +375,7 @@ class NBDServer(Router):
                 if self._stopping:
                     return
                 await client.writer.drain()
-                conn.receive_data(await reader.read(READ_SIZE))
+                await intake.wait()
             elif isinstance(event, Request):
                 if client.writer.is_closing():
                     # The peer is gone: nobody will read the replies of what it
@@ -391,6 +407,7 @@ class NBDServer(Router):
             elif isinstance(event, StartTLS):
                 if not await client.start_tls(conn, self.tls):
                     return
+                intake.reading = client.writer.transport
             elif isinstance(event, AbortRequested):
                 log.debug("%s: client aborted the handshake", client.label)
                 return
