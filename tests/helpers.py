@@ -3,13 +3,18 @@
 * hand-made .add-cow headers, laid out by the specification's tables
   (test_format.py, tests/corpus/make_corpus.py);
 * qemu-io's timing lines filtered as qemu-iotests filters them (test_io.py,
-  test_interop_qemu.py).
+  test_interop_qemu.py);
+* an optional package made unimportable, as on a machine without it
+  (test_http_store.py, test_s3_store.py).
 """
 
 from __future__ import annotations
 
+import builtins
 import re
 import struct
+
+import pytest
 
 MAGIC = b"ADD_COW\xff"
 MiB = 1 << 20
@@ -108,3 +113,15 @@ def filter_timing(text: str) -> str:
     """Replace the measured part of qemu-io's timing lines, keep the byte counts."""
     text = _TIMING.sub(rf"\g<size>, \g<ops> ops; {T}", text)
     return _TIMING_C.sub(r"\g<n>,\g<ops>,X:XX:XX.X,XXX,XXX", text)
+
+
+def hide_package(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+    """Make ``package`` (and its submodules) fail to import until the test ends."""
+    real = builtins.__import__
+
+    def fake(name: str, *args: object, **kwargs: object) -> object:
+        if name == package or name.startswith(package + "."):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", fake)

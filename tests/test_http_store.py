@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import urllib3
 from conftest import require_tool, run
+from helpers import hide_package
 from http_util import Nginx, nginx_server
 
 from addcow.errors import AddCowError, RemoteBackingError, RemoteChangedError, RemoteReplyError
@@ -388,16 +389,7 @@ def test_bad_urls(url: str, message: str) -> None:
 
 
 def test_missing_urllib3(monkeypatch: pytest.MonkeyPatch) -> None:
-    import builtins
-
-    real = builtins.__import__
-
-    def fake(name: str, *args: object, **kwargs: object) -> object:
-        if name == "urllib3" or name.startswith("urllib3."):
-            raise ImportError(name)
-        return real(name, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(builtins, "__import__", fake)
+    hide_package(monkeypatch, "urllib3")
     with pytest.raises(AddCowError) as info:
         HTTPStore.open("http://127.0.0.1:1/x.raw")
     assert str(info.value) == (

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from helpers import hide_package
 from test_http_store import DATA, ETAG, Hostile, Reply, _stream, good, hostile
 
 from addcow.errors import (
@@ -274,16 +275,7 @@ def test_the_chain_and_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_missing_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
-    import builtins
-
-    real = builtins.__import__
-
-    def fake(name: str, *args: object, **kwargs: object) -> object:
-        if name == "botocore" or name.startswith("botocore."):
-            raise ImportError(name)
-        return real(name, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(builtins, "__import__", fake)
+    hide_package(monkeypatch, "botocore")
     with pytest.raises(AddCowError) as info:
         S3Store.open(URI)
     assert str(info.value) == (
