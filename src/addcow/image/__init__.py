@@ -23,7 +23,7 @@ this package.
 
 from __future__ import annotations
 
-from ..format import BACKING_FORMATS, MAGIC
+from ..format import MAGIC
 from ..stores import registry
 from ..stores.base import BackingOpener, StoreFormat
 from ..stores.chain import ChainGuard
@@ -62,6 +62,5 @@ FORMAT = StoreFormat(
     _open_as_backing,
     magic=((0, MAGIC),),
     commit_target=True,
-    names_backing=BACKING_FORMATS,
 )
 registry.register(FORMAT)

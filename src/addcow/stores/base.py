@@ -173,8 +173,7 @@ class StoreFormat:
     refuse (recording a file that starts with it as raw, opening it as another
     format), never to choose a format. ``over_uri`` says whether it can be read
     through a backing URI; ``commit_target`` whether ``commit`` may write an
-    image's clusters into a backing of this format; ``names_backing`` the
-    formats its own header may record for a backing of its own.
+    image's clusters into a backing of this format.
     """
 
     name: str
@@ -182,4 +181,3 @@ class StoreFormat:
     magic: tuple[tuple[int, bytes], ...] = ()
     over_uri: bool = False
     commit_target: bool = False
-    names_backing: tuple[str, ...] = ()

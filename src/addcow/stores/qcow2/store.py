@@ -763,6 +763,4 @@ def _merged(extents: Iterable[Extent]) -> Iterator[Extent]:
         yield pending
 
 
-FORMAT = StoreFormat(
-    "qcow2", Qcow2File, magic=((0, fmt.MAGIC),), over_uri=True, names_backing=BACKING_FORMATS
-)
+FORMAT = StoreFormat("qcow2", Qcow2File, magic=((0, fmt.MAGIC),), over_uri=True)
