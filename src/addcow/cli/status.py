@@ -13,22 +13,15 @@ import os
 import socket
 from typing import Any
 
+from ..serve.commands import COMMANDS
 from ..units import human_size
 from .common import CommandError, parse_size
 
 TIMEOUT = 60.0
 """Seconds to wait for the server's reply (a detach flushes and syncs; a handoff waits
 for QEMU too)."""
-CONTROL_COMMANDS = (
-    "stream-start",
-    "stream-cancel",
-    "stream-pause",
-    "stream-resume",
-    "stream-set-rate",
-    "detach",
-    "flush",
-    "handoff",
-)
+CONTROL_COMMANDS = tuple(command for command in COMMANDS if command != "query")
+"""What ``addcow control`` sends (``query`` is ``addcow status``)."""
 UNCHANGED = {
     "stream-start": "the export is complete: nothing to stream",
     "stream-cancel": "the stream had already ended",

@@ -67,6 +67,7 @@ from typing import Any
 
 from ..errors import AddCowError
 from . import handoff, live
+from .commands import COMMANDS
 from .export import STREAM_PAUSED, Export
 from .server import NBDServer
 from .sockets import bind_unix
@@ -80,18 +81,6 @@ MAX_CLIENTS = 8
 
 JSON_SPACE = b" \t\r\n"
 """What a blank line, which gets no reply, may hold (RFC 8259's whitespace)."""
-
-COMMANDS = (
-    "query",
-    "stream-start",
-    "stream-cancel",
-    "stream-pause",
-    "stream-resume",
-    "stream-set-rate",
-    "detach",
-    "flush",
-    "handoff",
-)
 
 
 class ControlError(AddCowError):
