@@ -73,3 +73,29 @@ def test_a_missing_uvloop_names_the_fast_extra(tmp_path: Path) -> None:
         "(from a checkout: pip install '.[fast]')\n"
     )
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_local_images_need_no_network_library(tmp_path: Path) -> None:
+    """The remote stores are loaded only when a backing URI is opened: with ssl,
+    urllib3 and botocore failing to import, every command on local files works (and
+    none pays for loading them at start)."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for name in ("ssl", "urllib3", "botocore"):
+        (hidden / f"{name}.py").write_text(f'raise ImportError("{name} hidden by the test")\n')
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(range(256)) * 4096)
+    env = env_with_addcow()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hidden), env.get("PYTHONPATH")]))
+    image = str(tmp_path / "d.add-cow")
+    for args in (
+        ["create", "-q", "-b", str(base), "-F", "raw", "-o", "image_file=d.raw", image],
+        ["info", image],
+        ["map", image],
+        ["check", image],
+        ["stream", "-q", image],
+        ["detach", image],
+    ):
+        proc = subprocess.run([ADDCOW, *args], capture_output=True, text=True, timeout=60, env=env)
+        assert (proc.returncode, proc.stderr) == (0, ""), args
+    assert (tmp_path / "d.raw").read_bytes() == base.read_bytes()

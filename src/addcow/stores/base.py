@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from .. import sysio
@@ -165,8 +164,7 @@ class Opener(Protocol):
     ) -> BlockSource: ...
 
 
-@dataclass(frozen=True)
-class StoreFormat:
+class StoreFormat(NamedTuple):
     """A format of backing file, as the registry of :mod:`addcow.stores` knows it.
 
     ``magic`` holds the (offset, bytes) its files start with: looked at only to

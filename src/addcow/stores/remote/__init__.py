@@ -77,15 +77,17 @@ Modules
     :mod:`.common` what both stores share (:class:`~.common.RetryPolicy`,
     :class:`~.common.ReadAhead`, :func:`~.common.interrupt_waits`);
     :mod:`.nbd`, :mod:`.http` and :mod:`.s3` (the HTTP store, signed) are the
-    stores. They import those two modules (and :mod:`.s3` imports :mod:`.http`),
-    never this package, which opens them through :data:`OPENERS`, one entry per
-    family of schemes.
+    stores, each offering ``open_uri``. They import those two modules (and
+    :mod:`.s3` imports :mod:`.http`), never this package, which imports a store
+    module by its name in :data:`OPENERS` (one entry per family of schemes) only
+    when a URI of its family is opened: a command that reads local files never
+    loads TLS, HTTP or AWS libraries.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import importlib
 from collections.abc import Callable
 
 from ...errors import BackingFormatError, RemoteChangedError
@@ -94,16 +96,14 @@ from ..base import BlockSource
 from ..chain import ChainGuard
 from ..magic import HEAD_LENGTH, article, identify
 from ..qcow2 import Qcow2File, RemoteContainer
-from .common import RECONNECT_DELAY_ENV, RetryPolicy, interrupt_waits
-from .http import HTTPPin, HTTPStore
-from .nbd import NBDStore
-from .s3 import S3Store
+from .common import RECONNECT_DELAY_ENV, TLS_CERTIFICATES_ENV, RetryPolicy, interrupt_waits
 from .uri import (
     HTTP_SCHEMES,
     NBD_SCHEMES,
     S3_SCHEMES,
     SCHEMES,
     BackingURI,
+    Identity,
     check_policy,
     check_sha256,
     parse,
@@ -128,39 +128,27 @@ __all__ = [
     "shown",
 ]
 
-TLS_CERTIFICATES_ENV = "ADDCOW_TLS_CERTIFICATES"
 DIGEST_PIECE = 8 << 20
 """Bytes read per request while a golden image is digested."""
 
+Opener = Callable[[str, BackingURI | None, RetryPolicy], tuple[BlockSource, Identity]]
+"""What each store module offers as ``open_uri``: the store a URI names (pinned to a
+record when one is given), and the identity it was opened at."""
 
-def _open_nbd(uri: str, ref: BackingURI | None, retry: RetryPolicy) -> BlockSource:
-    """The NBD export ``uri`` names (its size is checked against ``ref`` by the caller)."""
-    return NBDStore.open(uri, tls_certificates=os.environ.get(TLS_CERTIFICATES_ENV), retry=retry)
-
-
-def _open_http(uri: str, ref: BackingURI | None, retry: RetryPolicy) -> BlockSource:
-    """The file at the URL ``uri``, pinned to ``ref``'s identity when there is one."""
-    pinned = None if ref is None else HTTPPin(ref.size, ref.etag, ref.last_modified)
-    return HTTPStore.open(uri, pin=pinned, retry=retry)
-
-
-def _open_s3(uri: str, ref: BackingURI | None, retry: RetryPolicy) -> BlockSource:
-    """The object ``uri`` names, pinned to ``ref``'s version or ETag when there is one."""
-    pinned = None if ref is None else HTTPPin(ref.size, ref.etag, None, ref.version_id)
-    return S3Store.open(uri, pin=pinned, retry=retry)
-
-
-OPENERS: dict[tuple[str, ...], Callable[[str, BackingURI | None, RetryPolicy], BlockSource]] = {
-    NBD_SCHEMES: _open_nbd,
-    HTTP_SCHEMES: _open_http,
-    S3_SCHEMES: _open_s3,
+OPENERS: dict[tuple[str, ...], str] = {
+    NBD_SCHEMES: "nbd",
+    HTTP_SCHEMES: "http",
+    S3_SCHEMES: "s3",
 }
-"""The store opener of each family of schemes (:data:`~.uri.SCHEMES` lists them all)."""
+"""The store module of each family of schemes (:data:`~.uri.SCHEMES` lists them
+all), imported when a URI of the family is first opened: every command starts
+without TLS, HTTP and AWS libraries it does not use."""
 
 
-def _open_store(uri: str, ref: BackingURI | None) -> BlockSource:
+def _open_store(uri: str, ref: BackingURI | None) -> tuple[BlockSource, Identity]:
     scheme = scheme_of(uri)  # parsed already: by BackingURI.decode, or by pin
-    opener = next(open_ for schemes, open_ in OPENERS.items() if scheme in schemes)
+    module = next(name for schemes, name in OPENERS.items() if scheme in schemes)
+    opener: Opener = importlib.import_module(f"{__name__}.{module}").open_uri
     return opener(uri, ref, RetryPolicy.from_env())
 
 
@@ -169,7 +157,7 @@ def open_remote(ref: BackingURI, fmt: str, *, guard: ChainGuard) -> BlockSource:
     check_policy(ref.uri, guard)
     guard.descend(shown(ref.uri))
     _check_format(ref.uri, fmt)
-    store = _open_store(ref.uri, ref)
+    store, _ = _open_store(ref.uri, ref)
     try:
         if store.size != ref.size:
             raise RemoteChangedError(
@@ -196,12 +184,8 @@ def pin(
     parse(uri)
     check_policy(uri, guard)
     _check_format(uri, fmt or "raw")
-    store = _open_store(uri, None)
+    store, (etag, last_modified, version_id) = _open_store(uri, None)
     try:
-        etag = last_modified = version_id = None
-        if isinstance(store, HTTPStore):  # and S3Store
-            found = store.identity()
-            etag, last_modified, version_id = found.etag, found.last_modified, found.version_id
         if sha256 is not None:
             check_digest(store, uri, sha256)
         ref = BackingURI(uri, store.size, etag, None if etag else last_modified, sha256,

@@ -44,10 +44,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from ...errors import RemoteBackingError, RemoteReadError
 
+TLS_CERTIFICATES_ENV = "ADDCOW_TLS_CERTIFICATES"
+"""The directory of the client's TLS credentials for ``nbds://`` backings."""
 RECONNECT_DELAY_ENV = "ADDCOW_RECONNECT_DELAY"
 """The retry window of every remote store, in seconds (:class:`RetryPolicy`)."""
 RETRY_WINDOW = 30.0
@@ -83,7 +84,6 @@ def interrupt_waits() -> None:
         event.set()
 
 
-@dataclass(frozen=True)
 class RetryPolicy:
     """How every remote store rides out a failing server: it tries again for ``window``
     seconds after a request first failed (NBD: since the connection was lost), waiting
@@ -92,11 +92,10 @@ class RetryPolicy:
     step. A server's own ``Retry-After`` is honoured up to what is left of the window.
     Waits end at once when the process stops (:func:`interrupt_waits`)."""
 
-    window: float = RETRY_WINDOW
-    first: float = 0.1
-    most: float = 2.0
+    __slots__ = ("first", "most", "window")
 
-    def __post_init__(self) -> None:
+    def __init__(self, window: float = RETRY_WINDOW, first: float = 0.1, most: float = 2.0) -> None:
+        self.window, self.first, self.most = window, first, most
         if not 0 <= self.window <= MAX_RETRY_WINDOW or not 0 < self.first <= self.most:
             raise RemoteBackingError(
                 f"retry policy: expected a window of 0 to {MAX_RETRY_WINDOW:g} s and waits "

@@ -97,7 +97,7 @@ from ...extras import install_hint
 from ...version import __version__
 from ..base import INLINE, POOL, Extent, Route
 from .common import MAX_CONNECTIONS, TIMEOUT, ReadAhead, RetryPolicy, stop_event
-from .uri import HTTP_SCHEMES, parse, shown
+from .uri import HTTP_SCHEMES, BackingURI, Identity, parse, shown
 
 if TYPE_CHECKING:
     import urllib3
@@ -131,6 +131,18 @@ class HTTPPin(NamedTuple):
     etag: str | None
     last_modified: str | None
     version_id: str | None = None
+
+    def found(self) -> Identity:
+        """The identity to record in a new image."""
+        return Identity(self.etag, self.last_modified, self.version_id)
+
+
+def open_uri(uri: str, ref: BackingURI | None, retry: RetryPolicy) -> tuple[HTTPStore, Identity]:
+    """The file at the URL ``uri``, pinned to ``ref``'s identity when there is one, and
+    the identity it was opened at."""
+    pinned = None if ref is None else HTTPPin(ref.size, ref.etag, ref.last_modified)
+    store = HTTPStore.open(uri, pin=pinned, retry=retry)
+    return store, store.identity().found()
 
 
 class _Retry(Exception):

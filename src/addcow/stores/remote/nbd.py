@@ -99,8 +99,15 @@ from ...nbd import wire
 from ...nbd.client import ClientConnection, Event, Ready, RequestFailed, StartTLS, StatusDone
 from ...sysio import fill_zero
 from ..base import INLINE, POOL, Extent, Route, remote_route
-from .common import MAX_CONNECTIONS, TIMEOUT, ReadAhead, RetryPolicy, stop_event
-from .uri import NBD_SCHEMES, parse, shown
+from .common import (
+    MAX_CONNECTIONS,
+    TIMEOUT,
+    TLS_CERTIFICATES_ENV,
+    ReadAhead,
+    RetryPolicy,
+    stop_event,
+)
+from .uri import NBD_SCHEMES, BackingURI, Identity, parse, shown
 
 DEFAULT_PORT = 10809
 # Threads with requests in flight on one plain connection. A TLS connection
@@ -175,6 +182,13 @@ def parse_uri(uri: str) -> NBDURI:
                            f"{len(keys)} parameters")  # fmt: skip
         return NBDURI(uri, parts.tls, None, None, query[0][1], export)
     return NBDURI(uri, parts.tls, parts.host, parts.port or DEFAULT_PORT, None, export)
+
+
+def open_uri(uri: str, ref: BackingURI | None, retry: RetryPolicy) -> tuple[NBDStore, Identity]:
+    """The NBD export ``uri`` names (its size is checked against ``ref`` by the caller);
+    an export has no identity beyond its size."""
+    store = NBDStore.open(uri, tls_certificates=os.environ.get(TLS_CERTIFICATES_ENV), retry=retry)
+    return store, Identity()
 
 
 def tls_context(directory: str) -> ssl.SSLContext:

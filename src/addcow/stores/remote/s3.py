@@ -81,7 +81,7 @@ from ...errors import RemoteAuthError, RemoteBackingError, RemoteChangedError, R
 from ...extras import install_hint
 from .common import TIMEOUT, RetryPolicy
 from .http import HTTPPin, HTTPStore, _header, _Retry, make_pool
-from .uri import HTTP_SCHEMES, S3_SCHEMES, parse
+from .uri import HTTP_SCHEMES, S3_SCHEMES, BackingURI, Identity, parse
 
 if TYPE_CHECKING:
     import urllib3
@@ -107,6 +107,14 @@ _WHERE = {
     "container-role": "a container role (AWS_CONTAINER_CREDENTIALS_*)",
     "iam-role": "the instance metadata service",
 }
+
+
+def open_uri(uri: str, ref: BackingURI | None, retry: RetryPolicy) -> tuple[S3Store, Identity]:
+    """The object ``uri`` names, pinned to ``ref``'s version or ETag when there is one,
+    and the identity it was opened at."""
+    pinned = None if ref is None else HTTPPin(ref.size, ref.etag, None, ref.version_id)
+    store = S3Store.open(uri, pin=pinned, retry=retry)
+    return store, store.identity().found()
 
 
 class S3Location:

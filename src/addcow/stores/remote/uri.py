@@ -163,6 +163,16 @@ def check_sha256(text: str) -> str:
     return digest
 
 
+class Identity(NamedTuple):
+    """What a store that was just opened says identifies the bytes it serves, for a
+    new record: the validators of HTTP and S3, and an S3 object's version (an NBD
+    export has none: it is pinned by its size)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+    version_id: str | None = None
+
+
 class BackingURI(NamedTuple):
     """A URI record: the golden image's URI, its identity when it was pinned and,
     when known, the SHA-256 of its bytes."""
