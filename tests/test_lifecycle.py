@@ -600,6 +600,37 @@ def test_stream_in_several_threads_gives_the_same_image(
     twin.compare("threads")
 
 
+def test_stream_starts_writeback_in_file_order_from_a_thread_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spans of one cluster copied by four threads: writeback is started for each
+    written span once, in file order, and never by a copying thread (a busy disk
+    must not hold up the copy)."""
+    size = 64 * C
+    base = tmp_path / "base.raw"
+    base.write_bytes(random.Random(7).randbytes(size))
+    img = tmp_path / "w.add-cow"
+    addcow.create(img, image_file="w.raw", backing_file=base, backing_format="raw")
+    monkeypatch.setattr(lifecycle, "STREAM_SPAN", C)
+    hinted: list[tuple[int, int, str]] = []
+    real = sysio.start_writeback
+
+    def start_writeback(fd: int, offset: int, length: int) -> None:
+        hinted.append((offset, length, threading.current_thread().name))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(sysio, "start_writeback", start_writeback)
+    with addcow.open(img) as image:
+        lifecycle.stream(image, threads=4)
+        assert image.complete
+    assert [(offset, length) for offset, length, _ in hinted] == [
+        (n * C, C) for n in range(64)
+    ]
+    assert {name for _, _, name in hinted} == {"addcow-writeback"}
+    with addcow.open(img, readonly=True) as image:
+        assert image.read(0, size) == base.read_bytes()
+
+
 def test_stream_error_in_a_helper_thread_is_raised_and_leaves_the_image_consistent(
     twin: Twin, monkeypatch: pytest.MonkeyPatch
 ) -> None:

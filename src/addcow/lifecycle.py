@@ -10,7 +10,8 @@ any moment (Ctrl-C, kill -9, power loss) therefore leaves an image that reads
 correctly, and running it again skips every cluster whose bit reached the disk
 and copies the rest: the result is the same as an uninterrupted run. Spans
 finish in any order; their writeback is started in file order, so the file
-system lays the file out as one thread would. From a backing URI (without a
+system lays the file out as one thread would, by a thread of its own, so that
+no copying thread waits on a busy disk for a hint. From a backing URI (without a
 rate) spans are smaller (:data:`STREAM_SPAN_REMOTE`), more are copied at once
 (:data:`STREAM_THREADS_REMOTE`), and the written spans are settled as the
 copy goes (:data:`SETTLE_LAG`): a performance hint only, since durability
@@ -26,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -127,6 +129,8 @@ def _run_stream(image: AddCowImage, run: _StreamRun, threads: int) -> None:
         threading.Thread(target=run.work_or_record, name=f"addcow-stream-{i}")
         for i in range(1, threads)
     ]
+    writer = threading.Thread(target=run.write_back, name="addcow-writeback")
+    writer.start()
     for worker in workers:
         worker.start()
     try:
@@ -143,7 +147,8 @@ def _run_stream(image: AddCowImage, run: _StreamRun, threads: int) -> None:
         finally:
             # They are joined in every case: only then may the caller close the image.
             interrupted: KeyboardInterrupt | None = None
-            for worker in workers:
+            run.writeback.put(None)  # after the spans still in the queue
+            for worker in [*workers, writer]:
                 while worker.is_alive():
                     try:
                         worker.join()
@@ -207,6 +212,8 @@ class _StreamRun:
         self.remote = remote
         self.span_bytes = STREAM_SPAN_REMOTE if remote else STREAM_SPAN
         self.writing_back: collections.deque[tuple[int, int]] = collections.deque()
+        # Spans to start writing back, in file order, for :meth:`write_back`; None ends it.
+        self.writeback: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         # Settling waits through a descriptor of its own, so that a writeback error
         # stays for the commit's fdatasync to report (sysio.settle_writeback).
         self.settle_fd = sysio.reopen_for_settling(image.image_fd) if remote else -1
@@ -223,7 +230,7 @@ class _StreamRun:
         return lo, hi
 
     def span_done(self, lo: int, written: int) -> list[tuple[int, int]]:
-        """Start writeback of the finished spans that no unfinished one precedes (lock held).
+        """Queue for writeback the finished spans no unfinished one precedes (lock held).
 
         In file order, as one thread would: the file system allocates blocks at
         writeback, and spans written back out of order end up in more extents.
@@ -238,8 +245,7 @@ class _StreamRun:
         while self.writeback_queue and self.writeback_queue[0][2]:
             first, last, _done, wrote = self.writeback_queue.popleft()
             if wrote:
-                # start writeback now, so the next flush has less to wait for
-                sysio.start_writeback(self.image.image_fd, first, last - first)
+                self.writeback.put((first, last))
                 if self.settle_fd >= 0:
                     self.writing_back.append((first, last))
         due: list[tuple[int, int]] = []
@@ -273,6 +279,12 @@ class _StreamRun:
                 image.flush()
             if ahead > 0:
                 self.stopping.wait(ahead)  # a rate limit that Ctrl-C cuts short
+
+    def write_back(self) -> None:
+        """Start writeback of the queued spans, in their order, so the next flush has
+        less to wait for (hints: a failure shows at that flush)."""
+        while (span := self.writeback.get()) is not None:
+            sysio.start_writeback(self.image.image_fd, span[0], span[1] - span[0])
 
     def work_or_record(self) -> None:
         """:meth:`work` in a helper thread: its error stops the others and is raised later."""
