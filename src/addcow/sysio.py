@@ -121,10 +121,11 @@ def pwrite_full(fd: int, buffers: list[memoryview], offset: int, name: str) -> N
 
 def fill_zero(view: memoryview) -> None:
     """Set every byte of ``view`` to zero."""
+    source = memoryview(zeros.ZEROS)
     pos = 0
     while pos < len(view):
-        step = min(len(view) - pos, len(zeros.ZEROS))
-        view[pos : pos + step] = zeros.ZEROS[:step]
+        step = min(len(view) - pos, len(source))
+        view[pos : pos + step] = source[:step]
         pos += step
 
 
@@ -300,8 +301,9 @@ def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
             return
         if data > pos:
             yield pos, min(data, end), False
-            pos = min(data, end)
-            continue
+            if data >= end:
+                return
+            pos = data  # data starts here: no second SEEK_DATA
         try:
             hole = os.lseek(fd, pos, os.SEEK_HOLE)
         except OSError:
