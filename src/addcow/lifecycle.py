@@ -146,9 +146,11 @@ def _run_stream(image: AddCowImage, run: _StreamRun, threads: int) -> None:
             raise
         finally:
             # They are joined in every case: only then may the caller close the image.
+            # The writer last: its queue ends after the last span a worker queued.
             interrupted: KeyboardInterrupt | None = None
-            run.writeback.put(None)  # after the spans still in the queue
             for worker in [*workers, writer]:
+                if worker is writer:
+                    run.writeback.put(None)
                 while worker.is_alive():
                     try:
                         worker.join()
