@@ -475,6 +475,38 @@ def test_closed_image_raises_closed_image_error(img_path: Path) -> None:
             call()
 
 
+def test_reads_follow_the_backing_through_rebase_resize_and_release(tmp_path: Path) -> None:
+    """The read fast path names files by descriptor: after each change of backing,
+    size or completeness a read gives the new content, never a file that was closed
+    (whose descriptor number another file may have taken)."""
+    size = 4 * CLUSTER
+    a, b = tmp_path / "a.raw", tmp_path / "b.raw"
+    a.write_bytes(b"a" * size)
+    b.write_bytes(b"b" * (2 * CLUSTER))  # shorter than the disk: zeros past its end
+    img_path = tmp_path / "d.add-cow"
+    addcow.create(img_path, image_file="d.raw", backing_file=a, backing_format="raw")
+    with addcow.open(img_path) as img:
+        img.write(b"w" * CLUSTER, 0)
+        assert img.read(0, 2 * CLUSTER) == b"w" * CLUSTER + b"a" * CLUSTER
+        img.set_backing(str(b), "raw")
+        # a file opened now may take the closed backing's descriptor number
+        with open(a, "rb"):
+            assert img.read(CLUSTER, CLUSTER) == b"b" * CLUSTER
+            assert img.read(3 * CLUSTER, 16) == bytes(16)
+        img.resize(CLUSTER * 5)
+        assert img.read(4 * CLUSTER, 16) == bytes(16)
+        for c in range(1, 5):
+            img.populate(c * CLUSTER, CLUSTER)
+        img.flush()
+        img.release_backing()
+        with open(b, "rb"):
+            assert img.read(0, 5 * CLUSTER) == (
+                b"w" * CLUSTER + b"b" * CLUSTER + bytes(3 * CLUSTER)
+            )
+    with pytest.raises(ClosedImageError):
+        img.readinto(bytearray(16), 0)
+
+
 def test_out_of_range_requests_raise_range_error(img_path: Path) -> None:
     size = 16 * CLUSTER
     with addcow.open(img_path) as img:

@@ -11,8 +11,13 @@ store (read-only; :mod:`addcow.stores`). A cluster is in one of two states::
 and it moves only from UNALLOCATED to ALLOCATED, never back.
 
 Requests are split into runs of clusters in the same state, one system call
-per run. A request inside a single allocated cluster takes a fast path with
-no lock and no allocation.
+per run. A read inside clusters of one state that a single file holds takes a
+fast path with no lock and no allocation: ``_read_fds`` names that file for
+each state (the image file for ALLOCATED; for UNALLOCATED a raw backing file
+that covers the whole disk, else none), so the bit indexes it. It is
+recomputed (:meth:`ImageCore._route_reads`) whenever what it depends on
+changes, and always before a file it named is closed: a stale descriptor
+could by then be another file's.
 
 Copy on write
     A write that touches an unallocated cluster writes the whole cluster: the
@@ -130,6 +135,8 @@ class ImageCore:
         self._image_fd = files.image_fd
         self._all_allocated = header.all_allocated or files.bitmap.full
         self._closed = False
+        self._read_fds = (-1, -1)
+        self._route_reads()
         self._lock = threading.Lock()
         self._claims_done = threading.Condition(self._lock)
         self._claimed: set[tuple[int, int]] = set()  # runs of clusters being allocated
@@ -275,30 +282,20 @@ class ImageCore:
         view = buffer if type(buffer) is memoryview else memoryview(buffer)
         length = view.nbytes
         # Fast path, kept inline (it is the hot path of random reads): when the whole
-        # request lives in one file (the image file, or a raw backing file it does not
-        # run past), one preadv straight into the caller's buffer. Anything unusual
-        # (closed, out of range, mixed clusters, a short read) falls through to the
-        # general path, which handles or reports it; an I/O error is reported at
-        # once, not retried there.
+        # request lies in clusters of one state that one file holds (_read_fds), one
+        # preadv straight into the caller's buffer. Anything unusual (closed, out of
+        # range, mixed clusters, a backing that is not one raw file, a short read)
+        # falls through to the general path, which handles or reports it; an I/O
+        # error is reported at once, not retried there.
         end = offset + length
-        if offset >= 0 and end <= self.size and not self._closed:
-            fd = -1
-            if self._all_allocated:
-                fd = self._image_fd
+        if offset >= 0 and end <= self.size:
+            bits = self.cluster_bits
+            first = offset >> bits
+            if (end - 1) >> bits == first:
+                fd = self._read_fds[self.bitmap.data[first >> 3] >> (first & 7) & 1]
             else:
-                bits = self.cluster_bits
-                first = offset >> bits
-                last = (end - 1) >> bits
-                if first == last:
-                    state = self.bitmap.data[first >> 3] >> (first & 7) & 1
-                else:
-                    state = self.bitmap.state(first, last + 1)
-                if state == 1:
-                    fd = self._image_fd
-                elif state == 0:
-                    backing = self.backing
-                    if type(backing) is RawFile and end <= backing.size:
-                        fd = backing.fd
+                state = self.bitmap.state(first, ((end - 1) >> bits) + 1)
+                fd = self._read_fds[state] if state >= 0 else -1  # -1: mixed
             if fd >= 0:
                 # os.preadv is looked up at call time, so a test's storage layer sees it.
                 try:
@@ -374,6 +371,18 @@ class ImageCore:
                 return POOL
             parts.append(part)
         return joined(parts)
+
+    def _route_reads(self) -> None:
+        """Name the file of each state for :meth:`readinto`'s fast path (none once closed)."""
+        backing = self.backing
+        if self._closed:
+            self._read_fds = (-1, -1)
+        elif self._all_allocated:
+            self._read_fds = (self._image_fd, self._image_fd)
+        elif type(backing) is RawFile and backing.size >= self.size:
+            self._read_fds = (backing.fd, self._image_fd)
+        else:
+            self._read_fds = (-1, self._image_fd)
 
     def _backing_name(self) -> str:
         return str(getattr(self.backing, "path", None) or getattr(self.backing, "uri", "backing"))
@@ -651,6 +660,7 @@ class ImageCore:
                     flags = self.header.compatible_features | V2_COMPAT_ALL_ALLOCATED
                     self._rewrite_features(self.header.with_changes(compatible_features=flags))
                 self._all_allocated = True
+                self._route_reads()
 
     def _rewrite_features(self, header: Header) -> None:
         """Write ``header``'s compatible and autoclear feature fields in place, durably.
@@ -687,6 +697,7 @@ class ImageCore:
                 self.flush()
         finally:
             self._closed = True
+            self._route_reads()
             if self.backing is not None:
                 self.backing.close()
             os.close(self._image_fd)

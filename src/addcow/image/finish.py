@@ -59,6 +59,7 @@ class Finishing(ImageCore):
         self.flush()
         self._all_allocated = True  # version 1: the full bitmap is durable, same meaning
         backing, self.backing = self.backing, None
+        self._route_reads()
         if backing is not None:
             backing.close()
 

@@ -96,6 +96,7 @@ class Reshaping(Populating):
                 new_backing.close()
             raise
         old, self.backing = self.backing, new_backing
+        self._route_reads()
         if old is not None:
             old.close()
 
@@ -125,6 +126,7 @@ class Reshaping(Populating):
                 backing.close()
             raise
         old, self.backing = self.backing, backing
+        self._route_reads()
         if old is not None:
             old.close()
 
@@ -206,6 +208,7 @@ class Reshaping(Populating):
         if self.header.version >= 2:
             self._rewrite_header(self.header.with_changes(image_size=new_size))
         self.bitmap, self.size = bitmap, new_size
+        self._route_reads()
 
     def _shrink(self, new_size: int) -> None:
         bits = self.cluster_bits
@@ -224,3 +227,4 @@ class Reshaping(Populating):
             sysio.truncate(self._image_fd, new_size, self.image_path)
             sysio.fdatasync(self._image_fd, self.image_path)
         self.bitmap, self.size = bitmap, new_size
+        self._route_reads()
