@@ -625,7 +625,7 @@ class Bench:
                 RANDOM_CHUNK,
                 RANDOM_LAG,
                 view,
-                0.70,
+                0.80,
                 notes=notes,
                 check_at=(),
             )
