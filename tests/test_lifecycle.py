@@ -631,6 +631,36 @@ def test_stream_starts_writeback_in_file_order_from_a_thread_of_its_own(
         assert image.read(0, size) == base.read_bytes()
 
 
+def test_stream_whose_thread_cannot_start_joins_those_that_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copying thread that cannot start (the process is out of threads): the error
+    is raised, the writeback thread and the copiers already started are joined (none
+    is left waiting), and a rerun completes the image."""
+    size = 8 * C
+    base = tmp_path / "base.raw"
+    base.write_bytes(random.Random(8).randbytes(size))
+    img = tmp_path / "t.add-cow"
+    addcow.create(img, image_file="t.raw", backing_file=base, backing_format="raw")
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "addcow-stream-2":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    before = set(threading.enumerate())
+    with addcow.open(img) as image:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            lifecycle.stream(image, threads=3)
+        monkeypatch.undo()
+        assert set(threading.enumerate()) == before
+        lifecycle.stream(image)
+        assert image.complete
+        assert image.read(0, size) == base.read_bytes()
+
+
 def test_stream_error_in_a_helper_thread_is_raised_and_leaves_the_image_consistent(
     twin: Twin, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -130,11 +130,11 @@ def _run_stream(image: AddCowImage, run: _StreamRun, threads: int) -> None:
         for i in range(1, threads)
     ]
     writer = threading.Thread(target=run.write_back, name="addcow-writeback")
-    writer.start()
-    for worker in workers:
-        worker.start()
     try:
         try:
+            # Started in here: if one cannot start, those that did are still joined.
+            for thread in [writer, *workers]:
+                thread.start()
             run.work()
         except BaseException as exc:
             # Ctrl-C or an error: the other threads stop after the span they are in.
