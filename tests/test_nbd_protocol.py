@@ -14,6 +14,8 @@ import itertools
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from addcow.nbd import connection, negotiation, transmission, wire
 from addcow.nbd import events as nbd_events
@@ -563,6 +565,91 @@ def test_request_header_fields_are_parsed() -> None:
     conn = transmitting()
     conn.receive_data(request(wire.CMD_READ, 4096, 512, flags=wire.CMD_FLAG_FUA, cookie=0xDEADBEEF))
     assert events(conn) == [Request(0xDEADBEEF, wire.CMD_READ, wire.CMD_FLAG_FUA, 4096, 512)]
+
+
+# Requests of every kind a run of plain reads may meet: plain reads (some out of
+# range, unaligned, empty or too long), reads with flags, writes with payloads,
+# other commands, and a wrong magic.
+_REQUEST = st.one_of(
+    st.tuples(
+        st.just(wire.CMD_READ),
+        st.sampled_from([0, 0, 0, wire.CMD_FLAG_FUA, wire.CMD_FLAG_DF]),
+        st.one_of(
+            st.integers(0, MiB + 4096),
+            st.sampled_from([MiB - 65536, MiB - 4096, MiB - 512, MiB - 1, MiB, MiB + 512]),
+        ),
+        st.sampled_from([0, 1, 512, 4096, 65535, 65536, 1 << 20, (1 << 20) + 512]),
+    ),
+    st.tuples(
+        st.sampled_from([wire.CMD_WRITE, wire.CMD_FLUSH, wire.CMD_TRIM, 99]),
+        st.sampled_from([0, wire.CMD_FLAG_FUA]),
+        st.integers(0, MiB),
+        st.integers(0, 600),
+    ),
+    st.just((-1, 0, 0, 0)),  # a wrong magic: the connection is dropped
+)
+
+
+ALIGNED = ExportInfo("", MiB, min_block=512)
+
+
+def _wire(reqs: list[tuple[int, int, int, int]]) -> bytes:
+    out = b""
+    for cookie, (cmd, flags, offset, length) in enumerate(reqs):
+        if cmd < 0:
+            out += struct.pack(">IHHQQI", 0x12345678, 0, wire.CMD_READ, cookie, 0, 512)
+            continue
+        out += request(cmd, offset, length, flags=flags, cookie=cookie)
+        if cmd == wire.CMD_WRITE:
+            out += bytes(length)
+    return out
+
+
+def _parsed(conn: ServerConnection, plain: bool, longest: int) -> list[object]:
+    """Every event of the buffered requests, plain reads as the Requests they are."""
+    found: list[object] = []
+    while True:
+        if plain:
+            reads = conn.next_plain_reads(longest)
+            if reads:
+                found += [Request(c, wire.CMD_READ, 0, o, n) for c, o, n in reads]
+                continue
+        try:
+            event = conn.next_event()
+        except RemoteProtocolError as exc:
+            return [*found, ("dropped", str(exc))]
+        if event is NEED_DATA:
+            return found
+        found.append(event)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_REQUEST, max_size=40), st.integers(1, 8), st.sampled_from([4096, 65535]))
+def test_plain_reads_are_the_requests_next_event_would_give(
+    reqs: list[tuple[int, int, int, int]], pieces: int, longest: int
+) -> None:
+    """Taking runs of plain reads (:meth:`ServerConnection.next_plain_reads`) between
+    events yields exactly the events, in order, that :meth:`next_event` alone
+    yields from the same bytes arriving in the same pieces: only valid READs
+    without flags and of at most ``longest`` bytes are taken, and everything
+    else (refusals, writes, a wrong magic) is left to the parser of every request."""
+    data = _wire(reqs)
+    results = []
+    for plain in (False, True):
+        conn = ServerConnection([ALIGNED])
+        conn.initiate()
+        conn.receive_data(struct.pack(">I", wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES))
+        conn.receive_data(option(wire.OPT_STRUCTURED_REPLY) + option(wire.OPT_GO, go_data("")))
+        assert isinstance(events(conn)[-1], TransmissionStarted)
+        found: list[object] = []
+        step = max(1, len(data) // pieces)
+        for i in range(0, len(data), step):
+            conn.receive_data(data[i : i + step])
+            found += _parsed(conn, plain, longest)
+            if found and isinstance(found[-1], tuple):
+                break
+        results.append(found)
+    assert results[0] == results[1]
 
 
 def test_write_payload_is_collected_across_reads() -> None:

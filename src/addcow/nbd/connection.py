@@ -231,6 +231,24 @@ class ServerConnection:
         self._negotiation.out.clear()
         return out
 
+    def next_plain_reads(self, longest: int) -> list[tuple[int, int, int]]:
+        """Plain reads at the head of the buffer, taken from it as (cookie, offset,
+        length) (:meth:`Transmission.plain_reads
+        <addcow.nbd.transmission.Transmission.plain_reads>`, at most ``longest``
+        bytes each); empty when the next request is of another kind, or when the
+        connection is anywhere but in transmission: :meth:`next_event` comes next."""
+        transmission = self._transmission
+        if (
+            transmission is None
+            or self._state is not State.TRANSMISSION
+            or self._skip
+            or self._after_skip is not None
+        ):
+            return []
+        reads, used = transmission.plain_reads(self._buf, self._start, self._end, longest)
+        self._start += used
+        return reads
+
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA; raises RemoteProtocolError to hang up."""
         if self._skip:

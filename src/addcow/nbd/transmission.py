@@ -16,6 +16,11 @@ Requests
     :meth:`Transmission.reply_error`. Only a wrong magic ends the connection
     (there is no length to skip by). A WRITE over the maximum block size is
     refused and its payload skipped as it arrives, never buffered.
+    :meth:`Transmission.plain_reads` takes a run of *plain* reads (no flags,
+    in range, aligned, short) from the head of the buffer at once, as tuples:
+    the requests a server answers most, without an event each. It stops at
+    the first request of any other kind, which :meth:`next_request` then
+    parses and checks as always.
 
 Replies
     Built as bytes (or a list of buffers, so a read's data is never copied)
@@ -155,6 +160,36 @@ class Transmission:
         if problem is not None:
             return _refuse(cookie, command, flags, offset, length, *problem), used
         return Request(cookie, command, flags, offset, length, data), used
+
+    def plain_reads(
+        self, buf: bytearray, start: int, end: int, longest: int
+    ) -> tuple[list[tuple[int, int, int]], int]:
+        """The plain reads at the head of ``buf[start:end]`` as (cookie, offset, length),
+        and the bytes they took: READs without flags, of 1 to ``longest`` bytes (and
+        no more than the maximum block size), aligned to the minimum block size and
+        inside the export. They need no other check; anything else ends the run."""
+        export = self.export
+        size, align = export.size, export.min_block
+        longest = min(longest, export.max_block)
+        unpack = REQUEST_HEADER.unpack_from
+        step = REQUEST_HEADER.size
+        reads: list[tuple[int, int, int]] = []
+        pos = start
+        while end - pos >= step:
+            magic, flags, command, cookie, offset, length = unpack(buf, pos)
+            if (
+                magic != REQUEST_MAGIC
+                or flags
+                or command != CMD_READ
+                or not 0 < length <= longest
+                or offset + length > size
+                or offset % align
+                or length % align
+            ):
+                break
+            reads.append((cookie, offset, length))
+            pos += step
+        return reads, pos - start
 
     def _check(
         self, export: ExportInfo, command: int, flags: int, offset: int, length: int
