@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -285,6 +286,43 @@ print(json.dumps({{"reads": [h.pread(n, off).hex() for off, n in {reads!r}]}}))
         result = nbdsh(script)
     assert result["reads"] == [bytes(model[o : o + n]).hex() for o, n in reads]
     assert content(scenario) == bytes(model)
+
+
+def test_nbdsh_pipelined_reads_of_every_route_match_the_disk(
+    tmp_path: Path, scenario: Path, base_raw: Path
+) -> None:
+    """Hundreds of short reads in flight at once, so that the server takes them in
+    runs: inside allocated clusters, in the backing, across cluster boundaries,
+    unaligned, of 1 byte to 64 KiB, with a flush and a write (to the last cluster,
+    which no read touches) in the middle of the pipeline. Each reply is the disk's
+    bytes, and the write lands."""
+    rng = random.Random(26)
+    reads = []
+    for _ in range(600):
+        n = rng.choice([1, 512, 4096, 4096, 4096, 65535, 65536])
+        end = 15 * CLUSTER
+        off = rng.choice([rng.randrange(end - n), rng.randrange(end // 4096) * 4096])
+        reads.append((min(off, end - n), n))
+    model = expected_scenario(base_raw)
+    with served(tmp_path, scenario) as srv:
+        script = NBDSH_PRELUDE.format(uri=srv.uri) + f"""
+reads = {reads!r}
+bufs = [nbd.Buffer(n) for _, n in reads]
+cookies = []
+for i, (off, n) in enumerate(reads):
+    cookies.append(h.aio_pread(bufs[i], off))
+    if i == 300:
+        cookies.append(h.aio_flush())
+        cookies.append(h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"w" * 7)), {SIZE - 7}))
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for c in cookies:
+    assert h.aio_command_completed(c)
+print(json.dumps({{"reads": [b.to_bytearray().hex() for b in bufs]}}))
+"""
+        result = nbdsh(script)
+    assert result["reads"] == [model[o : o + n].hex() for o, n in reads]
+    assert content(scenario) == model[:-7] + b"w" * 7
 
 
 def _on_disk_bits(path: Path, clusters: list[int]) -> list[bool]:

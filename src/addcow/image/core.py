@@ -350,10 +350,15 @@ class ImageCore:
         end = offset + length
         if offset < 0 or length <= 0 or end > self.size or self._closed:
             return INLINE
+        bits = self.cluster_bits
+        first = offset >> bits
+        if (end - 1) >> bits == first:  # one cluster: the read fast path's answer, if any
+            fd = self._read_fds[self.bitmap.data[first >> 3] >> (first & 7) & 1]
+            if fd >= 0:
+                return file_route(fd, offset)
         if self._all_allocated:
             return file_route(self._image_fd, offset)
-        bits = self.cluster_bits
-        first, stop = offset >> bits, ((end - 1) >> bits) + 1
+        stop = ((end - 1) >> bits) + 1
         state = self.bitmap.state(first, stop)
         if state == 1:
             return file_route(self._image_fd, offset)

@@ -136,6 +136,11 @@ class Counters:
         elif command == wire.CMD_FLUSH:
             self.flush_operations += 1
 
+    def count_reads(self, count: int, length: int) -> None:
+        """``count`` reads of ``length`` bytes in all."""
+        self.rd_operations += count
+        self.rd_bytes += length
+
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
 

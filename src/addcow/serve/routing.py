@@ -15,6 +15,15 @@ Design
     so it is used before the request waits for anything; a read that waits
     first (for the socket to drain, for the budget) asks again when it acts.
 
+    Plain reads (no flags, shorter than ``SENDFILE_MIN``: most of a guest's)
+    come as a run the session took from the connection's buffer at once
+    (:meth:`~addcow.nbd.connection.ServerConnection.next_plain_reads`), and
+    :meth:`Router._plain_reads` answers each whose route is FILE with one
+    ``preadv`` into a reply buffer and its reply held: no event, request,
+    task or coroutine per read. The first read it cannot answer so (any
+    other route, a short read) goes to :meth:`Router._request` like any
+    request, and the run goes on after it.
+
     The hot paths stay in the event loop: reads up to ``INLINE_READ_MAX``, and
     writes up to ``INLINE_WRITE_MAX`` into allocated clusters or inside one
     cluster (copy on write included, when the backing bytes are in the page
@@ -158,6 +167,76 @@ class Router:
             return self._held_write(client, conn, export, req)
         return self._dispatch(client, conn, export, req)
 
+    async def _serve_plain_reads(
+        self,
+        client: Client,
+        conn: ServerConnection,
+        export: Export,
+        reads: list[tuple[int, int, int]],
+    ) -> None:
+        """A run of plain reads: answered in place (:meth:`_plain_reads`), any read it
+        leaves through :meth:`_request`, in turn; then inline replies are bounded."""
+        i = 0
+        while i < len(reads):
+            i = self._plain_reads(client, conn, export, reads, i)
+            if i < len(reads):
+                cookie, offset, length = reads[i]
+                read = Request(cookie, wire.CMD_READ, 0, offset, length, None)
+                waiting = self._request(client, conn, read)
+                if waiting is not None:
+                    await waiting
+                i += 1
+        if _replies_over_bound(client):
+            await _bound_inline_replies(client)
+
+    def _plain_reads(
+        self,
+        client: Client,
+        conn: ServerConnection,
+        export: Export,
+        reads: list[tuple[int, int, int]],
+        first: int,
+    ) -> int:
+        """Answer plain reads (cookie, offset, length) from ``reads[first]`` on while
+        their route is one file; return the index of the first one left (the
+        caller sends it to :meth:`_request`), or ``len(reads)``."""
+        image = export.image
+        done = first
+        served = 0
+        try:
+            for cookie, offset, length in reads[first:]:
+                route = image.route(offset, length)
+                if route.kind is not RouteKind.FILE:
+                    break
+                end = wire.READ_HEADROOM + length
+                buf = client.reply_buffer(end)
+                try:
+                    n = os.preadv(
+                        route.fd, [memoryview(buf)[wire.READ_HEADROOM : end]], route.offset
+                    )
+                except OSError as exc:
+                    n = -1
+                    _read_failed(
+                        client,
+                        conn,
+                        Request(cookie, wire.CMD_READ, 0, offset, length, None),
+                        exc,
+                        buf,
+                    )
+                if n == length:
+                    client.hold_read(conn.reply_read_into(buf, cookie, offset, length), buf)
+                elif n >= 0:  # a short read: the image's own path reads or reports the rest
+                    client.free_buffers.append(buf)
+                    break
+                done += 1
+                served += length
+        finally:
+            if done > first:
+                export.live.last_request = time.monotonic()
+                client.counters.count_reads(done - first, served)
+                export.counters.count_reads(done - first, served)
+        return done
+
     def _dispatch(
         self, client: Client, conn: ServerConnection, export: Export, req: Request
     ) -> Coroutine[Any, Any, None] | None:
@@ -242,9 +321,7 @@ class Router:
         try:
             export.image.readinto(memoryview(buf)[wire.READ_HEADROOM : end], req.offset)
         except (AddCowError, OSError) as exc:
-            log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
-            client.send(conn.reply_error(req.cookie, nbd_errno(exc), str(exc)))
-            client.free_buffers.append(buf)
+            _read_failed(client, conn, req, exc, buf)
             return
         df = bool(req.flags & wire.CMD_FLAG_DF)
         client.hold_read(conn.reply_read_into(buf, req.cookie, req.offset, req.length, df=df), buf)
@@ -515,6 +592,20 @@ _ALLOCATING_COMMANDS = (wire.CMD_WRITE, wire.CMD_WRITE_ZEROES, wire.CMD_TRIM)
 
 
 # -- where a request runs: the policy of the event loop's fast paths ------------------
+
+
+def _read_failed(
+    client: Client, conn: ServerConnection, req: Request, exc: Exception, buf: bytearray
+) -> None:
+    """An inline read failed: one log line, its error reply sent, ``buf`` free again."""
+    log.warning("%s: %s failed: %s", client.label, _describe(req), exc)
+    client.send(conn.reply_error(req.cookie, nbd_errno(exc), str(exc)))
+    client.free_buffers.append(buf)
+
+
+PLAIN_READ_MAX = min(INLINE_READ_MAX, SENDFILE_MIN - 1)
+"""The longest read :meth:`Router._plain_reads` answers (longer ones may leave with
+``sendfile``)."""
 
 
 def _writes_inline(req: Request) -> bool:

@@ -69,7 +69,7 @@ from . import live
 from .export import Export
 from .intake import Connected, Intake
 from .limits import SHARED_WAIT, SHUTDOWN_GRACE
-from .routing import Router
+from .routing import PLAIN_READ_MAX, Router
 from .session import Client
 from .sockets import (
     BoundSocket,
@@ -367,6 +367,14 @@ class NBDServer(Router):
         client.conn = conn
         client.send(conn.initiate())
         while True:
+            export = client.export
+            if export is not None and not export.live.copies_on_read:
+                reads = conn.next_plain_reads(PLAIN_READ_MAX)
+                if reads:
+                    if client.writer.is_closing():
+                        return  # as below: nobody reads the replies
+                    await self._serve_plain_reads(client, conn, export, reads)
+                    continue
             event = conn.next_event()
             if not isinstance(event, Request):  # requests queue no output
                 client.send(conn.data_to_send())

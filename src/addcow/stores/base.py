@@ -92,7 +92,7 @@ POOL = Route(RouteKind.POOL)
 
 def file_route(fd: int, offset: int) -> Route:
     """The range lies at ``offset`` in the file open as ``fd``."""
-    return Route(RouteKind.FILE, fd=fd, offset=offset)
+    return Route(RouteKind.FILE, fd, offset)
 
 
 def remote_route(store: BlockSource, offset: int) -> Route:
