@@ -200,31 +200,31 @@ class Router:
         """Answer plain reads (cookie, offset, length) from ``reads[first]`` on while
         their route is one file; return the index of the first one left (the
         caller sends it to :meth:`_request`), or ``len(reads)``."""
-        image = export.image
+        # Bound once per run: the loop below is the server's hottest.
+        route_of, reply_buffer, preadv = export.image.route, client.reply_buffer, os.preadv
+        reply, hold, file, headroom = (
+            conn.reply_read_into,
+            client.hold_read,
+            RouteKind.FILE,
+            wire.READ_HEADROOM,
+        )
         done = first
         served = 0
         try:
             for cookie, offset, length in reads[first:]:
-                route = image.route(offset, length)
-                if route.kind is not RouteKind.FILE:
+                route = route_of(offset, length)
+                if route.kind is not file:
                     break
-                end = wire.READ_HEADROOM + length
-                buf = client.reply_buffer(end)
+                end = headroom + length
+                buf = reply_buffer(end)
                 try:
-                    n = os.preadv(
-                        route.fd, [memoryview(buf)[wire.READ_HEADROOM : end]], route.offset
-                    )
+                    n = preadv(route.fd, [memoryview(buf)[headroom:end]], route.offset)
                 except OSError as exc:
                     n = -1
-                    _read_failed(
-                        client,
-                        conn,
-                        Request(cookie, wire.CMD_READ, 0, offset, length, None),
-                        exc,
-                        buf,
-                    )
+                    read = Request(cookie, wire.CMD_READ, 0, offset, length, None)
+                    _read_failed(client, conn, read, exc, buf)
                 if n == length:
-                    client.hold_read(conn.reply_read_into(buf, cookie, offset, length), buf)
+                    hold(reply(buf, cookie, offset, length), buf)
                 elif n >= 0:  # a short read: the image's own path reads or reports the rest
                     client.free_buffers.append(buf)
                     break
