@@ -491,6 +491,26 @@ def test_unknown_extension_running_past_cluster_0(tmp_path: Path) -> None:
                            "data bytes (the extension area ends at byte 65536), found 4294967280")
 
 
+def test_backing_name_offset_far_past_cluster_0_does_not_stretch_the_extension_area(
+    templates: dict[str, Path], tmp_path: Path
+) -> None:
+    """The extension area ends with cluster 0 even when backing_file_offset points
+    far beyond it: an extension claiming 256 MiB, walked to name an unknown
+    incompatible bit (before the offset itself is checked), is not read into
+    memory; the bit is refused unnamed."""
+    p = copy(templates, "v3", tmp_path)
+    patch(p, 8, "Q", 2**31 - 1)
+    patch(p, 72, "Q", 1 << 6)  # an unknown incompatible bit
+    patch(p, 112, "II", 0x12345678, 256 << 20)
+    tracemalloc.start()
+    try:
+        refused(p, Qcow2Error, "expected only bits of 0x1f, found 0x40 (unknown: bit 6)")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MiB
+
+
 def test_extension_header_cut_by_the_backing_name(
     templates: dict[str, Path], tmp_path: Path
 ) -> None:

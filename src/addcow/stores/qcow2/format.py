@@ -605,9 +605,11 @@ def _extensions(buf: bytes, h: Header) -> Header:
     """Walk the header extensions from header_length to the backing name or cluster 0's end.
 
     Bytes of cluster 0 past the end of a short file read as zero, which is
-    the end marker (QEMU reads them so too).
+    the end marker (QEMU reads them so too). The area never runs past cluster
+    0, whatever backing_file_offset says (it is checked only later, and the
+    walk may come first, to name unknown feature bits).
     """
-    end = h.backing_file_offset or h.cluster_size
+    end = min(h.backing_file_offset or h.cluster_size, h.cluster_size)
     pos = h.header_length
     backing_format: str | None = None
     feature_names: list[tuple[int, int, str]] = []
