@@ -64,6 +64,7 @@ from ..nbd.events import (
     TransmissionStarted,
 )
 from ..nbd.negotiation import TLS_OFF, TLS_REQUIRE
+from ..nbd.wire import CMD_READ
 from ..stores import remote
 from . import live
 from .export import Export
@@ -366,9 +367,12 @@ class NBDServer(Router):
         conn = intake.conn
         client.conn = conn
         client.send(conn.initiate())
+        # Runs of plain reads are looked for once the last request was a read: a
+        # stream of writes does not pay for a look that finds none.
+        after_read = True
         while True:
             export = client.export
-            if export is not None and not export.live.copies_on_read:
+            if after_read and export is not None and not export.live.copies_on_read:
                 reads = conn.next_plain_reads(PLAIN_READ_MAX)
                 if reads:
                     if client.writer.is_closing():
@@ -376,6 +380,8 @@ class NBDServer(Router):
                     await self._serve_plain_reads(client, conn, export, reads)
                     continue
             event = conn.next_event()
+            if event is not NEED_DATA:
+                after_read = type(event) is Request and event.command == CMD_READ
             if not isinstance(event, Request):  # requests queue no output
                 client.send(conn.data_to_send())
             if event is NEED_DATA:
