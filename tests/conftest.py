@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,6 +32,18 @@ def serve_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     """The event loop addcow serve runs on in this test: each one it supports."""
     monkeypatch.setenv("ADDCOW_EVENT_LOOP", request.param)
     return str(request.param)
+
+
+def popen_interruptible(cmd: list[str], **kwargs: object) -> subprocess.Popen[str]:
+    """``subprocess.Popen(cmd, text=True, ...)`` of a command a test interrupts with
+    SIGINT, started as from a terminal: SIGINT at its default, even when the tests
+    run as a background job (whose commands inherit SIGINT ignored, so Python would
+    keep it ignored and no Ctrl-C could reach the command)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return subprocess.Popen(cmd, text=True, **kwargs)  # type: ignore[call-overload]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def require_tool(name: str) -> str:

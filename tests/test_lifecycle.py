@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import CLUSTER, require_tool, run
+from conftest import CLUSTER, popen_interruptible, require_tool, run
 from conftest import addcow as addcow_cli
 
 import addcow
@@ -711,9 +711,9 @@ def test_stream_ctrl_c_stops_every_thread_promptly_and_resumes(tmp_path: Path) -
     addcow.create(img, image_file="big-img.raw", backing_file=base, backing_format="raw")
     # At 4 KiB/s each thread copies one cluster (the smallest span), then waits
     # many seconds for the rate.
-    proc = subprocess.Popen(
+    proc = popen_interruptible(
         [sys.executable, "-m", "addcow", "stream", "--rate", "4K", str(img)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     raw = tmp_path / "big-img.raw"
     deadline = time.monotonic() + 30

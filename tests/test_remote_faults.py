@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from conftest import addcow as cli
-from conftest import require_tool, run
+from conftest import popen_interruptible, require_tool, run
 from http_util import nginx_server
 from nbd_util import ddrescue_mapfile, served
 from tls_util import make_certs
@@ -176,8 +176,8 @@ def golden_and_image(
 @contextmanager
 def streaming(image: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
     """``addcow stream`` running in the background; killed if still running at the end."""
-    proc = subprocess.Popen([sys.executable, "-m", "addcow", "stream", *args, str(image)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = popen_interruptible([sys.executable, "-m", "addcow", "stream", *args, str(image)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
         yield proc
     finally:
