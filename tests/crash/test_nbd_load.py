@@ -311,7 +311,7 @@ def test_load_40_connections(tmp_path: Path) -> None:
 # their own byte, FLUSHes among the writes and each region read back on another
 # connection, and 4 raw TLS clients (Python's ssl) with two connections each.
 
-TLS_ROUNDS = 4 if CAMPAIGN else 2
+TLS_ROUNDS = 4 if CAMPAIGN else 3
 TLS_ROUND_SECONDS = 30.0 if CAMPAIGN else 2.0
 TLS_RAW_CLIENTS = 4
 TLS_RSS_GROWTH_KIB = 32 << 10
@@ -457,7 +457,10 @@ def test_load_32_tls_connections(tmp_path: Path) -> None:
             assert fds == rounds[0][0] <= counts_before[0], \
                 f"descriptors leaked: {counts_before} -> {rounds}"
             assert tasks <= 1 + POOL_THREADS, f"threads leaked: {counts_before} -> {rounds}"
-        assert rounds[-1][3] - rounds[0][3] <= TLS_RSS_GROWTH_KIB, f"memory grew: {rounds}"
+        # Memory from the end of the first round on: that round warms the allocator up
+        # (the arenas of the pool's threads, the TLS buffers), and a short one ends
+        # before it has.
+        assert rounds[-1][3] - rounds[1][3] <= TLS_RSS_GROWTH_KIB, f"memory grew: {rounds}"
         assert stats["nbdcopy in"] > 0 and stats["nbdcopy out"] > 0 and stats["nbdsh"] > 0
         assert stats["raw clients"] == TLS_ROUNDS * TLS_RAW_CLIENTS
         assert all(w.writes for w in writers)
