@@ -289,6 +289,22 @@ class Bench:
         if lifecycle.digest(str(raw)) != self.digests[golden]:
             raise SystemExit(f"{raw}: content differs from {golden}")
 
+    def addcow_stream(
+        self, img: Path, raw: Path, uri: str, fmt: str, golden: Path
+    ) -> Callable[[int], float]:
+        """The addcow side of a stream case: a fresh image over ``uri`` streamed whole
+        (MiB/s of the disk, until durable); run 0 checks the bytes."""
+
+        def side(i: int) -> float:
+            create(img, raw, uri, fmt)
+            got = mibs(self.size, [ADDCOW, "stream", "-q", str(img)], golden)
+            if i == 0:
+                self.check(raw, self.golden_disk(golden, fmt))
+            lifecycle.remove(str(img), str(raw))
+            return got
+
+        return side
+
     def compare(self, case: str, unit: str, sides: dict[str, Callable[[int], float]],
                 targets: dict[str, float]) -> Row:  # fmt: skip
         """Each side once per run (bench_nbd.compare's order); ratios addcow / peer."""
@@ -317,13 +333,7 @@ class Bench:
         out = self.path("peer.raw")
         size = self.size
 
-        def addcow_side(i: int) -> float:
-            create(img, raw, uri, fmt)
-            got = mibs(size, [ADDCOW, "stream", "-q", str(img)], golden)
-            if i == 0:
-                self.check(raw, self.golden_disk(golden, fmt))
-            lifecycle.remove(str(img), str(raw))
-            return got
+        addcow_side = self.addcow_stream(img, raw, uri, fmt, golden)
 
         def qemu_side(i: int) -> float:
             lifecycle.remove(str(out))
@@ -582,13 +592,7 @@ class Bench:
         img, raw, out = self.path("s.add-cow"), self.path("s.raw"), self.path("peer.raw")
         size, length = self.size, golden.stat().st_size
 
-        def addcow_side(i: int) -> float:
-            create(img, raw, uri, fmt)
-            got = mibs(size, [ADDCOW, "stream", "-q", str(img)], golden)
-            if i == 0:
-                self.check(raw, self.golden_disk(golden, fmt))
-            lifecycle.remove(str(img), str(raw))
-            return got
+        addcow_side = self.addcow_stream(img, raw, uri, fmt, golden)
 
         def floor_side(durable: bool) -> Callable[[int], float]:
             def measure(i: int) -> float:

@@ -61,6 +61,7 @@ from ..errors import AddCowError
 from ..extras import install_hint
 from ..image import AddCowImage
 from ..nbd.negotiation import TLS_MODES, TLS_OFF, TLS_REQUIRE
+from ..nbd.wire import PORT as DEFAULT_PORT
 from ..serve import handoff
 from ..serve.control import ControlServer
 from ..serve.daemon import Activation, Pidfile, daemonize, socket_activation
@@ -70,9 +71,6 @@ from ..serve.sockets import stdio_problem
 from ..serve.tls import TLSConfig, load_credentials, parse_allowed
 from . import serve_log
 from .common import CommandError, add_backing_root_arg, size_arg
-
-DEFAULT_PORT = 10809
-"""The IANA port for NBD."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

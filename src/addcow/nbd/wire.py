@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import struct
 
+PORT = 10809
+"""The IANA port for NBD (proto.md: "the default port for NBD connections is 10809")."""
+
 # -- magics (proto.md, "Newstyle negotiation", "Fixed newstyle negotiation",
 # "Request message", "Simple reply message", "Structured reply chunk message") --------
 

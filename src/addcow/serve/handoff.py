@@ -85,6 +85,7 @@ from typing import Any
 
 from ..errors import AddCowError
 from ..locking import lock_raw, unlock_raw
+from ..nbd import wire
 from . import live
 from .export import (
     HANDOFF_DONE,
@@ -172,7 +173,7 @@ def nbd_target(node: dict[str, Any]) -> tuple[Endpoint, str]:
         return Endpoint(path=sock[0]), export
     if parts.hostname is None:
         raise HandoffError(f"QEMU's NBD node: expected an NBD URI, found {name!r}")
-    return Endpoint(host=parts.hostname, port=parts.port or 10809), export
+    return Endpoint(host=parts.hostname, port=parts.port or wire.PORT), export
 
 
 async def _same_endpoint(theirs: Endpoint, ours: Endpoint) -> bool:

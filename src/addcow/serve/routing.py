@@ -15,7 +15,7 @@ Design
     so it is used before the request waits for anything; a read that waits
     first (for the socket to drain, for the budget) asks again when it acts.
 
-    Plain reads (no flags, shorter than ``SENDFILE_MIN``: most of a guest's)
+    Plain reads (no flags, shorter than ``SENDFILE_MIN``)
     come as a run the session took from the connection's buffer at once
     (:meth:`~addcow.nbd.connection.ServerConnection.next_plain_reads`), and
     :meth:`Router._plain_reads` answers each whose route is FILE with one

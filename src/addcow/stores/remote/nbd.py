@@ -91,8 +91,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
-from typing import NamedTuple, cast
-from urllib.parse import parse_qsl, unquote
+from typing import cast
 
 from ...errors import RemoteBackingError, RemoteChangedError, RemoteReadError, RemoteReplyError
 from ...nbd import wire
@@ -107,9 +106,8 @@ from .common import (
     RetryPolicy,
     stop_event,
 )
-from .uri import NBD_SCHEMES, BackingURI, Identity, parse, shown
+from .uri import NBDURI, BackingURI, Identity, parse_nbd
 
-DEFAULT_PORT = 10809
 # Threads with requests in flight on one plain connection. A TLS connection
 # serves one at a time: an ssl socket must not be read and written by two
 # threads at once.
@@ -129,59 +127,8 @@ MAX_STATUS_REQUEST = 1 << 30
 EXTRA_GREETING_TIMEOUT = 2.0
 
 
-class NBDURI(NamedTuple):
-    """A parsed NBD URI: TCP (``host``, ``port``) or Unix (``socket``), and the export."""
-
-    uri: str
-    tls: bool
-    host: str | None
-    port: int | None
-    socket: str | None
-    export: str
-
-
 class _Broken(Exception):
     """A connection failed in a way a reconnect may cure (EOF, reset, timeout)."""
-
-
-def _bad_uri(uri: str, expected: str, found: str) -> RemoteBackingError:
-    return RemoteBackingError(f"NBD URI {shown(uri)!r}: expected {expected}, found {found}")
-
-
-def parse_uri(uri: str) -> NBDURI:
-    """Check an NBD URI (doc/uri.md) and split it; RemoteBackingError if it is not one.
-    :func:`~addcow.stores.remote.uri.parse` checks what every backing URI must be; the
-    export name and the query are checked here."""
-    parts = parse(uri, NBD_SCHEMES)
-    path = parts.path
-    if path and not path.startswith("/"):
-        raise _bad_uri(uri, "an export path starting with '/'", repr(path))
-    try:
-        export = unquote(path[1:], errors="strict")
-    except UnicodeDecodeError:
-        raise _bad_uri(uri, "an export name in UTF-8", repr(path)) from None
-    if "\0" in export or len(export.encode()) > wire.MAX_STRING:
-        raise _bad_uri(uri, f"an export name without NUL of at most {wire.MAX_STRING} bytes",
-                       f"{len(export.encode())} bytes")  # fmt: skip
-    try:
-        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query),
-                          errors="strict")  # fmt: skip
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _bad_uri(uri, "a query of key=value pairs", str(exc)) from None
-    keys = [key for key, _value in query]
-    allowed = ["socket"] if parts.unix else []
-    for key in keys:
-        if key not in allowed:
-            what = ("the TLS certificate directory comes from the caller, not the URI"
-                    if key.startswith("tls") else "unsupported")  # fmt: skip
-            raise _bad_uri(uri, f"query parameters {allowed or 'none'}",
-                           f"{key!r} ({what})")  # fmt: skip
-    if parts.unix:
-        if keys != ["socket"] or not query[0][1]:
-            raise _bad_uri(uri, "exactly one non-empty socket= parameter",
-                           f"{len(keys)} parameters")  # fmt: skip
-        return NBDURI(uri, parts.tls, None, None, query[0][1], export)
-    return NBDURI(uri, parts.tls, parts.host, parts.port or DEFAULT_PORT, None, export)
 
 
 def open_uri(uri: str, ref: BackingURI | None, retry: RetryPolicy) -> tuple[NBDStore, Identity]:
@@ -508,7 +455,7 @@ class NBDStore:
         self._links.append(first)
         self._readahead = ReadAhead(self._read_all, self.size)
 
-    parse_uri = staticmethod(parse_uri)
+    parse_uri = staticmethod(parse_nbd)
 
     @classmethod
     def open(cls, uri: str, *, tls_certificates: str | None = None,
@@ -517,7 +464,7 @@ class NBDStore:
         """Connect to the export ``uri`` names; TLS credentials come from the caller.
         ``retry`` (default: :class:`~.common.RetryPolicy`'s) says how long a lost
         connection is reopened."""
-        target = parse_uri(uri)
+        target = parse_nbd(uri)
         if connections is not None and connections < 1:
             raise RemoteBackingError(f"NBD connections: expected 1 or more, found {connections}")
         if timeout <= 0:

@@ -7,9 +7,10 @@ Parse (:func:`parse`)
     spaces, a scheme among those the caller reads, no fragment, no user name
     or password (a URI is stored in the image in clear), a port from 1 to
     65535 when one is given, and a host name (an S3 URI's bucket), except for
-    the Unix socket schemes, which must have none. What a scheme adds (an NBD
-    export name and its ``socket=`` parameter, an S3 bucket name and key) its
-    store checks on the parts returned.
+    the Unix socket schemes, which must have none. What a scheme adds is
+    checked on the parts returned: an NBD export name and its ``socket=``
+    parameter here (:func:`parse_nbd`, doc/uri.md of the NBD project), an S3
+    bucket name and key by its store.
 
 Redaction (:func:`shown`)
     One rule for every message and every ``info`` field that prints a URI: a
@@ -27,9 +28,10 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from typing import NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ...errors import PathPolicyError, RemoteBackingError
+from ...nbd import wire
 from ..chain import ChainGuard
 
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
@@ -244,3 +246,54 @@ class BackingURI(NamedTuple):
             )
         return cls(first, int(size), fields.get("etag"), fields.get("last-modified"), digest,
                    fields.get("version-id"))  # fmt: skip
+
+
+class NBDURI(NamedTuple):
+    """A parsed NBD URI: TCP (``host``, ``port``) or Unix (``socket``), and the export."""
+
+    uri: str
+    tls: bool
+    host: str | None
+    port: int | None
+    socket: str | None
+    export: str
+
+
+def _bad_nbd_uri(uri: str, expected: str, found: str) -> RemoteBackingError:
+    return RemoteBackingError(f"NBD URI {shown(uri)!r}: expected {expected}, found {found}")
+
+
+def parse_nbd(uri: str) -> NBDURI:
+    """Check an NBD URI (doc/uri.md) and split it; RemoteBackingError if it is not one.
+    :func:`parse` checks what every backing URI must be; the
+    export name and the query are checked here."""
+    parts = parse(uri, NBD_SCHEMES)
+    path = parts.path
+    if path and not path.startswith("/"):
+        raise _bad_nbd_uri(uri, "an export path starting with '/'", repr(path))
+    try:
+        export = unquote(path[1:], errors="strict")
+    except UnicodeDecodeError:
+        raise _bad_nbd_uri(uri, "an export name in UTF-8", repr(path)) from None
+    if "\0" in export or len(export.encode()) > wire.MAX_STRING:
+        raise _bad_nbd_uri(uri, f"an export name without NUL of at most {wire.MAX_STRING} bytes",
+                       f"{len(export.encode())} bytes")  # fmt: skip
+    try:
+        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query),
+                          errors="strict")  # fmt: skip
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad_nbd_uri(uri, "a query of key=value pairs", str(exc)) from None
+    keys = [key for key, _value in query]
+    allowed = ["socket"] if parts.unix else []
+    for key in keys:
+        if key not in allowed:
+            what = ("the TLS certificate directory comes from the caller, not the URI"
+                    if key.startswith("tls") else "unsupported")  # fmt: skip
+            raise _bad_nbd_uri(uri, f"query parameters {allowed or 'none'}",
+                           f"{key!r} ({what})")  # fmt: skip
+    if parts.unix:
+        if keys != ["socket"] or not query[0][1]:
+            raise _bad_nbd_uri(uri, "exactly one non-empty socket= parameter",
+                           f"{len(keys)} parameters")  # fmt: skip
+        return NBDURI(uri, parts.tls, None, None, query[0][1], export)
+    return NBDURI(uri, parts.tls, parts.host, parts.port or wire.PORT, None, export)
