@@ -11,7 +11,8 @@ only query parameter accepted is ``socket`` (Unix schemes only). Everything
 else, ``tls-certificates=`` and the other TLS parameters included, is refused:
 a URI stored in an image is chosen by the image's author, so what to trust
 comes from the caller (``tls_certificates``), never from the URI.
-:meth:`NBDStore.parse_uri` checks a URI without connecting.
+:func:`~addcow.stores.remote.uri.parse_nbd` (also :meth:`NBDStore.parse_uri`)
+checks a URI without connecting.
 
 TLS (``nbds``). STARTTLS, then the socket is wrapped with a context built
 from the caller's directory, laid out as qemu's and libnbd's client
