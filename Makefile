@@ -51,7 +51,7 @@ system-deps:
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src
+	$(BIN)/ruff format --check src benchmarks
 	$(BIN)/mypy --strict src
 	$(BIN)/lint-imports --no-cache
 

@@ -94,8 +94,10 @@ def main() -> None:
             after = img.allocated_clusters
         print(f"view: {t_view:.2f} s, peak RSS {m_view >> 10} MiB; view file {view_size >> 20} "
               f"MiB apparent, {view_blocks >> 20} MiB on disk")  # fmt: skip
-        print(f"fold (16 clusters written through the view): {t_fold:.2f} s, "
-              f"peak RSS {m_fold >> 10} MiB; {after - allocated} clusters newly allocated")
+        print(
+            f"fold (16 clusters written through the view): {t_fold:.2f} s, "
+            f"peak RSS {m_fold >> 10} MiB; {after - allocated} clusters newly allocated"
+        )
         print(f"(python -m addcow --version alone: {t_start:.2f} s, {m_start >> 10} MiB)")
     info = {"size": size, "clusters": clusters, "allocated": allocated}
     rows = {
