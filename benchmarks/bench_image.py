@@ -21,7 +21,8 @@ Cases (docs/performance.md explains each one):
    allocated but the last (a: the bitmap is consulted on every request) and
    of a fully allocated one (b: the bitmap is not consulted);
 2. sequential 1 MiB reads of an empty image over a raw backing vs the backing;
-3. random 4 KiB reads (fixed seed), half the clusters allocated, vs the raw file;
+3. random 4 KiB reads (fixed seed), half the clusters allocated, vs the raw file
+   (w: the same reads through a Python method that only calls ``os.preadv``);
 4. sequential 1 MiB writes into unallocated clusters, then flush, vs
    raw writes then fdatasync;
 5. 4 KiB copy-on-write writes in ``qemu-img bench -w -s 4k -c N``'s pattern
