@@ -170,6 +170,20 @@ def test_a_qcow2_chain_inside_the_backing_root_works(tmp_path: Path) -> None:
     assert (proc.returncode, proc.stdout) == (0, "Images are identical.\n"), proc.stderr
 
 
+def test_info_names_a_backing_format_addcow_does_not_read_and_stops(tmp_path: Path) -> None:
+    """Each layer is described by the format its parent records; a format with no
+    entry in the registry is refused by name, never read as another format."""
+    t = build_tree(tmp_path)
+    qemu_img("create", "-q", "-f", "vmdk", t.root / "old.vmdk", "1M")
+    qemu_img("rebase", "-u", "-f", "qcow2", "-b", "old.vmdk", "-F", "vmdk", t.root / "mid.qcow2")
+    proc = addcow_cli("info", "--backing-chain", t.good, check=False)
+    assert proc.returncode == 1 and proc.stdout == "", proc
+    assert proc.stderr.splitlines() == [
+        f"addcow: {t.root / 'old.vmdk'}: unsupported format 'vmdk': "
+        "expected one of raw, qcow2, add-cow"
+    ], proc.stderr
+
+
 ESCAPES = ["dotdot", "absolute", "symlink", "qcow2_outside", "two_layers_down"]
 
 

@@ -12,7 +12,8 @@ store (read-only; :mod:`addcow.stores`). The package, one module per job:
 * :mod:`.reshape`: resize, rebase (``set_backing``), header rewrites;
 * :mod:`.finish`: releasing the backing and detaching while in use;
 * :mod:`.fileobj`: the virtual disk as a binary file (``as_file``);
-* :mod:`.metafile`: reading and writing the .add-cow file.
+* :mod:`.metafile`: reading and writing the .add-cow file;
+* :mod:`.describe`: what ``addcow info`` shows of an image.
 
 :class:`AddCowImage` is composed from the classes of the first five; each
 adds methods to :class:`~addcow.image.core.ImageCore`, which holds the state.
@@ -28,6 +29,7 @@ from ..stores import registry
 from ..stores.base import BackingOpener, StoreFormat
 from ..stores.chain import ChainGuard
 from .core import Buffer, open_header_backing
+from .describe import describe_image
 from .fileobj import ImageFile
 from .finish import Finishing
 from .populate import Populated
@@ -60,6 +62,7 @@ def _open_as_backing(
 FORMAT = StoreFormat(
     "add-cow",
     _open_as_backing,
+    describe_image,
     magic=((0, MAGIC),),
     commit_target=True,
 )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .. import sysio
 from .chain import ChainGuard
@@ -164,18 +164,31 @@ class Opener(Protocol):
     ) -> BlockSource: ...
 
 
+class Describer(Protocol):
+    """How a format describes the file at ``path`` as ``qemu-img info`` does, as a
+    JSON-ready dict: from its header alone, never reading its data nor opening a
+    file it names (those it names are checked against ``guard``, never opened).
+    A backing file the description names is given as ``full-backing-filename``
+    and ``backing-filename-format``, for ``info --backing-chain`` to follow."""
+
+    def __call__(self, path: str, *, guard: ChainGuard, force_share: bool) -> dict[str, Any]: ...
+
+
 class StoreFormat(NamedTuple):
     """A format of backing file, as the registry of :mod:`addcow.stores` knows it.
 
-    ``magic`` holds the (offset, bytes) its files start with: looked at only to
-    refuse (recording a file that starts with it as raw, opening it as another
-    format), never to choose a format. ``over_uri`` says whether it can be read
-    through a backing URI; ``commit_target`` whether ``commit`` may write an
-    image's clusters into a backing of this format.
+    ``open`` opens a file of the format as a store; ``describe`` says what
+    ``addcow info`` shows of one. ``magic`` holds the (offset, bytes) its files
+    start with: looked at only to refuse (recording a file that starts with it
+    as raw, opening it as another format), never to choose a format.
+    ``over_uri`` says whether it can be read through a backing URI;
+    ``commit_target`` whether ``commit`` may write an image's clusters into a
+    backing of this format.
     """
 
     name: str
     open: Opener
+    describe: Describer
     magic: tuple[tuple[int, bytes], ...] = ()
     over_uri: bool = False
     commit_target: bool = False

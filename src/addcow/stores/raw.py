@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from .. import sysio
-from ..errors import BackingError
+from ..errors import BackingError, ImageFileError
 from ..locking import lock_raw
 from .base import INLINE, BackingOpener, Extent, Route, StoreFormat, file_route
 from .chain import ChainGuard
@@ -76,4 +77,19 @@ def open_raw(
     return RawFile(path, force_share=force_share, guard=guard)
 
 
-FORMAT = StoreFormat("raw", open_raw, over_uri=True, commit_target=True)
+def describe_raw(path: str, *, guard: ChainGuard, force_share: bool) -> dict[str, Any]:
+    """What ``qemu-img info`` shows of a raw file: its size and blocks, from ``stat``."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ImageFileError(f"{path}: {exc.strerror}") from exc
+    return {
+        "filename": path,
+        "format": "raw",
+        "virtual-size": st.st_size,
+        "actual-size": st.st_blocks * 512,
+        "dirty-flag": False,
+    }
+
+
+FORMAT = StoreFormat("raw", open_raw, describe_raw, over_uri=True, commit_target=True)

@@ -105,7 +105,6 @@ from ..base import (
     BlockSource,
     Extent,
     Route,
-    StoreFormat,
     joined,
     read_as_backing,
     route_as_backing,
@@ -761,6 +760,3 @@ def _merged(extents: Iterable[Extent]) -> Iterator[Extent]:
         pending = ext
     if pending is not None:
         yield pending
-
-
-FORMAT = StoreFormat("qcow2", Qcow2File, magic=((0, fmt.MAGIC),), over_uri=True)
