@@ -166,10 +166,10 @@ class Opener(Protocol):
 
 class Describer(Protocol):
     """How a format describes the file at ``path`` as ``qemu-img info`` does, as a
-    JSON-ready dict: from its header alone, never reading its data nor opening a
-    file it names (those it names are checked against ``guard``, never opened).
-    A backing file the description names is given as ``full-backing-filename``
-    and ``backing-filename-format``, for ``info --backing-chain`` to follow."""
+    JSON-ready dict: from the file's metadata alone, never its data. A file it
+    names is checked against ``guard`` and at most stat'ed, never opened; a
+    backing file is given as ``full-backing-filename`` and
+    ``backing-filename-format``, for ``info --backing-chain`` to follow."""
 
     def __call__(self, path: str, *, guard: ChainGuard, force_share: bool) -> dict[str, Any]: ...
 
