@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import BackingLoopError, ImageFileError
-from .image.describe import describe_image
+from .image.describe import describe_image, stat_or_none
 from .image.metafile import open_metafile, read_header
 from .stores import registry, remote
 from .stores.chain import MAX_CHAIN_DEPTH, ChainGuard
@@ -63,7 +63,7 @@ def backing_chain_info(
     current: str | None = path
     fmt: str | None = "add-cow"
     while current is not None and fmt is not None:
-        st = _stat(current)
+        st = stat_or_none(current)
         if st is None:
             raise ImageFileError(f"{current}: backing file not found")
         if (st.st_dev, st.st_ino) in seen:
@@ -110,12 +110,3 @@ def remote_qcow2_info(path: str, guard: ChainGuard, shown: str) -> dict[str, Any
         return qcow2_entry(shown, golden.header)
     finally:
         golden.close()
-
-
-def _stat(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ImageFileError(f"{path}: {exc.strerror}") from exc

@@ -47,7 +47,7 @@ def describe_image(path: str, *, guard: ChainGuard, force_share: bool) -> dict[s
             remote.check_policy(ref.uri, guard)
         elif header.backing_name is not None:
             guard.check_path(resolve_name(header.backing_name, path))
-        image_stat = _stat(image_path)
+        image_stat = stat_or_none(image_path)
         size = _size(header, image_stat, image_path)
         bitmap = read_bitmap(fd, path, header, size)
         meta_blocks = os.fstat(fd).st_blocks
@@ -95,7 +95,8 @@ def describe_image(path: str, *, guard: ChainGuard, force_share: bool) -> dict[s
     return info
 
 
-def _stat(path: str) -> os.stat_result | None:
+def stat_or_none(path: str) -> os.stat_result | None:
+    """``os.stat(path)``, or None when there is no such file (ImageFileError otherwise)."""
     try:
         return os.stat(path)
     except FileNotFoundError:
