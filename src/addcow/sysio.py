@@ -121,7 +121,7 @@ def pwrite_full(fd: int, buffers: list[memoryview], offset: int, name: str) -> N
 
 def fill_zero(view: memoryview) -> None:
     """Set every byte of ``view`` to zero."""
-    source = memoryview(zeros.ZEROS)
+    source = zeros.ZERO_VIEW
     pos = 0
     while pos < len(view):
         step = min(len(view) - pos, len(source))
@@ -131,7 +131,7 @@ def fill_zero(view: memoryview) -> None:
 
 def write_zeros(fd: int, offset: int, length: int, name: str) -> None:
     """Write explicit zero bytes over [offset, offset+length)."""
-    source = memoryview(zeros.ZEROS)
+    source = zeros.ZERO_VIEW
     while length:
         step = min(length, len(source))
         pwrite_full(fd, [source[:step]], offset, name)

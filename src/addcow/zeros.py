@@ -20,16 +20,17 @@ GRANULE = 4096
 ZEROS = bytes(1 << 20)
 """A zero buffer to compare with and copy from."""
 
-_ZERO_VIEW = memoryview(ZEROS)
-"""Slices of it are prefixes to compare with, without copying zero bytes first."""
-_BLOCK = _ZERO_VIEW[:GRANULE]
+ZERO_VIEW = memoryview(ZEROS)
+"""Slices of it are prefixes to compare with and copy from, without copying zero
+bytes first."""
+_BLOCK = ZERO_VIEW[:GRANULE]
 
 Buffer = bytes | bytearray
 
 
 def is_zero(buf: Buffer, lo: int, hi: int) -> bool:
     """True if ``buf[lo:hi]`` holds only zero bytes."""
-    step, zero = len(ZEROS), _ZERO_VIEW
+    step, zero = len(ZEROS), ZERO_VIEW
     return all(buf.startswith(zero[: min(step, hi - pos)], pos) for pos in range(lo, hi, step))
 
 
@@ -47,7 +48,7 @@ def zero_run_end(buf: Buffer, pos: int, end: int) -> int:
     step = GRANULE
     while pos < end:
         n = min(step, end - pos)
-        if buf.startswith(_ZERO_VIEW[:n], pos):
+        if buf.startswith(ZERO_VIEW[:n], pos):
             pos += n
             step = min(step << 1, len(ZEROS))
         elif step > GRANULE:
@@ -91,7 +92,7 @@ def segments(buf: Buffer, start: int, length: int, offset: int) -> list[tuple[in
     pos = 0
     while pos < length:
         end = min(length, (offset + pos) // GRANULE * GRANULE + GRANULE - offset)
-        zero = buf.startswith(_ZERO_VIEW[: end - pos], start + pos)
+        zero = buf.startswith(ZERO_VIEW[: end - pos], start + pos)
         if runs and runs[-1][2] == zero:
             runs[-1] = (runs[-1][0], end, zero)
         else:
@@ -110,6 +111,6 @@ def has_zero_segment(buf: Buffer, start: int, length: int, offset: int) -> bool:
         return not buf[start] and buf.startswith(_BLOCK, start)
     end = start + length
     first = min(end, start + (-offset) % GRANULE)  # the first disk-aligned block
-    if first > start and not buf[start] and buf.startswith(_ZERO_VIEW[: first - start], start):
+    if first > start and not buf[start] and buf.startswith(ZERO_VIEW[: first - start], start):
         return True
     return data_run_end(buf, first, end) < end
