@@ -47,6 +47,7 @@ from addcow.stores.base import remote_route
 from addcow.stores.remote import RetryPolicy
 from addcow.stores.remote import nbd as nbd_store
 from addcow.stores.remote.nbd import NBDStore
+from addcow.stores.remote.uri import parse_nbd
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -138,8 +139,8 @@ def check_reads(store: NBDStore, data: bytes) -> None:
 # -- URIs ---------------------------------------------------------------------------------
 
 
-def test_parse_uri_accepts_doc_uri_examples() -> None:
-    p = NBDStore.parse_uri
+def test_parse_nbd_accepts_doc_uri_examples() -> None:
+    p = parse_nbd
     assert p("nbd://example.com/disk")[1:] == (False, "example.com", 10809, None, "disk")
     assert p("nbd://example.com")[-1] == "" and p("nbd://example.com/")[-1] == ""
     assert p("nbd://example.com//disk").export == "/disk"
@@ -157,9 +158,9 @@ def test_parse_uri_accepts_doc_uri_examples() -> None:
     "nbd+unix:///x?socket=/s&tls-verify-peer=0", "nbd://h/%ff", "nbd://h/a%00b",
     "nbd+unix:///x?socket=",
 ])  # fmt: skip
-def test_parse_uri_refuses(uri: str) -> None:
+def test_parse_nbd_refuses(uri: str) -> None:
     with pytest.raises(RemoteBackingError, match=r"expected .*found"):
-        NBDStore.parse_uri(uri)
+        parse_nbd(uri)
 
 
 def test_nbds_needs_a_certificate_directory(tmp_path: Path) -> None:

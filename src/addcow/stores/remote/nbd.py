@@ -11,8 +11,7 @@ only query parameter accepted is ``socket`` (Unix schemes only). Everything
 else, ``tls-certificates=`` and the other TLS parameters included, is refused:
 a URI stored in an image is chosen by the image's author, so what to trust
 comes from the caller (``tls_certificates``), never from the URI.
-:func:`~addcow.stores.remote.uri.parse_nbd` (also :meth:`NBDStore.parse_uri`)
-checks a URI without connecting.
+:func:`~addcow.stores.remote.uri.parse_nbd` checks a URI without connecting.
 
 TLS (``nbds``). STARTTLS, then the socket is wrapped with a context built
 from the caller's directory, laid out as qemu's and libnbd's client
@@ -455,8 +454,6 @@ class NBDStore:
         self.connections_open = 1
         self._links.append(first)
         self._readahead = ReadAhead(self._read_all, self.size)
-
-    parse_uri = staticmethod(parse_nbd)
 
     @classmethod
     def open(cls, uri: str, *, tls_certificates: str | None = None,

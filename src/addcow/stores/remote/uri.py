@@ -265,8 +265,8 @@ def _bad_nbd_uri(uri: str, expected: str, found: str) -> RemoteBackingError:
 
 def parse_nbd(uri: str) -> NBDURI:
     """Check an NBD URI (doc/uri.md) and split it; RemoteBackingError if it is not one.
-    :func:`parse` checks what every backing URI must be; the
-    export name and the query are checked here."""
+    :func:`parse` checks what every backing URI must be; the export name and the
+    query are checked here."""
     parts = parse(uri, NBD_SCHEMES)
     path = parts.path
     if path and not path.startswith("/"):
@@ -277,7 +277,7 @@ def parse_nbd(uri: str) -> NBDURI:
         raise _bad_nbd_uri(uri, "an export name in UTF-8", repr(path)) from None
     if "\0" in export or len(export.encode()) > wire.MAX_STRING:
         raise _bad_nbd_uri(uri, f"an export name without NUL of at most {wire.MAX_STRING} bytes",
-                       f"{len(export.encode())} bytes")  # fmt: skip
+                           f"{len(export.encode())} bytes")  # fmt: skip
     try:
         query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query),
                           errors="strict")  # fmt: skip
@@ -290,10 +290,10 @@ def parse_nbd(uri: str) -> NBDURI:
             what = ("the TLS certificate directory comes from the caller, not the URI"
                     if key.startswith("tls") else "unsupported")  # fmt: skip
             raise _bad_nbd_uri(uri, f"query parameters {allowed or 'none'}",
-                           f"{key!r} ({what})")  # fmt: skip
+                               f"{key!r} ({what})")  # fmt: skip
     if parts.unix:
         if keys != ["socket"] or not query[0][1]:
             raise _bad_nbd_uri(uri, "exactly one non-empty socket= parameter",
-                           f"{len(keys)} parameters")  # fmt: skip
+                               f"{len(keys)} parameters")  # fmt: skip
         return NBDURI(uri, parts.tls, None, None, query[0][1], export)
     return NBDURI(uri, parts.tls, parts.host, parts.port or wire.PORT, None, export)
