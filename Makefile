@@ -57,7 +57,7 @@ lint: venv
 
 # Two workers: most tests wait on real peers (qemu-img, nbdcopy, a guest), not on a core.
 test: venv system-deps lint
-	$(BIN)/pytest -q -n 2
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 # The long reliability campaigns (docs/reliability.md): power loss, kill -9,
 # faults at every I/O call site, hostile images and names, and (tests/crash/test_nbd_*,

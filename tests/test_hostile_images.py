@@ -24,6 +24,7 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,6 +44,8 @@ MEMORY_LIMIT = 64 * MiB
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0xFFFF, 0x1000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,
                1 << 32, 1 << 60, 1 << 62, 1 << 63, (1 << 64) - 1]
 stats = {"executions": 0, "refused": 0, "opened": 0}
+# One worker runs the whole file (make test: --dist loadgroup): the report reads ``stats``.
+pytestmark = pytest.mark.xdist_group("hostile-images")
 BASE = bytes(range(256)) * (MiB // 256)
 worked: Counter[str] = Counter()  # lifecycle calls that succeeded
 

@@ -861,6 +861,8 @@ def seeds(templates: dict[str, Path]) -> dict[str, Seed]:
 
 
 stats = {"executions": 0, "refused_at_open": 0, "refused_on_read": 0, "read": 0}
+# One worker runs the whole file (make test: --dist loadgroup): the report reads ``stats``.
+pytestmark = pytest.mark.xdist_group("hostile-qcow2")
 
 
 def exercise(path: Path, root: Path) -> None:
